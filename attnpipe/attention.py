@@ -1,0 +1,47 @@
+"""The one attention primitive every architecture calls.
+
+Shapes use the fixed dimension names: B = batch, H = heads, Q = query positions,
+K = key positions, D = head size. Scores are the logits before softmax; probabilities
+(the attention we store) are after it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a (B, K) 1/0 mask of real/padded keys into an additive (B, 1, 1, K) mask.
+
+    Padded keys get the dtype's most negative finite value (as transformers' eager path does),
+    so after softmax they are exactly 0 and a row of real keys still sums to 1.
+    """
+    blocked = attention_mask[:, None, None, :] == 0  # (B, 1, 1, K)
+    return torch.zeros(blocked.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        blocked, torch.finfo(dtype).min
+    )
+
+
+def attention_probs(
+    q: torch.Tensor,  # (B, H, Q, D)
+    k: torch.Tensor,  # (B, H, K, D)
+    scale: float,
+    mask: torch.Tensor | None = None,  # additive, broadcastable to (B, H, Q, K)
+) -> torch.Tensor:
+    """softmax(q·kᵀ · scale + mask) over the keys: (B, H, Q, K) probabilities."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Q, K)
+    if mask is not None:
+        scores = scores + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T, H·D) -> (B, H, T, D)."""
+    b, t, _ = x.shape
+    return x.view(b, t, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H·D)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)

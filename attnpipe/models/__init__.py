@@ -1,0 +1,19 @@
+"""Architecture families: each module maps a transformers model's weights and runs our forward pass.
+
+`FAMILIES` maps a config's `model_type` to the module that handles it. Every family module has
+the same small interface: `load_weights(model) -> Weights` and
+`forward(weights, input_ids, attention_mask, token_type_ids, keep_layers) -> Output`
+(final hidden state, and per kept layer the (B, H, Q, K) attention probabilities).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from attnpipe.models import bert
+
+FAMILIES: dict[str, ModuleType] = {model_type: bert for model_type in bert.MODEL_TYPES}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)

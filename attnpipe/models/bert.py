@@ -1,0 +1,248 @@
+"""BERT-like encoders: BERT (MiniLM is one), RoBERTa / XLM-RoBERTa, ELECTRA, DistilBERT, ALBERT.
+
+All of them are post-norm encoders with the same layer:
+
+    a = LayerNorm(x + W_o · attention(x))          attention sub-layer
+    y = LayerNorm(a + W_2 · act(W_1 · a))          feed-forward sub-layer
+
+They differ only in their embeddings and in where the weights live, so this file holds one
+weight map per model type (`_map_*`) and a single forward pass (`forward`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from attnpipe.attention import attention_probs, merge_heads, padding_mask, split_heads
+
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert")
+
+
+@dataclass(frozen=True)
+class Linear:
+    weight: torch.Tensor  # (out, in), as torch.nn.Linear stores it
+    bias: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class Norm:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+@dataclass(frozen=True)
+class Layer:
+    query: Linear
+    key: Linear
+    value: Linear
+    out: Linear
+    attn_norm: Norm
+    ff_in: Linear
+    ff_out: Linear
+    ff_norm: Norm
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Weights:
+    word: torch.Tensor  # (vocab, E)
+    position: torch.Tensor  # (max_positions, E)
+    token_type: torch.Tensor | None  # (types, E); DistilBERT has none
+    emb_norm: Norm
+    emb_project: Linear | None  # E -> hidden, when the embedding size differs (ELECTRA, ALBERT)
+    layers: tuple[Layer, ...]  # ALBERT repeats the same Layer objects: its layers share weights
+    num_heads: int
+    position_pad_id: int | None  # RoBERTa counts positions from pad_token_id + 1
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+@dataclass(frozen=True)
+class Output:
+    hidden: torch.Tensor  # (B, T, hidden) after the last layer
+    attentions: dict[int, torch.Tensor]  # layer -> (B, H, Q, K) probabilities, kept layers only
+
+
+def _linear(module: torch.nn.Linear) -> Linear:
+    return Linear(module.weight.detach(), module.bias.detach())
+
+
+def _norm(module: torch.nn.LayerNorm) -> Norm:
+    return Norm(module.weight.detach(), module.bias.detach(), module.eps)
+
+
+def _embeddings(emb, project=None, position_pad_id=None, **kw) -> dict:
+    token_type = getattr(emb, "token_type_embeddings", None)
+    return dict(
+        word=emb.word_embeddings.weight.detach(),
+        position=emb.position_embeddings.weight.detach(),
+        token_type=None if token_type is None else token_type.weight.detach(),
+        emb_norm=_norm(emb.LayerNorm),
+        emb_project=None if project is None else _linear(project),
+        position_pad_id=position_pad_id,
+        **kw,
+    )
+
+
+def _bert_layer(layer, act) -> Layer:
+    att = layer.attention
+    return Layer(
+        query=_linear(att.self.query),
+        key=_linear(att.self.key),
+        value=_linear(att.self.value),
+        out=_linear(att.output.dense),
+        attn_norm=_norm(att.output.LayerNorm),
+        ff_in=_linear(layer.intermediate.dense),
+        ff_out=_linear(layer.output.dense),
+        ff_norm=_norm(layer.output.LayerNorm),
+        act=act,
+    )
+
+
+def _map_bert(model) -> Weights:
+    """BERT, RoBERTa, XLM-RoBERTa and ELECTRA share module names."""
+    config = model.config
+    act = ACT2FN[config.hidden_act]
+    # RoBERTa-style models number positions from pad_token_id + 1 (create_position_ids_from_input_ids).
+    pad_id = config.pad_token_id if config.model_type in ("roberta", "xlm-roberta") else None
+    return Weights(
+        **_embeddings(
+            model.embeddings,
+            project=getattr(model, "embeddings_project", None),  # ELECTRA with embedding_size != hidden
+            position_pad_id=pad_id,
+        ),
+        layers=tuple(_bert_layer(layer, act) for layer in model.encoder.layer),
+        num_heads=config.num_attention_heads,
+    )
+
+
+def _map_distilbert(model) -> Weights:
+    config = model.config
+    act = ACT2FN[config.activation]
+    layers = tuple(
+        Layer(
+            query=_linear(layer.attention.q_lin),
+            key=_linear(layer.attention.k_lin),
+            value=_linear(layer.attention.v_lin),
+            out=_linear(layer.attention.out_lin),
+            attn_norm=_norm(layer.sa_layer_norm),
+            ff_in=_linear(layer.ffn.lin1),
+            ff_out=_linear(layer.ffn.lin2),
+            ff_norm=_norm(layer.output_layer_norm),
+            act=act,
+        )
+        for layer in model.transformer.layer
+    )
+    return Weights(**_embeddings(model.embeddings), layers=layers, num_heads=config.n_heads)
+
+
+def _map_albert(model) -> Weights:
+    config = model.config
+    act = ACT2FN[config.hidden_act]
+    groups = [
+        [
+            Layer(
+                query=_linear(inner.attention.query),
+                key=_linear(inner.attention.key),
+                value=_linear(inner.attention.value),
+                out=_linear(inner.attention.dense),
+                attn_norm=_norm(inner.attention.LayerNorm),
+                ff_in=_linear(inner.ffn),
+                ff_out=_linear(inner.ffn_output),
+                ff_norm=_norm(inner.full_layer_layer_norm),
+                act=act,
+            )
+            for inner in group.albert_layers
+        ]
+        for group in model.encoder.albert_layer_groups
+    ]
+    # ALBERT shares weights: layer i runs group i // (layers per group), each of its inner layers
+    # once (AlbertTransformer.forward). With the default single group every layer is the same one.
+    per_group = config.num_hidden_layers // config.num_hidden_groups
+    layers = tuple(
+        inner for i in range(config.num_hidden_layers) for inner in groups[i // per_group]
+    )
+    return Weights(
+        **_embeddings(model.embeddings, project=model.encoder.embedding_hidden_mapping_in),
+        layers=layers,
+        num_heads=config.num_attention_heads,
+    )
+
+
+_MAPS = {
+    "bert": _map_bert,
+    "roberta": _map_bert,
+    "xlm-roberta": _map_bert,
+    "electra": _map_bert,
+    "distilbert": _map_distilbert,
+    "albert": _map_albert,
+}
+
+
+def load_weights(model) -> Weights:
+    """Read the weights of a transformers encoder (base model, no task head) into `Weights`."""
+    return _MAPS[model.config.model_type](model)
+
+
+def _position_ids(weights: Weights, input_ids: torch.Tensor) -> torch.Tensor:
+    if weights.position_pad_id is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    # RoBERTa: real tokens get pad_id + 1, pad_id + 2, ...; padding keeps pad_id.
+    real = (input_ids != weights.position_pad_id).long()
+    return torch.cumsum(real, dim=1) * real + weights.position_pad_id
+
+
+def embed(
+    weights: Weights, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Token + position (+ token type) embeddings, normalised and projected: (B, T, hidden)."""
+    x = F.embedding(input_ids, weights.word) + F.embedding(
+        _position_ids(weights, input_ids), weights.position
+    )
+    if weights.token_type is not None:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = x + F.embedding(token_type_ids, weights.token_type)
+    x = weights.emb_norm(x)
+    if weights.emb_project is not None:
+        x = weights.emb_project(x)
+    return x
+
+
+def forward(
+    weights: Weights,
+    input_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor,  # (B, T), 1 = real token, 0 = padding
+    token_type_ids: torch.Tensor | None = None,
+    keep_layers: frozenset[int] | None = None,
+) -> Output:
+    """Run the encoder; return the final hidden state and the attention of the kept layers."""
+    x = embed(weights, input_ids, token_type_ids)  # (B, T, hidden)
+    mask = padding_mask(attention_mask, x.dtype)  # (B, 1, 1, K)
+    attentions: dict[int, torch.Tensor] = {}
+    for index, layer in enumerate(weights.layers):
+        q = split_heads(layer.query(x), weights.num_heads)  # (B, H, Q, D)
+        k = split_heads(layer.key(x), weights.num_heads)  # (B, H, K, D)
+        v = split_heads(layer.value(x), weights.num_heads)  # (B, H, K, D)
+        probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
+        if keep_layers is None or index in keep_layers:
+            attentions[index] = probs
+        context = merge_heads(torch.matmul(probs, v))  # (B, T, H·D)
+        x = layer.attn_norm(x + layer.out(context))
+        x = layer.ff_norm(x + layer.ff_out(layer.act(layer.ff_in(x))))
+    return Output(hidden=x, attentions=attentions)

@@ -1,0 +1,424 @@
+"""The attention file formats: one writer and one reader for each, and their spec.
+
+Dimension order is always (layer, head, query, key): rows are queries, columns are keys.
+Only real tokens are stored: no padding, so a text of n tokens has (L, H, n, n) attention,
+where L and H count the *stored* layers and heads (their model indices are in `layers`/`heads`).
+
+HDF5 (`.h5`, many texts), schema version 1::
+
+    /                      attrs: format = "attnpipe-attention", schema_version = 1,
+                                  dims = "layer,head,query,key", and the provenance below
+    /ids                   (N,) utf-8 strings: text ids in the user's order
+    /texts/<i>             one group per text, i = 0..N-1 zero-padded to 8 digits, user's order
+        attrs              id, truncated (bool), num_tokens_untruncated (int)
+        text               scalar utf-8 string: the text as given
+        attention          (L, H, n, n) float32 or float16, gzip + shuffle, one chunk per layer
+        token_ids          (n,) int64
+        tokens             (n,) utf-8 strings, as the tokenizer spells them ("##ing", "Ġthe")
+        special_tokens_mask (n,) bool: [CLS], [SEP], <s>, ... are True
+        offsets            (n, 2) int64: character span [start, end) of each token in `text`;
+                           (0, 0) for special tokens, -1 when the tokenizer gives none
+        word_ids           (n,) int64: index of the word each sub-word belongs to; -1 for special tokens
+
+Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
+model (folder as given), model_type, weights_sha256 (of the weight files, sorted by name),
+weight_files, num_layers / num_heads (of the model), layers / heads (stored model indices),
+dtype (storage dtype), compute_dtype, method ("manual": our forward pass), max_length,
+parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from transformers'
+eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
+trust_remote_code, library_versions (JSON object: python, torch, transformers, numpy, h5py,
+attnpipe).
+
+JSON (`.json`, one text), seed 001's format with extra keys::
+
+    {"tokens": [...], "text": "...", "attention_matrices": [layer][head][query][key],
+     "id": "...", "token_ids": [...], "special_tokens_mask": [...], "offsets": [[s, e], ...],
+     "word_ids": [...], "truncated": false, "num_tokens_untruncated": n,
+     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 1, ...}}
+
+`tokens` and `attention_matrices` hold real tokens only (seed 001 kept [PAD] entries in
+`tokens`; a single text needs no padding, so there is none to flag).
+
+Writes are atomic: a temporary file in the output folder, renamed over the target when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+
+from attnpipe.errors import AttnpipeError
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "attnpipe-attention"
+DIMS = ("layer", "head", "query", "key")
+OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
+StorageDtype = Literal["float32", "float16"]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    model: str
+    model_type: str
+    weights_sha256: str
+    weight_files: tuple[str, ...]
+    num_layers: int
+    num_heads: int
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    dtype: StorageDtype
+    compute_dtype: str
+    method: str
+    max_length: int
+    trust_remote_code: bool
+    library_versions: dict[str, str] = field(default_factory=dict)
+    parity_max_abs_diff: float | None = None
+    parity_hidden_max_abs_diff: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class TextAttention:
+    id: str
+    text: str
+    tokens: tuple[str, ...]
+    token_ids: np.ndarray  # (n,) int64
+    special_tokens_mask: np.ndarray  # (n,) bool
+    offsets: np.ndarray  # (n, 2) int64
+    word_ids: np.ndarray  # (n,) int64, -1 = not part of a word
+    truncated: bool
+    num_tokens_untruncated: int
+    attention: np.ndarray  # (L, H, n, n) float32: stored layers x stored heads x query x key
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def check_output_path(path: Path) -> None:
+    """Fail before any work if the output cannot be written: suffix, folder, permissions."""
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise AttnpipeError(
+            f"unknown output type {path.suffix or '(none)'!r} for {path}: "
+            "use .json (one text) or .h5 (any number of texts)"
+        )
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise AttnpipeError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AttnpipeError(f"output folder is not writable: {folder}")
+    if path.is_dir():
+        raise AttnpipeError(f"output path is a folder: {path}")
+
+
+class _AtomicFile:
+    """A temporary file beside `path` that becomes `path` on `commit` and vanishes on `discard`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+
+    def commit(self) -> None:
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def _library_attrs(prov: Provenance) -> dict:
+    attrs = asdict(prov)
+    attrs["library_versions"] = json.dumps(prov.library_versions, sort_keys=True)
+    attrs["weight_files"] = json.dumps(list(prov.weight_files))
+    for key in ("parity_max_abs_diff", "parity_hidden_max_abs_diff"):
+        attrs[key] = math.nan if attrs[key] is None else float(attrs[key])
+    attrs["layers"] = np.asarray(prov.layers, dtype=np.int64)
+    attrs["heads"] = np.asarray(prov.heads, dtype=np.int64)
+    return attrs
+
+
+def _provenance_from_attrs(attrs) -> Provenance:
+    def get(key):
+        value = attrs[key]
+        return value.decode() if isinstance(value, bytes) else value
+
+    def maybe(value) -> float | None:
+        return None if math.isnan(value) else float(value)
+
+    return Provenance(
+        model=get("model"),
+        model_type=get("model_type"),
+        weights_sha256=get("weights_sha256"),
+        weight_files=tuple(json.loads(get("weight_files"))),
+        num_layers=int(get("num_layers")),
+        num_heads=int(get("num_heads")),
+        layers=tuple(int(x) for x in get("layers")),
+        heads=tuple(int(x) for x in get("heads")),
+        dtype=get("dtype"),
+        compute_dtype=get("compute_dtype"),
+        method=get("method"),
+        max_length=int(get("max_length")),
+        trust_remote_code=bool(get("trust_remote_code")),
+        library_versions=json.loads(get("library_versions")),
+        parity_max_abs_diff=maybe(get("parity_max_abs_diff")),
+        parity_hidden_max_abs_diff=maybe(get("parity_hidden_max_abs_diff")),
+        schema_version=int(get("schema_version")),
+    )
+
+
+class H5Writer:
+    """Stream texts into an HDF5 file; the file appears at `path` only when `finish` succeeds.
+
+    Use as a context manager: leaving the block with an exception removes the temporary file.
+    """
+
+    def __init__(self, path: Path, num_texts: int, dtype: StorageDtype):
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self._atomic = _AtomicFile(path)
+        self._file = h5py.File(self._atomic.tmp, "w", track_order=True)
+        self._ids = [None] * num_texts
+        self._texts = self._file.create_group("texts")
+        self._finished = False
+
+    def write(self, index: int, item: TextAttention) -> None:
+        """Store one text at position `index` of the user's order (any writing order works)."""
+        group = self._texts.create_group(f"{index:08d}")
+        group.attrs["id"] = item.id
+        group.attrs["truncated"] = bool(item.truncated)
+        group.attrs["num_tokens_untruncated"] = int(item.num_tokens_untruncated)
+        group.create_dataset("text", data=item.text, dtype=h5py.string_dtype())
+        layers, heads, n, _ = item.attention.shape
+        dataset = group.create_dataset(
+            "attention",
+            data=item.attention.astype(self.dtype),
+            chunks=(1, heads, n, n) if n else None,
+            compression="gzip" if n else None,
+            shuffle=bool(n),
+        )
+        dataset.attrs["dims"] = ",".join(DIMS)
+        group.create_dataset("token_ids", data=item.token_ids.astype(np.int64))
+        group.create_dataset("tokens", data=list(item.tokens), dtype=h5py.string_dtype())
+        group.create_dataset("special_tokens_mask", data=item.special_tokens_mask.astype(bool))
+        group.create_dataset("offsets", data=item.offsets.astype(np.int64).reshape(-1, 2))
+        group.create_dataset("word_ids", data=item.word_ids.astype(np.int64))
+        self._ids[index] = item.id
+
+    def finish(self, provenance: Provenance) -> None:
+        missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
+        if missing:
+            raise RuntimeError(f"texts {missing[:5]} were never written")
+        self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
+        self._file.attrs["format"] = FORMAT_NAME
+        self._file.attrs["dims"] = ",".join(DIMS)
+        for key, value in _library_attrs(provenance).items():
+            self._file.attrs[key] = value
+        self._file.close()
+        self._atomic.commit()
+        self._finished = True
+
+    def __enter__(self) -> H5Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._finished:  # an error, or no finish(): leave nothing behind
+            if self._file.id.valid:
+                self._file.close()
+            self._atomic.discard()
+
+
+def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
+    meta = asdict(provenance)
+    meta["weight_files"] = list(provenance.weight_files)
+    meta["layers"] = list(provenance.layers)
+    meta["heads"] = list(provenance.heads)
+    meta = {"format": FORMAT_NAME, "dims": list(DIMS), **meta}
+    attention = item.attention.astype(np.dtype(provenance.dtype))
+    return {
+        "tokens": list(item.tokens),
+        "text": item.text,
+        "attention_matrices": attention.tolist(),
+        "id": item.id,
+        "token_ids": item.token_ids.tolist(),
+        "special_tokens_mask": item.special_tokens_mask.astype(bool).tolist(),
+        "offsets": item.offsets.tolist(),
+        "word_ids": item.word_ids.tolist(),
+        "truncated": bool(item.truncated),
+        "num_tokens_untruncated": int(item.num_tokens_untruncated),
+        "layers": list(provenance.layers),
+        "heads": list(provenance.heads),
+        "metadata": meta,
+    }
+
+
+def write_json(path: Path, item: TextAttention, provenance: Provenance) -> None:
+    """Write one text in seed 001's JSON format (plus provenance), atomically."""
+    payload = _json_payload(item, provenance)
+    atomic = _AtomicFile(path)
+    try:
+        with atomic.tmp.open("w", encoding="utf-8") as handle:
+            json.dump(payload, handle, ensure_ascii=False, allow_nan=False)
+            handle.write("\n")
+        atomic.commit()
+    except BaseException:
+        atomic.discard()
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class AttentionFile:
+    """Read-only view of an attention file (HDF5 or JSON): `meta`, `ids`, and texts by index or id.
+
+    HDF5 texts are read on demand, so one text of a large corpus file costs only its own bytes.
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise AttnpipeError(f"attention file not found: {self.path}")
+        self._h5: h5py.File | None = None
+        self._json: dict | None = None
+        if self.path.suffix == ".json":
+            self._open_json()
+        elif self.path.suffix in (".h5", ".hdf5"):
+            self._open_h5()
+        else:
+            raise AttnpipeError(f"unknown attention file type {self.path.suffix!r}: {self.path}")
+
+    def _open_h5(self) -> None:
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as err:
+            raise AttnpipeError(f"{self.path} is not a readable HDF5 file (truncated?): {err}") from err
+        attrs = self._h5.attrs
+        if attrs.get("format") != FORMAT_NAME:
+            self.close()
+            raise AttnpipeError(f"{self.path} is an HDF5 file but not an attnpipe attention file")
+        _check_version(self.path, int(attrs.get("schema_version", -1)))
+        self.meta = _provenance_from_attrs(attrs)
+        self.ids = tuple(self._h5["ids"].asstr()[()])
+
+    def _open_json(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AttnpipeError(f"{self.path} is not valid JSON: {err}") from err
+        missing = [k for k in ("tokens", "text", "attention_matrices") if k not in data]
+        if missing:
+            raise AttnpipeError(f"{self.path} lacks the key(s) {', '.join(missing)}")
+        meta = data.get("metadata")
+        if meta is not None:
+            _check_version(self.path, int(meta.get("schema_version", -1)))
+            fields = {k: v for k, v in meta.items() if k not in ("format", "dims")}
+            for key in ("weight_files", "layers", "heads"):
+                fields[key] = tuple(fields[key])
+            self.meta = Provenance(**fields)
+        else:  # a file written by seed 001's original tool: nothing but the three keys
+            layers, heads = np.shape(data["attention_matrices"])[:2]
+            self.meta = Provenance(
+                model="unknown", model_type="unknown", weights_sha256="", weight_files=(),
+                num_layers=layers, num_heads=heads, layers=tuple(range(layers)),
+                heads=tuple(range(heads)), dtype="float32", compute_dtype="unknown",
+                method="unknown", max_length=len(data["tokens"]), trust_remote_code=False,
+            )
+        self._json = data
+        self.ids = (str(data.get("id", "text-0")),)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index_of(self, text_id: str) -> int:
+        try:
+            return self.ids.index(text_id)
+        except ValueError as err:
+            raise AttnpipeError(f"text id {text_id!r} is not in {self.path}") from err
+
+    def __getitem__(self, key: int | str) -> TextAttention:
+        index = self.index_of(key) if isinstance(key, str) else key
+        if not -len(self) <= index < len(self):
+            raise AttnpipeError(f"text index {index} is out of range: {self.path} has {len(self)} texts")
+        index %= len(self)
+        if self._json is not None:
+            return _text_from_json(self._json)
+        group = self._h5["texts"][f"{index:08d}"]
+        return TextAttention(
+            id=group.attrs["id"],
+            text=group["text"].asstr()[()],
+            tokens=tuple(group["tokens"].asstr()[()]),
+            token_ids=group["token_ids"][()],
+            special_tokens_mask=group["special_tokens_mask"][()],
+            offsets=group["offsets"][()],
+            word_ids=group["word_ids"][()],
+            truncated=bool(group.attrs["truncated"]),
+            num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
+            attention=group["attention"][()].astype(np.float32),
+        )
+
+    def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
+        """One (query, key) matrix, by *stored* layer and head position, reading only its bytes."""
+        if self._json is not None:
+            return self[key].attention[layer, head]
+        index = self.index_of(key) if isinstance(key, str) else key
+        return self._h5["texts"][f"{index:08d}"]["attention"][layer, head].astype(np.float32)
+
+    def __iter__(self) -> Iterator[TextAttention]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self) -> AttentionFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_version(path: Path, version: int) -> None:
+    if version != SCHEMA_VERSION:
+        raise AttnpipeError(
+            f"{path} has attention schema version {version}; this attnpipe reads version {SCHEMA_VERSION}"
+        )
+
+
+def _text_from_json(data: dict) -> TextAttention:
+    tokens = tuple(data["tokens"])
+    n = len(tokens)
+    attention = np.asarray(data["attention_matrices"], dtype=np.float32)
+    if attention.ndim != 4 or attention.shape[2:] != (n, n):
+        raise AttnpipeError(
+            f"attention_matrices has shape {attention.shape}; expected (layer, head, {n}, {n})"
+        )
+    return TextAttention(
+        id=str(data.get("id", "text-0")),
+        text=data["text"],
+        tokens=tokens,
+        token_ids=np.asarray(data.get("token_ids", [-1] * n), dtype=np.int64),
+        special_tokens_mask=np.asarray(data.get("special_tokens_mask", [False] * n), dtype=bool),
+        offsets=np.asarray(data.get("offsets", [[-1, -1]] * n), dtype=np.int64).reshape(n, 2),
+        word_ids=np.asarray(data.get("word_ids", [-1] * n), dtype=np.int64),
+        truncated=bool(data.get("truncated", False)),
+        num_tokens_untruncated=int(data.get("num_tokens_untruncated", n)),
+        attention=attention,
+    )
+
+
+def open_attention(path: Path | str) -> AttentionFile:
+    """Open an attention file for reading (use in a `with` block)."""
+    return AttentionFile(path)

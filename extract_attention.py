@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Extract the attention of a transformer with attnpipe's own explicit forward pass.
+
+Every head's softmax(q·kᵀ/√d + mask) is computed by our pass (not read from a library hook)
+and written for real tokens only, as (layer, head, query, key).
+
+Examples:
+    # one text -> seed 001's JSON format (default model: the packaged all-MiniLM-L6-v2)
+    python extract_attention.py --text "The cat sat on the mat." --output_file attention_data.json
+
+    # a corpus -> HDF5, float16 storage, checked against transformers' eager attention
+    python extract_attention.py --texts-file data/demo_corpus.jsonl --output_file results/demo.h5 \\
+        --dtype float16 --verify
+
+    # your own checkpoint (a transformers folder), last layer only
+    python extract_attention.py --model_dir ./model_output --text "Hello" --layer -1 --output_file a.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from attnpipe.errors import AttnpipeError, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Output format: see docs/FORMAT.md. Supported models: BERT, RoBERTa, XLM-RoBERTa, "
+        "ELECTRA, DistilBERT, ALBERT.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_argument_group("input texts (give --text or --texts-file)")
+    source.add_argument("--text", action="append", default=[], metavar="TEXT",
+                        help="a text to analyse; repeat the flag for several texts")
+    source.add_argument("--texts-file", "--texts_file", type=Path, metavar="FILE",
+                        help="a file of texts: .txt (one per line), .jsonl (fields id, text), .csv or .tsv")
+    source.add_argument("--text-column", default="text",
+                        help="column holding the text in a .csv/.tsv file (default: text)")
+    source.add_argument("--id-column", default=None,
+                        help="column holding a unique id in a .csv/.tsv file (default: row-N)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_dir", "--model-dir", "--model", type=Path, default=None, metavar="DIR",
+                       help="a transformers model folder (config.json + weights); "
+                       "default: the packaged all-MiniLM-L6-v2")
+    model.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps", "auto"],
+                       help="where to run the model (default: cpu; auto picks cuda, then mps, then cpu)")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a model folder's own Python code to run (off by default; recorded in the file)")
+    select = parser.add_argument_group("what to store")
+    select.add_argument("--layer", "--layers", nargs="+", default=["all"], metavar="N",
+                        help="layer indices to store: 'all' (default), one index, or a list "
+                        "('0,2,-1' or '0 2 -1'); negative indices count from the end")
+    select.add_argument("--heads", "--head", nargs="+", default=["all"], metavar="N",
+                        help="head indices to store, like --layer (default: all)")
+    select.add_argument("--max-length", "--max_length", type=int, default=None, metavar="N",
+                        help="truncate texts to N tokens; truncated texts are flagged and reported "
+                        "(default: the model's limit)")
+    select.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                        help="storage dtype of the probabilities (computation is always float32)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_file", "--output-file", "-o", type=Path, default=Path("attention_data.json"),
+                     metavar="FILE", help=".json (one text, seed 001's format) or .h5 (any number of "
+                     "texts); default: attention_data.json")
+    run = parser.add_argument_group("running")
+    run.add_argument("--batch-size", "--batch_size", type=int, default=32,
+                     help="texts per forward pass; texts are grouped by length (default: 32)")
+    run.add_argument("--verify", action="store_true",
+                     help="also run transformers' eager attention on every batch, record the largest "
+                     "difference in the file, and fail if it exceeds --verify-tol")
+    run.add_argument("--verify-tol", type=float, default=None, metavar="X",
+                     help="tolerance for --verify (default: 1e-5)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported here so that --help answers at once, without loading torch.
+    from attnpipe import corpus
+    from attnpipe.extract import DEFAULT_VERIFY_TOL, ExtractConfig, extract
+
+    if args.text and args.texts_file:
+        raise AttnpipeError("give --text or --texts-file, not both")
+    if args.texts_file is not None:
+        texts = corpus.read_texts_file(args.texts_file, args.text_column, args.id_column)
+    elif args.text:
+        texts = corpus.from_strings(args.text)
+    else:
+        raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
+    result = extract(ExtractConfig(
+        texts=tuple(texts),
+        output=args.output_file,
+        model_dir=args.model_dir,
+        layers=tuple(args.layer),
+        heads=tuple(args.heads),
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        verify=args.verify,
+        verify_tol=DEFAULT_VERIFY_TOL if args.verify_tol is None else args.verify_tol,
+        trust_remote_code=args.trust_remote_code,
+        progress=False if args.quiet else None,
+    ))
+    if result.truncated_ids:
+        shown = ", ".join(result.truncated_ids[:10]) + (" ..." if len(result.truncated_ids) > 10 else "")
+        print(f"warning: {len(result.truncated_ids)} text(s) longer than --max-length "
+              f"{result.max_length} were truncated (flagged 'truncated' in the file): {shown}",
+              file=sys.stderr)
+    if not args.quiet:
+        summary = (f"wrote {result.num_texts} text(s), {result.num_tokens} tokens, "
+                   f"{len(result.layers)} layer(s) x {len(result.heads)} head(s) to {result.output}")
+        if result.parity_max_abs_diff is not None:
+            summary += (f"; verified against transformers eager: max |diff| attention "
+                        f"{result.parity_max_abs_diff:.2e}, hidden {result.parity_hidden_max_abs_diff:.2e}")
+        print(summary, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
