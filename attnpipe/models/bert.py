@@ -210,14 +210,17 @@ def _position_ids(weights: Weights, input_ids: torch.Tensor) -> torch.Tensor:
 def embed(
     weights: Weights, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None
 ) -> torch.Tensor:
-    """Token + position (+ token type) embeddings, normalised and projected: (B, T, hidden)."""
-    x = F.embedding(input_ids, weights.word) + F.embedding(
-        _position_ids(weights, input_ids), weights.position
-    )
+    """Token (+ token type) + position embeddings, normalised and projected: (B, T, hidden).
+
+    Summed in transformers' order (word + type, then position): float addition is not
+    associative, and the same order keeps our rounding identical to the reference.
+    """
+    x = F.embedding(input_ids, weights.word)
     if weights.token_type is not None:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = x + F.embedding(token_type_ids, weights.token_type)
+    x = x + F.embedding(_position_ids(weights, input_ids), weights.position)
     x = weights.emb_norm(x)
     if weights.emb_project is not None:
         x = weights.emb_project(x)
