@@ -1,0 +1,163 @@
+"""Round trips through the format module: what the reader returns is what was computed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from attnpipe import store
+from attnpipe.corpus import Text
+from attnpipe.errors import AttnpipeError
+from attnpipe.extract import ExtractConfig, extract
+from attnpipe.loading import load_model
+
+TEXTS = (
+    Text("short", "the cat"),
+    Text("long", "the big red dog ran fast on the mat and the cat was slow"),
+    Text("mid", "a dog sat , it was small"),
+    Text("odd id/../ü", "it is blue !"),
+)
+
+
+def run(model_dir: Path, output: Path, **kw) -> store.AttentionFile:
+    extract(ExtractConfig(texts=kw.pop("texts", TEXTS), output=output, model_dir=model_dir, progress=False, **kw))
+    return store.open_attention(output)
+
+
+def expected_attention(model_dir: Path, text: str) -> np.ndarray:
+    """Our forward pass on one unpadded text, (L, H, n, n)."""
+    model = load_model(model_dir, torch.device("cpu"))
+    enc = model.tokenizer([text], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.family.forward(model.weights, enc["input_ids"], enc["attention_mask"])
+    return torch.stack([out.attentions[i][0] for i in range(model.num_layers)]).numpy()
+
+
+def test_h5_round_trip_equals_computation(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("bert")
+    with run(model_dir, tmp_path / "a.h5", verify=True) as f:
+        assert f.ids == tuple(t.id for t in TEXTS)  # the user's order, though batches are length-sorted
+        assert f.meta.parity_max_abs_diff is not None and f.meta.parity_max_abs_diff <= 1e-5
+        assert f.meta.layers == (0, 1) and f.meta.heads == (0, 1, 2, 3)
+        for given in TEXTS:
+            item = f[given.id]
+            assert item.text == given.text
+            # Batched with padding vs alone: BLAS blocks the matmuls differently (~1e-6 apart).
+            np.testing.assert_allclose(item.attention, expected_attention(model_dir, given.text), atol=1e-5, rtol=0)
+            n = item.num_tokens
+            assert item.attention.shape == (2, 4, n, n)
+            assert item.special_tokens_mask[0] and item.special_tokens_mask[-1]
+            assert item.word_ids[0] == -1 and item.word_ids[1] == 0
+            start, end = item.offsets[1]
+            assert given.text[start:end] == item.tokens[1]
+            np.testing.assert_array_equal(f.head(given.id, 1, 2), item.attention[1, 2])
+
+
+def test_json_round_trip_and_seed_001_keys(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("roberta")
+    text = TEXTS[1]
+    with run(model_dir, tmp_path / "a.json", texts=(text,), layers=("-1",), heads=("0,3",)) as f:
+        item = f[0]
+        full = expected_attention(model_dir, text.text)
+        np.testing.assert_array_equal(item.attention, full[[-1]][:, [0, 3]])  # one text: no padding
+    raw = json.loads((tmp_path / "a.json").read_text())
+    assert raw["text"] == text.text
+    assert raw["tokens"][0] == "<s>" and raw["tokens"][-1] == "</s>"
+    assert np.shape(raw["attention_matrices"]) == (1, 2, len(raw["tokens"]), len(raw["tokens"]))
+    assert raw["layers"] == [1] and raw["heads"] == [0, 3]
+
+
+def test_float16_storage_is_decoded_to_float32_within_half_precision(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("distilbert")
+    with run(model_dir, tmp_path / "a.h5", dtype="float16") as f:
+        item = f["long"]
+        assert item.attention.dtype == np.float32
+        np.testing.assert_allclose(item.attention, expected_attention(model_dir, TEXTS[1].text), atol=5e-4)
+    with h5py.File(tmp_path / "a.h5") as raw:
+        assert raw["texts/00000001/attention"].dtype == np.float16
+
+
+def test_same_inputs_give_byte_identical_files(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("bert")
+    run(model_dir, tmp_path / "a.h5").close()
+    run(model_dir, tmp_path / "b.h5").close()
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+
+
+def random_item(rng, text_id: str, n: int, layers: int = 2, heads: int = 3) -> store.TextAttention:
+    logits = rng.normal(size=(layers, heads, n, n)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    return store.TextAttention(
+        id=text_id, text=f"text ü {text_id} </script>", tokens=tuple(f"t{i}" for i in range(n)),
+        token_ids=rng.integers(0, 1000, n), special_tokens_mask=rng.random(n) < 0.3,
+        offsets=rng.integers(0, 50, (n, 2)), word_ids=rng.integers(-1, 10, n),
+        truncated=bool(n % 2), num_tokens_untruncated=n + 3, attention=probs.astype(np.float32),
+    )
+
+
+PROVENANCE = store.Provenance(
+    model="/m", model_type="bert", weights_sha256="ab", weight_files=("model.safetensors",),
+    num_layers=6, num_heads=12, layers=(0, 5), heads=(1, 2, 3), dtype="float32",
+    compute_dtype="float32", method="manual", max_length=512, trust_remote_code=False,
+    library_versions={"torch": "x"}, parity_max_abs_diff=1.5e-7,
+)
+
+
+def test_writer_and_reader_are_exact_inverses(tmp_path):
+    rng = np.random.default_rng(0)
+    items = [random_item(rng, f"id-{i}", n) for i, n in enumerate([5, 1, 9])]
+    with store.H5Writer(tmp_path / "a.h5", num_texts=3, dtype="float32") as writer:
+        for index in (2, 0, 1):  # any writing order: stored by the user's index
+            writer.write(index, items[index])
+        writer.finish(PROVENANCE)
+    store.write_json(tmp_path / "a.json", items[0], PROVENANCE)
+    for path, expected in ((tmp_path / "a.h5", items), (tmp_path / "a.json", items[:1])):
+        with store.open_attention(path) as f:
+            assert f.meta == PROVENANCE
+            for want, got in zip(expected, f, strict=True):
+                for field in ("token_ids", "special_tokens_mask", "offsets", "word_ids", "attention"):
+                    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+                assert (got.id, got.text, got.tokens, got.truncated, got.num_tokens_untruncated) == (
+                    want.id, want.text, want.tokens, want.truncated, want.num_tokens_untruncated)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    item = store.TextAttention(
+        id="x", text="x", tokens=("a",), token_ids=np.zeros(1, dtype=np.int64),
+        special_tokens_mask=np.zeros(1, dtype=bool), offsets=np.zeros((1, 2), dtype=np.int64),
+        word_ids=np.zeros(1, dtype=np.int64), truncated=False, num_tokens_untruncated=1,
+        attention=np.ones((1, 1, 1, 1), dtype=np.float32),
+    )
+    target = tmp_path / "out.h5"
+    with pytest.raises(RuntimeError, match="never written"):
+        with store.H5Writer(target, num_texts=2, dtype="float32") as writer:
+            writer.write(0, item)
+            writer.finish(None)  # text 1 missing: refused before anything is renamed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_refuses_foreign_and_future_files(tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = [1, 2, 3]
+    with pytest.raises(AttnpipeError, match="not an attnpipe attention file"):
+        store.open_attention(foreign)
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps({"tokens": [], "text": "", "attention_matrices": [],
+                                  "metadata": {"schema_version": 99}}))
+    with pytest.raises(AttnpipeError, match="schema version 99"):
+        store.open_attention(future)
+
+
+def test_reader_accepts_a_file_from_seed_001s_tool(tmp_path):
+    path = tmp_path / "seed.json"
+    attention = np.full((2, 3, 2, 2), 0.5).tolist()
+    path.write_text(json.dumps({"tokens": ["[CLS]", "[SEP]"], "text": "", "attention_matrices": attention}))
+    with store.open_attention(path) as f:
+        assert f.meta.num_layers == 2 and f.meta.num_heads == 3
+        assert f[0].attention.shape == (2, 3, 2, 2)
