@@ -12,22 +12,24 @@ HDF5 (`.h5`, many texts), schema version 1::
     /texts/<i>             one group per text, i = 0..N-1 zero-padded to 8 digits, user's order
         attrs              id, truncated (bool), num_tokens_untruncated (int)
         text               scalar utf-8 string: the text as given
-        attention          (L, H, n, n) float32 or float16, gzip + shuffle, one chunk per layer
+        attention          (L, H, n, n) float32 or float16, gzip + shuffle, one chunk per layer;
+                           attribute dims = "layer,head,query,key"
         token_ids          (n,) int64
         tokens             (n,) utf-8 strings, as the tokenizer spells them ("##ing", "Ġthe")
         special_tokens_mask (n,) bool: [CLS], [SEP], <s>, ... are True
         offsets            (n, 2) int64: character span [start, end) of each token in `text`;
-                           (0, 0) for special tokens, -1 when the tokenizer gives none
-        word_ids           (n,) int64: index of the word each sub-word belongs to; -1 for special tokens
+                           (0, 0) for special tokens; all -1 for slow tokenizers, which give none
+        word_ids           (n,) int64: index of the word each sub-word belongs to; -1 for special
+                           tokens (and everywhere for slow tokenizers)
 
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
-model (folder as given), model_type, weights_sha256 (of the weight files, sorted by name),
-weight_files, num_layers / num_heads (of the model), layers / heads (stored model indices),
+model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
+bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
 dtype (storage dtype), compute_dtype, method ("manual": our forward pass), max_length,
 parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from transformers'
 eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
-trust_remote_code, library_versions (JSON object: python, torch, transformers, numpy, h5py,
-attnpipe).
+trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
+JSON-encoded string in HDF5, an object in JSON). `layers`/`heads` are sorted, without repeats.
 
 JSON (`.json`, one text), seed 001's format with extra keys::
 
@@ -346,11 +348,15 @@ class AttentionFile:
         except ValueError as err:
             raise AttnpipeError(f"text id {text_id!r} is not in {self.path}") from err
 
-    def __getitem__(self, key: int | str) -> TextAttention:
+    def _position(self, key: int | str) -> int:
+        """A text id or index (negative counts from the end) -> 0-based position."""
         index = self.index_of(key) if isinstance(key, str) else key
         if not -len(self) <= index < len(self):
             raise AttnpipeError(f"text index {index} is out of range: {self.path} has {len(self)} texts")
-        index %= len(self)
+        return index % len(self)
+
+    def __getitem__(self, key: int | str) -> TextAttention:
+        index = self._position(key)
         if self._json is not None:
             return _text_from_json(self._json)
         group = self._h5["texts"][f"{index:08d}"]
@@ -371,7 +377,7 @@ class AttentionFile:
         """One (query, key) matrix, by *stored* layer and head position, reading only its bytes."""
         if self._json is not None:
             return self[key].attention[layer, head]
-        index = self.index_of(key) if isinstance(key, str) else key
+        index = self._position(key)
         return self._h5["texts"][f"{index:08d}"]["attention"][layer, head].astype(np.float32)
 
     def __iter__(self) -> Iterator[TextAttention]:
