@@ -160,19 +160,30 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _reference_diffs(model, batch, lengths, probs_by_layer, hidden) -> tuple[float, float]:
-    """Largest |ours - transformers eager| over real positions: (attention, last hidden state)."""
+@dataclass(frozen=True)
+class _Parity:
+    attention: float  # largest |ours - transformers eager| over real positions
+    hidden: float  # the same for the last hidden state
+    where: tuple[int, int, int]  # (batch row, layer, head) of the largest attention difference
+
+
+def _reference_diffs(model, batch, lengths, probs_by_layer, hidden) -> _Parity:
+    """Compare our pass with transformers' eager attention on the same batch, real tokens only."""
     reference = model.hf_model(**batch, output_attentions=True)
     if not reference.attentions:
         raise AttnpipeError("transformers returned no attentions: the model is not on eager attention")
-    attn_diff = hidden_diff = 0.0
+    worst = _Parity(0.0, 0.0, (0, 0, 0))
+    hidden_diff = 0.0
     for row, n in enumerate(lengths):
         for layer, probs in probs_by_layer.items():
-            ref = reference.attentions[layer][row, :, :n, :n]
-            attn_diff = max(attn_diff, (ref - probs[row, :, :n, :n]).abs().max().item())
+            per_head = (reference.attentions[layer][row, :, :n, :n] - probs[row, :, :n, :n]).abs()
+            per_head = per_head.amax(dim=(1, 2))  # (H,)
+            head = int(per_head.argmax())
+            if per_head[head].item() > worst.attention:
+                worst = _Parity(per_head[head].item(), 0.0, (row, layer, head))
         ref_hidden = reference.last_hidden_state[row, :n]
         hidden_diff = max(hidden_diff, (ref_hidden - hidden[row, :n]).abs().max().item())
-    return attn_diff, hidden_diff
+    return _Parity(worst.attention, hidden_diff, worst.where)
 
 
 def extract(config: ExtractConfig) -> ExtractResult:
@@ -224,12 +235,14 @@ def extract(config: ExtractConfig) -> ExtractResult:
                     batch.get("token_type_ids"), keep_layers=keep,
                 )
                 if config.verify:
-                    attn_diff, hidden_diff = _reference_diffs(model, batch, batch_lengths, out.attentions, out.hidden)
-                    parity, hidden_parity = max(parity, attn_diff), max(hidden_parity, hidden_diff)
-                    if attn_diff > config.verify_tol:
+                    check = _reference_diffs(model, batch, batch_lengths, out.attentions, out.hidden)
+                    parity, hidden_parity = max(parity, check.attention), max(hidden_parity, check.hidden)
+                    if check.attention > config.verify_tol:
+                        row, layer, head = check.where
                         raise AttnpipeError(
-                            f"--verify failed: our attention differs from transformers eager by "
-                            f"{attn_diff:.3g} (tolerance {config.verify_tol:g})"
+                            f"--verify failed: text {texts[batch_indices[row]].id!r} layer {layer} "
+                            f"head {head} differs from transformers eager by {check.attention:.3g} "
+                            f"(tolerance {config.verify_tol:g})"
                         )
                 stacked = torch.stack([out.attentions[layer] for layer in layers], dim=1)  # (B, L, H, T, T)
                 stacked = stacked.index_select(2, head_index).float().cpu().numpy()  # (B, L, H', T, T)

@@ -104,3 +104,22 @@ def test_albert_layers_share_weights(tiny_model_dir):
     model = load_model(tiny_model_dir("albert"), torch.device("cpu"))
     assert model.num_layers == 3
     assert model.weights.layers[0] is model.weights.layers[2]
+
+
+def test_verify_stops_a_run_whose_pass_drifts(tiny_model_dir, tmp_path, monkeypatch):
+    """--verify must notice a wrong forward pass, name where, and leave no output file."""
+    from attnpipe import extract as extraction
+    from attnpipe.corpus import Text
+    from attnpipe.errors import AttnpipeError
+    from attnpipe.models import bert
+
+    real = bert.attention_probs
+    monkeypatch.setattr(bert, "attention_probs", lambda q, k, scale, mask=None: real(q, k, scale * 1.05, mask))
+    output = tmp_path / "out.h5"
+    config = extraction.ExtractConfig(
+        texts=(Text("a", "the cat sat on the mat"), Text("b", "a dog")), output=output,
+        model_dir=tiny_model_dir("bert"), verify=True, progress=False,
+    )
+    with pytest.raises(AttnpipeError, match=r"--verify failed: text '[ab]' layer \d head \d differs"):
+        extraction.extract(config)
+    assert list(tmp_path.iterdir()) == []
