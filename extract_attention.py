@@ -28,8 +28,8 @@ from attnpipe.errors import AttnpipeError, run_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Output format: see docs/FORMAT.md. Supported models: BERT, RoBERTa, XLM-RoBERTa, "
-        "ELECTRA, DistilBERT, ALBERT.",
+        epilog="Output format: see docs/FORMAT.md. Supported model types: bert, roberta, xlm-roberta, "
+        "electra, distilbert, albert, gpt2, llama, mistral, qwen2.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_argument_group("input texts (give --text or --texts-file)")

@@ -45,3 +45,20 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, T, D) -> (B, T, H·D)."""
     b, h, t, d = x.shape
     return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def causal_mask(
+    length: int, dtype: torch.dtype, device: torch.device, window: int | None = None
+) -> torch.Tensor:
+    """Additive (1, 1, Q, K) mask: query i sees keys j <= i (and j > i - window with a sliding window).
+
+    Blocked keys get the dtype's most negative value, so their probability is exactly 0.
+    """
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    blocked = k > q
+    if window is not None:
+        blocked |= k <= q - window  # transformers' sliding_window_overlay: kv_idx > q_idx - window
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+        blocked, torch.finfo(dtype).min
+    )[None, None]

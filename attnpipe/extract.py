@@ -82,8 +82,9 @@ def parse_indices(values: tuple[str, ...], count: int, flag: str, noun: str) -> 
 def _max_length(model: LoadedModel, requested: int | None) -> int:
     config = model.hf_model.config
     limit = config.max_position_embeddings
-    if model.weights.position_pad_id is not None:  # RoBERTa's positions start after pad_id
-        limit -= model.weights.position_pad_id + 1
+    position_pad_id = getattr(model.weights, "position_pad_id", None)
+    if position_pad_id is not None:  # RoBERTa's positions start after pad_id
+        limit -= position_pad_id + 1
     if requested is None:
         tokenizer_limit = getattr(model.tokenizer, "model_max_length", limit) or limit
         return int(min(limit, tokenizer_limit))

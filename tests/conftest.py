@@ -31,6 +31,14 @@ def tiny_config(model_type: str):
         "electra": lambda: T.ElectraConfig(**common, **bert_like, embedding_size=16),
         "distilbert": lambda: T.DistilBertConfig(**common, dim=32, n_layers=2, n_heads=4, hidden_dim=37),
         "albert": lambda: T.AlbertConfig(**common, **{**bert_like, "num_hidden_layers": 3}, embedding_size=16),
+        "gpt2": lambda: T.GPT2Config(vocab_size=120, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     initializer_range=0.5),
+        # GQA: 4 query heads share 2 key/value heads.
+        "llama": lambda: T.LlamaConfig(**common, **bert_like, num_key_value_heads=2),
+        # A sliding window shorter than the test texts, so the window mask is exercised.
+        "mistral": lambda: T.MistralConfig(**common, **bert_like, num_key_value_heads=2, sliding_window=4),
+        "qwen2": lambda: T.Qwen2Config(**common, **bert_like, num_key_value_heads=1,
+                                       use_sliding_window=True, sliding_window=5, max_window_layers=1),
     }
     return configs[model_type]()
 

@@ -12,6 +12,8 @@ import torch
 from attnpipe.loading import load_model
 from attnpipe.models import supported_model_types
 
+CAUSAL = {"gpt2", "llama", "mistral", "qwen2"}
+WINDOWED = {"mistral", "qwen2"}
 ATTN_TOL = 1e-5
 HIDDEN_TOL = 1e-4
 
@@ -73,7 +75,7 @@ def compare_with_eager(model_dir, texts, max_length=None):
             theirs = ref.attentions[layer][row, :, :n, :n]
             attn_diff = max(attn_diff, (mine - theirs).abs().max().item())
             torch.testing.assert_close(mine.sum(-1), torch.ones_like(mine[..., 0]), rtol=0, atol=1e-5)
-            assert torch.all(ours.attentions[layer][row, :, :, n:] == 0), "padded keys must get 0"
+            assert torch.all(ours.attentions[layer][row, :, :n, n:] == 0), "padded keys must get 0"
         hidden_diff = max(
             hidden_diff, (ours.hidden[row, :n] - ref.last_hidden_state[row, :n]).abs().max().item()
         )
@@ -85,6 +87,15 @@ def test_tiny_family_matches_transformers_eager(tiny_model_dir, model_type):
     attn_diff, hidden_diff, ours, mask = compare_with_eager(tiny_model_dir(model_type), TINY_TEXTS)
     assert attn_diff <= ATTN_TOL
     assert hidden_diff <= HIDDEN_TOL
+    windows = [getattr(layer, "window", None) for layer in load_model(tiny_model_dir(model_type), torch.device("cpu")).weights.layers]
+    assert (model_type in WINDOWED) == any(w is not None for w in windows)
+    for row, n in enumerate(mask.sum(1).tolist()):  # real query rows only
+        ones = torch.ones(n, n, dtype=torch.bool)
+        for index, probs in ours.attentions.items():
+            if model_type in CAUSAL:  # future keys exactly 0
+                assert torch.all(probs[row, :, :n, :n][:, torch.triu(ones, diagonal=1)] == 0)
+            if windows[index] is not None:  # keys at or beyond the window exactly 0
+                assert torch.all(probs[row, :, :n, :n][:, torch.tril(ones, diagonal=-windows[index])] == 0)
     # Non-uniform attention, so the comparison above could have caught a wrong scale or mask.
     longest = int(mask.sum(1).argmax())
     assert ours.attentions[0][longest].max().item() > 3 / mask.shape[1]

@@ -1,7 +1,8 @@
 """Architecture families: each module maps a transformers model's weights and runs our forward pass.
 
 `FAMILIES` maps a config's `model_type` to the module that handles it. Every family module has
-the same small interface: `load_weights(model) -> Weights` and
+the same small interface: `MODEL_TYPES`, `load_weights(model) -> Weights` (with `num_layers`,
+`num_heads` and `token_type`) and
 `forward(weights, input_ids, attention_mask, token_type_ids, keep_layers) -> Output`
 (final hidden state, and per kept layer the (B, H, Q, K) attention probabilities).
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from attnpipe.models import bert
+from attnpipe.models import bert, gpt2, llama
 
-FAMILIES: dict[str, ModuleType] = {model_type: bert for model_type in bert.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {
+    model_type: family for family in (bert, gpt2, llama) for model_type in family.MODEL_TYPES
+}
 
 
 def supported_model_types() -> list[str]:

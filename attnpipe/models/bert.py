@@ -20,27 +20,9 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from attnpipe.attention import attention_probs, merge_heads, padding_mask, split_heads
+from attnpipe.models.parts import LayerNorm, Linear, Output, layer_norm, linear
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert")
-
-
-@dataclass(frozen=True)
-class Linear:
-    weight: torch.Tensor  # (out, in), as torch.nn.Linear stores it
-    bias: torch.Tensor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-@dataclass(frozen=True)
-class Norm:
-    weight: torch.Tensor
-    bias: torch.Tensor
-    eps: float
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 @dataclass(frozen=True)
@@ -49,10 +31,10 @@ class Layer:
     key: Linear
     value: Linear
     out: Linear
-    attn_norm: Norm
+    attn_norm: LayerNorm
     ff_in: Linear
     ff_out: Linear
-    ff_norm: Norm
+    ff_norm: LayerNorm
     act: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -61,7 +43,7 @@ class Weights:
     word: torch.Tensor  # (vocab, E)
     position: torch.Tensor  # (max_positions, E)
     token_type: torch.Tensor | None  # (types, E); DistilBERT has none
-    emb_norm: Norm
+    emb_norm: LayerNorm
     emb_project: Linear | None  # E -> hidden, when the embedding size differs (ELECTRA, ALBERT)
     layers: tuple[Layer, ...]  # ALBERT repeats the same Layer objects: its layers share weights
     num_heads: int
@@ -72,28 +54,14 @@ class Weights:
         return len(self.layers)
 
 
-@dataclass(frozen=True)
-class Output:
-    hidden: torch.Tensor  # (B, T, hidden) after the last layer
-    attentions: dict[int, torch.Tensor]  # layer -> (B, H, Q, K) probabilities, kept layers only
-
-
-def _linear(module: torch.nn.Linear) -> Linear:
-    return Linear(module.weight.detach(), module.bias.detach())
-
-
-def _norm(module: torch.nn.LayerNorm) -> Norm:
-    return Norm(module.weight.detach(), module.bias.detach(), module.eps)
-
-
 def _embeddings(emb, project=None, position_pad_id=None, **kw) -> dict:
     token_type = getattr(emb, "token_type_embeddings", None)
     return dict(
         word=emb.word_embeddings.weight.detach(),
         position=emb.position_embeddings.weight.detach(),
         token_type=None if token_type is None else token_type.weight.detach(),
-        emb_norm=_norm(emb.LayerNorm),
-        emb_project=None if project is None else _linear(project),
+        emb_norm=layer_norm(emb.LayerNorm),
+        emb_project=None if project is None else linear(project),
         position_pad_id=position_pad_id,
         **kw,
     )
@@ -102,14 +70,14 @@ def _embeddings(emb, project=None, position_pad_id=None, **kw) -> dict:
 def _bert_layer(layer, act) -> Layer:
     att = layer.attention
     return Layer(
-        query=_linear(att.self.query),
-        key=_linear(att.self.key),
-        value=_linear(att.self.value),
-        out=_linear(att.output.dense),
-        attn_norm=_norm(att.output.LayerNorm),
-        ff_in=_linear(layer.intermediate.dense),
-        ff_out=_linear(layer.output.dense),
-        ff_norm=_norm(layer.output.LayerNorm),
+        query=linear(att.self.query),
+        key=linear(att.self.key),
+        value=linear(att.self.value),
+        out=linear(att.output.dense),
+        attn_norm=layer_norm(att.output.LayerNorm),
+        ff_in=linear(layer.intermediate.dense),
+        ff_out=linear(layer.output.dense),
+        ff_norm=layer_norm(layer.output.LayerNorm),
         act=act,
     )
 
@@ -136,14 +104,14 @@ def _map_distilbert(model) -> Weights:
     act = ACT2FN[config.activation]
     layers = tuple(
         Layer(
-            query=_linear(layer.attention.q_lin),
-            key=_linear(layer.attention.k_lin),
-            value=_linear(layer.attention.v_lin),
-            out=_linear(layer.attention.out_lin),
-            attn_norm=_norm(layer.sa_layer_norm),
-            ff_in=_linear(layer.ffn.lin1),
-            ff_out=_linear(layer.ffn.lin2),
-            ff_norm=_norm(layer.output_layer_norm),
+            query=linear(layer.attention.q_lin),
+            key=linear(layer.attention.k_lin),
+            value=linear(layer.attention.v_lin),
+            out=linear(layer.attention.out_lin),
+            attn_norm=layer_norm(layer.sa_layer_norm),
+            ff_in=linear(layer.ffn.lin1),
+            ff_out=linear(layer.ffn.lin2),
+            ff_norm=layer_norm(layer.output_layer_norm),
             act=act,
         )
         for layer in model.transformer.layer
@@ -157,14 +125,14 @@ def _map_albert(model) -> Weights:
     groups = [
         [
             Layer(
-                query=_linear(inner.attention.query),
-                key=_linear(inner.attention.key),
-                value=_linear(inner.attention.value),
-                out=_linear(inner.attention.dense),
-                attn_norm=_norm(inner.attention.LayerNorm),
-                ff_in=_linear(inner.ffn),
-                ff_out=_linear(inner.ffn_output),
-                ff_norm=_norm(inner.full_layer_layer_norm),
+                query=linear(inner.attention.query),
+                key=linear(inner.attention.key),
+                value=linear(inner.attention.value),
+                out=linear(inner.attention.dense),
+                attn_norm=layer_norm(inner.attention.LayerNorm),
+                ff_in=linear(inner.ffn),
+                ff_out=linear(inner.ffn_output),
+                ff_norm=layer_norm(inner.full_layer_layer_norm),
                 act=act,
             )
             for inner in group.albert_layers

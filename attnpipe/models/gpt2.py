@@ -1,0 +1,103 @@
+"""GPT-2: a causal, pre-norm decoder with learned absolute positions.
+
+    a = x + W_proj · attention(LayerNorm_1(x))        causal self-attention
+    y = a + W_2 · gelu(W_1 · LayerNorm_2(a))          feed-forward
+    final LayerNorm_f after the last block
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from attnpipe.attention import attention_probs, causal_mask, merge_heads, padding_mask, split_heads
+from attnpipe.models.parts import LayerNorm, Linear, Output, layer_norm
+
+MODEL_TYPES = ("gpt2",)
+
+
+@dataclass(frozen=True)
+class Block:
+    ln_1: LayerNorm
+    qkv: Linear  # fused query, key, value: hidden -> 3·hidden
+    proj: Linear
+    ln_2: LayerNorm
+    fc: Linear
+    fc_proj: Linear
+    scale: float  # 1/√d, further divided by (layer + 1) with scale_attn_by_inverse_layer_idx
+
+
+@dataclass(frozen=True)
+class Weights:
+    wte: torch.Tensor  # (vocab, hidden)
+    wpe: torch.Tensor  # (positions, hidden)
+    layers: tuple[Block, ...]
+    ln_f: LayerNorm
+    act: Callable[[torch.Tensor], torch.Tensor]
+    num_heads: int
+    token_type: None = None  # GPT-2 takes no token types
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def _conv1d(module) -> Linear:
+    # transformers' Conv1D stores weight as (in, out), the transpose of nn.Linear's (out, in).
+    return Linear(module.weight.detach().t(), module.bias.detach())
+
+
+def load_weights(model) -> Weights:
+    config = model.config
+    head_dim = config.n_embd // config.n_head
+    blocks = []
+    for index, block in enumerate(model.h):
+        scale = 1.0 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(index + 1)
+        blocks.append(Block(
+            ln_1=layer_norm(block.ln_1),
+            qkv=_conv1d(block.attn.c_attn),
+            proj=_conv1d(block.attn.c_proj),
+            ln_2=layer_norm(block.ln_2),
+            fc=_conv1d(block.mlp.c_fc),
+            fc_proj=_conv1d(block.mlp.c_proj),
+            scale=scale,
+        ))
+    return Weights(
+        wte=model.wte.weight.detach(),
+        wpe=model.wpe.weight.detach(),
+        layers=tuple(blocks),
+        ln_f=layer_norm(model.ln_f),
+        act=ACT2FN[config.activation_function],
+        num_heads=config.n_head,
+    )
+
+
+def forward(
+    weights: Weights,
+    input_ids: torch.Tensor,  # (B, T), right-padded
+    attention_mask: torch.Tensor,  # (B, T)
+    token_type_ids: torch.Tensor | None = None,
+    keep_layers: frozenset[int] | None = None,
+) -> Output:
+    b, t = input_ids.shape
+    positions = torch.arange(t, device=input_ids.device)  # right padding: real tokens start at 0
+    x = F.embedding(input_ids, weights.wte) + F.embedding(positions, weights.wpe)[None]
+    mask = causal_mask(t, x.dtype, x.device) + padding_mask(attention_mask, x.dtype)  # (B, 1, Q, K)
+    mask = mask.clamp(min=torch.finfo(x.dtype).min)  # two blocked terms must not overflow to -inf
+    attentions: dict[int, torch.Tensor] = {}
+    for index, block in enumerate(weights.layers):
+        q, k, v = block.qkv(block.ln_1(x)).split(x.shape[-1], dim=-1)  # 3 x (B, T, hidden)
+        q, k, v = (split_heads(z, weights.num_heads) for z in (q, k, v))  # (B, H, T, D)
+        probs = attention_probs(q, k, block.scale, mask)  # (B, H, Q, K)
+        if keep_layers is None or index in keep_layers:
+            attentions[index] = probs
+        x = x + block.proj(merge_heads(torch.matmul(probs, v)))
+        x = x + block.fc_proj(weights.act(block.fc(block.ln_2(x))))
+    return Output(hidden=weights.ln_f(x), attentions=attentions)

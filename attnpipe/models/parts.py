@@ -1,0 +1,42 @@
+"""Small weight containers shared by the family files (no forward logic lives here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Linear:
+    weight: torch.Tensor  # (out, in), as torch.nn.Linear stores it
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+@dataclass(frozen=True)
+class Output:
+    hidden: torch.Tensor  # (B, T, hidden) after the last layer (and final norm, if any)
+    attentions: dict[int, torch.Tensor]  # layer -> (B, H, Q, K) probabilities, kept layers only
+
+
+def linear(module: torch.nn.Module) -> Linear:
+    bias = getattr(module, "bias", None)
+    return Linear(module.weight.detach(), None if bias is None else bias.detach())
+
+
+def layer_norm(module: torch.nn.LayerNorm) -> LayerNorm:
+    return LayerNorm(module.weight.detach(), module.bias.detach(), module.eps)
