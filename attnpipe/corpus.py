@@ -58,7 +58,9 @@ def _decoded_lines(path: Path) -> list[str]:
     text = raw.decode("utf-8")
     if text.startswith("\ufeff"):  # a byte-order mark some editors write
         text = text[1:]
-    return text.splitlines()
+    # Split on "\n" only, like the UTF-8 check above: str.splitlines() would also break at
+    # U+2028, form feeds and other separators that may sit inside a text or a JSON string.
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _read_txt(path: Path) -> list[Text]:

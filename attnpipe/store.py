@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +56,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
+from attnpipe.atomic import AtomicFile, atomic_path, check_writable
 from attnpipe.errors import AttnpipeError
 
 SCHEMA_VERSION = 1
@@ -113,30 +112,7 @@ def check_output_path(path: Path) -> None:
             f"unknown output type {path.suffix or '(none)'!r} for {path}: "
             "use .json (one text) or .h5 (any number of texts)"
         )
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise AttnpipeError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise AttnpipeError(f"output folder is not writable: {folder}")
-    if path.is_dir():
-        raise AttnpipeError(f"output path is a folder: {path}")
-
-
-class _AtomicFile:
-    """A temporary file beside `path` that becomes `path` on `commit` and vanishes on `discard`."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-
-    def commit(self) -> None:
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.tmp.unlink(missing_ok=True)
+    check_writable(path)
 
 
 def _library_attrs(prov: Provenance) -> dict:
@@ -188,7 +164,7 @@ class H5Writer:
     def __init__(self, path: Path, num_texts: int, dtype: StorageDtype):
         self.path = path
         self.dtype = np.dtype(dtype)
-        self._atomic = _AtomicFile(path)
+        self._atomic = AtomicFile(path)
         self._file = h5py.File(self._atomic.tmp, "w", track_order=True)
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
@@ -267,15 +243,9 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
 def write_json(path: Path, item: TextAttention, provenance: Provenance) -> None:
     """Write one text in seed 001's JSON format (plus provenance), atomically."""
     payload = _json_payload(item, provenance)
-    atomic = _AtomicFile(path)
-    try:
-        with atomic.tmp.open("w", encoding="utf-8") as handle:
-            json.dump(payload, handle, ensure_ascii=False, allow_nan=False)
-            handle.write("\n")
-        atomic.commit()
-    except BaseException:
-        atomic.discard()
-        raise
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        json.dump(payload, handle, ensure_ascii=False, allow_nan=False)
+        handle.write("\n")
 
 
 # ----------------------------------------------------------------------------- reading

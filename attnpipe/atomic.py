@@ -1,0 +1,56 @@
+"""Atomic writes: every output appears complete or not at all.
+
+A temporary file is made in the target's own folder (so the final rename never crosses file
+systems) and renamed over the target only when writing succeeded; on any error it is removed
+and an existing target is left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from attnpipe.errors import AttnpipeError
+
+
+class AtomicFile:
+    """A temporary file beside `path` that becomes `path` on `commit` and vanishes on `discard`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+
+    def commit(self) -> None:
+        os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds."""
+    atomic = AtomicFile(path)
+    try:
+        yield atomic.tmp
+        atomic.commit()
+    except BaseException:
+        atomic.discard()
+        raise
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if `path` cannot be written: its folder is missing or read-only."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise AttnpipeError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AttnpipeError(f"output folder is not writable: {folder}")
+    if path.is_dir():
+        raise AttnpipeError(f"output path is a folder: {path}")
