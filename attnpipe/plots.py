@@ -1,0 +1,199 @@
+"""Matplotlib figures of attention. Rows are queries, columns are keys, always.
+
+The drawing functions (`heatmap`, `colorbar`, `head_grid`, `model_view`) draw on Axes they are
+given and return them. The figure builders at the bottom (`head_figure`, ...) are what
+visualize_attention.py calls: they create a `Figure` (no pyplot, no global state) and lay it out.
+`save_figure` writes PNG/SVG/PDF atomically and byte-for-byte reproducibly.
+
+Token strings are drawn literally: mathtext is switched off, so `$x$` or `\\frac` is text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from attnpipe.outputs import atomic_path
+
+# A token such as "$\frac$" makes savefig raise when parsed as mathtext: draw strings literally.
+mpl.rcParams["text.parse_math"] = False
+# SVG element ids are hashed from this salt (default: random per run); fixed -> identical files.
+mpl.rcParams["svg.hashsalt"] = "attnpipe"
+
+DEFAULT_CMAP = "viridis"  # perceptually uniform, readable in greyscale and by colour-blind readers
+MAX_LABELS = 60  # more tokens than this on an axis: label every k-th one (stated on the figure)
+GRID_MAX_LABELS = 16  # per-head panels of a grid carry token labels only up to this length
+# Dates are the only thing that varies between two saves of the same figure.
+SAVE_METADATA = {"png": {}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
+
+
+@dataclass(frozen=True)
+class View:
+    """What one figure shows: the token window and the label step, for the note on the figure."""
+
+    tokens: tuple[str, ...]  # labels of the shown tokens
+    total: int  # tokens in the text
+    label_step: int
+
+    @property
+    def note(self) -> str:
+        parts = []
+        if len(self.tokens) < self.total:
+            parts.append(f"first {len(self.tokens)} of {self.total} tokens shown (--max-tokens)")
+        if self.label_step > 1:
+            parts.append(f"every {self.label_step}th token labelled")
+        return "; ".join(parts)
+
+
+def make_view(tokens: Sequence[str], max_tokens: int | None, max_labels: int = MAX_LABELS) -> View:
+    shown = tuple(tokens[:max_tokens] if max_tokens else tokens)
+    return View(tokens=shown, total=len(tokens), label_step=max(1, math.ceil(len(shown) / max_labels)))
+
+
+# ----------------------------------------------------------------------------- drawing on Axes
+
+
+def heatmap(ax: Axes, matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], *,
+            cmap: str = DEFAULT_CMAP, vmin: float = 0.0, vmax: float | None = None,
+            label_step: int = 1, fontsize: float = 8) -> Axes:
+    """One (query, key) matrix: cell (i, j) at row i (query i), column j (key j), top-left origin."""
+    rows, cols = matrix.shape  # (query, key)
+    ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
+    ax.set_yticks(range(0, rows, label_step), [row_labels[i] for i in range(0, rows, label_step)],
+                  fontsize=fontsize)
+    ax.set_xticks(range(0, cols, label_step), [col_labels[j] for j in range(0, cols, label_step)],
+                  fontsize=fontsize, rotation=90)
+    ax.tick_params(length=0)
+    ax.set_ylabel("query")
+    ax.set_xlabel("key")
+    return ax
+
+
+def thumbnail(ax: Axes, matrix: np.ndarray, *, cmap: str = DEFAULT_CMAP, vmax: float | None = None) -> Axes:
+    """A small (query, key) panel without tick labels, for grids."""
+    ax.imshow(matrix, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax
+
+
+def colorbar(ax: Axes, label: str = "attention probability"):
+    """A colour bar for the last image drawn on `ax`."""
+    return ax.figure.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.02, label=label)
+
+
+def head_grid(axes: np.ndarray, attention: np.ndarray, tokens: Sequence[str], head_ids: Sequence[int], *,
+              cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """Every head of one layer, one panel each. attention: (head, query, key); extra axes hidden."""
+    flat = axes.ravel()
+    labelled = len(tokens) <= GRID_MAX_LABELS
+    for ax, matrix, head_id in zip(flat, attention, head_ids):
+        if labelled:
+            heatmap(ax, matrix, tokens, tokens, cmap=cmap, vmax=1.0, fontsize=6)
+            ax.set_xlabel("")
+            ax.set_ylabel("")
+        else:
+            thumbnail(ax, matrix, cmap=cmap, vmax=1.0)
+        ax.set_title(f"head {head_id}", fontsize=9)
+    for ax in flat[len(attention):]:
+        ax.set_visible(False)
+    return axes
+
+
+def model_view(axes: np.ndarray, attention: np.ndarray, layer_ids: Sequence[int], head_ids: Sequence[int], *,
+               cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """All layers x heads as thumbnails. axes: (layer, head) grid; attention: (layer, head, query, key)."""
+    for li, layer_id in enumerate(layer_ids):
+        for hi, head_id in enumerate(head_ids):
+            ax = thumbnail(axes[li, hi], attention[li, hi], cmap=cmap, vmax=1.0)
+            if li == 0:
+                ax.set_title(f"H{head_id}", fontsize=8)
+            if hi == 0:
+                ax.set_ylabel(f"L{layer_id}", fontsize=8, rotation=0, ha="right", va="center")
+    return axes
+
+
+# ----------------------------------------------------------------------------- whole figures
+
+
+def _grid_shape(count: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(count, max_cols)
+    return math.ceil(count / cols), cols
+
+
+def _side(n: int) -> float:
+    """Inches for an n-token heatmap axis: room for labels, bounded for long texts."""
+    return float(np.clip(1.5 + 0.28 * n, 4.0, 14.0))
+
+
+def _suptitle(fig: Figure, title: str, note: str) -> None:
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
+
+
+def head_figure(matrix: np.ndarray, view: View, title: str, *, cmap: str = DEFAULT_CMAP) -> Figure:
+    """One head (or a head average): token-labelled heatmap with a colour bar."""
+    m = len(view.tokens)
+    side = _side(m)
+    fig = Figure(figsize=(side + 1.2, side + 0.6), layout="constrained")
+    ax = fig.add_subplot()
+    heatmap(ax, matrix[:m, :m], view.tokens, view.tokens, cmap=cmap, label_step=view.label_step)
+    colorbar(ax)
+    _suptitle(fig, title, view.note)
+    return fig
+
+
+def heads_figure(attention: np.ndarray, view: View, head_ids: Sequence[int], title: str, *,
+                 cmap: str = DEFAULT_CMAP) -> Figure:
+    """Every head of one layer in a grid (seed 003's multi-head figure). attention: (head, query, key)."""
+    m = len(view.tokens)
+    rows, cols = _grid_shape(len(head_ids))
+    panel = 3.0 if m <= GRID_MAX_LABELS else 2.2
+    fig = Figure(figsize=(cols * panel + 0.8, rows * panel + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    head_grid(axes, attention[:, :m, :m], view.tokens, head_ids, cmap=cmap)
+    fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label="attention probability")
+    _suptitle(fig, title, view.note)
+    return fig
+
+
+def layers_figure(attention: np.ndarray, view: View, layer_ids: Sequence[int], head_ids: Sequence[int],
+                  title: str, *, cmap: str = DEFAULT_CMAP) -> Figure:
+    """All layers x heads in one figure ("model view"). attention: (layer, head, query, key)."""
+    m = len(view.tokens)
+    panel = float(np.clip(10 / max(len(head_ids), len(layer_ids)), 0.9, 2.0))  # inches per panel
+    fig = Figure(figsize=(len(head_ids) * panel + 1.6, len(layer_ids) * panel + 0.9), layout="constrained")
+    axes = fig.subplots(len(layer_ids), len(head_ids), squeeze=False)
+    model_view(axes, attention[:, :, :m, :m], layer_ids, head_ids, cmap=cmap)
+    fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label="attention probability")
+    _suptitle(fig, title + " · rows = query, columns = key", view.note)
+    return fig
+
+
+def layer_average_figure(averages: np.ndarray, view: View, layer_ids: Sequence[int], title: str, *,
+                         cmap: str = DEFAULT_CMAP) -> Figure:
+    """Mean over heads of several layers, one labelled panel each. averages: (layer, query, key)."""
+    m = len(view.tokens)
+    rows, cols = _grid_shape(len(layer_ids), 3)
+    panel = 3.2 if m <= GRID_MAX_LABELS else 2.4
+    fig = Figure(figsize=(cols * panel + 0.8, rows * panel + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    head_grid(axes, averages[:, :m, :m], view.tokens, layer_ids, cmap=cmap)
+    for ax, layer_id in zip(axes.ravel(), layer_ids):
+        ax.set_title(f"layer {layer_id}", fontsize=9)
+    fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label="mean attention over heads")
+    _suptitle(fig, title, view.note)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 150) -> None:
+    """Write `fig` as PNG/SVG/PDF (by suffix), atomically and without timestamps."""
+    fmt = path.suffix.lower().lstrip(".")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi, metadata=SAVE_METADATA[fmt], facecolor="white")

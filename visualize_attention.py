@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Draw, prepare or explore attention stored by extract_attention.py (never loads a model).
+
+Examples:
+    # seed 001: one head as a heatmap (rows = query, columns = key), and the frontend JSON
+    python visualize_attention.py --input_file attention_data.json --mode plot --layer 0 --head 0 \\
+        --output_file attention_vis.png
+    python visualize_attention.py --input_file attention_data.json --mode prepare --output_file backend_data.json
+
+    # every head of the last layer; all layers x heads; the mean over heads of every layer
+    python visualize_attention.py --input_file attention_data.json --mode heads --layer -1 --output_file heads.svg
+    python visualize_attention.py --input_file attention_data.json --mode layers --output_file layers.pdf
+    python visualize_attention.py --input_file attention_data.json --mode average --layer all --output-dir figs/
+
+    # one text of a corpus file, as an offline interactive page
+    python visualize_attention.py --input_file results/demo/attention.h5 --text-id news-002 --mode html \\
+        --output_file attention_interactive.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from attnpipe.errors import run_cli
+
+MODES = ("plot", "heads", "layers", "average", "prepare", "html")
+# File names used with --output-dir (seed 000/001's names where they had one).
+DEFAULT_NAMES = {
+    "plot": "attention_vis.{ext}",
+    "heads": "attention_heads_{layer}.{ext}",
+    "layers": "attention_layers.{ext}",
+    "average": "attention_heatmap.{ext}",
+    "prepare": "backend_data.json",
+    "html": "attention_interactive.html",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Prepared JSON format: docs/prepared.schema.json. Attention files: docs/FORMAT.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input_file", "--input-file", "-i", type=Path, required=True, metavar="FILE",
+                        help="an attention file from extract_attention.py (.json or .h5)")
+    parser.add_argument("--mode", choices=MODES, default="plot",
+                        help="plot: one head; heads: every head of a layer; layers: all layers x heads; "
+                        "average: mean over heads; prepare: frontend JSON; html: interactive page "
+                        "(default: plot)")
+    pick = parser.add_argument_group("what to show")
+    pick.add_argument("--layer", default="0", metavar="N",
+                      help="model layer index (default 0; -1 = last); 'all' for heads/average modes")
+    pick.add_argument("--head", type=int, default=0, metavar="N",
+                      help="model head index for plot mode (default 0; -1 = last)")
+    pick.add_argument("--text-id", "--text_id", default=None, metavar="ID",
+                      help="which text of a corpus (.h5) file, by id")
+    pick.add_argument("--index", type=int, default=None, metavar="I",
+                      help="which text of a corpus file, by position (default 0)")
+    pick.add_argument("--tokens", default=None, metavar="A,B,C",
+                      help="comma-separated labels replacing the stored tokens (same count)")
+    pick.add_argument("--max-tokens", "--max_tokens", type=int, default=None, metavar="N",
+                      help="figures show only the first N tokens (stated on the figure)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_file", "--output-file", "-o", type=Path, default=None, metavar="FILE",
+                     help=".png/.svg/.pdf for figures, .json for prepare, .html for html")
+    out.add_argument("--output-dir", "--output_dir", type=Path, default=None, metavar="DIR",
+                     help="write into DIR with the seeds' names (attention_vis.png, attention_heads_{layer}.png, "
+                     "attention_layers.png, attention_heatmap.png, backend_data.json, attention_interactive.html)")
+    out.add_argument("--format", choices=("png", "svg", "pdf"), default="png",
+                     help="figure type with --output-dir (default: png)")
+    out.add_argument("--dpi", type=int, default=150, help="resolution of PNG figures (default: 150)")
+    out.add_argument("--cmap", default="viridis", help="matplotlib colormap (default: viridis)")
+    prep = parser.add_argument_group("prepare / html")
+    prep.add_argument("--layers", default=None, metavar="0,2,-1",
+                      help="model layer indices to include (default: all stored)")
+    prep.add_argument("--heads", default=None, metavar="0,5",
+                      help="model head indices to include (default: all stored)")
+    prep.add_argument("--decimals", type=int, default=None, metavar="D",
+                      help="round probabilities to D decimals (default: exact stored values)")
+    prep.add_argument("--max-bytes", "--max_bytes", type=int, default=None, metavar="B",
+                      help="refuse to write more than B bytes of attention data (default: 50 MB)")
+    prep.add_argument("--trim", action="store_true",
+                      help="over --max-bytes, keep the (layer, head) pairs that fit instead of failing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from attnpipe import visualize
+
+    request = visualize.Request(
+        input_file=args.input_file, mode=args.mode, layer=args.layer, head=args.head,
+        text_id=args.text_id, index=args.index,
+        tokens=None if args.tokens is None else tuple(args.tokens.split(",")),
+        max_tokens=args.max_tokens, output_file=args.output_file, output_dir=args.output_dir,
+        names=DEFAULT_NAMES, figure_format=args.format, dpi=args.dpi, cmap=args.cmap,
+        layers=args.layers, heads=args.heads, decimals=args.decimals, max_bytes=args.max_bytes,
+        trim=args.trim,
+    )
+    for message in visualize.run(request):
+        print(message, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
