@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Analyze stored attention: head metrics, seed 000's summary, rollout, flow, clusters, checkpoints.
+
+Reads the files written by extract_attention.py (.h5 corpus or .json single text) one text at a
+time; never loads a model. Metric definitions: docs/METRICS.md.
+
+Examples:
+    # per (text, layer, head) metrics + corpus aggregates -> results/demo/metrics/
+    python analyze_attention.py metrics results/demo/attention.h5 --output-dir results/demo/metrics
+
+    # only some metrics
+    python analyze_attention.py metrics results/demo/attention.h5 --output-dir out --metrics entropy,self
+
+    # seed 000's summary: Avg entropy, Avg max attention, Diagonal strength per layer
+    python analyze_attention.py summary results/demo/attention.h5
+
+    # attention rollout (Abnar & Zuidema 2020) from the [CLS] row, heads fused by their mean
+    python analyze_attention.py rollout results/demo/attention.h5 --output-dir out --query cls
+
+    # attention flow (max-flow through the layered graph) for the first 5 texts, [CLS] row
+    python analyze_attention.py flow results/demo/attention.h5 --output-dir out --max-texts 5
+
+    # cluster heads by Jensen-Shannon distance (table + MDS figure)
+    python analyze_attention.py clusters results/demo/attention.h5 --output-dir out --clusters 6
+
+    # the same texts under several checkpoints, in training order
+    python analyze_attention.py compare step1k.h5 step2k.h5 final.h5 --output-dir out
+
+    # a Markdown report with figures (several files: checkpoints of the same texts, in order)
+    python analyze_attention.py report results/demo/attention.h5 --output-dir results/demo/report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from attnpipe.errors import AttnpipeError, run_cli
+
+CAUSAL_CHOICES = {"auto": None, "yes": True, "no": False}
+
+
+def add_common(parser: argparse.ArgumentParser, causal: bool = True) -> None:
+    parser.add_argument("input", type=Path, metavar="INPUT",
+                        help="an attention file written by extract_attention.py (.h5 or .json)")
+    if causal:  # rollout and flow need no choice: invisible keys already carry weight 0
+        parser.add_argument("--causal", choices=list(CAUSAL_CHOICES), default="auto",
+                            help="whether queries see only earlier keys: 'auto' (default) infers it "
+                            "from the weights above the diagonal, 'yes'/'no' force it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from attnpipe.metrics import METRICS
+    from attnpipe.rollout import HEAD_FUSIONS, QUERY_CHOICES
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Metric definitions: docs/METRICS.md. Table columns: the .columns.json sidecar.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    metrics = commands.add_parser("metrics", help="per (text, layer, head) metrics and corpus aggregates",
+                                  description="Write metrics.parquet/.csv (one row per text x layer x "
+                                  "head x metric), aggregate.parquet/.csv (per layer, head, metric: "
+                                  "mean, std, bootstrap 95%% CI) and metrics.columns.json.")
+    add_common(metrics)
+    metrics.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                         help="folder for the tables (created if missing)")
+    metrics.add_argument("--metrics", default="all", metavar="A,B",
+                         help=f"comma-separated metric names, or 'all' (default): {', '.join(METRICS)}")
+    metrics.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                         help="bootstrap resamples for the 95%% interval (default: 1000)")
+    metrics.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default: 0)")
+
+    summary = commands.add_parser("summary", help="seed 000's per-layer summary printed to stdout",
+                                  description="Per layer: Avg entropy, Avg max attention and Diagonal "
+                                  "strength (mean over heads and texts).")
+    add_common(summary)
+
+    rollout = commands.add_parser("rollout", help="attention rollout (Abnar & Zuidema 2020) per text",
+                                  description="Write rollout.parquet/.csv: text_id, query, key, tokens, "
+                                  "value for the chosen query rows of each text's rollout matrix.")
+    add_common(rollout, causal=False)
+    rollout.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                         help="folder for the tables (created if missing)")
+    rollout.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean",
+                         help="how a layer's heads are combined (default: mean)")
+    rollout.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
+                         help="share of the smallest fused weights per layer set to 0 before mixing "
+                         "(seed 004; default: 0)")
+    rollout.add_argument("--start-layer", type=int, default=None, metavar="N",
+                         help="model index of the first layer multiplied in (default: the first stored)")
+    rollout.add_argument("--query", choices=QUERY_CHOICES, default="cls",
+                         help="rows kept: cls (position 0), last (last token) or all (default: cls)")
+
+    flow = commands.add_parser("flow", help="attention flow (Abnar & Zuidema 2020): max-flow per text",
+                               description="Write flow.parquet/.csv: text_id, query, key, tokens, value "
+                               "(flow normalised over keys) and raw_flow, for the chosen query rows. "
+                               "Slow: about n max-flow runs per query row (see docs/METRICS.md).")
+    add_common(flow, causal=False)
+    flow.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                      help="folder for the tables (created if missing)")
+    flow.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean",
+                      help="how a layer's heads are combined (default: mean)")
+    flow.add_argument("--start-layer", type=int, default=None, metavar="N",
+                      help="model index of the first layer in the graph (default: the first stored)")
+    flow.add_argument("--query", choices=QUERY_CHOICES, default="cls",
+                      help="output rows computed: cls, last or all (all costs n times more; default: cls)")
+    flow.add_argument("--max-texts", type=int, default=None, metavar="N",
+                      help="only the first N texts of the file (flow is slow; default: all)")
+
+    clusters = commands.add_parser("clusters", help="cluster heads by Jensen-Shannon distance (Clark et al. 2019)",
+                                   description="Write head_distances.parquet/.csv (JS distance between "
+                                   "every two heads, mean over texts), clusters.parquet/.csv (MDS x, y and "
+                                   "cluster per head) and clusters.png.")
+    add_common(clusters, causal=False)
+    clusters.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                          help="folder for the tables and the figure (created if missing)")
+    clusters.add_argument("--clusters", type=int, default=6, metavar="K",
+                          help="number of clusters cut from the average-linkage tree (default: 6)")
+
+    compare = commands.add_parser("compare", help="the same texts under two or more checkpoints",
+                                  description="Write checkpoint_distances.parquet/.csv (per head: JS "
+                                  "distance to the previous and to the first checkpoint), "
+                                  "checkpoint_metrics.parquet/.csv (every metric per checkpoint) and "
+                                  "checkpoints.png. Files are taken in the order given.")
+    compare.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                         help="two or more attention files of the same texts, in checkpoint order")
+    compare.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                         help="folder for the tables and the figure (created if missing)")
+    compare.add_argument("--metrics", default="all", metavar="A,B",
+                         help="metrics to follow across checkpoints (default: all)")
+
+    report = commands.add_parser("report", help="a Markdown report with figures for one file or checkpoints",
+                                 description="Write report.md, entropy_by_layer.png, clusters.png (and "
+                                 "checkpoints.png for several files) and the first file's aggregate table. "
+                                 "Several files: the same texts under checkpoints, in order.")
+    report.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                        help="one attention file, or several checkpoints of the same texts in order")
+    report.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                        help="folder for report.md and its figures (created if missing)")
+    report.add_argument("--clusters", type=int, default=6, metavar="K",
+                        help="number of head clusters (default: 6, at most the number of heads)")
+    report.add_argument("--title", default="Attention report", help="the report's heading")
+    return parser
+
+
+def parse_metric_names(text: str) -> tuple[str, ...]:
+    from attnpipe.metrics import METRICS, check_metric_names
+
+    if text.strip() == "all":
+        return tuple(METRICS)
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise AttnpipeError("--metrics is empty: give names such as entropy,self or 'all'")
+    return check_metric_names(names)
+
+
+def provenance_summary(path: Path, meta) -> dict:
+    return {"input": str(path), "model": meta.model, "model_type": meta.model_type,
+            "weights_sha256": meta.weights_sha256, "layers": list(meta.layers), "heads": list(meta.heads),
+            "dtype": meta.dtype}
+
+
+def run_metrics(args) -> int:
+    from attnpipe import metrics as M
+    from attnpipe import tables
+    from attnpipe.store import open_attention
+
+    names = parse_metric_names(args.metrics)
+    if args.bootstrap < 1:
+        raise AttnpipeError(f"--bootstrap must be at least 1, got {args.bootstrap}")
+    folder = tables.prepare_output_dir(args.output_dir)
+    with open_attention(args.input) as f:
+        long = M.corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=names)
+        source = provenance_summary(args.input, f.meta)
+    agg = M.aggregate(long, resamples=args.bootstrap, seed=args.seed)
+    written = tables.write_table(long, folder, "metrics") + tables.write_table(agg, folder, "aggregate")
+    sidecar = {
+        "source": source,
+        "definitions": "docs/METRICS.md",
+        "metrics": {name: {"unit": M.METRICS[name].unit, "definition": M.METRICS[name].description}
+                    for name in names},
+        "thresholds": {"SPARSITY_THRESHOLD": M.SPARSITY_THRESHOLD, "LOCAL_WINDOW": M.LOCAL_WINDOW,
+                       "LOCAL_LABEL_THRESHOLD": M.LOCAL_LABEL_THRESHOLD},
+        "tables": {
+            "metrics": {
+                "text_id": "id of the text in the attention file",
+                "layer": "model layer index (0 = first layer)",
+                "head": "model head index within the layer",
+                "metric": "metric name (see 'metrics')",
+                "value": "mean over query rows of the per-row value; NaN when no row defines it",
+            },
+            "aggregate": {
+                "layer": "model layer index", "head": "model head index", "metric": "metric name",
+                "n_texts": "texts with a finite value",
+                "mean": "mean over texts", "std": "sample standard deviation over texts (ddof 1)",
+                "ci_low": f"{M.CONFIDENCE:.0%} percentile bootstrap interval of the mean, lower end "
+                          f"({args.bootstrap} resamples of texts, seed {args.seed})",
+                "ci_high": "upper end of the same interval",
+                "label": "positional label on local_share rows: 'local' if mean >= "
+                         f"{M.LOCAL_LABEL_THRESHOLD}, else 'global'; empty for other metrics",
+            },
+        },
+    }
+    written.append(tables.write_json(sidecar, folder / "metrics.columns.json"))
+    print(f"wrote {long['text_id'].nunique()} text(s) x {len(names)} metric(s): "
+          + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def run_summary(args) -> int:
+    from attnpipe import metrics as M
+    from attnpipe.store import open_attention
+
+    names = tuple(M.SUMMARY_COLUMNS.values())
+    with open_attention(args.input) as f:
+        long = M.corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=names)
+        meta, count = f.meta, len(f)
+    table = M.layer_summary(long)
+    print(f"Attention Analysis: {args.input} ({meta.model_type}, {count} text(s))")
+    print(f"  Layers with attention: {len(table)}")
+    for layer, row in table.iterrows():
+        print(f"  layer {layer}:")
+        print(f"    - Num heads: {int(row['num_heads'])}")
+        for label in M.SUMMARY_COLUMNS:
+            print(f"    - {label}: {row[label]:.3f}")
+    return 0
+
+
+def run_rollout(args) -> int:
+    from attnpipe import rollout as R
+    from attnpipe import tables
+    from attnpipe.store import open_attention
+
+    if not 0.0 <= args.discard_ratio < 1.0:
+        raise AttnpipeError(f"--discard-ratio {args.discard_ratio} is out of range: use a value in [0, 1)")
+    folder = tables.prepare_output_dir(args.output_dir)
+    with open_attention(args.input) as f:
+        table = R.corpus_rollout(f, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+                                 start_layer=args.start_layer, query=args.query)
+    written = tables.write_table(table, folder, "rollout")
+    print(f"wrote rollout of {table['text_id'].nunique()} text(s): "
+          + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def run_flow(args) -> int:
+    import pandas as pd
+
+    from attnpipe import flow as F
+    from attnpipe import tables
+    from attnpipe.store import open_attention
+
+    if args.max_texts is not None and args.max_texts < 1:
+        raise AttnpipeError(f"--max-texts must be at least 1, got {args.max_texts}")
+    folder = tables.prepare_output_dir(args.output_dir)
+    with open_attention(args.input) as f:
+        if len(f) == 0:
+            raise AttnpipeError(f"{args.input} holds no texts")
+        count = len(f) if args.max_texts is None else min(args.max_texts, len(f))
+        table = pd.concat([F.text_flow(f[index], f.meta.layers, head_fusion=args.head_fusion,
+                                       start_layer=args.start_layer, query=args.query)
+                           for index in range(count)], ignore_index=True)
+    written = tables.write_table(table, folder, "flow")
+    print(f"wrote attention flow of {count} text(s): " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def save_figure(draw, path: Path, **kw) -> Path:
+    """Create a figure, let `draw(ax)` fill it, save it atomically, close it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attnpipe import tables
+
+    plt.rcParams["text.parse_math"] = False  # token strings such as "$x$" must not become mathtext
+    fig, ax = plt.subplots(figsize=kw.get("figsize", (6, 4)), layout="constrained")
+    try:
+        draw(ax)
+        tables.write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:], dpi=150))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def run_clusters(args) -> int:
+    from attnpipe import analysis_plots
+    from attnpipe import clustering as C
+    from attnpipe import tables
+    from attnpipe.store import open_attention
+
+    folder = tables.prepare_output_dir(args.output_dir)
+    with open_attention(args.input) as f:
+        distances, heads = C.corpus_head_distances(f)
+    table = C.cluster_table(distances, heads, args.clusters)
+    written = tables.write_table(C.distance_table(distances, heads), folder, "head_distances")
+    written += tables.write_table(table, folder, "clusters")
+    written.append(save_figure(lambda ax: analysis_plots.head_embedding(ax, table), folder / "clusters.png",
+                               figsize=(7, 6)))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def run_compare(args) -> int:
+    from contextlib import ExitStack
+
+    from attnpipe import analysis_plots
+    from attnpipe import compare as C
+    from attnpipe import tables
+    from attnpipe.store import open_attention
+
+    names = parse_metric_names(args.metrics)
+    if len(args.inputs) < 2:
+        raise AttnpipeError("compare needs at least two attention files (checkpoints of the same texts)")
+    folder = tables.prepare_output_dir(args.output_dir)
+    with ExitStack() as stack:
+        files = [stack.enter_context(open_attention(path)) for path in args.inputs]
+        distances = C.checkpoint_distances(files)
+        by_checkpoint = C.metrics_by_checkpoint(files, metrics=names)
+    written = tables.write_table(distances, folder, "checkpoint_distances")
+    written += tables.write_table(by_checkpoint, folder, "checkpoint_metrics")
+    written.append(save_figure(lambda ax: analysis_plots.change_by_checkpoint(ax, distances),
+                               folder / "checkpoints.png"))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def run_report(args) -> int:
+    from contextlib import ExitStack
+
+    from attnpipe import analysis_plots, tables
+    from attnpipe import clustering as CL
+    from attnpipe import compare as CP
+    from attnpipe import metrics as M
+    from attnpipe.report import markdown_report
+    from attnpipe.store import open_attention
+
+    folder = tables.prepare_output_dir(args.output_dir)
+    with ExitStack() as stack:
+        files = [stack.enter_context(open_attention(path)) for path in args.inputs]
+        first = files[0]
+        long = M.corpus_metrics(first)
+        distances, heads = CL.corpus_head_distances(first)
+        checkpoints = CP.checkpoint_distances(files) if len(files) > 1 else None
+        sources = [{**provenance_summary(path, f.meta), "num_texts": len(f)}
+                   for path, f in zip(args.inputs, files, strict=True)]
+    agg = M.aggregate(long)
+    clusters = CL.cluster_table(distances, heads, min(args.clusters, len(heads)))
+    written = tables.write_table(agg, folder, "aggregate")
+    figures = {"Entropy by layer": "entropy_by_layer.png", "Head clusters (MDS of JS distances)": "clusters.png"}
+    written.append(save_figure(lambda ax: analysis_plots.metric_by_layer(ax, agg, "entropy"),
+                               folder / "entropy_by_layer.png"))
+    written.append(save_figure(lambda ax: analysis_plots.head_embedding(ax, clusters), folder / "clusters.png",
+                               figsize=(7, 6)))
+    if checkpoints is not None:
+        figures["Change across checkpoints"] = "checkpoints.png"
+        written.append(save_figure(lambda ax: analysis_plots.change_by_checkpoint(ax, checkpoints),
+                                   folder / "checkpoints.png"))
+    text = markdown_report(args.title, sources, M.layer_summary(long), agg, clusters, checkpoints, figures)
+    written.append(tables.write_atomic(folder / "report.md", lambda tmp: tmp.write_text(text, encoding="utf-8")))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollout, "flow": run_flow,
+                "clusters": run_clusters, "compare": run_compare, "report": run_report}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,47 @@
+"""Plots of analysis tables. Each function draws on the Axes it is given and returns it; the CLI
+creates, saves and closes figures. Rows of the long tables are (layer, head) model indices."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from attnpipe.metrics import METRICS
+
+
+def metric_by_layer(ax: plt.Axes, aggregate: pd.DataFrame, metric: str = "entropy") -> plt.Axes:
+    """Each head's mean `metric` as a dot per layer, and the layer mean (over heads) as a line."""
+    rows = aggregate[aggregate["metric"] == metric]
+    ax.scatter(rows["layer"], rows["mean"], s=12, alpha=0.5, label="one head (mean over texts)")
+    per_layer = rows.groupby("layer")["mean"].mean()
+    ax.plot(per_layer.index, per_layer.to_numpy(), marker="o", color="black", label="mean over heads")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{metric} ({METRICS[metric].unit})" if metric in METRICS else metric)
+    ax.set_xticks(per_layer.index)
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def head_embedding(ax: plt.Axes, clusters: pd.DataFrame) -> plt.Axes:
+    """MDS coordinates of the heads, coloured by cluster and labelled 'layer-head'."""
+    for cluster, rows in clusters.groupby("cluster"):
+        ax.scatter(rows["x"], rows["y"], s=20, label=f"cluster {cluster}")
+    for _, row in clusters.iterrows():
+        ax.annotate(f"{row['layer']}-{row['head']}", (row["x"], row["y"]), fontsize=6, alpha=0.7)
+    ax.set_xlabel("MDS 1 (JS distance)")
+    ax.set_ylabel("MDS 2")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def change_by_checkpoint(ax: plt.Axes, distances: pd.DataFrame, column: str = "js_to_previous") -> plt.Axes:
+    """Per layer, the mean over heads of `column` against checkpoint order."""
+    for layer, rows in distances.groupby("layer"):
+        series = rows.groupby("checkpoint")[column].mean()
+        ax.plot(series.index, series.to_numpy(), marker="o", label=f"layer {layer}")
+    ax.set_xlabel("checkpoint (order given)")
+    ax.set_ylabel(f"{column} (JS distance)")
+    ax.set_xticks(np.unique(distances["checkpoint"]))
+    ax.legend(loc="best", fontsize="small")
+    return ax

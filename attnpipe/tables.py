@@ -1,0 +1,57 @@
+"""Writing analysis tables: long-format DataFrames as Parquet + CSV, plus a JSON sidecar.
+
+Every file is written to a temporary file in the output folder and renamed over the target only
+when complete (`os.replace`), so a failed run never leaves a partial table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from attnpipe.errors import AttnpipeError
+from attnpipe.atomic import atomic_path
+
+
+def prepare_output_dir(folder: Path) -> Path:
+    """Create `folder` (and parents) if needed; fail clearly if it is a file or not writable."""
+    if folder.exists() and not folder.is_dir():
+        raise AttnpipeError(f"--output-dir {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AttnpipeError(f"cannot create --output-dir {folder}: {err.strerror}") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AttnpipeError(f"--output-dir {folder} is not writable")
+    return folder
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return path
+
+
+def write_table(table: pd.DataFrame, folder: Path, stem: str) -> list[Path]:
+    """`stem`.parquet and `stem`.csv in `folder`; categorical columns are stored as strings."""
+    plain = table.copy()
+    for column in plain.columns:
+        if isinstance(plain[column].dtype, pd.CategoricalDtype):
+            plain[column] = plain[column].astype(str)
+    return [
+        write_atomic(folder / f"{stem}.parquet", lambda tmp: plain.to_parquet(tmp, index=False)),
+        write_atomic(folder / f"{stem}.csv", lambda tmp: plain.to_csv(tmp, index=False)),
+    ]
+
+
+def write_json(payload: dict, path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+                       encoding="utf-8")
+
+    return write_atomic(path, write)
