@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := results/demo
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast browser docs-images clean
+# The viewer's browser test runs Debian's chromium; root installs it directly, others via sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +22,38 @@ demo: $(STAMP)
 		--dtype float16 --verify --output_file $(DEMO)/attention.h5
 	$(PY) extract_attention.py --text "The cat sat on the mat because it was warm." \
 		--verify --output_file $(DEMO)/attention_data.json
+	$(PY) visualize_attention.py --input_file $(DEMO)/attention_data.json --mode heads --layer -1 \
+		--output_file $(DEMO)/attention_heads_last.png
+	$(PY) visualize_attention.py --input_file $(DEMO)/attention.h5 --text-id amb-001 --mode html \
+		--output_file $(DEMO)/attention_interactive.html
+	$(PY) analyze_attention.py metrics $(DEMO)/attention.h5 --output-dir $(DEMO)/metrics
+	$(PY) analyze_attention.py report $(DEMO)/attention.h5 --output-dir $(DEMO)/report
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The README's pictures, made from the packaged MiniLM (kept small: ~100 dpi).
+IMG := docs/img
+docs-images: $(STAMP)
+	mkdir -p $(IMG) results
+	$(PY) extract_attention.py --text "The cat sat on the mat because it was warm." -q \
+		--output_file results/readme_attention.json
+	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode plot --layer 2 --head 0 \
+		--dpi 90 --output_file $(IMG)/plot.png
+	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode heads --layer 2 \
+		--dpi 70 --output_file $(IMG)/heads.png
+	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode layers \
+		--dpi 70 --output_file $(IMG)/layers.png
+	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode average --layer all \
+		--dpi 85 --output_file $(IMG)/average.png
 
 clean:
 	rm -rf $(VENV) results
