@@ -20,6 +20,9 @@ Examples:
     # attention flow (max-flow through the layered graph) for the first 5 texts, [CLS] row
     python analyze_attention.py flow results/demo/attention.h5 --output-dir out --max-texts 5
 
+    # head specialisation: each head's role profile, dominant role and its consistency across texts
+    python analyze_attention.py specialization results/demo/attention.h5 --output-dir out --layer 2
+
     # cluster heads by Jensen-Shannon distance (table + MDS figure)
     python analyze_attention.py clusters results/demo/attention.h5 --output-dir out --clusters 6
 
@@ -110,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output rows computed: cls, last or all (all costs n times more; default: cls)")
     flow.add_argument("--max-texts", type=int, default=None, metavar="N",
                       help="only the first N texts of the file (flow is slow; default: all)")
+
+    special = commands.add_parser("specialization", help="what each head attends to, and how consistently across texts",
+                                  description="Write specialization.parquet/.csv (per layer and head: mean "
+                                  "weight per role, dominant role, consistency across texts, label) and "
+                                  "head_specialization.png.")
+    add_common(special)
+    special.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                         help="folder for the table and the figure (created if missing)")
+    special.add_argument("--layer", type=int, default=None, metavar="N",
+                         help="only this model layer (default: every stored layer)")
 
     clusters = commands.add_parser("clusters", help="cluster heads by Jensen-Shannon distance (Clark et al. 2019)",
                                    description="Write head_distances.parquet/.csv (JS distance between "
@@ -288,6 +301,30 @@ def save_figure(draw, path: Path, **kw) -> Path:
     return path
 
 
+def run_specialization(args) -> int:
+    from attnpipe import analysis_plots
+    from attnpipe import metrics as M
+    from attnpipe import tables
+    from attnpipe.specialization import ROLES, specialization
+    from attnpipe.store import open_attention
+
+    folder = tables.prepare_output_dir(args.output_dir)
+    with open_attention(args.input) as f:
+        if args.layer is not None and args.layer not in f.meta.layers:
+            raise AttnpipeError(f"--layer {args.layer} is not stored in {args.input}; "
+                                f"stored layers: {', '.join(map(str, f.meta.layers))}")
+        long = M.corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=ROLES)
+    if args.layer is not None:
+        long = long[long["layer"] == args.layer]
+    table = specialization(long)
+    written = tables.write_table(table, folder, "specialization")
+    height = max(4.0, 0.16 * len(table) + 1.5)
+    written.append(save_figure(lambda ax: analysis_plots.role_profiles(ax, table),
+                               folder / "head_specialization.png", figsize=(7, height)))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
 def run_clusters(args) -> int:
     from attnpipe import analysis_plots
     from attnpipe import clustering as C
@@ -370,7 +407,7 @@ def run_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollout, "flow": run_flow,
-                "clusters": run_clusters, "compare": run_compare, "report": run_report}
+                "clusters": run_clusters, "specialization": run_specialization, "compare": run_compare, "report": run_report}
     return commands[args.command](args)
 
 

@@ -45,3 +45,18 @@ def change_by_checkpoint(ax: plt.Axes, distances: pd.DataFrame, column: str = "j
     ax.set_xticks(np.unique(distances["checkpoint"]))
     ax.legend(loc="best", fontsize="small")
     return ax
+
+
+def role_profiles(ax: plt.Axes, table: pd.DataFrame) -> plt.Axes:
+    """Heads (rows, 'layer-head') x roles (columns): mean weight on each kind of key."""
+    columns = [c for c in table.columns if c.startswith("mean_")]
+    values = table[columns].to_numpy(dtype=float)
+    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(len(columns)), [c.removeprefix("mean_") for c in columns], rotation=45, ha="right")
+    labels = [f"{layer}-{head}  ({consistency:.0%})" for layer, head, consistency
+              in table[["layer", "head", "consistency"]].itertuples(index=False)]
+    ax.set_yticks(range(len(labels)), labels, fontsize=6 if len(labels) > 40 else 8)
+    ax.set_ylabel("layer-head (consistency of its dominant role)")
+    ax.set_title("head specialisation: mean weight on each kind of key")
+    ax.figure.colorbar(image, ax=ax, label="mean attention weight")
+    return ax

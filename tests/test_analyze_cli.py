@@ -234,3 +234,16 @@ def test_report_for_one_file_and_for_checkpoints(tmp_path):
     text = (out / "report.md").read_text()
     assert "## Changes across checkpoints" in text and (out / "checkpoints.png").exists()
     assert text.count("- cluster ") == 2
+
+
+def test_specialization_subcommand(tmp_path, capsys):
+    write_corpus(tmp_path / "a.h5")
+    out = tmp_path / "s"
+    assert analyze_attention.main(["specialization", str(tmp_path / "a.h5"), "--output-dir", str(out),
+                                   "--layer", "4"]) == 0
+    table = pd.read_parquet(out / "specialization.parquet")
+    assert list(table["layer"]) == [4, 4, 4] and list(table["head"]) == [1, 5, 7]
+    assert table["consistency"].between(0, 1).all() and (table["n_texts"] == 4).all()
+    assert (out / "head_specialization.png").stat().st_size > 0
+    one_line_error(capsys, ["specialization", str(tmp_path / "a.h5"), "--output-dir", str(out), "--layer", "0"],
+                   "--layer 0 is not stored", "3, 4")
