@@ -433,3 +433,20 @@ def test_help_mentions_main_options():
     assert "--texts-file" in proc.stdout
     assert "--model_dir" in proc.stdout
     assert "--output_file" in proc.stdout
+
+
+def test_unwritable_output_folder_is_refused_even_as_root(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Root ignores permission bits (the subprocess case above skips), so deny access through os.access."""
+    import extract_attention
+
+    import attnpipe.atomic as atomic
+    from attnpipe.errors import run_cli
+
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)
+    out = tmp_path / "out.h5"
+    argv = ["--model_dir", str(tiny_model_dir("bert")), "--text", "the cat", "-o", str(out)]
+    capsys.readouterr()  # drop what building the tiny model printed
+    assert run_cli(extract_attention.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "not writable" in err
+    assert list(tmp_path.iterdir()) == []

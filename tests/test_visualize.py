@@ -446,8 +446,8 @@ def test_an_existing_output_survives_a_failed_run(synthetic_json, tmp_path, caps
 
 def test_unwritable_folder_is_reported(synthetic_json, tmp_path, capsys, monkeypatch):
     """Root ignores permission bits, so the folder check is exercised through os.access."""
-    import attnpipe.outputs as outputs
+    import attnpipe.atomic as atomic
 
-    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)
     out = tmp_path / "o.png"
     bad(capsys, out, ["not writable"], "--input_file", synthetic_json, "--output_file", out)
