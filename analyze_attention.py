@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="a Markdown report with figures for one file or checkpoints",
                                  description="Write report.md, entropy_by_layer.png, clusters.png (and "
-                                 "checkpoints.png for several files) and the first file's aggregate table. "
+                                 "checkpoints.png for several files) and the last file's aggregate table. "
                                  "Several files: the same texts under checkpoints, in order.")
     report.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
                         help="one attention file, or several checkpoints of the same texts in order")
@@ -380,9 +380,9 @@ def run_report(args) -> int:
     folder = tables.prepare_output_dir(args.output_dir)
     with ExitStack() as stack:
         files = [stack.enter_context(open_attention(path)) for path in args.inputs]
-        first = files[0]
-        long = M.corpus_metrics(first)
-        distances, heads = CL.corpus_head_distances(first)
+        latest = files[-1]  # checkpoints come in training order: describe the newest one
+        long = M.corpus_metrics(latest)
+        distances, heads = CL.corpus_head_distances(latest)
         checkpoints = CP.checkpoint_distances(files) if len(files) > 1 else None
         sources = [{**provenance_summary(path, f.meta), "num_texts": len(f)}
                    for path, f in zip(args.inputs, files, strict=True)]
