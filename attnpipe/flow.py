@@ -29,7 +29,7 @@ import pandas as pd
 from networkx.algorithms.flow import build_residual_network, shortest_augmenting_path
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.rollout import HeadFusion, Query, layer_matrices, query_rows, start_position
+from attnpipe.rollout import HeadFusion, Query, layer_matrices, query_rows, start_position, token_pair_table
 
 
 def flow_graph(mixed: np.ndarray) -> nx.DiGraph:
@@ -84,18 +84,7 @@ def text_flow(item, layers, *, head_fusion: HeadFusion = "mean", discard_ratio: 
     start = start_position(layers, start_layer)
     raw = attention_flow(item.attention, head_fusion, discard_ratio, start, query, normalise=False)
     rows = query_rows(item.num_tokens, query)
-    n = item.num_tokens
-    q, k = np.meshgrid(rows, np.arange(n), indexing="ij")
-    tokens = np.asarray(item.tokens, dtype=object)
-    return pd.DataFrame({
-        "text_id": item.id,
-        "query": q.ravel(),
-        "key": k.ravel(),
-        "query_token": tokens[q.ravel()],
-        "key_token": tokens[k.ravel()],
-        "value": (raw / raw.sum(-1, keepdims=True)).ravel(),
-        "raw_flow": raw.ravel(),
-    })
+    return token_pair_table(item, rows, value=raw / raw.sum(-1, keepdims=True), raw_flow=raw)
 
 
 def corpus_flow(attention_file, **options) -> pd.DataFrame:

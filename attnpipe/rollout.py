@@ -119,9 +119,13 @@ def text_rollout(item, layers: Sequence[int], *, head_fusion: HeadFusion = "mean
                  query: Query = "cls") -> pd.DataFrame:
     """Long table for one store.TextAttention: text_id, query, key, query_token, key_token, value."""
     joint = rollout(item.attention, head_fusion, discard_ratio, start_position(layers, start_layer))
-    n = joint.shape[0]
-    rows = query_rows(n, query)
-    q, k = np.meshgrid(rows, np.arange(n), indexing="ij")
+    rows = query_rows(joint.shape[0], query)
+    return token_pair_table(item, rows, value=joint[rows])
+
+
+def token_pair_table(item, rows: np.ndarray, **columns: np.ndarray) -> pd.DataFrame:
+    """Long table of (query row, key) pairs of one text; each column is (len(rows), n) values."""
+    q, k = np.meshgrid(rows, np.arange(item.num_tokens), indexing="ij")
     tokens = np.asarray(item.tokens, dtype=object)
     return pd.DataFrame({
         "text_id": item.id,
@@ -129,7 +133,7 @@ def text_rollout(item, layers: Sequence[int], *, head_fusion: HeadFusion = "mean
         "key": k.ravel(),
         "query_token": tokens[q.ravel()],
         "key_token": tokens[k.ravel()],
-        "value": joint[q, k].ravel(),
+        **{name: values.ravel() for name, values in columns.items()},
     })
 
 
