@@ -173,18 +173,17 @@ def _reference_diffs(model, batch, lengths, probs_by_layer, hidden) -> _Parity:
     reference = model.hf_model(**batch, output_attentions=True)
     if not reference.attentions:
         raise AttnpipeError("transformers returned no attentions: the model is not on eager attention")
-    worst = _Parity(0.0, 0.0, (0, 0, 0))
-    hidden_diff = 0.0
+    attn_diff, hidden_diff, where = 0.0, 0.0, (0, 0, 0)
     for row, n in enumerate(lengths):
         for layer, probs in probs_by_layer.items():
             per_head = (reference.attentions[layer][row, :, :n, :n] - probs[row, :, :n, :n]).abs()
             per_head = per_head.amax(dim=(1, 2))  # (H,)
             head = int(per_head.argmax())
-            if per_head[head].item() > worst.attention:
-                worst = _Parity(per_head[head].item(), 0.0, (row, layer, head))
+            if per_head[head].item() > attn_diff:
+                attn_diff, where = per_head[head].item(), (row, layer, head)
         ref_hidden = reference.last_hidden_state[row, :n]
         hidden_diff = max(hidden_diff, (ref_hidden - hidden[row, :n]).abs().max().item())
-    return _Parity(worst.attention, hidden_diff, worst.where)
+    return _Parity(attn_diff, hidden_diff, where)
 
 
 def extract(config: ExtractConfig) -> ExtractResult:

@@ -115,7 +115,7 @@ def check_output_path(path: Path) -> None:
     check_writable(path)
 
 
-def _library_attrs(prov: Provenance) -> dict:
+def _provenance_attrs(prov: Provenance) -> dict:
     attrs = asdict(prov)
     attrs["library_versions"] = json.dumps(prov.library_versions, sort_keys=True)
     attrs["weight_files"] = json.dumps(list(prov.weight_files))
@@ -200,7 +200,7 @@ class H5Writer:
         self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
         self._file.attrs["format"] = FORMAT_NAME
         self._file.attrs["dims"] = ",".join(DIMS)
-        for key, value in _library_attrs(provenance).items():
+        for key, value in _provenance_attrs(provenance).items():
             self._file.attrs[key] = value
         self._file.close()
         self._atomic.commit()
