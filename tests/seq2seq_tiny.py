@@ -25,21 +25,21 @@ def tiny_seq2seq_config(variant: str):
             vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=3,
             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
             feed_forward_proj="gated-gelu" if variant == "t5-gated" else "relu",
-            initializer_factor=6.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            initializer_factor=1.5, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
         )
     if variant == "bart":
         # Different head counts in encoder and decoder, and scale_embedding on (BART's default is off).
         return T.BartConfig(
             vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
             decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=29, max_position_embeddings=64,
-            init_std=0.5, scale_embedding=True, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            init_std=0.25, scale_embedding=True, pad_token_id=1, bos_token_id=0, eos_token_id=2,
             decoder_start_token_id=2, forced_eos_token_id=2,
         )
     if variant == "marian":
         return T.MarianConfig(
             vocab_size=VOCAB, decoder_vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3,
             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
-            max_position_embeddings=64, init_std=0.5, scale_embedding=True,
+            max_position_embeddings=64, init_std=0.25, scale_embedding=True,
             pad_token_id=VOCAB - 1, eos_token_id=0, decoder_start_token_id=VOCAB - 1,
             forced_eos_token_id=0, share_encoder_decoder_embeddings=True,
         )
