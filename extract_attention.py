@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Output format: see docs/FORMAT.md. Supported model types: bert, roberta, xlm-roberta, "
         "electra, distilbert, albert, gpt2, llama, mistral, qwen2; encoder-decoders (--source/--target): "
-        "t5, bart, marian.",
+        "t5, mt5, bart, marian.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_argument_group("input texts (give --text or --texts-file)")
@@ -134,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         summary = (f"wrote {result.num_texts} text(s), {result.num_tokens} tokens, "
                    f"{len(result.layers)} layer(s) x {len(result.heads)} head(s) to {result.output}")
+        if result.decoder_layers is not None:  # encoder-decoder models
+            summary = (f"wrote {result.num_texts} source/target pair(s), {result.num_tokens} tokens, "
+                       f"{len(result.layers)} encoder layer(s) x {len(result.heads)} head(s) and "
+                       f"{len(result.decoder_layers)} decoder layer(s) x {len(result.decoder_heads)} head(s) "
+                       f"(self- and cross-attention) to {result.output}")
         if result.parity_max_abs_diff is not None:
             summary += (f"; verified against transformers eager: max |diff| attention "
                         f"{result.parity_max_abs_diff:.2e}, hidden {result.parity_hidden_max_abs_diff:.2e}")

@@ -58,6 +58,8 @@ class ExtractResult:
     max_length: int
     parity_max_abs_diff: float | None
     parity_hidden_max_abs_diff: float | None
+    decoder_layers: tuple[int, ...] | None = None  # encoder-decoder models: stored decoder layers
+    decoder_heads: tuple[int, ...] | None = None
 
 
 def parse_indices(values: tuple[str, ...], count: int, flag: str, noun: str) -> tuple[int, ...]:

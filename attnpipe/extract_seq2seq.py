@@ -339,4 +339,6 @@ def extract_pairs(config: ExtractConfig) -> ExtractResult:
         max_length=max_length,
         parity_max_abs_diff=parity if config.verify else None,
         parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
+        decoder_layers=dec_layers,
+        decoder_heads=dec_heads,
     )

@@ -18,13 +18,14 @@ def tiny_seq2seq_config(variant: str):
     """Encoder and decoder of different depths (2 and 3 layers), padded ids in range."""
     import transformers as T
 
-    if variant in ("t5", "t5-gated"):
+    if variant in ("t5", "t5-gated", "mt5"):
         # 8 buckets up to distance 16: texts of ~12 tokens reach the log-spaced buckets too.
         # initializer_factor scales every T5 init (q/k by (d_model·d_kv)^-1/2, bias by d_model^-1/2).
-        return T.T5Config(
+        config_class = T.MT5Config if variant == "mt5" else T.T5Config
+        return config_class(
             vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=3,
             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-            feed_forward_proj="gated-gelu" if variant == "t5-gated" else "relu",
+            feed_forward_proj="relu" if variant == "t5" else "gated-gelu",  # mT5's default is gated
             initializer_factor=1.5, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
         )
     if variant == "bart":
@@ -64,7 +65,7 @@ def save_tiny_seq2seq(variant: str, folder: Path, seed: int = 0) -> Path:
     config = tiny_seq2seq_config(variant)
     T.AutoModel.from_config(config).save_pretrained(folder)
 
-    specials, template = SPECIALS[variant.split("-")[0]]
+    specials, template = SPECIALS[{"mt5": "t5"}.get(variant, variant.split("-")[0])]
     vocab = dict(specials)
     free = (i for i in range(VOCAB) if i not in specials.values())
     for word in WORDS:

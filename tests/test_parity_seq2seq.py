@@ -1,6 +1,6 @@
 """The specification for encoder-decoders: our forward pass against transformers' eager attention.
 
-Tiny random T5 (plain and gated), BART and Marian models saved to a temp folder and loaded like a
+Tiny random T5 (plain and gated), mT5, BART and Marian models saved to a temp folder and loaded like a
 user's checkpoint; one batch with padding on both the source and the target side. On real
 positions: encoder, decoder and cross-attention per head within 1e-5, encoder and decoder
 hidden states within 1e-4, rows summing to 1, the decoder's future keys and every padded key
@@ -20,7 +20,7 @@ from seq2seq_tiny import save_tiny_seq2seq
 
 ATTN_TOL = 1e-5
 HIDDEN_TOL = 1e-4
-VARIANTS = ("t5", "t5-gated", "bart", "marian")
+VARIANTS = ("t5", "t5-gated", "mt5", "bart", "marian")
 SRC_LENGTHS = [7, 12, 3, 10]  # padded to 12: T5's log-spaced buckets are reached (encoder: distance >= 2)
 TGT_LENGTHS = [5, 2, 9, 9]  # padded to 9, not in the sources' order (decoder log buckets: distance >= 4)
 

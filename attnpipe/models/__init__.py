@@ -6,7 +6,7 @@ the same small interface: `MODEL_TYPES`, `load_weights(model) -> Weights` (with 
 `forward(weights, input_ids, attention_mask, token_type_ids, keep_layers) -> Output`
 (final hidden state, and per kept layer the (B, H, Q, K) attention probabilities).
 
-Encoder-decoder families (`SEQ2SEQ = True`: t5, bart, marian) run source and target together:
+Encoder-decoder families (`SEQ2SEQ = True`: t5, mt5, bart, marian) run source and target together:
 `forward_seq2seq(weights, src_ids, src_mask, tgt_ids, tgt_mask, keep_layers, keep_decoder_layers)
 -> Seq2SeqOutput`, and their `Weights` also have `decoder_num_layers` / `decoder_num_heads`.
 """

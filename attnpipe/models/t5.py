@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from attnpipe.attention import attention_probs, causal_mask, merge_heads, padding_mask, split_heads
 from attnpipe.models.parts import Linear, Seq2SeqOutput, linear
 
-MODEL_TYPES = ("t5",)
+MODEL_TYPES = ("t5", "mt5")  # mT5's modules are T5's, copied under other names
 SEQ2SEQ = True  # forward_seq2seq(weights, src_ids, src_mask, tgt_ids, tgt_mask) instead of forward
 
 
@@ -128,7 +128,7 @@ def _stack(stack, bidirectional: bool) -> Stack:
 
 
 def load_weights(model) -> Weights:
-    """Read a transformers T5Model (AutoModel of a t5 folder) into `Weights`."""
+    """Read a transformers T5Model / MT5Model (AutoModel of the folder) into `Weights`."""
     config = model.config
     return Weights(
         embed=model.encoder.embed_tokens.weight.detach(),
