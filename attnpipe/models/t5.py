@@ -207,7 +207,8 @@ def forward_seq2seq(
     enc_bias = position_bias(weights, weights.encoder, s, s, x.device) + enc_mask  # (B, H, S, S)
     enc_attn: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(weights.encoder.layers):
-        out, probs = _attend(layer.self_attn, (n := layer.self_norm(x)), n, enc_bias, h)
+        normed = layer.self_norm(x)  # pre-norm: queries, keys and values all from norm(x)
+        out, probs = _attend(layer.self_attn, normed, normed, enc_bias, h)  # (B, H, S, S)
         if keep_layers is None or index in keep_layers:
             enc_attn[index] = probs
         x = x + out
@@ -223,7 +224,8 @@ def forward_seq2seq(
     cross_attn: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(weights.decoder.layers):
         keep = keep_decoder_layers is None or index in keep_decoder_layers
-        out, probs = _attend(layer.self_attn, (n := layer.self_norm(y)), n, dec_bias, h)
+        normed = layer.self_norm(y)
+        out, probs = _attend(layer.self_attn, normed, normed, dec_bias, h)  # (B, H, T, T)
         if keep:
             dec_attn[index] = probs
         y = y + out
