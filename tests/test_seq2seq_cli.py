@@ -217,3 +217,28 @@ def test_seed003_flow_as_a_user_types_it(seq2seq_dir, tmp_path):
     proc = run_script("visualize_attention.py", "--input_file", out, "--mode", "seq2seq", "--output-dir", figs)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in figs.iterdir()) == sorted(name.format(N=2) for name in SEED003)
+
+
+def test_verify_stops_a_seq2seq_run_whose_cross_attention_drifts(seq2seq_dir, tmp_path, monkeypatch):
+    """--verify compares all three attentions: a wrong scale in cross-attention alone is caught."""
+    from attnpipe import extract as extraction
+    from attnpipe.errors import AttnpipeError
+    from attnpipe.extract_seq2seq import Pair
+    from attnpipe.models import bart
+
+    real_attend = bart._attend
+
+    def drifting(att, x, memory, mask, num_heads):
+        if memory is not x:  # cross-attention: keys come from the encoder
+            att = bart.Attention(att.q, att.k, att.v, att.o, scale=att.scale * 1.05)
+        return real_attend(att, x, memory, mask, num_heads)
+
+    monkeypatch.setattr(bart, "_attend", drifting)
+    output = tmp_path / "out.h5"
+    config = extraction.ExtractConfig(
+        texts=(), pairs=(Pair("p", "the cat sat on the mat", "a dog ran"),), output=output,
+        model_dir=seq2seq_dir("marian"), verify=True, progress=False,
+    )
+    with pytest.raises(AttnpipeError, match=r"--verify failed: pair 'p' cross attention layer \d head \d"):
+        extraction.extract(config)
+    assert list(tmp_path.iterdir()) == []
