@@ -14,6 +14,11 @@ Examples:
 
     # your own checkpoint (a transformers folder), last layer only
     python extract_attention.py --model_dir ./model_output --text "Hello" --layer -1 --output_file a.json
+
+    # an encoder-decoder (T5, BART, Marian): a source/target pair, teacher-forced; stores encoder,
+    # decoder and cross-attention. Several pairs: repeat both flags, or a .jsonl of {source, target}
+    python extract_attention.py --model_dir ./opus-mt-ko-en --source "안녕하세요" --target "Hello" -o pair.json
+    python extract_attention.py --model_dir ./opus-mt-ko-en --texts-file pairs.jsonl -o pairs.h5 --verify
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Output format: see docs/FORMAT.md. Supported model types: bert, roberta, xlm-roberta, "
-        "electra, distilbert, albert, gpt2, llama, mistral, qwen2.",
+        "electra, distilbert, albert, gpt2, llama, mistral, qwen2; encoder-decoders (--source/--target): "
+        "t5, mt5, bart, marian.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_argument_group("input texts (give --text or --texts-file)")
@@ -41,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="column holding the text in a .csv/.tsv file (default: text)")
     source.add_argument("--id-column", default=None,
                         help="column holding a unique id in a .csv/.tsv file (default: row-N)")
+    source.add_argument("--source", action="append", default=[], metavar="TEXT",
+                        help="encoder-decoder models: a source text; repeat for several, each paired "
+                        "with the --target at the same position. A --texts-file .jsonl whose rows have "
+                        "source and target fields (and an optional id) gives pairs too")
+    source.add_argument("--target", action="append", default=[], metavar="TEXT",
+                        help="encoder-decoder models: the target text of the matching --source, run with "
+                        "teacher forcing (decoder input = the model's start token + the target shifted right)")
     model = parser.add_argument_group("model")
     model.add_argument("--model_dir", "--model-dir", "--model", type=Path, default=None, metavar="DIR",
                        help="a transformers model folder (config.json + weights); "
@@ -79,12 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so that --help answers at once, without loading torch.
-    from attnpipe import corpus
+    from attnpipe import corpus, extract_seq2seq
     from attnpipe.extract import DEFAULT_VERIFY_TOL, ExtractConfig, extract
 
+    pairs = ()
     if args.text and args.texts_file:
         raise AttnpipeError("give --text or --texts-file, not both")
-    if args.texts_file is not None:
+    if args.source or args.target:
+        if args.text or args.texts_file:
+            raise AttnpipeError("give --source/--target or --text/--texts-file, not both")
+        texts, pairs = [], extract_seq2seq.pairs_from_strings(args.source, args.target)
+    elif args.texts_file is not None and extract_seq2seq.is_pairs_file(args.texts_file):
+        texts, pairs = [], extract_seq2seq.read_pairs_file(args.texts_file)
+    elif args.texts_file is not None:
         texts = corpus.read_texts_file(args.texts_file, args.text_column, args.id_column)
     elif args.text:
         texts = corpus.from_strings(args.text)
@@ -104,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         verify_tol=DEFAULT_VERIFY_TOL if args.verify_tol is None else args.verify_tol,
         trust_remote_code=args.trust_remote_code,
         progress=False if args.quiet else None,
+        pairs=tuple(pairs),
     ))
     if result.truncated_ids:
         shown = ", ".join(result.truncated_ids[:10]) + (" ..." if len(result.truncated_ids) > 10 else "")
@@ -113,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         summary = (f"wrote {result.num_texts} text(s), {result.num_tokens} tokens, "
                    f"{len(result.layers)} layer(s) x {len(result.heads)} head(s) to {result.output}")
+        if result.decoder_layers is not None:  # encoder-decoder models
+            summary = (f"wrote {result.num_texts} source/target pair(s), {result.num_tokens} tokens, "
+                       f"{len(result.layers)} encoder layer(s) x {len(result.heads)} head(s) and "
+                       f"{len(result.decoder_layers)} decoder layer(s) x {len(result.decoder_heads)} head(s) "
+                       f"(self- and cross-attention) to {result.output}")
         if result.parity_max_abs_diff is not None:
             summary += (f"; verified against transformers eager: max |diff| attention "
                         f"{result.parity_max_abs_diff:.2e}, hidden {result.parity_hidden_max_abs_diff:.2e}")

@@ -12,6 +12,12 @@ Examples:
     python visualize_attention.py --input_file attention_data.json --mode layers --output_file layers.pdf
     python visualize_attention.py --input_file attention_data.json --mode average --layer all --output-dir figs/
 
+    # encoder-decoder files (T5, BART, Marian): seed 003's three figures for the last decoder layer
+    # (cross_attention_layer{N}.png, cross_attention_multihead_layer{N}.png, self_attention_layer{N}.png)
+    python visualize_attention.py --input_file pair.json --mode seq2seq --output-dir figs/
+    # any figure mode on the cross-attention (rows = target, columns = source) or decoder attention
+    python visualize_attention.py --input_file pair.json --attention cross --mode heads --layer -1 -o cross.png
+
     # one text of a corpus file, as an offline interactive page
     python visualize_attention.py --input_file results/demo/attention.h5 --text-id news-002 --mode html \\
         --output_file attention_interactive.html
@@ -25,7 +31,7 @@ from pathlib import Path
 
 from attnpipe.errors import run_cli
 
-MODES = ("plot", "heads", "layers", "average", "prepare", "html")
+MODES = ("plot", "heads", "layers", "average", "prepare", "html", "seq2seq")
 # File names used with --output-dir (seed 000/001's names where they had one).
 DEFAULT_NAMES = {
     "plot": "attention_vis.{ext}",
@@ -47,11 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an attention file from extract_attention.py (.json or .h5)")
     parser.add_argument("--mode", choices=MODES, default="plot",
                         help="plot: one head; heads: every head of a layer; layers: all layers x heads; "
-                        "average: mean over heads; prepare: frontend JSON; html: interactive page "
+                        "average: mean over heads; prepare: frontend JSON; html: interactive page; "
+                        "seq2seq: seed 003's three figures of an encoder-decoder file into --output-dir "
                         "(default: plot)")
     pick = parser.add_argument_group("what to show")
-    pick.add_argument("--layer", default="0", metavar="N",
-                      help="model layer index (default 0; -1 = last); 'all' for heads/average modes")
+    pick.add_argument("--layer", default=None, metavar="N",
+                      help="model layer index (default 0; -1 = last); 'all' for heads/average/seq2seq "
+                      "modes; with --mode seq2seq a decoder layer (default -1, the last)")
+    pick.add_argument("--attention", choices=("encoder", "decoder", "cross"), default="encoder",
+                      help="encoder-decoder files: which attention to show: encoder self-attention "
+                      "(default), decoder self-attention, or cross-attention (rows = target tokens, "
+                      "columns = source tokens; figure modes only)")
     pick.add_argument("--head", type=int, default=0, metavar="N",
                       help="model head index for plot mode (default 0; -1 = last)")
     pick.add_argument("--text-id", "--text_id", default=None, metavar="ID",
@@ -91,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     from attnpipe import visualize
 
     request = visualize.Request(
-        input_file=args.input_file, mode=args.mode, layer=args.layer, head=args.head,
+        input_file=args.input_file, mode=args.mode, head=args.head, attention=args.attention,
+        layer=args.layer if args.layer is not None else ("-1" if args.mode == "seq2seq" else "0"),
         text_id=args.text_id, index=args.index,
         tokens=None if args.tokens is None else tuple(args.tokens.split(",")),
         max_tokens=args.max_tokens, output_file=args.output_file, output_dir=args.output_dir,

@@ -44,6 +44,7 @@ class ExtractConfig:
     verify_tol: float = DEFAULT_VERIFY_TOL
     trust_remote_code: bool = False
     progress: bool | None = None  # None: a bar only on a terminal
+    pairs: tuple = ()  # extract_seq2seq.Pair: source/target pairs for encoder-decoder models
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class ExtractResult:
     max_length: int
     parity_max_abs_diff: float | None
     parity_hidden_max_abs_diff: float | None
+    decoder_layers: tuple[int, ...] | None = None  # encoder-decoder models: stored decoder layers
+    decoder_heads: tuple[int, ...] | None = None
 
 
 def parse_indices(values: tuple[str, ...], count: int, flag: str, noun: str) -> tuple[int, ...]:
@@ -188,6 +191,10 @@ def _reference_diffs(model, batch, lengths, probs_by_layer, hidden) -> _Parity:
 
 def extract(config: ExtractConfig) -> ExtractResult:
     """Run the whole extraction stage and write `config.output`; return what was done."""
+    if config.pairs:  # encoder-decoder models: attnpipe/extract_seq2seq.py
+        from attnpipe.extract_seq2seq import extract_pairs
+
+        return extract_pairs(config)
     store.check_output_path(config.output)
     if not config.texts:
         raise AttnpipeError("no texts given: use --text or --texts-file")
@@ -200,6 +207,11 @@ def extract(config: ExtractConfig) -> ExtractResult:
     device = resolve_device(config.device)
     model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
     model = load_model(model_dir, device, config.trust_remote_code)
+    if getattr(model.family, "SEQ2SEQ", False):
+        raise AttnpipeError(
+            f"{model_dir} is an encoder-decoder ({model.model_type}) model: give --source and --target "
+            "(or a .jsonl file with source and target fields) instead of texts"
+        )
     layers = parse_indices(config.layers, model.num_layers, "--layer", "layers")
     heads = parse_indices(config.heads, model.num_heads, "--heads", "heads")
     max_length = _max_length(model, config.max_length)

@@ -90,13 +90,16 @@ def colorbar(ax: Axes, label: str = "attention probability"):
 
 
 def head_grid(axes: np.ndarray, attention: np.ndarray, tokens: Sequence[str], head_ids: Sequence[int], *,
-              cmap: str = DEFAULT_CMAP) -> np.ndarray:
-    """Every head of one layer, one panel each. attention: (head, query, key); extra axes hidden."""
+              cmap: str = DEFAULT_CMAP, col_tokens: Sequence[str] | None = None) -> np.ndarray:
+    """Every head of one layer, one panel each. attention: (head, query, key); extra axes hidden.
+
+    `col_tokens` labels the keys when they differ from the queries (cross-attention)."""
     flat = axes.ravel()
-    labelled = len(tokens) <= GRID_MAX_LABELS
+    col_tokens = tokens if col_tokens is None else col_tokens
+    labelled = max(len(tokens), len(col_tokens)) <= GRID_MAX_LABELS
     for ax, matrix, head_id in zip(flat, attention, head_ids):
         if labelled:
-            heatmap(ax, matrix, tokens, tokens, cmap=cmap, vmax=1.0, fontsize=6)
+            heatmap(ax, matrix, tokens, col_tokens, cmap=cmap, vmax=1.0, fontsize=6)
             ax.set_xlabel("")
             ax.set_ylabel("")
         else:
@@ -137,58 +140,73 @@ def _suptitle(fig: Figure, title: str, note: str) -> None:
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
 
 
-def head_figure(matrix: np.ndarray, view: View, title: str, *, cmap: str = DEFAULT_CMAP) -> Figure:
-    """One head (or a head average): token-labelled heatmap with a colour bar."""
-    m = len(view.tokens)
-    side = _side(m)
-    fig = Figure(figsize=(side + 1.2, side + 0.6), layout="constrained")
+def _notes(view: View, col_view: View | None) -> str:
+    """The figure's note; a separate key view (cross-attention) gets its own, marked as such."""
+    if col_view is None or not col_view.note:
+        return view.note
+    return "; ".join(n for n in (view.note and f"rows: {view.note}", f"columns: {col_view.note}") if n)
+
+
+def head_figure(matrix: np.ndarray, view: View, title: str, *, cmap: str = DEFAULT_CMAP,
+                col_view: View | None = None) -> Figure:
+    """One head (or a head average): token-labelled heatmap with a colour bar.
+
+    `col_view` gives the key tokens when they are not the query tokens (cross-attention: rows are
+    target tokens, columns source tokens); the matrix may then be rectangular."""
+    cols = view if col_view is None else col_view
+    m, c = len(view.tokens), len(cols.tokens)
+    fig = Figure(figsize=(_side(c) + 1.2, _side(m) + 0.6), layout="constrained")
     ax = fig.add_subplot()
-    heatmap(ax, matrix[:m, :m], view.tokens, view.tokens, cmap=cmap, label_step=view.label_step)
+    heatmap(ax, matrix[:m, :c], view.tokens, cols.tokens, cmap=cmap,
+            label_step=max(view.label_step, cols.label_step))
     colorbar(ax)
-    _suptitle(fig, title, view.note)
+    _suptitle(fig, title, _notes(view, col_view))
     return fig
 
 
 def heads_figure(attention: np.ndarray, view: View, head_ids: Sequence[int], title: str, *,
-                 cmap: str = DEFAULT_CMAP) -> Figure:
+                 cmap: str = DEFAULT_CMAP, col_view: View | None = None) -> Figure:
     """Every head of one layer in a grid (seed 003's multi-head figure). attention: (head, query, key)."""
-    m = len(view.tokens)
-    rows, cols = _grid_shape(len(head_ids))
-    panel = 3.0 if m <= GRID_MAX_LABELS else 2.2
-    fig = Figure(figsize=(cols * panel + 0.8, rows * panel + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    head_grid(axes, attention[:, :m, :m], view.tokens, head_ids, cmap=cmap)
+    cols = view if col_view is None else col_view
+    m, c = len(view.tokens), len(cols.tokens)
+    rows, grid_cols = _grid_shape(len(head_ids))
+    panel = 3.0 if max(m, c) <= GRID_MAX_LABELS else 2.2
+    fig = Figure(figsize=(grid_cols * panel + 0.8, rows * panel + 0.6), layout="constrained")
+    axes = fig.subplots(rows, grid_cols, squeeze=False)
+    head_grid(axes, attention[:, :m, :c], view.tokens, head_ids, cmap=cmap, col_tokens=cols.tokens)
     fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label="attention probability")
-    _suptitle(fig, title, view.note)
+    _suptitle(fig, title, _notes(view, col_view))
     return fig
 
 
 def layers_figure(attention: np.ndarray, view: View, layer_ids: Sequence[int], head_ids: Sequence[int],
-                  title: str, *, cmap: str = DEFAULT_CMAP) -> Figure:
+                  title: str, *, cmap: str = DEFAULT_CMAP, col_view: View | None = None) -> Figure:
     """All layers x heads in one figure ("model view"). attention: (layer, head, query, key)."""
     m = len(view.tokens)
+    c = len((view if col_view is None else col_view).tokens)
     panel = float(np.clip(10 / max(len(head_ids), len(layer_ids)), 0.9, 2.0))  # inches per panel
     fig = Figure(figsize=(len(head_ids) * panel + 1.6, len(layer_ids) * panel + 0.9), layout="constrained")
     axes = fig.subplots(len(layer_ids), len(head_ids), squeeze=False)
-    model_view(axes, attention[:, :, :m, :m], layer_ids, head_ids, cmap=cmap)
+    model_view(axes, attention[:, :, :m, :c], layer_ids, head_ids, cmap=cmap)
     fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label="attention probability")
-    _suptitle(fig, title + " · rows = query, columns = key", view.note)
+    _suptitle(fig, title + " · rows = query, columns = key", _notes(view, col_view))
     return fig
 
 
 def layer_average_figure(averages: np.ndarray, view: View, layer_ids: Sequence[int], title: str, *,
-                         cmap: str = DEFAULT_CMAP) -> Figure:
+                         cmap: str = DEFAULT_CMAP, col_view: View | None = None) -> Figure:
     """Mean over heads of several layers, one labelled panel each. averages: (layer, query, key)."""
-    m = len(view.tokens)
-    rows, cols = _grid_shape(len(layer_ids), 3)
-    panel = 3.2 if m <= GRID_MAX_LABELS else 2.4
-    fig = Figure(figsize=(cols * panel + 0.8, rows * panel + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    head_grid(axes, averages[:, :m, :m], view.tokens, layer_ids, cmap=cmap)
+    cols = view if col_view is None else col_view
+    m, c = len(view.tokens), len(cols.tokens)
+    rows, grid_cols = _grid_shape(len(layer_ids), 3)
+    panel = 3.2 if max(m, c) <= GRID_MAX_LABELS else 2.4
+    fig = Figure(figsize=(grid_cols * panel + 0.8, rows * panel + 0.6), layout="constrained")
+    axes = fig.subplots(rows, grid_cols, squeeze=False)
+    head_grid(axes, averages[:, :m, :c], view.tokens, layer_ids, cmap=cmap, col_tokens=cols.tokens)
     for ax, layer_id in zip(axes.ravel(), layer_ids):
         ax.set_title(f"layer {layer_id}", fontsize=9)
     fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label="mean attention over heads")
-    _suptitle(fig, title, view.note)
+    _suptitle(fig, title, _notes(view, col_view))
     return fig
 
 

@@ -4,9 +4,9 @@ Dimension order is always (layer, head, query, key): rows are queries, columns a
 Only real tokens are stored: no padding, so a text of n tokens has (L, H, n, n) attention,
 where L and H count the *stored* layers and heads (their model indices are in `layers`/`heads`).
 
-HDF5 (`.h5`, many texts), schema version 1::
+HDF5 (`.h5`, many texts), schema version 2 (version 1 files are still read)::
 
-    /                      attrs: format = "attnpipe-attention", schema_version = 1,
+    /                      attrs: format = "attnpipe-attention", schema_version = 2,
                                   dims = "layer,head,query,key", and the provenance below
     /ids                   (N,) utf-8 strings: text ids in the user's order
     /texts/<i>             one group per text, i = 0..N-1 zero-padded to 8 digits, user's order
@@ -22,6 +22,27 @@ HDF5 (`.h5`, many texts), schema version 1::
         word_ids           (n,) int64: index of the word each sub-word belongs to; -1 for special
                            tokens (and everywhere for slow tokenizers)
 
+Encoder-decoder models (t5, bart, marian; new in version 2) run a source and a target text
+together. The fields above then describe the *source*: `text` is the source text, `tokens` its
+tokens and `attention` the **encoder** self-attention (L, H, s, s), so code written for
+encoders keeps working. The decoder side is added, with L', H' counting the stored *decoder*
+layers and heads (model indices in `decoder_layers` / `decoder_heads`)::
+
+    /texts/<i>
+        decoder_attention  (L', H', t, t) decoder self-attention (causal: future keys exactly 0)
+        cross_attention    (L', H', t, s) decoder -> encoder attention: rows = target, columns = source
+        target/            group; attrs truncated (bool), num_tokens_untruncated (int)
+            text           scalar utf-8 string: the target text as given
+            tokens         (t,) utf-8 strings: the decoder *input* tokens, i.e. the rows (queries) of
+                           decoder_attention and cross_attention: the model's decoder start token
+                           followed by the tokenized target shifted right by one (teacher forcing,
+                           as transformers builds decoder_input_ids from labels)
+            token_ids      (t,) int64 ids of those tokens
+            special_tokens_mask (t,) bool
+            labels         (t,) utf-8 strings: the tokenized target (with its special tokens, e.g.
+                           a final </s>); row i of the decoder predicts labels[i]
+            label_ids      (t,) int64 ids of the labels
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
@@ -30,13 +51,22 @@ parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from tran
 eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
 trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
 JSON-encoded string in HDF5, an object in JSON). `layers`/`heads` are sorted, without repeats.
+Encoder-decoder files only (version 2): decoder_num_layers / decoder_num_heads (of the model's
+decoder) and decoder_layers / decoder_heads (stored decoder indices, for decoder_attention and
+cross_attention); for them num_layers/num_heads/layers/heads describe the encoder. Absent
+(HDF5) or missing (JSON) in files of encoder-only and decoder-only models.
 
 JSON (`.json`, one text), seed 001's format with extra keys::
 
     {"tokens": [...], "text": "...", "attention_matrices": [layer][head][query][key],
      "id": "...", "token_ids": [...], "special_tokens_mask": [...], "offsets": [[s, e], ...],
      "word_ids": [...], "truncated": false, "num_tokens_untruncated": n,
-     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 1, ...}}
+     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 2, ...}}
+
+Encoder-decoder files add (version 2) "decoder_attention_matrices" [layer][head][target][target],
+"cross_attention_matrices" [layer][head][target][source], "decoder_layers", "decoder_heads" and
+"target": {"text", "tokens", "token_ids", "special_tokens_mask", "labels", "label_ids",
+"truncated", "num_tokens_untruncated"}, with the same meanings as in HDF5.
 
 `tokens` and `attention_matrices` hold real tokens only (seed 001 kept [PAD] entries in
 `tokens`; a single text needs no padding, so there is none to flag).
@@ -59,7 +89,8 @@ import numpy as np
 from attnpipe.atomic import AtomicFile, atomic_path, check_writable
 from attnpipe.errors import AttnpipeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: encoder-decoder fields (target side, decoder and cross-attention)
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
@@ -85,6 +116,38 @@ class Provenance:
     parity_max_abs_diff: float | None = None
     parity_hidden_max_abs_diff: float | None = None
     schema_version: int = SCHEMA_VERSION
+    # Encoder-decoder models only (None otherwise); the fields above then describe the encoder.
+    decoder_num_layers: int | None = None
+    decoder_num_heads: int | None = None
+    decoder_layers: tuple[int, ...] | None = None
+    decoder_heads: tuple[int, ...] | None = None
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.decoder_layers is not None
+
+
+DECODER_FIELDS = ("decoder_num_layers", "decoder_num_heads", "decoder_layers", "decoder_heads")
+
+
+@dataclass(frozen=True)
+class TargetAttention:
+    """The decoder side of one source/target pair of an encoder-decoder model."""
+
+    text: str
+    tokens: tuple[str, ...]  # decoder input tokens: start token + target shifted right = the rows
+    token_ids: np.ndarray  # (t,) int64
+    special_tokens_mask: np.ndarray  # (t,) bool
+    labels: tuple[str, ...]  # the tokenized target: row i predicts labels[i]
+    label_ids: np.ndarray  # (t,) int64
+    truncated: bool
+    num_tokens_untruncated: int
+    decoder_attention: np.ndarray  # (L', H', t, t) float32, causal
+    cross_attention: np.ndarray  # (L', H', t, s) float32: rows = target, columns = source
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -99,6 +162,7 @@ class TextAttention:
     truncated: bool
     num_tokens_untruncated: int
     attention: np.ndarray  # (L, H, n, n) float32: stored layers x stored heads x query x key
+    target: TargetAttention | None = None  # encoder-decoder models: then `attention` is the encoder's
 
     @property
     def num_tokens(self) -> int:
@@ -123,6 +187,11 @@ def _provenance_attrs(prov: Provenance) -> dict:
         attrs[key] = math.nan if attrs[key] is None else float(attrs[key])
     attrs["layers"] = np.asarray(prov.layers, dtype=np.int64)
     attrs["heads"] = np.asarray(prov.heads, dtype=np.int64)
+    for key in DECODER_FIELDS:  # written only for encoder-decoder models
+        if attrs[key] is None:
+            del attrs[key]
+        elif key in ("decoder_layers", "decoder_heads"):
+            attrs[key] = np.asarray(attrs[key], dtype=np.int64)
     return attrs
 
 
@@ -152,6 +221,10 @@ def _provenance_from_attrs(attrs) -> Provenance:
         parity_max_abs_diff=maybe(get("parity_max_abs_diff")),
         parity_hidden_max_abs_diff=maybe(get("parity_hidden_max_abs_diff")),
         schema_version=int(get("schema_version")),
+        decoder_num_layers=int(get("decoder_num_layers")) if "decoder_num_layers" in attrs else None,
+        decoder_num_heads=int(get("decoder_num_heads")) if "decoder_num_heads" in attrs else None,
+        decoder_layers=tuple(int(x) for x in get("decoder_layers")) if "decoder_layers" in attrs else None,
+        decoder_heads=tuple(int(x) for x in get("decoder_heads")) if "decoder_heads" in attrs else None,
     )
 
 
@@ -191,7 +264,35 @@ class H5Writer:
         group.create_dataset("special_tokens_mask", data=item.special_tokens_mask.astype(bool))
         group.create_dataset("offsets", data=item.offsets.astype(np.int64).reshape(-1, 2))
         group.create_dataset("word_ids", data=item.word_ids.astype(np.int64))
+        if item.target is not None:
+            self._write_target(group, item.target)
         self._ids[index] = item.id
+
+    def _attention_dataset(self, group, name: str, attention: np.ndarray) -> None:
+        """(layer, head, query, key) probabilities, gzip + shuffle, one chunk per layer."""
+        _, heads, rows, cols = attention.shape
+        dataset = group.create_dataset(
+            name,
+            data=attention.astype(self.dtype),
+            chunks=(1, heads, rows, cols) if rows and cols else None,
+            compression="gzip" if rows and cols else None,
+            shuffle=bool(rows and cols),
+        )
+        dataset.attrs["dims"] = ",".join(DIMS)
+
+    def _write_target(self, group, target: TargetAttention) -> None:
+        """The decoder side of an encoder-decoder text (schema version 2)."""
+        self._attention_dataset(group, "decoder_attention", target.decoder_attention)
+        self._attention_dataset(group, "cross_attention", target.cross_attention)
+        sub = group.create_group("target")
+        sub.attrs["truncated"] = bool(target.truncated)
+        sub.attrs["num_tokens_untruncated"] = int(target.num_tokens_untruncated)
+        sub.create_dataset("text", data=target.text, dtype=h5py.string_dtype())
+        sub.create_dataset("tokens", data=list(target.tokens), dtype=h5py.string_dtype())
+        sub.create_dataset("token_ids", data=target.token_ids.astype(np.int64))
+        sub.create_dataset("special_tokens_mask", data=target.special_tokens_mask.astype(bool))
+        sub.create_dataset("labels", data=list(target.labels), dtype=h5py.string_dtype())
+        sub.create_dataset("label_ids", data=target.label_ids.astype(np.int64))
 
     def finish(self, provenance: Provenance) -> None:
         missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
@@ -221,9 +322,14 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
     meta["weight_files"] = list(provenance.weight_files)
     meta["layers"] = list(provenance.layers)
     meta["heads"] = list(provenance.heads)
+    for key in DECODER_FIELDS:  # encoder-decoder models only
+        if meta[key] is None:
+            del meta[key]
+        elif key in ("decoder_layers", "decoder_heads"):
+            meta[key] = list(meta[key])
     meta = {"format": FORMAT_NAME, "dims": list(DIMS), **meta}
     attention = item.attention.astype(np.dtype(provenance.dtype))
-    return {
+    payload = {
         "tokens": list(item.tokens),
         "text": item.text,
         "attention_matrices": attention.tolist(),
@@ -237,6 +343,29 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
         "layers": list(provenance.layers),
         "heads": list(provenance.heads),
         "metadata": meta,
+    }
+    if item.target is not None:
+        payload.update(_target_payload(item.target, provenance))
+    return payload
+
+
+def _target_payload(target: TargetAttention, provenance: Provenance) -> dict:
+    dtype = np.dtype(provenance.dtype)
+    return {
+        "decoder_attention_matrices": target.decoder_attention.astype(dtype).tolist(),
+        "cross_attention_matrices": target.cross_attention.astype(dtype).tolist(),
+        "decoder_layers": list(provenance.decoder_layers),
+        "decoder_heads": list(provenance.decoder_heads),
+        "target": {
+            "text": target.text,
+            "tokens": list(target.tokens),
+            "token_ids": target.token_ids.tolist(),
+            "special_tokens_mask": target.special_tokens_mask.astype(bool).tolist(),
+            "labels": list(target.labels),
+            "label_ids": target.label_ids.tolist(),
+            "truncated": bool(target.truncated),
+            "num_tokens_untruncated": int(target.num_tokens_untruncated),
+        },
     }
 
 
@@ -295,8 +424,9 @@ class AttentionFile:
         if meta is not None:
             _check_version(self.path, int(meta.get("schema_version", -1)))
             fields = {k: v for k, v in meta.items() if k not in ("format", "dims")}
-            for key in ("weight_files", "layers", "heads"):
-                fields[key] = tuple(fields[key])
+            for key in ("weight_files", "layers", "heads", "decoder_layers", "decoder_heads"):
+                if fields.get(key) is not None:
+                    fields[key] = tuple(fields[key])
             self.meta = Provenance(**fields)
         else:  # a file written by seed 001's original tool: nothing but the three keys
             layers, heads = np.shape(data["attention_matrices"])[:2]
@@ -341,6 +471,7 @@ class AttentionFile:
             truncated=bool(group.attrs["truncated"]),
             num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
             attention=group["attention"][()].astype(np.float32),
+            target=_target_from_h5(group) if "target" in group else None,
         )
 
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
@@ -367,10 +498,53 @@ class AttentionFile:
 
 
 def _check_version(path: Path, version: int) -> None:
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise AttnpipeError(
-            f"{path} has attention schema version {version}; this attnpipe reads version {SCHEMA_VERSION}"
+            f"{path} has attention schema version {version}; this attnpipe reads version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}"
         )
+
+
+def _target_from_h5(group) -> TargetAttention:
+    sub = group["target"]
+    return TargetAttention(
+        text=sub["text"].asstr()[()],
+        tokens=tuple(sub["tokens"].asstr()[()]),
+        token_ids=sub["token_ids"][()],
+        special_tokens_mask=sub["special_tokens_mask"][()],
+        labels=tuple(sub["labels"].asstr()[()]),
+        label_ids=sub["label_ids"][()],
+        truncated=bool(sub.attrs["truncated"]),
+        num_tokens_untruncated=int(sub.attrs["num_tokens_untruncated"]),
+        decoder_attention=group["decoder_attention"][()].astype(np.float32),
+        cross_attention=group["cross_attention"][()].astype(np.float32),
+    )
+
+
+def _target_from_json(data: dict, n: int) -> TargetAttention | None:
+    """The decoder side of a JSON file, or None when the file holds no target."""
+    if "target" not in data:
+        return None
+    target = data["target"]
+    t = len(target["tokens"])
+    decoder = np.asarray(data["decoder_attention_matrices"], dtype=np.float32)
+    cross = np.asarray(data["cross_attention_matrices"], dtype=np.float32)
+    for name, array, shape in (("decoder_attention_matrices", decoder, (t, t)),
+                               ("cross_attention_matrices", cross, (t, n))):
+        if array.ndim != 4 or array.shape[2:] != shape:
+            raise AttnpipeError(f"{name} has shape {array.shape}; expected (layer, head, {shape[0]}, {shape[1]})")
+    return TargetAttention(
+        text=target["text"],
+        tokens=tuple(target["tokens"]),
+        token_ids=np.asarray(target["token_ids"], dtype=np.int64),
+        special_tokens_mask=np.asarray(target["special_tokens_mask"], dtype=bool),
+        labels=tuple(target["labels"]),
+        label_ids=np.asarray(target["label_ids"], dtype=np.int64),
+        truncated=bool(target["truncated"]),
+        num_tokens_untruncated=int(target["num_tokens_untruncated"]),
+        decoder_attention=decoder,
+        cross_attention=cross,
+    )
 
 
 def _text_from_json(data: dict) -> TextAttention:
@@ -392,6 +566,7 @@ def _text_from_json(data: dict) -> TextAttention:
         truncated=bool(data.get("truncated", False)),
         num_tokens_untruncated=int(data.get("num_tokens_untruncated", n)),
         attention=attention,
+        target=_target_from_json(data, n),
     )
 
 

@@ -13,14 +13,14 @@ from typing import Literal
 
 import matplotlib as mpl
 
-from attnpipe import plots, selection
+from attnpipe import plots, selection, visualize_seq2seq
 from attnpipe.errors import AttnpipeError
 from attnpipe.outputs import check_output_path, write_text
 from attnpipe.prepare import DEFAULT_MAX_BYTES, dumps, prepare
 from attnpipe.store import Provenance, TextAttention, open_attention
 from attnpipe.viewer import write_html
 
-Mode = Literal["plot", "heads", "layers", "average", "prepare", "html"]
+Mode = Literal["plot", "heads", "layers", "average", "prepare", "html", "seq2seq"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Request:
     decimals: int | None = None
     max_bytes: int | None = None
     trim: bool = False
+    attention: str = "encoder"  # encoder | decoder | cross: which attention of an encoder-decoder file
 
 
 def model_name(meta: Provenance) -> str:
@@ -106,6 +107,12 @@ def run(req: Request) -> Iterator[str]:
         meta = attn.meta
         source = req.input_file
         item = selection.pick_text(attn, req.text_id, req.index)
+    if req.mode == "seq2seq":  # seed 003's three figures: attnpipe/visualize_seq2seq.py
+        yield from visualize_seq2seq.seed003_figures(req, meta, item, model_name(meta))
+        return
+    # Encoder-decoder files: the decoder side becomes what the modes below draw; cross-attention
+    # is rectangular, its key (column) tokens are the source tokens.
+    meta, item, columns, label = visualize_seq2seq.select(req.attention, req.mode, meta, item, source)
     # Only the indices a mode uses are checked: a file may store e.g. layer 5 alone.
     if req.mode in ("plot", "heads", "average"):
         layer_pos = _layer_positions(req, meta, source)
@@ -117,7 +124,8 @@ def run(req: Request) -> Iterator[str]:
     paths = _outputs(req, layer_ids)
     labels = _labels(req, item)
     view = plots.make_view(labels, req.max_tokens)
-    name = model_name(meta)
+    col_view = None if columns is None else plots.make_view(columns, req.max_tokens)
+    name = model_name(meta) + (f" · {label}" if label else "")
     heads = list(meta.heads)
 
     if req.mode in ("prepare", "html"):
@@ -146,23 +154,26 @@ def run(req: Request) -> Iterator[str]:
     attention = item.attention  # (layer, head, query, key), stored positions
     if req.mode == "plot":
         title = f"{name} · layer {meta.layers[layer_pos[0]]} · head {meta.heads[head_pos]}"
-        fig = plots.head_figure(attention[layer_pos[0], head_pos], view, title, cmap=req.cmap)
+        fig = plots.head_figure(attention[layer_pos[0], head_pos], view, title, cmap=req.cmap,
+                                col_view=col_view)
         figures = [fig]
     elif req.mode == "heads":
         figures = [plots.heads_figure(attention[lp], view, heads,
-                                      f"{name} · layer {meta.layers[lp]} · every head", cmap=req.cmap)
+                                      f"{name} · layer {meta.layers[lp]} · every head", cmap=req.cmap,
+                                      col_view=col_view)
                    for lp in layer_pos]
     elif req.mode == "layers":
         figures = [plots.layers_figure(attention, view, list(meta.layers), heads,
-                                       f"{name} · all layers x heads", cmap=req.cmap)]
+                                       f"{name} · all layers x heads", cmap=req.cmap, col_view=col_view)]
     else:  # average
         means = attention[layer_pos].mean(axis=1)  # (layer, query, key): mean over heads
         if len(layer_pos) == 1:
             title = f"{name} · layer {layer_ids[0]} · mean over {len(heads)} heads"
-            figures = [plots.head_figure(means[0], view, title, cmap=req.cmap)]
+            figures = [plots.head_figure(means[0], view, title, cmap=req.cmap, col_view=col_view)]
         else:
             figures = [plots.layer_average_figure(means, view, layer_ids,
-                                                  f"{name} · mean over {len(heads)} heads", cmap=req.cmap)]
+                                                  f"{name} · mean over {len(heads)} heads", cmap=req.cmap,
+                                                  col_view=col_view)]
     for fig, path in zip(figures, paths):
         plots.save_figure(fig, path, dpi=req.dpi)
         yield f"wrote {path}"

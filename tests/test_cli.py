@@ -293,6 +293,7 @@ UNSUPPORTED_CANDIDATES = {
     "bart": lambda T: T.BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
                                    encoder_attention_heads=2, decoder_attention_heads=2,
                                    encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32),
+    "xlnet": lambda T: T.XLNetConfig(vocab_size=64, d_model=16, n_layer=1, n_head=2, d_inner=32),
 }
 
 

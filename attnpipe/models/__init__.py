@@ -5,18 +5,27 @@ the same small interface: `MODEL_TYPES`, `load_weights(model) -> Weights` (with 
 `num_heads` and `token_type`) and
 `forward(weights, input_ids, attention_mask, token_type_ids, keep_layers) -> Output`
 (final hidden state, and per kept layer the (B, H, Q, K) attention probabilities).
+
+Encoder-decoder families (`SEQ2SEQ = True`: t5, mt5, bart, marian) run source and target together:
+`forward_seq2seq(weights, src_ids, src_mask, tgt_ids, tgt_mask, keep_layers, keep_decoder_layers)
+-> Seq2SeqOutput`, and their `Weights` also have `decoder_num_layers` / `decoder_num_heads`.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from attnpipe.models import bert, gpt2, llama
+from attnpipe.models import bart, bert, gpt2, llama, t5
 
 FAMILIES: dict[str, ModuleType] = {
-    model_type: family for family in (bert, gpt2, llama) for model_type in family.MODEL_TYPES
+    model_type: family for family in (bert, gpt2, llama, t5, bart) for model_type in family.MODEL_TYPES
 }
 
 
 def supported_model_types() -> list[str]:
     return sorted(FAMILIES)
+
+
+def is_seq2seq(model_type: str) -> bool:
+    """Whether `model_type` is an encoder-decoder family (forward_seq2seq, source/target pairs)."""
+    return getattr(FAMILIES.get(model_type), "SEQ2SEQ", False)

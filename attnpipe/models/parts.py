@@ -40,3 +40,14 @@ def linear(module: torch.nn.Module) -> Linear:
 
 def layer_norm(module: torch.nn.LayerNorm) -> LayerNorm:
     return LayerNorm(module.weight.detach(), module.bias.detach(), module.eps)
+
+
+@dataclass(frozen=True)
+class Seq2SeqOutput:
+    """What an encoder-decoder family's `forward_seq2seq` returns (kept layers only)."""
+
+    encoder_hidden: torch.Tensor  # (B, S, hidden) after the encoder's last layer (and final norm)
+    decoder_hidden: torch.Tensor  # (B, T, hidden) after the decoder's last layer (and final norm)
+    encoder_attentions: dict[int, torch.Tensor]  # encoder layer -> (B, H, S, S) self-attention
+    decoder_attentions: dict[int, torch.Tensor]  # decoder layer -> (B, H, T, T) causal self-attention
+    cross_attentions: dict[int, torch.Tensor]  # decoder layer -> (B, H, T, S) decoder -> encoder

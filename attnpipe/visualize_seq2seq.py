@@ -1,0 +1,132 @@
+"""Encoder-decoder attention for visualize_attention.py: `--attention decoder|cross` and seed 003's figures.
+
+`select` turns a text of an encoder-decoder file into what the ordinary modes draw: the decoder
+self-attention is square (target x target) and goes through every mode; the cross-attention is
+rectangular, rows = target (decoder input) tokens, columns = source tokens, and goes through the
+figure modes only (prepare/html describe square self-attention and refuse it).
+
+`seed003_figures` writes seed 003's three files for a decoder layer N into a folder:
+cross_attention_layer{N} (mean over heads), cross_attention_multihead_layer{N} (every head) and
+self_attention_layer{N} (the decoder's self-attention, mean over heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from attnpipe import plots, selection
+from attnpipe.errors import AttnpipeError
+from attnpipe.outputs import check_output_path
+from attnpipe.store import Provenance, TextAttention
+
+AttentionKind = Literal["encoder", "decoder", "cross"]
+ATTENTION_KINDS = ("encoder", "decoder", "cross")
+SQUARE_ONLY_MODES = ("prepare", "html")  # they assume one token list for queries and keys
+SEED003_NAMES = (  # seed 003's file names, N = decoder layer (model index)
+    ("cross_mean", "cross_attention_layer{layer}.{ext}"),
+    ("cross_heads", "cross_attention_multihead_layer{layer}.{ext}"),
+    ("self_mean", "self_attention_layer{layer}.{ext}"),
+)
+
+
+def _require_seq2seq(meta: Provenance, item: TextAttention, source: Path, what: str) -> None:
+    if item.target is None or not meta.is_seq2seq:
+        raise AttnpipeError(
+            f"{what} needs an encoder-decoder file (t5, bart, marian, extracted with --source/--target); "
+            f"{source} holds {meta.model_type!r} attention with no decoder side"
+        )
+
+
+def select(kind: AttentionKind, mode: str, meta: Provenance, item: TextAttention, source: Path
+           ) -> tuple[Provenance, TextAttention, tuple[str, ...] | None, str]:
+    """(meta, item, key tokens or None when they are the query tokens, title label) for `kind`.
+
+    For decoder and cross-attention the returned meta and item describe the decoder side: its
+    stored layers/heads, target tokens as the rows and the chosen attention as `attention`.
+    """
+    if kind == "encoder":
+        return meta, item, None, "encoder" if meta.is_seq2seq else ""
+    _require_seq2seq(meta, item, source, f"--attention {kind}")
+    target = item.target
+    if kind == "cross" and mode in SQUARE_ONLY_MODES:
+        raise AttnpipeError(
+            f"--mode {mode} shows square self-attention; cross-attention is target x source "
+            "(rectangular): use --mode plot, heads, layers, average or seq2seq"
+        )
+    t = target.num_tokens
+    decoder_meta = dataclasses.replace(
+        meta, layers=meta.decoder_layers, heads=meta.decoder_heads,
+        num_layers=meta.decoder_num_layers, num_heads=meta.decoder_num_heads,
+    )
+    decoder_item = dataclasses.replace(
+        item, text=target.text, tokens=target.tokens, token_ids=target.token_ids,
+        special_tokens_mask=target.special_tokens_mask,
+        offsets=np.full((t, 2), -1, dtype=np.int64),  # decoder inputs are shifted: no character spans
+        word_ids=np.full(t, -1, dtype=np.int64),
+        truncated=target.truncated, num_tokens_untruncated=target.num_tokens_untruncated,
+        attention=target.decoder_attention if kind == "decoder" else target.cross_attention,
+        target=None,
+    )
+    if kind == "decoder":
+        return decoder_meta, decoder_item, None, "decoder self-attention"
+    return decoder_meta, decoder_item, item.tokens, "cross-attention (rows: target, columns: source)"
+
+
+def seed003_figures(req, meta: Provenance, item: TextAttention, model_name: str) -> Iterator[str]:
+    """Seed 003's three figures for the decoder layer(s) `req.layer` into `req.output_dir`."""
+    source = req.input_file
+    _require_seq2seq(meta, item, source, "--mode seq2seq")
+    if req.output_dir is None or req.output_file is not None:
+        raise AttnpipeError("--mode seq2seq writes three figures: give --output-dir DIR (not --output_file)")
+    if not req.output_dir.is_dir():
+        raise AttnpipeError(f"output folder does not exist: {req.output_dir}")
+    if req.tokens is not None:
+        raise AttnpipeError("--tokens relabels one token list; --mode seq2seq draws source and target tokens")
+    layers = meta.decoder_layers
+    if req.layer == "all":
+        positions = list(range(len(layers)))
+    else:
+        try:
+            value = int(req.layer)
+        except ValueError as err:
+            raise AttnpipeError(f"--layer takes an integer or 'all', got {req.layer!r}") from err
+        positions = [selection.position(value, layers, "--layer", "decoder layers", source)]
+    jobs = []
+    for lp in positions:
+        for key, pattern in SEED003_NAMES:
+            path = req.output_dir / pattern.format(layer=layers[lp], ext=req.figure_format)
+            check_output_path(path, "figure")
+            jobs.append((lp, key, path))
+
+    target = item.target
+    rows = plots.make_view(target.tokens, req.max_tokens)  # target (decoder input) tokens
+    cols = plots.make_view(item.tokens, req.max_tokens)  # source tokens
+    heads = list(meta.decoder_heads)
+    for lp, key, path in jobs:
+        layer = f"decoder layer {layers[lp]}"
+        if key == "cross_mean":
+            fig = plots.head_figure(
+                target.cross_attention[lp].mean(axis=0), rows,
+                f"{model_name} · cross-attention · {layer}\nmean over {len(heads)} heads",
+                cmap=req.cmap, col_view=cols)
+            fig.axes[0].set_ylabel("target (query)")
+            fig.axes[0].set_xlabel("source (key)")
+        elif key == "cross_heads":
+            fig = plots.heads_figure(
+                target.cross_attention[lp], rows, heads,
+                f"{model_name} · cross-attention · {layer} · every head · rows = target, columns = source",
+                cmap=req.cmap, col_view=cols)
+        else:
+            fig = plots.head_figure(
+                target.decoder_attention[lp].mean(axis=0), rows,
+                f"{model_name} · decoder self-attention (causal) · {layer}\nmean over {len(heads)} heads",
+                cmap=req.cmap)
+            fig.axes[0].set_ylabel("target (query)")
+            fig.axes[0].set_xlabel("target (key)")
+        plots.save_figure(fig, path, dpi=req.dpi)
+        yield f"wrote {path}"
