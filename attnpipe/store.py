@@ -4,9 +4,9 @@ Dimension order is always (layer, head, query, key): rows are queries, columns a
 Only real tokens are stored: no padding, so a text of n tokens has (L, H, n, n) attention,
 where L and H count the *stored* layers and heads (their model indices are in `layers`/`heads`).
 
-HDF5 (`.h5`, many texts), schema version 1::
+HDF5 (`.h5`, many texts), schema version 2 (version 1 files are still read)::
 
-    /                      attrs: format = "attnpipe-attention", schema_version = 1,
+    /                      attrs: format = "attnpipe-attention", schema_version = 2,
                                   dims = "layer,head,query,key", and the provenance below
     /ids                   (N,) utf-8 strings: text ids in the user's order
     /texts/<i>             one group per text, i = 0..N-1 zero-padded to 8 digits, user's order
@@ -22,6 +22,15 @@ HDF5 (`.h5`, many texts), schema version 1::
         word_ids           (n,) int64: index of the word each sub-word belongs to; -1 for special
                            tokens (and everywhere for slow tokenizers)
 
+    Added in version 2 (absent from version 1 files, read back as their defaults):
+        attrs input_kind   "text" (default), "image" (ViT: tokens "[CLS]", "patch_<row>_<col>") or
+                           "embeddings" (a plain torch model fed an array: tokens "0".."n-1")
+        attrs image_path, image_size, patch_grid, patch_size   only for input_kind "image":
+                           the image file as given, its (width, height) in pixels before the
+                           processor resized it, the (rows, cols) of patches and the patch side in
+                           model-input pixels. Token 1 + r·cols + c is the patch at row r, column c;
+                           the grid covers the whole image as the processor resized it.
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
@@ -30,13 +39,18 @@ parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from tran
 eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
 trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
 JSON-encoded string in HDF5, an object in JSON). `layers`/`heads` are sorted, without repeats.
+Version 2 adds: method may also be "hf" (attention read from transformers' eager
+`output_attentions`, not our pass); checkpoint_dtype (the dtype the weights were stored in,
+e.g. "bfloat16", when known; "" in HDF5 / null in JSON otherwise: computation is float32 anyway).
 
 JSON (`.json`, one text), seed 001's format with extra keys::
 
     {"tokens": [...], "text": "...", "attention_matrices": [layer][head][query][key],
      "id": "...", "token_ids": [...], "special_tokens_mask": [...], "offsets": [[s, e], ...],
      "word_ids": [...], "truncated": false, "num_tokens_untruncated": n,
-     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 1, ...}}
+     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 2, ...},
+     "input_kind": "text", "image": null | {"path": ..., "size": [w, h], "patch_grid": [rows, cols],
+     "patch_size": p}}
 
 `tokens` and `attention_matrices` hold real tokens only (seed 001 kept [PAD] entries in
 `tokens`; a single text needs no padding, so there is none to flag).
@@ -59,7 +73,8 @@ import numpy as np
 from attnpipe.atomic import AtomicFile, atomic_path, check_writable
 from attnpipe.errors import AttnpipeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks only the fields added in 2
 FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
@@ -85,6 +100,20 @@ class Provenance:
     parity_max_abs_diff: float | None = None
     parity_hidden_max_abs_diff: float | None = None
     schema_version: int = SCHEMA_VERSION
+    checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
+
+
+InputKind = Literal["text", "image", "embeddings"]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Where an image's patch tokens lie (version 2). Token 1 + r·cols + c is patch (r, c)."""
+
+    path: str  # the image file as given
+    size: tuple[int, int]  # (width, height) in pixels, before the processor resized it
+    patch_grid: tuple[int, int]  # (rows, cols) of patches
+    patch_size: int  # patch side in model-input pixels
 
 
 @dataclass(frozen=True)
@@ -99,6 +128,8 @@ class TextAttention:
     truncated: bool
     num_tokens_untruncated: int
     attention: np.ndarray  # (L, H, n, n) float32: stored layers x stored heads x query x key
+    input_kind: InputKind = "text"  # version 2
+    image: ImageInfo | None = None  # version 2, input_kind "image" only
 
     @property
     def num_tokens(self) -> int:
@@ -123,6 +154,7 @@ def _provenance_attrs(prov: Provenance) -> dict:
         attrs[key] = math.nan if attrs[key] is None else float(attrs[key])
     attrs["layers"] = np.asarray(prov.layers, dtype=np.int64)
     attrs["heads"] = np.asarray(prov.heads, dtype=np.int64)
+    attrs["checkpoint_dtype"] = prov.checkpoint_dtype or ""  # attributes cannot hold None
     return attrs
 
 
@@ -152,6 +184,7 @@ def _provenance_from_attrs(attrs) -> Provenance:
         parity_max_abs_diff=maybe(get("parity_max_abs_diff")),
         parity_hidden_max_abs_diff=maybe(get("parity_hidden_max_abs_diff")),
         schema_version=int(get("schema_version")),
+        checkpoint_dtype=(get("checkpoint_dtype") or None) if "checkpoint_dtype" in attrs else None,
     )
 
 
@@ -191,6 +224,12 @@ class H5Writer:
         group.create_dataset("special_tokens_mask", data=item.special_tokens_mask.astype(bool))
         group.create_dataset("offsets", data=item.offsets.astype(np.int64).reshape(-1, 2))
         group.create_dataset("word_ids", data=item.word_ids.astype(np.int64))
+        group.attrs["input_kind"] = item.input_kind
+        if item.image is not None:
+            group.attrs["image_path"] = item.image.path
+            group.attrs["image_size"] = np.asarray(item.image.size, dtype=np.int64)
+            group.attrs["patch_grid"] = np.asarray(item.image.patch_grid, dtype=np.int64)
+            group.attrs["patch_size"] = int(item.image.patch_size)
         self._ids[index] = item.id
 
     def finish(self, provenance: Provenance) -> None:
@@ -237,6 +276,11 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
         "layers": list(provenance.layers),
         "heads": list(provenance.heads),
         "metadata": meta,
+        "input_kind": item.input_kind,
+        "image": None if item.image is None else {
+            "path": item.image.path, "size": list(item.image.size),
+            "patch_grid": list(item.image.patch_grid), "patch_size": item.image.patch_size,
+        },
     }
 
 
@@ -341,6 +385,8 @@ class AttentionFile:
             truncated=bool(group.attrs["truncated"]),
             num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
             attention=group["attention"][()].astype(np.float32),
+            input_kind=str(group.attrs.get("input_kind", "text")),
+            image=_image_from_attrs(group.attrs),
         )
 
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
@@ -367,10 +413,31 @@ class AttentionFile:
 
 
 def _check_version(path: Path, version: int) -> None:
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise AttnpipeError(
-            f"{path} has attention schema version {version}; this attnpipe reads version {SCHEMA_VERSION}"
+            f"{path} has attention schema version {version}; this attnpipe reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+
+
+def _image_from_attrs(attrs) -> ImageInfo | None:
+    if "image_path" not in attrs:
+        return None
+    path = attrs["image_path"]
+    return ImageInfo(
+        path=path.decode() if isinstance(path, bytes) else str(path),
+        size=tuple(int(x) for x in attrs["image_size"]),
+        patch_grid=tuple(int(x) for x in attrs["patch_grid"]),
+        patch_size=int(attrs["patch_size"]),
+    )
+
+
+def _image_from_json(value: dict | None) -> ImageInfo | None:
+    if value is None:
+        return None
+    return ImageInfo(path=str(value["path"]), size=tuple(int(x) for x in value["size"]),
+                     patch_grid=tuple(int(x) for x in value["patch_grid"]),
+                     patch_size=int(value["patch_size"]))
 
 
 def _text_from_json(data: dict) -> TextAttention:
@@ -392,6 +459,8 @@ def _text_from_json(data: dict) -> TextAttention:
         truncated=bool(data.get("truncated", False)),
         num_tokens_untruncated=int(data.get("num_tokens_untruncated", n)),
         attention=attention,
+        input_kind=str(data.get("input_kind", "text")),
+        image=_image_from_json(data.get("image")),
     )
 
 

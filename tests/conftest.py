@@ -39,6 +39,8 @@ def tiny_config(model_type: str):
         "mistral": lambda: T.MistralConfig(**common, **bert_like, num_key_value_heads=2, sliding_window=4),
         "qwen2": lambda: T.Qwen2Config(**common, **bert_like, num_key_value_heads=1,
                                        use_sliding_window=True, sliding_window=5, max_window_layers=1),
+        # Not a native family: extracted only with --method hf (tests/test_vision_torch_cli.py).
+        "deberta-v2": lambda: T.DebertaV2Config(**common, **bert_like),
     }
     return configs[model_type]()
 
