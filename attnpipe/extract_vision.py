@@ -155,6 +155,7 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
         )
     if config.batch_size < 1:
         raise AttnpipeError(f"--batch-size must be at least 1, got {config.batch_size}")
+    ids = image_ids(list(config.images))
     device = resolve_device(config.device)
     model = load_vision_model(config.model_dir, device)
     weights = model.weights
@@ -163,7 +164,6 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
     rows, cols = weights.grid
     tokens = patch_tokens(rows, cols)
     n = len(tokens)
-    ids = image_ids(list(config.images))
     special = np.zeros(n, dtype=bool)
     special[0] = True  # [CLS]
     keep = frozenset(layers)
