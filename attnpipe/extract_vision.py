@@ -122,6 +122,11 @@ def load_vision_model(model_dir: Path, device: torch.device) -> VisionModel:
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AttnpipeError(f"could not load model from {model_dir}: {first_line}") from err
+    if getattr(processor, "do_center_crop", False):
+        # The stored patch grid is mapped onto the whole image (store.ImageInfo); a crop would
+        # make that mapping wrong, so refuse rather than draw attention on the wrong pixels.
+        raise AttnpipeError(f"{model_dir}'s image processor center-crops images; attnpipe maps patches "
+                            "onto the whole image: set do_center_crop to false in preprocessor_config.json")
     hf_model = hf_model.to(device).eval()
     return VisionModel(
         hf_model=hf_model,

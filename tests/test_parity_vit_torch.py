@@ -170,3 +170,17 @@ def test_zero_rows_become_padding():
     array[2, 1] = 0  # a zero row inside the sequence is real: only trailing rows are padding
     assert real_lengths(array, mask_zero_rows=False) == [5, 5, 5]
     assert real_lengths(array, mask_zero_rows=True) == [5, 3, 5]
+
+
+def test_bias_free_layers_and_an_activation_module():
+    """bias=False (no biases in projections or norms) and activation=nn.GELU() (a module, not a string)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 24, bias=False, batch_first=True, activation=nn.GELU())
+    encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16, bias=False), enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        ours = torch_encoder.forward(torch_encoder.load_weights(encoder), x)
+        _, ref = encoder.layers[0].self_attn(x, x, x, need_weights=True, average_attn_weights=False)
+        expected = encoder(x)
+    assert (ours.attentions[0] - ref).abs().max().item() <= ATTN_TOL
+    assert (ours.hidden - expected).abs().max().item() <= HIDDEN_TOL

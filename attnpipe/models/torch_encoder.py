@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from attnpipe.attention import attention_probs, causal_mask, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import LayerNorm, Linear, Output, layer_norm, linear
+from attnpipe.models.parts import LayerNorm, Linear, Output, linear
 
 MODEL_TYPES = ("torch",)
 
@@ -69,19 +69,23 @@ def find_encoder_layers(module: nn.Module) -> tuple[list[nn.TransformerEncoderLa
     return [sub for sub in module.modules() if isinstance(sub, nn.TransformerEncoderLayer)], None
 
 
+def _norm(module: nn.Module) -> LayerNorm:
+    if not isinstance(module, nn.LayerNorm) or module.weight is None:
+        raise ValueError(f"norm layers must be nn.LayerNorm with weights, found {module!r}")
+    bias = None if module.bias is None else module.bias.detach()  # bias=False layers have none
+    return LayerNorm(module.weight.detach(), bias, module.eps)
+
+
 def _layer(layer: nn.TransformerEncoderLayer) -> Layer:
     attn = layer.self_attn
     if not attn._qkv_same_embed_dim:  # encoder layers always have kdim == vdim == embed_dim
         raise ValueError("self-attention with separate kdim/vdim is not supported")
-    for norm in (layer.norm1, layer.norm2):
-        if not isinstance(norm, nn.LayerNorm):
-            raise ValueError(f"norm layers must be nn.LayerNorm, found {type(norm).__name__}")
     bias = attn.in_proj_bias
     return Layer(
         qkv=Linear(attn.in_proj_weight.detach(), None if bias is None else bias.detach()),
         out=linear(attn.out_proj),
-        norm1=layer_norm(layer.norm1),
-        norm2=layer_norm(layer.norm2),
+        norm1=_norm(layer.norm1),
+        norm2=_norm(layer.norm2),
         ff_in=linear(layer.linear1),
         ff_out=linear(layer.linear2),
         act=layer.activation,
@@ -98,11 +102,9 @@ def load_weights(module: nn.Module) -> Weights:
     dims = {layer.self_attn.embed_dim for layer in layers}
     if len(heads) != 1 or len(dims) != 1:
         raise ValueError(f"encoder layers differ in heads {sorted(heads)} or width {sorted(dims)}")
-    if final_norm is not None and not isinstance(final_norm, nn.LayerNorm):
-        raise ValueError(f"the encoder's final norm must be nn.LayerNorm, found {type(final_norm).__name__}")
     return Weights(
         layers=tuple(_layer(layer) for layer in layers),
-        final_norm=None if final_norm is None else layer_norm(final_norm),
+        final_norm=None if final_norm is None else _norm(final_norm),
         num_heads=heads.pop(),
         d_model=dims.pop(),
         batch_first=bool(layers[0].self_attn.batch_first),
