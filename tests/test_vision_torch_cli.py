@@ -144,6 +144,13 @@ def test_image_input_errors(tiny_vit_dir, tiny_model_dir, tmp_path, capsys):
     images = write_test_images(tmp_path / "imgs")
     in_process_error(capsys, extract_attention.main, ["same image file", "twice"], "--model_dir", tiny_vit_dir,
                      "--image", images[2], "--image-dir", tmp_path / "imgs", "--output_file", out)
+    cropping = tmp_path / "cropping_vit"
+    shutil.copytree(tiny_vit_dir, cropping)
+    settings = json.loads((cropping / "preprocessor_config.json").read_text())
+    settings.update(do_center_crop=True, crop_size={"height": 32, "width": 32})
+    (cropping / "preprocessor_config.json").write_text(json.dumps(settings))
+    in_process_error(capsys, extract_attention.main, ["center-crops", "do_center_crop"],
+                     "--model_dir", cropping, "--image", images[0], "--output_file", out)
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
