@@ -19,6 +19,16 @@ Examples:
     # decoder and cross-attention. Several pairs: repeat both flags, or a .jsonl of {source, target}
     python extract_attention.py --model_dir ./opus-mt-ko-en --source "안녕하세요" --target "Hello" -o pair.json
     python extract_attention.py --model_dir ./opus-mt-ko-en --texts-file pairs.jsonl -o pairs.h5 --verify
+
+    # images through a ViT folder (config.json, weights, preprocessor_config.json)
+    python extract_attention.py --model_dir ./vit --image cat.png --image-dir photos/ --output_file vit.h5
+
+    # your own PyTorch encoder (runs YOUR code: mymodels.py's build()) on (batch, seq, dim) embeddings
+    python extract_attention.py --torch-model mymodels:build --weights model.safetensors \\
+        --data embeddings.npy --output_file torch.h5
+
+    # any other transformers model, through transformers' own eager attention (marked method "hf")
+    python extract_attention.py --model_dir ./deberta --method hf --text "Hello" --output_file hf.json
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Output format: see docs/FORMAT.md. Supported model types: bert, roberta, xlm-roberta, "
         "electra, distilbert, albert, gpt2, llama, mistral, qwen2; encoder-decoders (--source/--target): "
-        "t5, mt5, bart, marian.",
+        "t5, mt5, bart, marian; vit (--image); plain torch encoders (--torch-model); any other "
+        "transformers model with --method hf.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_argument_group("input texts (give --text or --texts-file)")
@@ -54,12 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--target", action="append", default=[], metavar="TEXT",
                         help="encoder-decoder models: the target text of the matching --source, run with "
                         "teacher forcing (decoder input = the model's start token + the target shifted right)")
+    images = parser.add_argument_group("input images (a ViT --model_dir)")
+    images.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
+                        help="an image file; repeat the flag for several images")
+    images.add_argument("--image-dir", "--image_dir", action="append", default=[], type=Path, metavar="DIR",
+                        help="a folder of images (.png, .jpg, ...), taken in name order; may be repeated")
+    torch_group = parser.add_argument_group("a plain PyTorch model (instead of --model_dir)")
+    torch_group.add_argument("--torch-model", "--torch_model", default=None, metavar="MODULE:FUNCTION",
+                             help="'package.module:build' or 'file.py:build': a function returning an "
+                             "nn.Module with an nn.TransformerEncoder. THIS RUNS YOUR CODE (imported by name)")
+    torch_group.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                             help="state dict for --torch-model: .safetensors (preferred) or .pt/.pth/.bin, "
+                             "read with torch.load(weights_only=True)")
+    torch_group.add_argument("--data", type=Path, default=None, metavar="FILE.npy",
+                             help="embeddings of shape (batch, seq, dim) fed to the first encoder layer")
+    torch_group.add_argument("--mask-zero-rows", action="store_true",
+                             help="treat trailing all-zero rows of --data as padding (masked keys, not stored)")
+    torch_group.add_argument("--causal", action="store_true",
+                             help="apply a causal mask in --torch-model's encoder (as is_causal=True would)")
     model = parser.add_argument_group("model")
     model.add_argument("--model_dir", "--model-dir", "--model", type=Path, default=None, metavar="DIR",
                        help="a transformers model folder (config.json + weights); "
                        "default: the packaged all-MiniLM-L6-v2")
     model.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps", "auto"],
                        help="where to run the model (default: cpu; auto picks cuda, then mps, then cpu)")
+    model.add_argument("--method", choices=["manual", "hf"], default="manual",
+                       help="manual (default): attnpipe's own forward pass, for the supported families; "
+                       "hf: any other transformers model, attention from its eager output_attentions "
+                       "(recorded as method 'hf' in the file)")
     model.add_argument("--trust-remote-code", action="store_true",
                        help="allow a model folder's own Python code to run (off by default; recorded in the file)")
     select = parser.add_argument_group("what to store")
@@ -96,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     from attnpipe.extract import DEFAULT_VERIFY_TOL, ExtractConfig, extract
 
     pairs = ()
+    result = _extract_other_inputs(args)
+    if result is not None:
+        _report(args, result)
+        return 0
     if args.text and args.texts_file:
         raise AttnpipeError("give --text or --texts-file, not both")
     if args.source or args.target:
@@ -125,7 +162,58 @@ def main(argv: list[str] | None = None) -> int:
         trust_remote_code=args.trust_remote_code,
         progress=False if args.quiet else None,
         pairs=tuple(pairs),
+        method=args.method,
     ))
+    _report(args, result)
+    return 0
+
+
+def _extract_other_inputs(args):
+    """Images (ViT) or a plain torch model; None when the input is text."""
+    from attnpipe.extract import DEFAULT_VERIFY_TOL
+
+    text_given = bool(args.text) or args.texts_file is not None
+    images_given = bool(args.image) or bool(args.image_dir)
+    torch_given = args.torch_model is not None
+    if sum((text_given, images_given, torch_given)) > 1:
+        raise AttnpipeError("give one kind of input: texts (--text/--texts-file), images "
+                            "(--image/--image-dir) or a torch model (--torch-model with --data)")
+    if not torch_given and (args.weights or args.data or args.mask_zero_rows or args.causal):
+        raise AttnpipeError("--weights, --data, --mask-zero-rows and --causal go with --torch-model")
+    if images_given:
+        from attnpipe.extract_vision import ImageExtractConfig, collect_images, extract_images
+
+        if args.model_dir is None:
+            raise AttnpipeError("--image needs --model_dir: a ViT folder (config.json, weights, preprocessor_config.json)")
+        if args.method != "manual":
+            raise AttnpipeError("--method hf takes texts; images run through attnpipe's ViT pass")
+        return extract_images(ImageExtractConfig(
+            images=tuple(collect_images(args.image, args.image_dir)), output=args.output_file,
+            model_dir=args.model_dir, layers=tuple(args.layer), heads=tuple(args.heads), device=args.device,
+            batch_size=args.batch_size, dtype=args.dtype, verify=args.verify,
+            verify_tol=DEFAULT_VERIFY_TOL if args.verify_tol is None else args.verify_tol,
+            progress=False if args.quiet else None,
+        ))
+    if torch_given:
+        from attnpipe.extract_torch import TorchExtractConfig, extract_torch
+
+        if args.model_dir is not None or args.method != "manual":
+            raise AttnpipeError("--torch-model replaces --model_dir and --method")
+        if args.data is None:
+            raise AttnpipeError("--torch-model needs --data embeddings.npy of shape (batch, seq, dim)")
+        if args.verify:
+            raise AttnpipeError("--verify compares with transformers; a --torch-model has no transformers "
+                                "reference (tests/test_parity_vit_torch.py checks the torch pass)")
+        return extract_torch(TorchExtractConfig(
+            factory=args.torch_model, data=args.data, output=args.output_file, weights=args.weights,
+            layers=tuple(args.layer), heads=tuple(args.heads), device=args.device,
+            batch_size=args.batch_size, dtype=args.dtype, mask_zero_rows=args.mask_zero_rows,
+            causal=args.causal,
+        ))
+    return None
+
+
+def _report(args, result) -> None:
     if result.truncated_ids:
         shown = ", ".join(result.truncated_ids[:10]) + (" ..." if len(result.truncated_ids) > 10 else "")
         print(f"warning: {len(result.truncated_ids)} text(s) longer than --max-length "
@@ -143,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
             summary += (f"; verified against transformers eager: max |diff| attention "
                         f"{result.parity_max_abs_diff:.2e}, hidden {result.parity_hidden_max_abs_diff:.2e}")
         print(summary, file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ Examples:
     # any figure mode on the cross-attention (rows = target, columns = source) or decoder attention
     python visualize_attention.py --input_file pair.json --attention cross --mode heads --layer -1 -o cross.png
 
+    # a ViT file (extract_attention.py --image): [CLS] attention of one head / the head mean /
+    # the rollout up to layer N, drawn over the image (read from the path stored in the file)
+    python visualize_attention.py --input_file vit.h5 --mode image --layer -1 --head rollout \\
+        --image cat.png --output_file cat_rollout.png
+
     # one text of a corpus file, as an offline interactive page
     python visualize_attention.py --input_file results/demo/attention.h5 --text-id news-002 --mode html \\
         --output_file attention_interactive.html
@@ -31,7 +36,7 @@ from pathlib import Path
 
 from attnpipe.errors import run_cli
 
-MODES = ("plot", "heads", "layers", "average", "prepare", "html", "seq2seq")
+MODES = ("plot", "heads", "layers", "average", "prepare", "html", "seq2seq", "image")
 # File names used with --output-dir (seed 000/001's names where they had one).
 DEFAULT_NAMES = {
     "plot": "attention_vis.{ext}",
@@ -40,6 +45,7 @@ DEFAULT_NAMES = {
     "average": "attention_heatmap.{ext}",
     "prepare": "backend_data.json",
     "html": "attention_interactive.html",
+    "image": "attention_overlay_layer{layer}.{ext}",
 }
 
 
@@ -54,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="plot",
                         help="plot: one head; heads: every head of a layer; layers: all layers x heads; "
                         "average: mean over heads; prepare: frontend JSON; html: interactive page; "
-                        "seq2seq: seed 003's three figures of an encoder-decoder file into --output-dir "
-                        "(default: plot)")
+                        "seq2seq: seed 003's three figures of an encoder-decoder file into --output-dir; "
+                        "image: a ViT's [CLS] attention over the image (default: plot)")
     pick = parser.add_argument_group("what to show")
     pick.add_argument("--layer", default=None, metavar="N",
                       help="model layer index (default 0; -1 = last); 'all' for heads/average/seq2seq "
@@ -64,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="encoder-decoder files: which attention to show: encoder self-attention "
                       "(default), decoder self-attention, or cross-attention (rows = target tokens, "
                       "columns = source tokens; figure modes only)")
-    pick.add_argument("--head", type=int, default=0, metavar="N",
-                      help="model head index for plot mode (default 0; -1 = last)")
+    pick.add_argument("--head", default="0", metavar="N",
+                      help="model head index for plot mode (default 0; -1 = last); "
+                      "image mode also takes 'mean' (over heads) or 'rollout' (layers up to --layer)")
+    pick.add_argument("--image", type=Path, default=None, metavar="FILE",
+                      help="image mode: the image to draw on (default: the path stored in the file)")
     pick.add_argument("--text-id", "--text_id", default=None, metavar="ID",
                       help="which text of a corpus (.h5) file, by id")
     pick.add_argument("--index", type=int, default=None, metavar="I",
@@ -101,16 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from attnpipe import visualize
+    from attnpipe.errors import AttnpipeError
+
+    head = args.head
+    if args.mode != "image":
+        try:
+            head = int(args.head)
+        except ValueError as err:
+            raise AttnpipeError(f"--head takes an integer in {args.mode} mode, got {args.head!r} "
+                                "('mean'/'rollout' are for --mode image)") from err
 
     request = visualize.Request(
-        input_file=args.input_file, mode=args.mode, head=args.head, attention=args.attention,
+        input_file=args.input_file, mode=args.mode, head=head, attention=args.attention,
         layer=args.layer if args.layer is not None else ("-1" if args.mode == "seq2seq" else "0"),
         text_id=args.text_id, index=args.index,
         tokens=None if args.tokens is None else tuple(args.tokens.split(",")),
         max_tokens=args.max_tokens, output_file=args.output_file, output_dir=args.output_dir,
         names=DEFAULT_NAMES, figure_format=args.format, dpi=args.dpi, cmap=args.cmap,
         layers=args.layers, heads=args.heads, decimals=args.decimals, max_bytes=args.max_bytes,
-        trim=args.trim,
+        trim=args.trim, image=args.image,
     )
     for message in visualize.run(request):
         print(message, file=sys.stderr)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from attnpipe import __version__, store
 from attnpipe.corpus import Text
 from attnpipe.errors import AttnpipeError
-from attnpipe.loading import LoadedModel, default_model_dir, load_model, resolve_device
+from attnpipe.loading import LoadedModel, checkpoint_dtype, default_model_dir, load_model, resolve_device
 
 # Probabilities are float32 sums of n terms: 1e-5 bounds the float32 rounding we have measured
 # against transformers' eager attention (~1e-7 on MiniLM), with room for long inputs.
@@ -45,6 +45,7 @@ class ExtractConfig:
     trust_remote_code: bool = False
     progress: bool | None = None  # None: a bar only on a terminal
     pairs: tuple = ()  # extract_seq2seq.Pair: source/target pairs for encoder-decoder models
+    method: str = "manual"  # "manual": our forward pass; "hf": transformers' eager output (extract_hf)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def parse_indices(values: tuple[str, ...], count: int, flag: str, noun: str) -> 
 
 def _max_length(model: LoadedModel, requested: int | None) -> int:
     config = model.hf_model.config
-    limit = config.max_position_embeddings
+    limit = getattr(config, "max_position_embeddings", None) or 1 << 30  # --method hf: e.g. ALiBi models have none
     position_pad_id = getattr(model.weights, "position_pad_id", None)
     if position_pad_id is not None:  # RoBERTa's positions start after pad_id
         limit -= position_pad_id + 1
@@ -204,9 +205,17 @@ def extract(config: ExtractConfig) -> ExtractResult:
         )
     if config.batch_size < 1:
         raise AttnpipeError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.method == "hf" and config.verify:
+        raise AttnpipeError("--verify compares our forward pass with transformers; with --method hf "
+                            "the attention already comes from transformers")
     device = resolve_device(config.device)
     model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
-    model = load_model(model_dir, device, config.trust_remote_code)
+    if config.method == "hf":
+        from attnpipe.extract_hf import load_hf_model
+
+        model = load_hf_model(model_dir, device, config.trust_remote_code)
+    else:
+        model = load_model(model_dir, device, config.trust_remote_code)
     if getattr(model.family, "SEQ2SEQ", False):
         raise AttnpipeError(
             f"{model_dir} is an encoder-decoder ({model.model_type}) model: give --source and --target "
@@ -288,12 +297,13 @@ def extract(config: ExtractConfig) -> ExtractResult:
             heads=heads,
             dtype=config.dtype,
             compute_dtype="float32",
-            method="manual",
+            method=config.method,
             max_length=max_length,
             trust_remote_code=config.trust_remote_code,
             library_versions=library_versions(),
             parity_max_abs_diff=parity if config.verify else None,
             parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
+            checkpoint_dtype=checkpoint_dtype(model_dir),
         )
         if writer is not None:
             writer.finish(provenance)

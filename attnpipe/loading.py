@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from attnpipe.errors import AttnpipeError  # noqa: E402
-from attnpipe.models import FAMILIES, supported_model_types  # noqa: E402
+from attnpipe.models import FAMILIES, IMAGE_FAMILIES, supported_model_types  # noqa: E402
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 DEVICES = ("cpu", "cuda", "mps", "auto")
@@ -70,10 +70,14 @@ def check_model_dir(model_dir: Path) -> tuple[str, list[Path]]:
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AttnpipeError(f"{config_path} is not valid JSON: {err}") from err
+    if model_type in IMAGE_FAMILIES:
+        raise AttnpipeError(f"{model_dir} holds an image model ({model_type}): give --image or --image-dir")
     if model_type not in FAMILIES:
         raise AttnpipeError(
             f"unsupported architecture {model_type!r} in {config_path}; "
-            f"supported model types: {', '.join(supported_model_types())}"
+            f"supported model types: {', '.join(supported_model_types())}, "
+            f"{', '.join(sorted(IMAGE_FAMILIES))} (images), torch (--torch-model); "
+            "or extract with transformers' own eager attention: --method hf"
         )
     files = weight_files(model_dir)
     if not files:
@@ -81,6 +85,16 @@ def check_model_dir(model_dir: Path) -> tuple[str, list[Path]]:
             f"no weight files in {model_dir} (expected model.safetensors or pytorch_model.bin)"
         )
     return model_type, files
+
+
+def checkpoint_dtype(model_dir: Path) -> str | None:
+    """The dtype a folder's config.json says its weights were saved in ("bfloat16", ...), if any."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes "dtype"
+    return str(value) if value else None
 
 
 def resolve_device(name: str) -> torch.device:

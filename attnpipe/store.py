@@ -43,6 +43,17 @@ layers and heads (model indices in `decoder_layers` / `decoder_heads`)::
                            a final </s>); row i of the decoder predicts labels[i]
             label_ids      (t,) int64 ids of the labels
 
+Every text group also has, from version 2 (absent from version 1 files, read back as defaults)::
+
+    /texts/<i>
+        attrs input_kind   "text" (default), "image" (ViT: tokens "[CLS]", "patch_<row>_<col>") or
+                           "embeddings" (a plain torch model fed an array: tokens "0".."n-1")
+        attrs image_path, image_size, patch_grid, patch_size   only for input_kind "image":
+                           the image file as given, its (width, height) in pixels before the
+                           processor resized it, the (rows, cols) of patches and the patch side in
+                           model-input pixels. Token 1 + r·cols + c is the patch at row r, column c;
+                           the grid covers the whole image as the processor resized it.
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
@@ -55,13 +66,18 @@ Encoder-decoder files only (version 2): decoder_num_layers / decoder_num_heads (
 decoder) and decoder_layers / decoder_heads (stored decoder indices, for decoder_attention and
 cross_attention); for them num_layers/num_heads/layers/heads describe the encoder. Absent
 (HDF5) or missing (JSON) in files of encoder-only and decoder-only models.
+Version 2 adds: method may also be "hf" (attention read from transformers' eager
+`output_attentions`, not our pass); checkpoint_dtype (the dtype the weights were stored in,
+e.g. "bfloat16", when known; "" in HDF5 / null in JSON otherwise: computation is float32 anyway).
 
 JSON (`.json`, one text), seed 001's format with extra keys::
 
     {"tokens": [...], "text": "...", "attention_matrices": [layer][head][query][key],
      "id": "...", "token_ids": [...], "special_tokens_mask": [...], "offsets": [[s, e], ...],
      "word_ids": [...], "truncated": false, "num_tokens_untruncated": n,
-     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 2, ...}}
+     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 2, ...},
+     "input_kind": "text", "image": null | {"path": ..., "size": [w, h], "patch_grid": [rows, cols],
+     "patch_size": p}}
 
 Encoder-decoder files add (version 2) "decoder_attention_matrices" [layer][head][target][target],
 "cross_attention_matrices" [layer][head][target][source], "decoder_layers", "decoder_heads" and
@@ -89,8 +105,8 @@ import numpy as np
 from attnpipe.atomic import AtomicFile, atomic_path, check_writable
 from attnpipe.errors import AttnpipeError
 
-SCHEMA_VERSION = 2  # 2: encoder-decoder fields (target side, decoder and cross-attention)
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 2  # 2: encoder-decoder, image and embedding inputs (fields listed in the docstring)
+READABLE_VERSIONS = (1, 2)  # version 1 lacks only the fields added in 2
 FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
@@ -148,6 +164,20 @@ class TargetAttention:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+    checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
+
+
+InputKind = Literal["text", "image", "embeddings"]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Where an image's patch tokens lie (version 2). Token 1 + r·cols + c is patch (r, c)."""
+
+    path: str  # the image file as given
+    size: tuple[int, int]  # (width, height) in pixels, before the processor resized it
+    patch_grid: tuple[int, int]  # (rows, cols) of patches
+    patch_size: int  # patch side in model-input pixels
 
 
 @dataclass(frozen=True)
@@ -163,6 +193,8 @@ class TextAttention:
     num_tokens_untruncated: int
     attention: np.ndarray  # (L, H, n, n) float32: stored layers x stored heads x query x key
     target: TargetAttention | None = None  # encoder-decoder models: then `attention` is the encoder's
+    input_kind: InputKind = "text"  # version 2
+    image: ImageInfo | None = None  # version 2, input_kind "image" only
 
     @property
     def num_tokens(self) -> int:
@@ -192,6 +224,7 @@ def _provenance_attrs(prov: Provenance) -> dict:
             del attrs[key]
         elif key in ("decoder_layers", "decoder_heads"):
             attrs[key] = np.asarray(attrs[key], dtype=np.int64)
+    attrs["checkpoint_dtype"] = prov.checkpoint_dtype or ""  # attributes cannot hold None
     return attrs
 
 
@@ -225,6 +258,7 @@ def _provenance_from_attrs(attrs) -> Provenance:
         decoder_num_heads=int(get("decoder_num_heads")) if "decoder_num_heads" in attrs else None,
         decoder_layers=tuple(int(x) for x in get("decoder_layers")) if "decoder_layers" in attrs else None,
         decoder_heads=tuple(int(x) for x in get("decoder_heads")) if "decoder_heads" in attrs else None,
+        checkpoint_dtype=(get("checkpoint_dtype") or None) if "checkpoint_dtype" in attrs else None,
     )
 
 
@@ -266,6 +300,12 @@ class H5Writer:
         group.create_dataset("word_ids", data=item.word_ids.astype(np.int64))
         if item.target is not None:
             self._write_target(group, item.target)
+        group.attrs["input_kind"] = item.input_kind
+        if item.image is not None:
+            group.attrs["image_path"] = item.image.path
+            group.attrs["image_size"] = np.asarray(item.image.size, dtype=np.int64)
+            group.attrs["patch_grid"] = np.asarray(item.image.patch_grid, dtype=np.int64)
+            group.attrs["patch_size"] = int(item.image.patch_size)
         self._ids[index] = item.id
 
     def _attention_dataset(self, group, name: str, attention: np.ndarray) -> None:
@@ -343,6 +383,11 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
         "layers": list(provenance.layers),
         "heads": list(provenance.heads),
         "metadata": meta,
+        "input_kind": item.input_kind,
+        "image": None if item.image is None else {
+            "path": item.image.path, "size": list(item.image.size),
+            "patch_grid": list(item.image.patch_grid), "patch_size": item.image.patch_size,
+        },
     }
     if item.target is not None:
         payload.update(_target_payload(item.target, provenance))
@@ -472,6 +517,8 @@ class AttentionFile:
             num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
             attention=group["attention"][()].astype(np.float32),
             target=_target_from_h5(group) if "target" in group else None,
+            input_kind=str(group.attrs.get("input_kind", "text")),
+            image=_image_from_attrs(group.attrs),
         )
 
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
@@ -547,6 +594,26 @@ def _target_from_json(data: dict, n: int) -> TargetAttention | None:
     )
 
 
+def _image_from_attrs(attrs) -> ImageInfo | None:
+    if "image_path" not in attrs:
+        return None
+    path = attrs["image_path"]
+    return ImageInfo(
+        path=path.decode() if isinstance(path, bytes) else str(path),
+        size=tuple(int(x) for x in attrs["image_size"]),
+        patch_grid=tuple(int(x) for x in attrs["patch_grid"]),
+        patch_size=int(attrs["patch_size"]),
+    )
+
+
+def _image_from_json(value: dict | None) -> ImageInfo | None:
+    if value is None:
+        return None
+    return ImageInfo(path=str(value["path"]), size=tuple(int(x) for x in value["size"]),
+                     patch_grid=tuple(int(x) for x in value["patch_grid"]),
+                     patch_size=int(value["patch_size"]))
+
+
 def _text_from_json(data: dict) -> TextAttention:
     tokens = tuple(data["tokens"])
     n = len(tokens)
@@ -567,6 +634,8 @@ def _text_from_json(data: dict) -> TextAttention:
         num_tokens_untruncated=int(data.get("num_tokens_untruncated", n)),
         attention=attention,
         target=_target_from_json(data, n),
+        input_kind=str(data.get("input_kind", "text")),
+        image=_image_from_json(data.get("image")),
     )
 
 

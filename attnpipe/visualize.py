@@ -20,7 +20,7 @@ from attnpipe.prepare import DEFAULT_MAX_BYTES, dumps, prepare
 from attnpipe.store import Provenance, TextAttention, open_attention
 from attnpipe.viewer import write_html
 
-Mode = Literal["plot", "heads", "layers", "average", "prepare", "html", "seq2seq"]
+Mode = Literal["plot", "heads", "layers", "average", "prepare", "html", "seq2seq", "image"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Request:
     input_file: Path
     mode: Mode
     layer: str  # a model index, or "all"
-    head: int
+    head: int | str  # str only in image mode: an index, "mean" or "rollout"
     text_id: str | None
     index: int | None
     tokens: tuple[str, ...] | None
@@ -45,6 +45,7 @@ class Request:
     max_bytes: int | None = None
     trim: bool = False
     attention: str = "encoder"  # encoder | decoder | cross: which attention of an encoder-decoder file
+    image: Path | None = None  # image mode: the picture to draw on (default: the stored path)
 
 
 def model_name(meta: Provenance) -> str:
@@ -103,6 +104,11 @@ def run(req: Request) -> Iterator[str]:
         raise AttnpipeError(f"--cmap {req.cmap!r} is not a matplotlib colormap (e.g. viridis, magma, cividis)")
     if req.max_tokens is not None and req.max_tokens < 1:
         raise AttnpipeError(f"--max-tokens must be at least 1, got {req.max_tokens}")
+    if req.mode == "image":  # a ViT's [CLS] attention drawn on the image: attnpipe.visualize_image
+        from attnpipe.visualize_image import run_image
+
+        yield from run_image(req)
+        return
     with open_attention(req.input_file) as attn:
         meta = attn.meta
         source = req.input_file

@@ -39,6 +39,8 @@ def tiny_config(model_type: str):
         "mistral": lambda: T.MistralConfig(**common, **bert_like, num_key_value_heads=2, sliding_window=4),
         "qwen2": lambda: T.Qwen2Config(**common, **bert_like, num_key_value_heads=1,
                                        use_sliding_window=True, sliding_window=5, max_window_layers=1),
+        # Not a native family: extracted only with --method hf (tests/test_vision_torch_cli.py).
+        "deberta-v2": lambda: T.DebertaV2Config(**common, **bert_like),
     }
     return configs[model_type]()
 
@@ -104,3 +106,44 @@ def run_script(script: str, *args: str, cwd: Path | None = None) -> subprocess.C
         [sys.executable, str(ROOT / script), *map(str, args)],
         capture_output=True, text=True, cwd=cwd or ROOT, timeout=600,
     )
+
+
+def save_tiny_vit(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, 4-head random ViT on 32x32 images (4x4 patches of 8 px) with its image processor.
+
+    initializer_range is 0.2, not conftest's usual 0.5: at 0.5 the ViT's softmax rows saturate to
+    near one-hot, where the last-bit rounding difference between the patch Conv2d (transformers)
+    and our equivalent matmul is amplified to ~1e-5; at 0.2 rows are still far from uniform
+    (largest weight ~0.9 over 17 tokens) and the comparison is at float32 rounding (~1e-6).
+    """
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=37, initializer_range=0.2)
+    T.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    # Resizes the whole image to 32x32 (no crop) and normalises; PIL backend, no torchvision.
+    T.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def write_test_images(folder: Path, sizes=((40, 60), (64, 64), (30, 20))) -> list[Path]:
+    """Deterministic RGB images (height, width) with structure: a gradient plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+        pixels = np.clip(0.6 * ramp + 0.4 * rng.random((h, w, 3)) * 255, 0, 255).astype("uint8")
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    return save_tiny_vit(tmp_path_factory.mktemp("vit"))

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from attnpipe.models import bart, bert, gpt2, llama, t5
+from attnpipe.models import bart, bert, gpt2, llama, t5, vit
 
 FAMILIES: dict[str, ModuleType] = {
     model_type: family for family in (bert, gpt2, llama, t5, bart) for model_type in family.MODEL_TYPES
 }
+# Image models take pixels, not token ids: their forward is `forward(weights, pixel_values,
+# keep_layers)`, run by attnpipe.extract_vision. (models/torch_encoder.py takes a user's
+# nn.Module instead of a transformers folder and is run by attnpipe.extract_torch.)
+IMAGE_FAMILIES: dict[str, ModuleType] = {model_type: vit for model_type in vit.MODEL_TYPES}
 
 
 def supported_model_types() -> list[str]:
