@@ -137,6 +137,7 @@ class Provenance:
     decoder_num_heads: int | None = None
     decoder_layers: tuple[int, ...] | None = None
     decoder_heads: tuple[int, ...] | None = None
+    checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
 
     @property
     def is_seq2seq(self) -> bool:
@@ -164,7 +165,6 @@ class TargetAttention:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
-    checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
 
 
 InputKind = Literal["text", "image", "embeddings"]
