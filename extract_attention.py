@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "difference in the file, and fail if it exceeds --verify-tol")
     run.add_argument("--verify-tol", type=float, default=None, metavar="X",
                      help="tolerance for --verify (default: 1e-5)")
+    grad = parser.add_argument_group("gradients (attnpipe/gradients.py; texts run one at a time)")
+    grad.add_argument("--target", default=None, metavar="T",
+                      help="also store d target / d attention, head-gate gradients and gradient x input "
+                      "for this target: 'predicted' or a class index (sequence-classification "
+                      "checkpoints), 'next-token' (causal LMs), 'similarity:OTHER TEXT' (cosine of "
+                      "mean-pooled embeddings, any model)")
+    grad.add_argument("--ablate", action="store_true",
+                      help="with --target: also re-run with each head's gate at 0 and store the change "
+                      "in the target (one extra forward pass per head and text)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     return parser
 
@@ -90,7 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         texts = corpus.from_strings(args.text)
     else:
         raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
-    result = extract(ExtractConfig(
+    if args.ablate and args.target is None:
+        raise AttnpipeError("--ablate needs --target")
+    run_extract = extract
+    if args.target is not None:
+        from attnpipe.gradients import extract_with_gradients, parse_target
+
+        target = parse_target(args.target)
+        run_extract = lambda config: extract_with_gradients(config, target, args.ablate)  # noqa: E731
+    result = run_extract(ExtractConfig(
         texts=tuple(texts),
         output=args.output_file,
         model_dir=args.model_dir,

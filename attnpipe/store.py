@@ -4,7 +4,7 @@ Dimension order is always (layer, head, query, key): rows are queries, columns a
 Only real tokens are stored: no padding, so a text of n tokens has (L, H, n, n) attention,
 where L and H count the *stored* layers and heads (their model indices are in `layers`/`heads`).
 
-HDF5 (`.h5`, many texts), schema version 1::
+HDF5 (`.h5`, many texts), schema version 2 (version 1 files are still read)::
 
     /                      attrs: format = "attnpipe-attention", schema_version = 1,
                                   dims = "layer,head,query,key", and the provenance below
@@ -22,6 +22,24 @@ HDF5 (`.h5`, many texts), schema version 1::
         word_ids           (n,) int64: index of the word each sub-word belongs to; -1 for special
                            tokens (and everywhere for slow tokenizers)
 
+    Version 2 adds, only in files extracted with --target (attnpipe/gradients.py):
+    /texts/<i>
+        attrs              target_value (float64: the explained scalar at gates = 1),
+                           target_label (int64: the class index or next-token id explained; -1
+                           for a similarity target)
+        attention_grad     (L, H, n, n) float32: d target / d attention probability, same stored
+                           layers and heads as `attention` (always float32: gradients span many
+                           orders of magnitude); attribute dims = "layer,head,query,key"
+        head_gate_grad     (num_layers, num_heads) float32: d target / d gate of every model head
+                           at gates = 1 (Michel et al. 2019); head_importance is its absolute value
+        head_importance    (num_layers, num_heads) float32: |head_gate_grad|
+        token_grad_input   (n,) float32: gradient x input on the word embeddings, summed over
+                           the embedding dimension (signed)
+        head_ablation      (num_layers, num_heads) float32, only with --ablate: target with that
+                           one head's gate at 0 minus target_value
+    /head_importance_mean  (num_layers, num_heads) float32: mean of head_importance over texts
+    /head_ablation_mean    (num_layers, num_heads) float32, only with --ablate
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
@@ -29,14 +47,20 @@ dtype (storage dtype), compute_dtype, method ("manual": our forward pass), max_l
 parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from transformers'
 eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
 trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
-JSON-encoded string in HDF5, an object in JSON). `layers`/`heads` are sorted, without repeats.
+JSON-encoded string in HDF5, an object in JSON), target (version 2: the --target explained, e.g.
+"predicted", "2", "next-token", "similarity:<text>"; "" in HDF5 / null in JSON without one).
+`layers`/`heads` are sorted, without repeats.
 
 JSON (`.json`, one text), seed 001's format with extra keys::
 
     {"tokens": [...], "text": "...", "attention_matrices": [layer][head][query][key],
      "id": "...", "token_ids": [...], "special_tokens_mask": [...], "offsets": [[s, e], ...],
      "word_ids": [...], "truncated": false, "num_tokens_untruncated": n,
-     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 1, ...}}
+     "layers": [...], "heads": [...], "metadata": {"format": ..., "schema_version": 2, ...}}
+
+With --target (version 2) the JSON also has `attention_grad` [layer][head][query][key],
+`head_gate_grad`, `head_importance` (and `head_ablation` with --ablate) as [layer][head],
+`token_grad_input` [token], `target_value` and `target_label`, as in HDF5.
 
 `tokens` and `attention_matrices` hold real tokens only (seed 001 kept [PAD] entries in
 `tokens`; a single text needs no padding, so there is none to flag).
@@ -59,7 +83,8 @@ import numpy as np
 from attnpipe.atomic import AtomicFile, atomic_path, check_writable
 from attnpipe.errors import AttnpipeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 only added optional gradient datasets
 FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
@@ -85,6 +110,7 @@ class Provenance:
     parity_max_abs_diff: float | None = None
     parity_hidden_max_abs_diff: float | None = None
     schema_version: int = SCHEMA_VERSION
+    target: str | None = None  # version 2: what gradients explain (--target), None without
 
 
 @dataclass(frozen=True)
@@ -99,6 +125,18 @@ class TextAttention:
     truncated: bool
     num_tokens_untruncated: int
     attention: np.ndarray  # (L, H, n, n) float32: stored layers x stored heads x query x key
+    # Version 2, only with --target (attnpipe/gradients.py); None otherwise.
+    attention_grad: np.ndarray | None = None  # (L, H, n, n) d target / d attention
+    head_gate_grad: np.ndarray | None = None  # (num_layers, num_heads) d target / d head gate
+    token_grad_input: np.ndarray | None = None  # (n,) gradient x input on word embeddings
+    head_ablation: np.ndarray | None = None  # (num_layers, num_heads) target change, head zeroed
+    target_value: float | None = None
+    target_label: int | None = None
+
+    @property
+    def head_importance(self) -> np.ndarray | None:
+        """|d target / d gate| per (model layer, model head) (Michel et al. 2019)."""
+        return None if self.head_gate_grad is None else np.abs(self.head_gate_grad)
 
     @property
     def num_tokens(self) -> int:
@@ -121,6 +159,7 @@ def _provenance_attrs(prov: Provenance) -> dict:
     attrs["weight_files"] = json.dumps(list(prov.weight_files))
     for key in ("parity_max_abs_diff", "parity_hidden_max_abs_diff"):
         attrs[key] = math.nan if attrs[key] is None else float(attrs[key])
+    attrs["target"] = "" if prov.target is None else prov.target
     attrs["layers"] = np.asarray(prov.layers, dtype=np.int64)
     attrs["heads"] = np.asarray(prov.heads, dtype=np.int64)
     return attrs
@@ -152,6 +191,7 @@ def _provenance_from_attrs(attrs) -> Provenance:
         parity_max_abs_diff=maybe(get("parity_max_abs_diff")),
         parity_hidden_max_abs_diff=maybe(get("parity_hidden_max_abs_diff")),
         schema_version=int(get("schema_version")),
+        target=(get("target") or None) if "target" in attrs else None,
     )
 
 
@@ -169,6 +209,7 @@ class H5Writer:
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
         self._finished = False
+        self._sums: dict[str, list[np.ndarray]] = {"head_importance_mean": [], "head_ablation_mean": []}
 
     def write(self, index: int, item: TextAttention) -> None:
         """Store one text at position `index` of the user's order (any writing order works)."""
@@ -191,13 +232,36 @@ class H5Writer:
         group.create_dataset("special_tokens_mask", data=item.special_tokens_mask.astype(bool))
         group.create_dataset("offsets", data=item.offsets.astype(np.int64).reshape(-1, 2))
         group.create_dataset("word_ids", data=item.word_ids.astype(np.int64))
+        if item.attention_grad is not None:
+            self._write_gradients(group, item)
         self._ids[index] = item.id
+
+    def _write_gradients(self, group, item: TextAttention) -> None:
+        """Version 2's optional gradient datasets (see the module docstring)."""
+        group.attrs["target_value"] = float(item.target_value)
+        group.attrs["target_label"] = int(item.target_label)
+        layers, heads, n, _ = item.attention_grad.shape
+        grad = group.create_dataset(
+            "attention_grad", data=item.attention_grad.astype(np.float32),
+            chunks=(1, heads, n, n) if n else None, compression="gzip" if n else None, shuffle=bool(n),
+        )
+        grad.attrs["dims"] = ",".join(DIMS)
+        group.create_dataset("head_gate_grad", data=item.head_gate_grad.astype(np.float32))
+        group.create_dataset("head_importance", data=item.head_importance.astype(np.float32))
+        group.create_dataset("token_grad_input", data=item.token_grad_input.astype(np.float32))
+        self._sums["head_importance_mean"].append(item.head_importance.astype(np.float64))
+        if item.head_ablation is not None:
+            group.create_dataset("head_ablation", data=item.head_ablation.astype(np.float32))
+            self._sums["head_ablation_mean"].append(item.head_ablation.astype(np.float64))
 
     def finish(self, provenance: Provenance) -> None:
         missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
         if missing:
             raise RuntimeError(f"texts {missing[:5]} were never written")
         self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
+        for name, values in self._sums.items():  # corpus means of the per-text head scores
+            if values:
+                self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32))
         self._file.attrs["format"] = FORMAT_NAME
         self._file.attrs["dims"] = ",".join(DIMS)
         for key, value in _provenance_attrs(provenance).items():
@@ -223,6 +287,18 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
     meta["heads"] = list(provenance.heads)
     meta = {"format": FORMAT_NAME, "dims": list(DIMS), **meta}
     attention = item.attention.astype(np.dtype(provenance.dtype))
+    gradients = {}
+    if item.attention_grad is not None:
+        gradients = {
+            "attention_grad": item.attention_grad.astype(np.float32).tolist(),
+            "head_gate_grad": item.head_gate_grad.astype(np.float32).tolist(),
+            "head_importance": item.head_importance.astype(np.float32).tolist(),
+            "token_grad_input": item.token_grad_input.astype(np.float32).tolist(),
+            "target_value": float(item.target_value),
+            "target_label": int(item.target_label),
+        }
+        if item.head_ablation is not None:
+            gradients["head_ablation"] = item.head_ablation.astype(np.float32).tolist()
     return {
         "tokens": list(item.tokens),
         "text": item.text,
@@ -237,6 +313,7 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
         "layers": list(provenance.layers),
         "heads": list(provenance.heads),
         "metadata": meta,
+        **gradients,
     }
 
 
@@ -330,6 +407,10 @@ class AttentionFile:
         if self._json is not None:
             return _text_from_json(self._json)
         group = self._h5["texts"][f"{index:08d}"]
+
+        def optional(name: str) -> np.ndarray | None:
+            return group[name][()].astype(np.float32) if name in group else None
+
         return TextAttention(
             id=group.attrs["id"],
             text=group["text"].asstr()[()],
@@ -341,7 +422,19 @@ class AttentionFile:
             truncated=bool(group.attrs["truncated"]),
             num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
             attention=group["attention"][()].astype(np.float32),
+            attention_grad=optional("attention_grad"),
+            head_gate_grad=optional("head_gate_grad"),
+            token_grad_input=optional("token_grad_input"),
+            head_ablation=optional("head_ablation"),
+            target_value=float(group.attrs["target_value"]) if "target_value" in group.attrs else None,
+            target_label=int(group.attrs["target_label"]) if "target_label" in group.attrs else None,
         )
+
+    def corpus_array(self, name: str) -> np.ndarray | None:
+        """A root dataset such as `head_importance_mean` (HDF5, version 2), or None if absent."""
+        if self._h5 is None or name not in self._h5:
+            return None
+        return self._h5[name][()].astype(np.float32)
 
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
         """One (query, key) matrix, by *stored* layer and head position, reading only its bytes."""
@@ -367,9 +460,10 @@ class AttentionFile:
 
 
 def _check_version(path: Path, version: int) -> None:
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise AttnpipeError(
-            f"{path} has attention schema version {version}; this attnpipe reads version {SCHEMA_VERSION}"
+            f"{path} has attention schema version {version}; this attnpipe reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
 
 
@@ -381,6 +475,9 @@ def _text_from_json(data: dict) -> TextAttention:
         raise AttnpipeError(
             f"attention_matrices has shape {attention.shape}; expected (layer, head, {n}, {n})"
         )
+    def optional(name: str) -> np.ndarray | None:
+        return np.asarray(data[name], dtype=np.float32) if name in data else None
+
     return TextAttention(
         id=str(data.get("id", "text-0")),
         text=data["text"],
@@ -392,6 +489,12 @@ def _text_from_json(data: dict) -> TextAttention:
         truncated=bool(data.get("truncated", False)),
         num_tokens_untruncated=int(data.get("num_tokens_untruncated", n)),
         attention=attention,
+        attention_grad=optional("attention_grad"),
+        head_gate_grad=optional("head_gate_grad"),
+        token_grad_input=optional("token_grad_input"),
+        head_ablation=optional("head_ablation"),
+        target_value=float(data["target_value"]) if "target_value" in data else None,
+        target_label=int(data["target_label"]) if "target_label" in data else None,
     )
 
 
