@@ -86,7 +86,7 @@ def parse_target(spec: str) -> Target:
 
 @dataclass(frozen=True)
 class Objective:
-    """A scalar to explain: `value(hidden, label)` on our final hidden state (1, n, E).
+    """A scalar to explain: `value(hidden, label)` on our final hidden states (B, n, E) -> (B,).
 
     `choose(hidden)` picks the label (class or token id, -1 when there is none) once, at gates =
     1; ablations explain the same label.
@@ -165,18 +165,18 @@ def build_objective(model, target: Target, encode: Callable[[str], torch.Tensor]
                 )
             return target.class_index
 
-        return Objective(target, choose, lambda hidden, label: head(hidden)[0, label])
+        return Objective(target, choose, lambda hidden, label: head(hidden)[:, label])
     if target.kind == "next-token":
         head = _lm_head(model)
         return Objective(target, lambda hidden: int(head(hidden)[0].argmax()),
-                         lambda hidden, label: head(hidden)[0, label])
+                         lambda hidden, label: head(hidden)[:, label])
     if target.kind == "similarity":
         if encode is None:
             raise ValueError("a similarity target needs `encode` (text -> input ids)")
         with torch.no_grad():
             other = _embedding(run(model, encode(target.other_text)).hidden)  # constant (1, E)
         return Objective(target, lambda hidden: -1,
-                         lambda hidden, label: torch.cosine_similarity(_embedding(hidden), other)[0])
+                         lambda hidden, label: torch.cosine_similarity(_embedding(hidden), other))
     raise ValueError(f"unknown target kind {target.kind!r}")
 
 
@@ -234,7 +234,7 @@ def text_gradients(model, objective: Objective, input_ids: torch.Tensor,
         for probs in out.attentions.values():
             probs.retain_grad()
         label = objective.choose(out.hidden.detach())
-        value = objective.value(out.hidden, label)
+        value = objective.value(out.hidden, label)[0]
         value.backward()
     layers = sorted(out.attentions)
     attention = torch.cat([out.attentions[l] for l in layers])  # (L, H, n, n)
@@ -265,7 +265,7 @@ def head_ablation(model, objective: Objective, input_ids: torch.Tensor, label: i
                 gates = torch.ones(model.num_layers, model.num_heads, dtype=dtype, device=input_ids.device)
                 gates[layer, head] = 0.0
                 out = run(model, input_ids, gates, token_type_ids)
-                change[layer, head] = float(objective.value(out.hidden, label)) - full
+                change[layer, head] = float(objective.value(out.hidden, label)[0]) - full
     return change
 
 
