@@ -16,7 +16,9 @@ Bi-Modal and Encoder-Decoder Transformers", eq. 5-6), for self-attention::
     R = I;  for l = first .. last:  R = R + Ā_l · R
 
 R[i, j] is the relevance of input token j for position i after the last layer; Chefer et al.
-read the [CLS] row (R[0]) for a classifier.
+read the [CLS] row (R[0]) for a classifier. The identity puts 1 on every token's own entry
+whatever the model does, so token scores and figures use R − I (what the attention layers add;
+Chefer et al.'s BERT code likewise zeroes the [CLS] → [CLS] entry).
 
 Token scores (one value per input token, for one query row: [CLS] = 0 for encoders, the last
 token for causal LMs), the five methods of the faithfulness check (attnpipe/faithfulness.py):
@@ -25,7 +27,7 @@ token for causal LMs), the five methods of the faithfulness check (attnpipe/fait
     rollout    attnpipe.rollout.rollout (Abnar & Zuidema 2020, mean over heads), query row
     flow       attnpipe.flow.attention_flow, query row (slow: max-flow)
     gradweight G[last layer] averaged over heads, query row
-    chefer     R, query row
+    chefer     R − I, query row
     grad_input |gradient × input| on the word embeddings (the reference of the Spearman check)
 """
 
@@ -98,7 +100,8 @@ def token_scores(item, layers: Sequence[int], row: int, methods: Sequence[str] =
         elif method == "gradweight":
             scores[method] = gradient_weighted(item.attention[-1:], item.attention_grad[-1:])[0].mean(axis=0)[row]
         elif method == "chefer":
-            scores[method] = chefer_relevance(item.attention, item.attention_grad, start)[row]
+            relevance = chefer_relevance(item.attention, item.attention_grad, start)
+            scores[method] = (relevance - np.eye(len(relevance)))[row]
     if item.token_grad_input is not None:
         scores["grad_input"] = np.abs(item.token_grad_input.astype(np.float64))
     return scores
@@ -134,5 +137,6 @@ def maps(item, layers: Sequence[int]) -> dict[str, np.ndarray]:
         "raw attention (last layer, mean of heads)": item.attention[-1].astype(np.float64).mean(axis=0),
         "rollout (Abnar & Zuidema 2020)": rollout(item.attention, start=start),
         "A ⊙ |∇A| (last layer, mean of heads)": gradient_weighted(item.attention[-1:], item.attention_grad[-1:])[0].mean(axis=0),
-        "relevance (Chefer et al. 2021)": chefer_relevance(item.attention, item.attention_grad, start),
+        "relevance − I (Chefer et al. 2021)": chefer_relevance(item.attention, item.attention_grad, start)
+        - np.eye(item.num_tokens),
     }

@@ -31,8 +31,10 @@ class RMSNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # transformers normalises in float32 and scales after casting back (LlamaRMSNorm).
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        # (float64 stays float64, for the gradient checks)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        variance = wide.pow(2).mean(-1, keepdim=True)
+        return self.weight * (wide * torch.rsqrt(variance + self.eps)).to(x.dtype)
 
 
 @dataclass(frozen=True)
