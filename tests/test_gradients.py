@@ -228,11 +228,32 @@ def test_cli_stores_gradients_and_reads_them_back(classifier_dir, tmp_path):
     ("bert", ["--ablate"], "--ablate needs --target"),
     ("classifier", ["--target", "7"], "out of range: the classifier has 3 classes"),
 ])
-def test_cli_errors_for_targets_the_model_lacks(tiny_model_dir, classifier_dir, tmp_path, model_type, args, message):
+def test_cli_errors_for_targets_the_model_lacks(tiny_model_dir, classifier_dir, tmp_path, capsys, model_type, args,
+                                                 message):
+    import extract_attention
+
+    from attnpipe.errors import run_cli
+
     folder = classifier_dir if model_type == "classifier" else tiny_model_dir(model_type)
     out = tmp_path / "x.h5"
-    result = run_script("extract_attention.py", "--model_dir", folder, "--text", "the cat", *args,
-                        "--output_file", out, "-q")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error:") and message in result.stderr and "Traceback" not in result.stderr
+    capsys.readouterr()  # drop what building the fixtures printed
+    code = run_cli(extract_attention.main, ["--model_dir", str(folder), "--text", "the cat", *args,
+                                            "--output_file", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error:") and message in err and err.count("\n") == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_version_1_files_are_still_read(tiny_model_dir, tmp_path):
+    import h5py
+
+    path = tmp_path / "v1.h5"
+    assert run_script("extract_attention.py", "--model_dir", tiny_model_dir("bert"), "--text", "the cat",
+                      "--output_file", path, "-q").returncode == 0
+    with h5py.File(path, "a") as f:  # what a version-1 writer left: no target attribute
+        f.attrs["schema_version"] = 1
+        del f.attrs["target"]
+    with open_attention(path) as f:
+        assert f.meta.schema_version == 1 and f.meta.target is None
+        assert f[0].attention_grad is None and f[0].head_importance is None
