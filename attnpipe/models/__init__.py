@@ -5,6 +5,8 @@ the same small interface: `MODEL_TYPES`, `load_weights(model) -> Weights` (with 
 `num_heads` and `token_type`) and
 `forward(weights, input_ids, attention_mask, token_type_ids, keep_layers) -> Output`
 (final hidden state, and per kept layer the (B, H, Q, K) attention probabilities).
+`forward` also takes `head_gates`, an optional (L, H) tensor multiplying each head's context
+before the heads are merged (Michel et al. 2019; None = no gating; used by attnpipe/gradients.py).
 """
 
 from __future__ import annotations
