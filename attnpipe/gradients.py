@@ -254,19 +254,28 @@ def text_gradients(model, objective: Objective, input_ids: torch.Tensor,
     )
 
 
+ABLATION_BATCH = 32  # ablated copies of a text per forward pass (each with its own gates)
+
+
 def head_ablation(model, objective: Objective, input_ids: torch.Tensor, label: int, full: float,
                   token_type_ids: torch.Tensor | None = None) -> np.ndarray:
-    """(L, H): the target with one head's gate at 0, minus the target with every gate at 1."""
-    change = np.zeros((model.num_layers, model.num_heads))
+    """(L, H): the target with one head's gate at 0, minus the target with every gate at 1.
+
+    Copies of the text run as a batch, copy r with gates (L, B, H) zeroing head r only.
+    """
+    num_layers, num_heads = model.num_layers, model.num_heads
     dtype = _word_embeddings(model)[1].dtype
+    values = []
     with torch.no_grad():
-        for layer in range(model.num_layers):
-            for head in range(model.num_heads):
-                gates = torch.ones(model.num_layers, model.num_heads, dtype=dtype, device=input_ids.device)
-                gates[layer, head] = 0.0
-                out = run(model, input_ids, gates, token_type_ids)
-                change[layer, head] = float(objective.value(out.hidden, label)[0]) - full
-    return change
+        for first in range(0, num_layers * num_heads, ABLATION_BATCH):
+            heads = torch.arange(first, min(first + ABLATION_BATCH, num_layers * num_heads))
+            gates = torch.ones(num_layers, len(heads), num_heads, dtype=dtype, device=input_ids.device)
+            gates[heads // num_heads, torch.arange(len(heads)), heads % num_heads] = 0.0  # (L, B, H)
+            ids = input_ids.expand(len(heads), -1)
+            types = None if token_type_ids is None else token_type_ids.expand(len(heads), -1)
+            out = run(model, ids, gates, types)
+            values.append(objective.value(out.hidden, label).double().cpu())
+    return (torch.cat(values).numpy() - full).reshape(num_layers, num_heads)
 
 
 def extract_with_gradients(config, target: Target, ablate: bool = False):

@@ -201,7 +201,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T), 1 = real token, 0 = padding
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
-    head_gates: torch.Tensor | None = None,  # (L, H) multipliers; None = no gating
+    head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
 ) -> Output:
     """Run the encoder; return the final hidden state and the attention of the kept layers."""
     x = embed(weights, input_ids, token_type_ids)  # (B, T, hidden)
@@ -216,7 +216,7 @@ def forward(
             attentions[index] = probs
         context = torch.matmul(probs, v)  # (B, H, Q, D)
         if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
-            context = context * head_gates[index][None, :, None, None]
+            context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
         context = merge_heads(context)  # (B, T, H·D)
         x = layer.attn_norm(x + layer.out(context))
         x = layer.ff_norm(x + layer.ff_out(layer.act(layer.ff_in(x))))

@@ -133,7 +133,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T)
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
-    head_gates: torch.Tensor | None = None,  # (L, H) multipliers; None = no gating
+    head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
 ) -> Output:
     t = input_ids.shape[1]
     x = F.embedding(input_ids, weights.embed)  # (B, T, hidden)
@@ -161,7 +161,7 @@ def forward(
             attentions[index] = probs
         context = torch.matmul(probs, v)  # (B, H, Q, D)
         if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
-            context = context * head_gates[index][None, :, None, None]
+            context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
         x = x + layer.o(merge_heads(context))
         h = layer.norm_post(x)
         x = x + layer.down(weights.act(layer.gate(h)) * layer.up(h))
