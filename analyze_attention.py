@@ -31,6 +31,11 @@ Examples:
 
     # a Markdown report with figures (several files: checkpoints of the same texts, in order)
     python analyze_attention.py report results/demo/attention.h5 --output-dir results/demo/report
+
+    # files extracted with --target: A*|dA|, Chefer relevance, head importance; and the
+    # faithfulness check (token deletion; the one subcommand that loads the model)
+    python analyze_attention.py relevance results/sentiment_grad.h5 --output-dir out/relevance
+    python analyze_attention.py faithfulness results/sentiment_grad.h5 --output-dir out/faithfulness
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ Examples:
 
     # your own checkpoint (a transformers folder), last layer only
     python extract_attention.py --model_dir ./model_output --text "Hello" --layer -1 --output_file a.json
+
+    # also store d target / d attention, head-gate gradients and head ablations for a classifier
+    python extract_attention.py --model_dir results/classifier --texts-file data/labels/sentiment.jsonl \
+        --target predicted --ablate --output_file results/sentiment_grad.h5
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "mean-pooled embeddings, any model)")
     grad.add_argument("--ablate", action="store_true",
                       help="with --target: also re-run with each head's gate at 0 and store the change "
-                      "in the target (one extra forward pass per head and text)")
+                      "in the target (L x H ablated copies of each text, run in batches)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     return parser
 

@@ -92,3 +92,33 @@ def test_faithfulness_subcommand(classifier_dir, tmp_path, capsys):  # noqa: F81
     assert run_cli(analyze_attention.main, ["faithfulness", str(path), "--output-dir", str(out),
                                             "--model_dir", str(other)]) == 2
     assert "weights differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type,spec", [("gpt2", "next-token"), ("bert", "similarity:the red mat")])
+def test_deleter_masks_or_removes_tokens(tiny_model_dir, model_type, spec):
+    """Masking keeps the length and puts the mask id at the deleted positions; a tokenizer without
+    a mask token (GPT-2 here) has the tokens removed. Each value equals a plain run on that input."""
+    import torch
+
+    from attnpipe import gradients as G
+    from attnpipe.loading import load_model
+
+    model = load_model(tiny_model_dir(model_type), torch.device("cpu"))
+    ids = np.array(model.tokenizer("the cat sat on the mat")["input_ids"])
+    encode = lambda text: torch.tensor([model.tokenizer(text)["input_ids"]])  # noqa: E731
+    objective = G.build_objective(model, G.parse_target(spec), encode)
+    mask_id = None if model_type == "gpt2" else model.tokenizer.mask_token_id
+    deleter = FF.Deleter(model, objective, mask_id)
+    deletions = [np.array([], dtype=int), np.array([2]), np.array([1, 3])]
+    got = deleter.values(ids, deletions, label=5 if model_type == "gpt2" else -1)
+    for value, positions in zip(got, deletions):
+        changed = ids.copy()
+        if mask_id is None:
+            changed = np.delete(changed, positions)
+        else:
+            changed[positions] = mask_id
+        with torch.no_grad():
+            out = G.run(model, torch.as_tensor(changed[None]))
+            expected = float(objective.value(out.hidden, 5 if model_type == "gpt2" else -1)[0])
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-6)  # batched vs single: float32 rounding
+    assert got[0] != pytest.approx(got[2])

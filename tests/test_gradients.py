@@ -59,7 +59,12 @@ def test_gates_at_one_are_bit_identical(tiny_model_dir, model_type):
     # and a gate does act: zeroing one head changes the output
     gates = torch.ones(model.num_layers, model.num_heads)
     gates[0, 1] = 0.0
-    assert not torch.equal(plain.hidden, model.family.forward(model.weights, ids, mask, head_gates=gates).hidden)
+    zeroed = model.family.forward(model.weights, ids, mask, head_gates=gates).hidden
+    assert not torch.equal(plain.hidden, zeroed)
+    # per-text gates (L, B, H): text 0 ungated, text 1 with head (0, 1) zeroed, in one batch
+    per_text = torch.stack([torch.ones_like(gates), gates], dim=1)  # (L, 2, H)
+    both = model.family.forward(model.weights, ids, mask, head_gates=per_text).hidden
+    assert torch.equal(both[0], plain.hidden[0]) and torch.equal(both[1], zeroed[1])
 
 
 def objective_value(model, objective, ids, gates=None, label=None):
