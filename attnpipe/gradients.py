@@ -137,10 +137,17 @@ def _lm_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
             f"--target next-token needs a causal language model (gpt2, llama, mistral, qwen2); "
             f"{model.model_dir} is a {model.model_type} model"
         )
-    lm = transformers.AutoModelForCausalLM.from_pretrained(
+    lm, info = transformers.AutoModelForCausalLM.from_pretrained(
         model.model_dir, dtype=next(model.hf_model.parameters()).dtype,
-        trust_remote_code=model.trust_remote_code,
-    ).to(model.device).eval()
+        trust_remote_code=model.trust_remote_code, output_loading_info=True,
+    )
+    missing = sorted(key for key in info["missing_keys"] if "lm_head" in key)
+    if missing:  # a base-model folder of an untied LM: transformers would use a random head
+        raise AttnpipeError(
+            f"--target next-token needs the LM head's weights, but {model.model_dir} has none "
+            f"({', '.join(missing)} missing): save the ...ForCausalLM model, not the base model"
+        )
+    lm = lm.to(model.device).eval()
     head = lm.get_output_embeddings()
     return lambda h: head(h[:, -1])  # (1, vocab): logits for the token after the text
 

@@ -232,6 +232,7 @@ def test_cli_stores_gradients_and_reads_them_back(classifier_dir, tmp_path):
     ("bert", ["--target", "next-token"], "needs a causal language model"),
     ("bert", ["--ablate"], "--ablate needs --target"),
     ("classifier", ["--target", "7"], "out of range: the classifier has 3 classes"),
+    ("llama", ["--target", "next-token"], "needs the LM head's weights"),  # a base model, untied head
 ])
 def test_cli_errors_for_targets_the_model_lacks(tiny_model_dir, classifier_dir, tmp_path, capsys, model_type, args,
                                                  message):
