@@ -470,7 +470,7 @@ def run_relevance(args) -> int:
         for index in drawn:
             item = f[index]
             fig = relevance_plots.maps_figure(RV.maps(item, layers), item.tokens,
-                                              f"{item.id}: target {f.meta.target}", args.max_tokens)
+                                              f"{item.id}: target {f.meta.gradient_target}", args.max_tokens)
             path = folder / f"relevance_{index}.png"
             plots.save_figure(fig, path)
             written.append(path)
@@ -509,7 +509,7 @@ def run_faithfulness(args) -> int:
     folder = tables.prepare_output_dir(args.output_dir)
     methods = tuple(m for m in FF.METHODS if not (args.no_flow and m == "flow"))
     with open_attention(args.input) as f:
-        if f.meta.target is None:
+        if f.meta.gradient_target is None:
             raise AttnpipeError(f"{args.input} holds no gradients: extract it with --target")
         if len(f) == 0:
             raise AttnpipeError(f"{args.input} holds no texts")
@@ -524,12 +524,12 @@ def run_faithfulness(args) -> int:
 
             return torch.tensor([model.tokenizer(text)["input_ids"]], device=device)
 
-        objective = build_objective(model, parse_target(f.meta.target), encode)
+        objective = build_objective(model, parse_target(f.meta.gradient_target), encode)
         summary, curve = FF.corpus_faithfulness(f, model, objective, methods, args.max_texts, args.seed)
     protocol = summary.attrs["protocol"]
     written = tables.write_table(summary, folder, "faithfulness")
     written += tables.write_table(curve, folder, "perturbation_curves")
-    text = (f"Target: {f.meta.target}; {int(summary['texts'].iloc[0])} text(s); deleted tokens "
+    text = (f"Target: {f.meta.gradient_target}; {int(summary['texts'].iloc[0])} text(s); deleted tokens "
             f"{'replaced by the mask token' if protocol == 'mask' else 'removed'}; fractions "
             f"{', '.join(map(str, FF.FRACTIONS))}.\n\n" + FF.markdown_table(summary) + "\n")
     written.append(tables.write_atomic(folder / "faithfulness.md", lambda tmp: tmp.write_text(text, encoding="utf-8")))

@@ -13,7 +13,7 @@ relevant first"):
     mask token* (same length, positions unchanged); a tokenizer without one (GPT-2) has them
     *removed* instead;
   * the model (our forward pass) is re-run and the drop `target(x) − target(x with deletions)`
-    recorded, for the class / token chosen on the full text (the stored target_label).
+    recorded, for the class / token chosen on the full text (the stored gradient_target_label).
 The perturbation curve is the mean drop per fraction over the texts; AOPC is the mean of the
 curve over FRACTIONS (higher = the method found tokens the target depends on).
 
@@ -109,8 +109,8 @@ def text_curves(item, layers, model_type: str, deleter: Deleter, methods=METHODS
     randoms = [rng.permutation(candidates) for _ in range(RANDOM_REPEATS)]
     names = list(orders) + [f"random/{i}" for i in range(RANDOM_REPEATS)]
     deletions = [order[:k] for order in list(orders.values()) + randoms for k in ks]
-    full = deleter.values(item.token_ids, [np.zeros(0, dtype=np.int64)], item.target_label)[0]
-    drops = full - deleter.values(item.token_ids, deletions, item.target_label)
+    full = deleter.values(item.token_ids, [np.zeros(0, dtype=np.int64)], item.gradient_target_label)[0]
+    drops = full - deleter.values(item.token_ids, deletions, item.gradient_target_label)
     drops = drops.reshape(len(names), len(ks))
     rows = [
         {"text_id": item.id, "method": name, "fraction": f, "drop": drops[i, j]}
@@ -131,7 +131,7 @@ def corpus_faithfulness(attention_file, model, objective, methods=METHODS, max_t
     """(summary: one row per method with aopc, spearman_grad_input, texts; curves: method,
     fraction, mean drop) over the first `max_texts` texts of an open AttentionFile."""
     meta = attention_file.meta
-    if meta.target is None:
+    if meta.gradient_target is None:
         raise AttnpipeError(f"{attention_file.path} holds no gradients: extract it with --target")
     if tuple(meta.heads) != tuple(range(meta.num_heads)):
         raise AttnpipeError("the faithfulness check needs every head stored: extract with --heads all")

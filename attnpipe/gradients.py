@@ -359,8 +359,8 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
                 head_gate_grad=result.head_gate_grad,
                 token_grad_input=result.token_grad_input,
                 head_ablation=result.head_ablation,
-                target_value=result.target_value,
-                target_label=result.target_label,
+                gradient_target_value=result.target_value,
+                gradient_target_label=result.target_label,
             )
             if writer is not None:
                 writer.write(i, item)
@@ -375,7 +375,7 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
             library_versions=X.library_versions(),
             parity_max_abs_diff=parity if config.verify else None,
             parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
-            target=target.spec,
+            gradient_target=target.spec,
         )
         if writer is not None:
             writer.finish(provenance)

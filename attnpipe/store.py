@@ -24,8 +24,8 @@ HDF5 (`.h5`, many texts), schema version 2 (version 1 files are still read)::
 
     Version 2 adds, only in files extracted with --target (attnpipe/gradients.py):
     /texts/<i>
-        attrs              target_value (float64: the explained scalar at gates = 1),
-                           target_label (int64: the class index or next-token id explained; -1
+        attrs              gradient_target_value (float64: the explained scalar at gates = 1),
+                           gradient_target_label (int64: the class index or next-token id explained; -1
                            for a similarity target)
         attention_grad     (L, H, n, n) float32: d target / d attention probability, same stored
                            layers and heads as `attention` (always float32: gradients span many
@@ -36,7 +36,7 @@ HDF5 (`.h5`, many texts), schema version 2 (version 1 files are still read)::
         token_grad_input   (n,) float32: gradient x input on the word embeddings, summed over
                            the embedding dimension (signed)
         head_ablation      (num_layers, num_heads) float32, only with --ablate: target with that
-                           one head's gate at 0 minus target_value
+                           one head's gate at 0 minus gradient_target_value
     /head_importance_mean  (num_layers, num_heads) float32: mean of head_importance over texts
     /head_ablation_mean    (num_layers, num_heads) float32, only with --ablate
 
@@ -47,7 +47,7 @@ dtype (storage dtype), compute_dtype, method ("manual": our forward pass), max_l
 parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from transformers'
 eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
 trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
-JSON-encoded string in HDF5, an object in JSON), target (version 2: the --target explained, e.g.
+JSON-encoded string in HDF5, an object in JSON), gradient_target (version 2: the --target explained, e.g.
 "predicted", "2", "next-token", "similarity:<text>"; "" in HDF5 / null in JSON without one).
 `layers`/`heads` are sorted, without repeats.
 
@@ -60,7 +60,7 @@ JSON (`.json`, one text), seed 001's format with extra keys::
 
 With --target (version 2) the JSON also has `attention_grad` [layer][head][query][key],
 `head_gate_grad`, `head_importance` (and `head_ablation` with --ablate) as [layer][head],
-`token_grad_input` [token], `target_value` and `target_label`, as in HDF5.
+`token_grad_input` [token], `gradient_target_value` and `gradient_target_label`, as in HDF5.
 
 `tokens` and `attention_matrices` hold real tokens only (seed 001 kept [PAD] entries in
 `tokens`; a single text needs no padding, so there is none to flag).
@@ -110,7 +110,7 @@ class Provenance:
     parity_max_abs_diff: float | None = None
     parity_hidden_max_abs_diff: float | None = None
     schema_version: int = SCHEMA_VERSION
-    target: str | None = None  # version 2: what gradients explain (--target), None without
+    gradient_target: str | None = None  # version 2: what gradients explain (--target), None without
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,8 @@ class TextAttention:
     head_gate_grad: np.ndarray | None = None  # (num_layers, num_heads) d target / d head gate
     token_grad_input: np.ndarray | None = None  # (n,) gradient x input on word embeddings
     head_ablation: np.ndarray | None = None  # (num_layers, num_heads) target change, head zeroed
-    target_value: float | None = None
-    target_label: int | None = None
+    gradient_target_value: float | None = None
+    gradient_target_label: int | None = None
 
     @property
     def head_importance(self) -> np.ndarray | None:
@@ -159,7 +159,7 @@ def _provenance_attrs(prov: Provenance) -> dict:
     attrs["weight_files"] = json.dumps(list(prov.weight_files))
     for key in ("parity_max_abs_diff", "parity_hidden_max_abs_diff"):
         attrs[key] = math.nan if attrs[key] is None else float(attrs[key])
-    attrs["target"] = "" if prov.target is None else prov.target
+    attrs["gradient_target"] = "" if prov.gradient_target is None else prov.gradient_target
     attrs["layers"] = np.asarray(prov.layers, dtype=np.int64)
     attrs["heads"] = np.asarray(prov.heads, dtype=np.int64)
     return attrs
@@ -191,7 +191,7 @@ def _provenance_from_attrs(attrs) -> Provenance:
         parity_max_abs_diff=maybe(get("parity_max_abs_diff")),
         parity_hidden_max_abs_diff=maybe(get("parity_hidden_max_abs_diff")),
         schema_version=int(get("schema_version")),
-        target=(get("target") or None) if "target" in attrs else None,
+        gradient_target=(get("gradient_target") or None) if "gradient_target" in attrs else None,
     )
 
 
@@ -238,8 +238,8 @@ class H5Writer:
 
     def _write_gradients(self, group, item: TextAttention) -> None:
         """Version 2's optional gradient datasets (see the module docstring)."""
-        group.attrs["target_value"] = float(item.target_value)
-        group.attrs["target_label"] = int(item.target_label)
+        group.attrs["gradient_target_value"] = float(item.gradient_target_value)
+        group.attrs["gradient_target_label"] = int(item.gradient_target_label)
         layers, heads, n, _ = item.attention_grad.shape
         grad = group.create_dataset(
             "attention_grad", data=item.attention_grad.astype(np.float32),
@@ -294,8 +294,8 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
             "head_gate_grad": item.head_gate_grad.astype(np.float32).tolist(),
             "head_importance": item.head_importance.astype(np.float32).tolist(),
             "token_grad_input": item.token_grad_input.astype(np.float32).tolist(),
-            "target_value": float(item.target_value),
-            "target_label": int(item.target_label),
+            "gradient_target_value": float(item.gradient_target_value),
+            "gradient_target_label": int(item.gradient_target_label),
         }
         if item.head_ablation is not None:
             gradients["head_ablation"] = item.head_ablation.astype(np.float32).tolist()
@@ -426,8 +426,8 @@ class AttentionFile:
             head_gate_grad=optional("head_gate_grad"),
             token_grad_input=optional("token_grad_input"),
             head_ablation=optional("head_ablation"),
-            target_value=float(group.attrs["target_value"]) if "target_value" in group.attrs else None,
-            target_label=int(group.attrs["target_label"]) if "target_label" in group.attrs else None,
+            gradient_target_value=_maybe(float, group.attrs.get("gradient_target_value")),
+            gradient_target_label=_maybe(int, group.attrs.get("gradient_target_label")),
         )
 
     def corpus_array(self, name: str) -> np.ndarray | None:
@@ -459,11 +459,16 @@ class AttentionFile:
         self.close()
 
 
+def _maybe(convert, value):
+    """convert(value), or None for an absent (version 1 / no --target) value."""
+    return None if value is None else convert(value)
+
+
 def _check_version(path: Path, version: int) -> None:
     if version not in READABLE_VERSIONS:
         raise AttnpipeError(
-            f"{path} has attention schema version {version}; this attnpipe reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
+            f"{path} has attention schema version {version}; this attnpipe reads version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}"
         )
 
 
@@ -493,8 +498,8 @@ def _text_from_json(data: dict) -> TextAttention:
         head_gate_grad=optional("head_gate_grad"),
         token_grad_input=optional("token_grad_input"),
         head_ablation=optional("head_ablation"),
-        target_value=float(data["target_value"]) if "target_value" in data else None,
-        target_label=int(data["target_label"]) if "target_label" in data else None,
+        gradient_target_value=_maybe(float, data.get("gradient_target_value")),
+        gradient_target_label=_maybe(int, data.get("gradient_target_label")),
     )
 
 

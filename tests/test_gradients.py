@@ -212,11 +212,11 @@ def test_cli_stores_gradients_and_reads_them_back(classifier_dir, tmp_path):
                         "--layer", "-1", "--heads", "1,2", "--output_file", out, "-q")
     assert result.returncode == 0, result.stderr
     with open_attention(out) as f:
-        assert f.meta.schema_version == 2 and f.meta.target == "predicted"
+        assert f.meta.schema_version == 2 and f.meta.gradient_target == "predicted"
         item = f[1]
         assert item.attention_grad.shape == item.attention.shape == (1, 2, 6, 6)
         assert item.head_gate_grad.shape == item.head_ablation.shape == (2, 4)
-        assert item.token_grad_input.shape == (6,) and item.target_label in (0, 1, 2)
+        assert item.token_grad_input.shape == (6,) and item.gradient_target_label in (0, 1, 2)
         mean = f.corpus_array("head_importance_mean")
         np.testing.assert_allclose(mean, (f[0].head_importance + f[1].head_importance) / 2, rtol=1e-6)
     json_out = tmp_path / "g.json"
@@ -224,7 +224,7 @@ def test_cli_stores_gradients_and_reads_them_back(classifier_dir, tmp_path):
                         "--target", "1", "--output_file", json_out, "-q")
     assert result.returncode == 0, result.stderr
     with open_attention(json_out) as f:
-        assert f[0].target_label == 1 and f[0].attention_grad.shape == f[0].attention.shape
+        assert f[0].gradient_target_label == 1 and f[0].attention_grad.shape == f[0].attention.shape
 
 
 @pytest.mark.parametrize("model_type,args,message", [
@@ -259,7 +259,7 @@ def test_version_1_files_are_still_read(tiny_model_dir, tmp_path):
                       "--output_file", path, "-q").returncode == 0
     with h5py.File(path, "a") as f:  # what a version-1 writer left: no target attribute
         f.attrs["schema_version"] = 1
-        del f.attrs["target"]
+        del f.attrs["gradient_target"]
     with open_attention(path) as f:
-        assert f.meta.schema_version == 1 and f.meta.target is None
+        assert f.meta.schema_version == 1 and f.meta.gradient_target is None
         assert f[0].attention_grad is None and f[0].head_importance is None

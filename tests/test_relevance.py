@@ -73,7 +73,7 @@ def fake_item(rng, n=5, layers=2, heads=3, with_grad=True):
         attention_grad=rng.normal(size=a.shape).astype(np.float32) if with_grad else None,
         head_gate_grad=rng.normal(size=(layers, heads)).astype(np.float32) if with_grad else None,
         token_grad_input=rng.normal(size=n).astype(np.float32) if with_grad else None,
-        target_value=1.0 if with_grad else None, target_label=0 if with_grad else None,
+        gradient_target_value=1.0 if with_grad else None, gradient_target_label=0 if with_grad else None,
     )
 
 
