@@ -40,7 +40,6 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -201,7 +200,10 @@ def _word_embeddings(model) -> tuple[str, torch.Tensor]:
     family = model.family.__name__.rsplit(".", 1)[-1]
     field = _WORD_EMBEDDING_FIELD.get(family)
     if field is None:
-        raise AttnpipeError(f"gradients are not supported for the {family} family yet")
+        raise AttnpipeError(
+            f"--target is not supported for {model.model_type} models yet; it works for "
+            "bert-like encoders, gpt2 and the llama family"
+        )
     return field, getattr(model.weights, field)  # (vocab, E)
 
 
@@ -305,6 +307,7 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
     device = resolve_device(config.device)
     model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
     model = load_model(model_dir, device, config.trust_remote_code)
+    _word_embeddings(model)  # families without head gates / embedding map: a clear error first
     layers = X.parse_indices(config.layers, model.num_layers, "--layer", "layers")
     heads = X.parse_indices(config.heads, model.num_heads, "--heads", "heads")
     max_length = X._max_length(model, config.max_length)
