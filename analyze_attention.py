@@ -31,6 +31,11 @@ Examples:
 
     # a Markdown report with figures (several files: checkpoints of the same texts, in order)
     python analyze_attention.py report results/demo/attention.h5 --output-dir results/demo/report
+
+    # files extracted with --explain: A*|dA|, Chefer relevance, head importance; and the
+    # faithfulness check (token deletion; the one subcommand that loads the model)
+    python analyze_attention.py relevance results/sentiment_grad.h5 --output-dir out/relevance
+    python analyze_attention.py faithfulness results/sentiment_grad.h5 --output-dir out/faithfulness
 """
 
 from __future__ import annotations
@@ -157,7 +162,47 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--clusters", type=int, default=6, metavar="K",
                         help="number of head clusters (default: 6, at most the number of heads)")
     report.add_argument("--title", default="Attention report", help="the report's heading")
+    add_gradient_commands(commands)
     return parser
+
+
+def add_gradient_commands(commands) -> None:
+    """Subcommands on files extracted with --explain (attention gradients stored beside attention)."""
+    relevance = commands.add_parser(
+        "relevance", help="gradient-weighted attention and Chefer et al. 2021 relevance (files made with --explain)",
+        description="Write relevance.parquet/.csv (per text, the query row of raw attention, rollout, "
+        "A*|dA| and Chefer relevance, and |grad x input|), relevance_<i>.png (the four maps side by "
+        "side) and head_importance.csv/.png (mean |d target / d head gate| over the texts).")
+    add_common(relevance, causal=False)
+    relevance.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                           help="folder for the tables and figures (created if missing)")
+    relevance.add_argument("--query", choices=["auto", "cls", "last"], default="auto",
+                           help="row of each map kept in the table: auto (default: [CLS] for encoders, "
+                           "the last token for causal LMs), cls or last")
+    relevance.add_argument("--figures", type=int, default=1, metavar="N",
+                           help="draw the maps of the first N texts (default: 1; 0 = none)")
+    relevance.add_argument("--text-id", default=None, metavar="ID", help="draw only this text's maps")
+    relevance.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                           help="figures show the first N tokens only")
+
+    faith = commands.add_parser(
+        "faithfulness", help="token-deletion check of raw attention, rollout, flow, A*|dA| and Chefer "
+        "relevance (loads the model)",
+        description="Delete tokens in order of each method's scores, re-run the model and record the "
+        "drop in the target (perturbation curve, AOPC); Spearman correlation with |grad x input|. "
+        "Writes faithfulness.parquet/.csv/.md, perturbation_curves.parquet/.csv/.png. Protocol: "
+        "attnpipe/faithfulness.py and docs/METRICS.md.")
+    add_common(faith, causal=False)
+    faith.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                       help="folder for the tables and the figure (created if missing)")
+    faith.add_argument("--model_dir", "--model-dir", type=Path, default=None, metavar="DIR",
+                       help="the model the file was extracted with (default: the folder recorded in the file)")
+    faith.add_argument("--max-texts", type=int, default=None, metavar="N",
+                       help="only the first N texts (flow is slow on long texts; default: all)")
+    faith.add_argument("--no-flow", action="store_true", help="leave attention flow out (it is slow)")
+    faith.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
+    faith.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps", "auto"],
+                       help="where to run the model (default: cpu)")
 
 
 def parse_metric_names(text: str) -> tuple[str, ...]:
@@ -404,10 +449,102 @@ def run_report(args) -> int:
     return 0
 
 
+def run_relevance(args) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from attnpipe import plots, relevance as RV, relevance_plots, tables
+    from attnpipe.store import open_attention
+
+    if args.figures < 0:
+        raise AttnpipeError(f"--figures must be 0 or more, got {args.figures}")
+    folder = tables.prepare_output_dir(args.output_dir)
+    written = []
+    with open_attention(args.input) as f:
+        if len(f) == 0:
+            raise AttnpipeError(f"{args.input} holds no texts")
+        layers = f.meta.layers
+        table = pd.concat([RV.text_relevance(item, layers, args.query, f.meta.model_type) for item in f],
+                          ignore_index=True)
+        drawn = [f.index_of(args.text_id)] if args.text_id is not None else range(min(args.figures, len(f)))
+        for index in drawn:
+            item = f[index]
+            fig = relevance_plots.maps_figure(RV.maps(item, layers), item.tokens,
+                                              f"{item.id}: target {f.meta.gradient_target}", args.max_tokens)
+            path = folder / f"relevance_{index}.png"
+            plots.save_figure(fig, path)
+            written.append(path)
+        importance = f.corpus_array("head_importance_mean")
+        if importance is None:  # a JSON file: the one text's importance
+            importance = f[0].head_importance
+        ablation = f.corpus_array("head_ablation_mean")
+        if ablation is None and f[0].head_ablation is not None and len(f) == 1:
+            ablation = f[0].head_ablation
+        num_layers, num_heads = importance.shape
+        heads = pd.DataFrame({
+            "layer": np.repeat(np.arange(num_layers), num_heads),
+            "head": np.tile(np.arange(num_heads), num_layers),
+            "importance_mean": importance.ravel(),
+            **({"ablation_mean": ablation.ravel()} if ablation is not None else {}),
+        })
+    written += tables.write_table(table, folder, "relevance")
+    written += tables.write_table(heads, folder, "head_importance")
+    written.append(save_figure(
+        lambda ax: relevance_plots.head_importance(ax, importance, list(range(num_layers)),
+                                                   "mean |d target / d head gate|"),
+        folder / "head_importance.png", figsize=(7, 4)))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def run_faithfulness(args) -> int:
+    from attnpipe import faithfulness as FF
+    from attnpipe import relevance_plots, tables
+    from attnpipe.gradients import build_objective, parse_target
+    from attnpipe.loading import load_model, resolve_device
+    from attnpipe.store import open_attention
+
+    if args.max_texts is not None and args.max_texts < 1:
+        raise AttnpipeError(f"--max-texts must be at least 1, got {args.max_texts}")
+    folder = tables.prepare_output_dir(args.output_dir)
+    methods = tuple(m for m in FF.METHODS if not (args.no_flow and m == "flow"))
+    with open_attention(args.input) as f:
+        if f.meta.gradient_target is None:
+            raise AttnpipeError(f"{args.input} holds no gradients: extract it with --explain")
+        if len(f) == 0:
+            raise AttnpipeError(f"{args.input} holds no texts")
+        model_dir = args.model_dir if args.model_dir is not None else Path(f.meta.model)
+        device = resolve_device(args.device)
+        model = load_model(model_dir, device)
+        if model.weights_sha256 != f.meta.weights_sha256:
+            raise AttnpipeError(f"{model_dir} is not the model {args.input} was extracted with (weights differ)")
+
+        def encode(text):
+            import torch
+
+            return torch.tensor([model.tokenizer(text)["input_ids"]], device=device)
+
+        objective = build_objective(model, parse_target(f.meta.gradient_target), encode)
+        summary, curve = FF.corpus_faithfulness(f, model, objective, methods, args.max_texts, args.seed)
+    protocol = summary.attrs["protocol"]
+    written = tables.write_table(summary, folder, "faithfulness")
+    written += tables.write_table(curve, folder, "perturbation_curves")
+    text = (f"Target: {f.meta.gradient_target}; {int(summary['texts'].iloc[0])} text(s); deleted tokens "
+            f"{'replaced by the mask token' if protocol == 'mask' else 'removed'}; fractions "
+            f"{', '.join(map(str, FF.FRACTIONS))}.\n\n" + FF.markdown_table(summary) + "\n")
+    written.append(tables.write_atomic(folder / "faithfulness.md", lambda tmp: tmp.write_text(text, encoding="utf-8")))
+    written.append(save_figure(lambda ax: relevance_plots.perturbation_curves(ax, curve),
+                               folder / "perturbation_curves.png", figsize=(6, 4)))
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollout, "flow": run_flow,
-                "clusters": run_clusters, "specialization": run_specialization, "compare": run_compare, "report": run_report}
+                "clusters": run_clusters, "specialization": run_specialization, "compare": run_compare, "report": run_report,
+                "relevance": run_relevance, "faithfulness": run_faithfulness}
     return commands[args.command](args)
 
 

@@ -29,6 +29,9 @@ Examples:
 
     # any other transformers model, through transformers' own eager attention (marked method "hf")
     python extract_attention.py --model_dir ./deberta --method hf --text "Hello" --output_file hf.json
+    # also store d target / d attention, head-gate gradients and head ablations for a classifier
+    python extract_attention.py --model_dir results/classifier --texts-file data/labels/sentiment.jsonl \
+        --explain predicted --ablate --output_file results/sentiment_grad.h5
 """
 
 from __future__ import annotations
@@ -118,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "difference in the file, and fail if it exceeds --verify-tol")
     run.add_argument("--verify-tol", type=float, default=None, metavar="X",
                      help="tolerance for --verify (default: 1e-5)")
+    grad = parser.add_argument_group("gradients (attnpipe/gradients.py; texts run one at a time)")
+    grad.add_argument("--explain", "--grad-target", default=None, metavar="T",
+                      help="also store d target / d attention, head-gate gradients and gradient x input "
+                      "for this target: 'predicted' or a class index (sequence-classification "
+                      "checkpoints), 'next-token' (causal LMs), 'similarity:OTHER TEXT' (cosine of "
+                      "mean-pooled embeddings, any model)")
+    grad.add_argument("--ablate", action="store_true",
+                      help="with --explain: also re-run with each head's gate at 0 and store the change "
+                      "in the target (L x H ablated copies of each text, run in batches)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     return parser
 
@@ -135,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.text and args.texts_file:
         raise AttnpipeError("give --text or --texts-file, not both")
+    if args.target and not args.source and _looks_like_gradient_target(args.target[0]):
+        raise AttnpipeError(f"--target is the target text of an encoder-decoder pair (with --source); "
+                            f"to explain a prediction use --explain {args.target[0]}")
     if args.source or args.target:
         if args.text or args.texts_file:
             raise AttnpipeError("give --source/--target or --text/--texts-file, not both")
@@ -147,7 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         texts = corpus.from_strings(args.text)
     else:
         raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
-    result = extract(ExtractConfig(
+    if args.ablate and args.explain is None:
+        raise AttnpipeError("--ablate needs --explain")
+    run_extract = extract
+    if args.explain is not None:
+        from attnpipe.gradients import extract_with_gradients, parse_target
+
+        if pairs or args.method != "manual":
+            raise AttnpipeError("--explain runs attnpipe's own pass of a text model (bert-like, gpt2, "
+                                "llama family); not encoder-decoder pairs or --method hf")
+        target = parse_target(args.explain)
+        run_extract = lambda config: extract_with_gradients(config, target, args.ablate)  # noqa: E731
+    result = run_extract(ExtractConfig(
         texts=tuple(texts),
         output=args.output_file,
         model_dir=args.model_dir,
@@ -166,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ))
     _report(args, result)
     return 0
+
+
+def _looks_like_gradient_target(value: str) -> bool:
+    return value in ("predicted", "next-token") or value.isdigit() or value.startswith("similarity:")
 
 
 def _extract_other_inputs(args):

@@ -32,7 +32,8 @@ def attention_probs(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Q, K)
     if mask is not None:
         scores = scores + mask
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    # At least float32 (as transformers upcasts fp16/bf16); float64 stays float64 (gradient checks).
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

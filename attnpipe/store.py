@@ -54,6 +54,25 @@ Every text group also has, from version 2 (absent from version 1 files, read bac
                            model-input pixels. Token 1 + r·cols + c is the patch at row r, column c;
                            the grid covers the whole image as the processor resized it.
 
+Files extracted with --explain (attnpipe/gradients.py; version 2) also have::
+
+    /texts/<i>
+        attrs              gradient_target_value (float64: the explained scalar at gates = 1),
+                           gradient_target_label (int64: the class index or next-token id explained; -1
+                           for a similarity target)
+        attention_grad     (L, H, n, n) float32: d target / d attention probability, same stored
+                           layers and heads as `attention` (always float32: gradients span many
+                           orders of magnitude); attribute dims = "layer,head,query,key"
+        head_gate_grad     (num_layers, num_heads) float32: d target / d gate of every model head
+                           at gates = 1 (Michel et al. 2019); head_importance is its absolute value
+        head_importance    (num_layers, num_heads) float32: |head_gate_grad|
+        token_grad_input   (n,) float32: gradient x input on the word embeddings, summed over
+                           the embedding dimension (signed)
+        head_ablation      (num_layers, num_heads) float32, only with --ablate: target with that
+                           one head's gate at 0 minus gradient_target_value
+    /head_importance_mean  (num_layers, num_heads) float32: mean of head_importance over texts
+    /head_ablation_mean    (num_layers, num_heads) float32, only with --ablate
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
@@ -61,7 +80,9 @@ dtype (storage dtype), compute_dtype, method ("manual": our forward pass), max_l
 parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from transformers'
 eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
 trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
-JSON-encoded string in HDF5, an object in JSON). `layers`/`heads` are sorted, without repeats.
+JSON-encoded string in HDF5, an object in JSON), gradient_target (version 2: the --explain target,
+e.g. "predicted", "2", "next-token", "similarity:<text>"; "" in HDF5 / null in JSON without one).
+`layers`/`heads` are sorted, without repeats.
 Encoder-decoder files only (version 2): decoder_num_layers / decoder_num_heads (of the model's
 decoder) and decoder_layers / decoder_heads (stored decoder indices, for decoder_attention and
 cross_attention); for them num_layers/num_heads/layers/heads describe the encoder. Absent
@@ -83,6 +104,10 @@ Encoder-decoder files add (version 2) "decoder_attention_matrices" [layer][head]
 "cross_attention_matrices" [layer][head][target][source], "decoder_layers", "decoder_heads" and
 "target": {"text", "tokens", "token_ids", "special_tokens_mask", "labels", "label_ids",
 "truncated", "num_tokens_untruncated"}, with the same meanings as in HDF5.
+
+With --explain (version 2) the JSON also has `attention_grad` [layer][head][query][key],
+`head_gate_grad`, `head_importance` (and `head_ablation` with --ablate) as [layer][head],
+`token_grad_input` [token], `gradient_target_value` and `gradient_target_label`, as in HDF5.
 
 `tokens` and `attention_matrices` hold real tokens only (seed 001 kept [PAD] entries in
 `tokens`; a single text needs no padding, so there is none to flag).
@@ -138,6 +163,7 @@ class Provenance:
     decoder_layers: tuple[int, ...] | None = None
     decoder_heads: tuple[int, ...] | None = None
     checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
+    gradient_target: str | None = None  # version 2: what gradients explain (--explain), None without
 
     @property
     def is_seq2seq(self) -> bool:
@@ -195,6 +221,18 @@ class TextAttention:
     target: TargetAttention | None = None  # encoder-decoder models: then `attention` is the encoder's
     input_kind: InputKind = "text"  # version 2
     image: ImageInfo | None = None  # version 2, input_kind "image" only
+    # Version 2, only with --target (attnpipe/gradients.py); None otherwise.
+    attention_grad: np.ndarray | None = None  # (L, H, n, n) d target / d attention
+    head_gate_grad: np.ndarray | None = None  # (num_layers, num_heads) d target / d head gate
+    token_grad_input: np.ndarray | None = None  # (n,) gradient x input on word embeddings
+    head_ablation: np.ndarray | None = None  # (num_layers, num_heads) target change, head zeroed
+    gradient_target_value: float | None = None
+    gradient_target_label: int | None = None
+
+    @property
+    def head_importance(self) -> np.ndarray | None:
+        """|d target / d gate| per (model layer, model head) (Michel et al. 2019)."""
+        return None if self.head_gate_grad is None else np.abs(self.head_gate_grad)
 
     @property
     def num_tokens(self) -> int:
@@ -217,6 +255,7 @@ def _provenance_attrs(prov: Provenance) -> dict:
     attrs["weight_files"] = json.dumps(list(prov.weight_files))
     for key in ("parity_max_abs_diff", "parity_hidden_max_abs_diff"):
         attrs[key] = math.nan if attrs[key] is None else float(attrs[key])
+    attrs["gradient_target"] = "" if prov.gradient_target is None else prov.gradient_target
     attrs["layers"] = np.asarray(prov.layers, dtype=np.int64)
     attrs["heads"] = np.asarray(prov.heads, dtype=np.int64)
     for key in DECODER_FIELDS:  # written only for encoder-decoder models
@@ -259,6 +298,7 @@ def _provenance_from_attrs(attrs) -> Provenance:
         decoder_layers=tuple(int(x) for x in get("decoder_layers")) if "decoder_layers" in attrs else None,
         decoder_heads=tuple(int(x) for x in get("decoder_heads")) if "decoder_heads" in attrs else None,
         checkpoint_dtype=(get("checkpoint_dtype") or None) if "checkpoint_dtype" in attrs else None,
+        gradient_target=(get("gradient_target") or None) if "gradient_target" in attrs else None,
     )
 
 
@@ -276,6 +316,7 @@ class H5Writer:
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
         self._finished = False
+        self._sums: dict[str, list[np.ndarray]] = {"head_importance_mean": [], "head_ablation_mean": []}
 
     def write(self, index: int, item: TextAttention) -> None:
         """Store one text at position `index` of the user's order (any writing order works)."""
@@ -306,6 +347,8 @@ class H5Writer:
             group.attrs["image_size"] = np.asarray(item.image.size, dtype=np.int64)
             group.attrs["patch_grid"] = np.asarray(item.image.patch_grid, dtype=np.int64)
             group.attrs["patch_size"] = int(item.image.patch_size)
+        if item.attention_grad is not None:
+            self._write_gradients(group, item)
         self._ids[index] = item.id
 
     def _attention_dataset(self, group, name: str, attention: np.ndarray) -> None:
@@ -334,11 +377,32 @@ class H5Writer:
         sub.create_dataset("labels", data=list(target.labels), dtype=h5py.string_dtype())
         sub.create_dataset("label_ids", data=target.label_ids.astype(np.int64))
 
+    def _write_gradients(self, group, item: TextAttention) -> None:
+        """Version 2's optional gradient datasets (see the module docstring)."""
+        group.attrs["gradient_target_value"] = float(item.gradient_target_value)
+        group.attrs["gradient_target_label"] = int(item.gradient_target_label)
+        layers, heads, n, _ = item.attention_grad.shape
+        grad = group.create_dataset(
+            "attention_grad", data=item.attention_grad.astype(np.float32),
+            chunks=(1, heads, n, n) if n else None, compression="gzip" if n else None, shuffle=bool(n),
+        )
+        grad.attrs["dims"] = ",".join(DIMS)
+        group.create_dataset("head_gate_grad", data=item.head_gate_grad.astype(np.float32))
+        group.create_dataset("head_importance", data=item.head_importance.astype(np.float32))
+        group.create_dataset("token_grad_input", data=item.token_grad_input.astype(np.float32))
+        self._sums["head_importance_mean"].append(item.head_importance.astype(np.float64))
+        if item.head_ablation is not None:
+            group.create_dataset("head_ablation", data=item.head_ablation.astype(np.float32))
+            self._sums["head_ablation_mean"].append(item.head_ablation.astype(np.float64))
+
     def finish(self, provenance: Provenance) -> None:
         missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
         if missing:
             raise RuntimeError(f"texts {missing[:5]} were never written")
         self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
+        for name, values in self._sums.items():  # corpus means of the per-text head scores
+            if values:
+                self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32))
         self._file.attrs["format"] = FORMAT_NAME
         self._file.attrs["dims"] = ",".join(DIMS)
         for key, value in _provenance_attrs(provenance).items():
@@ -369,6 +433,18 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
             meta[key] = list(meta[key])
     meta = {"format": FORMAT_NAME, "dims": list(DIMS), **meta}
     attention = item.attention.astype(np.dtype(provenance.dtype))
+    gradients = {}
+    if item.attention_grad is not None:
+        gradients = {
+            "attention_grad": item.attention_grad.astype(np.float32).tolist(),
+            "head_gate_grad": item.head_gate_grad.astype(np.float32).tolist(),
+            "head_importance": item.head_importance.astype(np.float32).tolist(),
+            "token_grad_input": item.token_grad_input.astype(np.float32).tolist(),
+            "gradient_target_value": float(item.gradient_target_value),
+            "gradient_target_label": int(item.gradient_target_label),
+        }
+        if item.head_ablation is not None:
+            gradients["head_ablation"] = item.head_ablation.astype(np.float32).tolist()
     payload = {
         "tokens": list(item.tokens),
         "text": item.text,
@@ -388,6 +464,7 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
             "path": item.image.path, "size": list(item.image.size),
             "patch_grid": list(item.image.patch_grid), "patch_size": item.image.patch_size,
         },
+        **gradients,
     }
     if item.target is not None:
         payload.update(_target_payload(item.target, provenance))
@@ -505,6 +582,10 @@ class AttentionFile:
         if self._json is not None:
             return _text_from_json(self._json)
         group = self._h5["texts"][f"{index:08d}"]
+
+        def optional(name: str) -> np.ndarray | None:
+            return group[name][()].astype(np.float32) if name in group else None
+
         return TextAttention(
             id=group.attrs["id"],
             text=group["text"].asstr()[()],
@@ -519,7 +600,19 @@ class AttentionFile:
             target=_target_from_h5(group) if "target" in group else None,
             input_kind=str(group.attrs.get("input_kind", "text")),
             image=_image_from_attrs(group.attrs),
+            attention_grad=optional("attention_grad"),
+            head_gate_grad=optional("head_gate_grad"),
+            token_grad_input=optional("token_grad_input"),
+            head_ablation=optional("head_ablation"),
+            gradient_target_value=_maybe(float, group.attrs.get("gradient_target_value")),
+            gradient_target_label=_maybe(int, group.attrs.get("gradient_target_label")),
         )
+
+    def corpus_array(self, name: str) -> np.ndarray | None:
+        """A root dataset such as `head_importance_mean` (HDF5, version 2), or None if absent."""
+        if self._h5 is None or name not in self._h5:
+            return None
+        return self._h5[name][()].astype(np.float32)
 
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
         """One (query, key) matrix, by *stored* layer and head position, reading only its bytes."""
@@ -542,6 +635,11 @@ class AttentionFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _maybe(convert, value):
+    """convert(value), or None for an absent (version 1 / no --target) value."""
+    return None if value is None else convert(value)
 
 
 def _check_version(path: Path, version: int) -> None:
@@ -622,6 +720,9 @@ def _text_from_json(data: dict) -> TextAttention:
         raise AttnpipeError(
             f"attention_matrices has shape {attention.shape}; expected (layer, head, {n}, {n})"
         )
+    def optional(name: str) -> np.ndarray | None:
+        return np.asarray(data[name], dtype=np.float32) if name in data else None
+
     return TextAttention(
         id=str(data.get("id", "text-0")),
         text=data["text"],
@@ -636,6 +737,12 @@ def _text_from_json(data: dict) -> TextAttention:
         target=_target_from_json(data, n),
         input_kind=str(data.get("input_kind", "text")),
         image=_image_from_json(data.get("image")),
+        attention_grad=optional("attention_grad"),
+        head_gate_grad=optional("head_gate_grad"),
+        token_grad_input=optional("token_grad_input"),
+        head_ablation=optional("head_ablation"),
+        gradient_target_value=_maybe(float, data.get("gradient_target_value")),
+        gradient_target_label=_maybe(int, data.get("gradient_target_label")),
     )
 
 

@@ -9,6 +9,8 @@ the same small interface: `MODEL_TYPES`, `load_weights(model) -> Weights` (with 
 Encoder-decoder families (`SEQ2SEQ = True`: t5, mt5, bart, marian) run source and target together:
 `forward_seq2seq(weights, src_ids, src_mask, tgt_ids, tgt_mask, keep_layers, keep_decoder_layers)
 -> Seq2SeqOutput`, and their `Weights` also have `decoder_num_layers` / `decoder_num_heads`.
+`forward` also takes `head_gates`, an optional (L, H) tensor multiplying each head's context
+before the heads are merged (Michel et al. 2019; None = no gating; used by attnpipe/gradients.py).
 """
 
 from __future__ import annotations

@@ -201,6 +201,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T), 1 = real token, 0 = padding
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
+    head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
 ) -> Output:
     """Run the encoder; return the final hidden state and the attention of the kept layers."""
     x = embed(weights, input_ids, token_type_ids)  # (B, T, hidden)
@@ -213,7 +214,10 @@ def forward(
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
             attentions[index] = probs
-        context = merge_heads(torch.matmul(probs, v))  # (B, T, H·D)
+        context = torch.matmul(probs, v)  # (B, H, Q, D)
+        if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
+            context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
+        context = merge_heads(context)  # (B, T, H·D)
         x = layer.attn_norm(x + layer.out(context))
         x = layer.ff_norm(x + layer.ff_out(layer.act(layer.ff_in(x))))
     return Output(hidden=x, attentions=attentions)

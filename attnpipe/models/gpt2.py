@@ -85,6 +85,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T)
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
+    head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
 ) -> Output:
     b, t = input_ids.shape
     positions = torch.arange(t, device=input_ids.device)  # right padding: real tokens start at 0
@@ -98,6 +99,9 @@ def forward(
         probs = attention_probs(q, k, block.scale, mask)  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
             attentions[index] = probs
-        x = x + block.proj(merge_heads(torch.matmul(probs, v)))
+        context = torch.matmul(probs, v)  # (B, H, Q, D)
+        if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
+            context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
+        x = x + block.proj(merge_heads(context))
         x = x + block.fc_proj(weights.act(block.fc(block.ln_2(x))))
     return Output(hidden=weights.ln_f(x), attentions=attentions)

@@ -31,8 +31,10 @@ class RMSNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # transformers normalises in float32 and scales after casting back (LlamaRMSNorm).
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        # (float64 stays float64, for the gradient checks)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        variance = wide.pow(2).mean(-1, keepdim=True)
+        return self.weight * (wide * torch.rsqrt(variance + self.eps)).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T)
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
+    head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
 ) -> Output:
     t = input_ids.shape[1]
     x = F.embedding(input_ids, weights.embed)  # (B, T, hidden)
@@ -156,7 +159,10 @@ def forward(
         probs = attention_probs(q, k, weights.head_dim**-0.5, masks[layer.window])  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
             attentions[index] = probs
-        x = x + layer.o(merge_heads(torch.matmul(probs, v)))
+        context = torch.matmul(probs, v)  # (B, H, Q, D)
+        if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
+            context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
+        x = x + layer.o(merge_heads(context))
         h = layer.norm_post(x)
         x = x + layer.down(weights.act(layer.gate(h)) * layer.up(h))
     return Output(hidden=weights.norm(x), attentions=attentions)
