@@ -46,6 +46,7 @@ Writes are atomic: a temporary file in the output folder, renamed over the targe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator
@@ -56,7 +57,8 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from attnpipe.atomic import AtomicFile, atomic_path, check_writable
+from attnpipe import faults
+from attnpipe.atomic import AtomicFile, atomic_path, check_writable, write_errors
 from attnpipe.errors import AttnpipeError
 
 SCHEMA_VERSION = 1
@@ -64,6 +66,11 @@ FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
 StorageDtype = Literal["float32", "float16"]
+# Reading checks that every stored row sums to 1 within this tolerance, by storage dtype.
+# float32: float32 softmax rounding (~1e-7 measured) with room for long rows. float16: each value
+# is rounded to 11 significant bits (relative error <= 2**-11 ~ 4.9e-4, summed over a row of
+# weights adding to 1) and values under 6e-8 flush to 0 (<= n·6e-8): 2e-3 covers rows of 10k keys.
+ROW_SUM_TOL = {"float32": 1e-4, "float16": 2e-3}
 
 
 @dataclass(frozen=True)
@@ -165,13 +172,19 @@ class H5Writer:
         self.path = path
         self.dtype = np.dtype(dtype)
         self._atomic = AtomicFile(path)
-        self._file = h5py.File(self._atomic.tmp, "w", track_order=True)
+        with write_errors(path):
+            self._file = h5py.File(self._atomic.tmp, "w", track_order=True)
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
         self._finished = False
 
     def write(self, index: int, item: TextAttention) -> None:
         """Store one text at position `index` of the user's order (any writing order works)."""
+        _check_no_nul(item)
+        with write_errors(self.path):
+            self._write(index, item)
+
+    def _write(self, index: int, item: TextAttention) -> None:
         group = self._texts.create_group(f"{index:08d}")
         group.attrs["id"] = item.id
         group.attrs["truncated"] = bool(item.truncated)
@@ -186,6 +199,7 @@ class H5Writer:
             shuffle=bool(n),
         )
         dataset.attrs["dims"] = ",".join(DIMS)
+        faults.point("write")
         group.create_dataset("token_ids", data=item.token_ids.astype(np.int64))
         group.create_dataset("tokens", data=list(item.tokens), dtype=h5py.string_dtype())
         group.create_dataset("special_tokens_mask", data=item.special_tokens_mask.astype(bool))
@@ -197,14 +211,33 @@ class H5Writer:
         missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
         if missing:
             raise RuntimeError(f"texts {missing[:5]} were never written")
-        self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
-        self._file.attrs["format"] = FORMAT_NAME
-        self._file.attrs["dims"] = ",".join(DIMS)
-        for key, value in _provenance_attrs(provenance).items():
-            self._file.attrs[key] = value
-        self._file.close()
+        with write_errors(self.path):
+            self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
+            faults.point("finish")
+            self._file.attrs["format"] = FORMAT_NAME
+            self._file.attrs["dims"] = ",".join(DIMS)
+            for key, value in _provenance_attrs(provenance).items():
+                self._file.attrs[key] = value
+            self._file.close()
+            self._check_complete()
+        faults.point("close")
         self._atomic.commit()
         self._finished = True
+
+    def _check_complete(self) -> None:
+        """Re-open the closed temporary file: it must read back with every text before the rename.
+
+        A write that failed inside HDF5's cache (disk full, file-size limit) can surface only at
+        close, and h5py does not always raise there; this read makes sure it is caught.
+        """
+        try:
+            with h5py.File(self._atomic.tmp, "r") as check:
+                complete = (check.attrs.get("format") == FORMAT_NAME and len(check["ids"]) == len(self._ids)
+                            and len(check["texts"]) == len(self._ids))
+        except (OSError, KeyError) as err:
+            raise AttnpipeError(f"could not write {self.path}: the file did not read back ({err})") from err
+        if not complete:
+            raise AttnpipeError(f"could not write {self.path}: the file did not read back complete")
 
     def __enter__(self) -> H5Writer:
         return self
@@ -212,8 +245,19 @@ class H5Writer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._finished:  # an error, or no finish(): leave nothing behind
             if self._file.id.valid:
-                self._file.close()
+                with contextlib.suppress(OSError):  # a full disk may fail the close too
+                    self._file.close()
             self._atomic.discard()
+
+
+def _check_no_nul(item: TextAttention) -> None:
+    """HDF5 variable-length strings end at NUL, so a NUL would be cut silently: refuse it."""
+    for what, value in (("id", item.id), ("text", item.text), *(("token", t) for t in item.tokens)):
+        if "\x00" in value:
+            raise AttnpipeError(
+                f"text {item.id!r}: its {what} contains a NUL character (U+0000), which HDF5 strings "
+                "cannot hold; remove it, or write one text to .json, which keeps it"
+            )
 
 
 def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
@@ -243,8 +287,9 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
 def write_json(path: Path, item: TextAttention, provenance: Provenance) -> None:
     """Write one text in seed 001's JSON format (plus provenance), atomically."""
     payload = _json_payload(item, provenance)
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+    with write_errors(path), atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         json.dump(payload, handle, ensure_ascii=False, allow_nan=False)
+        faults.point("json")
         handle.write("\n")
 
 
