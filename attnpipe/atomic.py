@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,10 +41,11 @@ def write_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        reason = err.strerror or message
+        text = " ".join(str(err).split()) or type(err).__name__  # h5py's messages span lines
+        found = re.search(r"error message = '([^']+)'", text)  # HDF5 quotes the OS error so
+        reason = os.strerror(err.errno) if err.errno else found.group(1) if found else text[:300]
         if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
-            hint in message for hint in ("File too large", "No space left", "quota", "write failed")
+            hint in text for hint in ("File too large", "No space left", "quota exceeded")
         ):
             reason += " (disk full or file-size limit?)"
         raise AttnpipeError(f"could not write {path}: {reason}") from err

@@ -49,6 +49,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import resource
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +73,8 @@ StorageDtype = Literal["float32", "float16"]
 # is rounded to 11 significant bits (relative error <= 2**-11 ~ 4.9e-4, summed over a row of
 # weights adding to 1) and values under 6e-8 flush to 0 (<= n·6e-8): 2e-3 covers rows of 10k keys.
 ROW_SUM_TOL = {"float32": 1e-4, "float16": 2e-3}
+# Room kept free for HDF5's own structures (B-trees, heaps, attributes) beyond a text's data.
+WRITE_MARGIN_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,10 @@ class H5Writer:
         self.dtype = np.dtype(dtype)
         self._atomic = AtomicFile(path)
         with write_errors(path):
-            self._file = h5py.File(self._atomic.tmp, "w", track_order=True)
+            # No raw-data chunk cache: each chunk is written when its dataset is, so a full disk or
+            # a file-size limit raises right there (with a cache it surfaces while h5py frees
+            # objects, as printed warnings, and the process may crash).
+            self._file = h5py.File(self._atomic.tmp, "w", track_order=True, rdcc_nbytes=0)
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
         self._finished = False
@@ -181,8 +188,29 @@ class H5Writer:
     def write(self, index: int, item: TextAttention) -> None:
         """Store one text at position `index` of the user's order (any writing order works)."""
         _check_no_nul(item)
+        strings = len(item.text.encode()) + sum(len(t.encode()) + 16 for t in item.tokens)
+        self._check_room(item.attention.size * self.dtype.itemsize + 40 * item.num_tokens + strings)
         with write_errors(self.path):
             self._write(index, item)
+
+    def _check_room(self, nbytes: int) -> None:
+        """Refuse before HDF5 writes what the disk or the file-size limit cannot take.
+
+        HDF5 copes badly with a write failing inside its caches (errors while objects are freed,
+        sometimes a crash), so room for the text's uncompressed bytes plus a margin is checked
+        first: a conservative estimate, as gzip only makes the data smaller.
+        """
+        size = self._atomic.tmp.stat().st_size
+        stat = os.statvfs(self._atomic.tmp.parent)
+        room, what = stat.f_bavail * stat.f_frsize, "free disk space"
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and limit - size < room:
+            room, what = limit - size, "the file-size limit (ulimit -f)"
+        if nbytes + WRITE_MARGIN_BYTES > room:
+            raise AttnpipeError(
+                f"could not write {self.path}: {what} leaves {max(room, 0)} bytes, the next text needs "
+                f"up to {nbytes + WRITE_MARGIN_BYTES} (disk full or file-size limit?)"
+            )
 
     def _write(self, index: int, item: TextAttention) -> None:
         group = self._texts.create_group(f"{index:08d}")
@@ -211,6 +239,7 @@ class H5Writer:
         missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
         if missing:
             raise RuntimeError(f"texts {missing[:5]} were never written")
+        self._check_room(sum(len(i.encode()) + 16 for i in self._ids))
         with write_errors(self.path):
             self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
             faults.point("finish")
@@ -218,7 +247,10 @@ class H5Writer:
             self._file.attrs["dims"] = ",".join(DIMS)
             for key, value in _provenance_attrs(provenance).items():
                 self._file.attrs[key] = value
-            self._file.close()
+            try:
+                self._file.close()  # writes the cached metadata: a full disk can fail here
+            except RuntimeError as err:
+                raise OSError(str(err)) from err
             self._check_complete()
         faults.point("close")
         self._atomic.commit()
@@ -245,7 +277,7 @@ class H5Writer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._finished:  # an error, or no finish(): leave nothing behind
             if self._file.id.valid:
-                with contextlib.suppress(OSError):  # a full disk may fail the close too
+                with contextlib.suppress(OSError, RuntimeError):  # a full disk may fail the close too
                     self._file.close()
             self._atomic.discard()
 
