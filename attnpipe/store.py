@@ -356,27 +356,50 @@ class AttentionFile:
         if attrs.get("format") != FORMAT_NAME:
             self.close()
             raise AttnpipeError(f"{self.path} is an HDF5 file but not an attnpipe attention file")
-        _check_version(self.path, int(attrs.get("schema_version", -1)))
-        self.meta = _provenance_from_attrs(attrs)
-        self.ids = tuple(self._h5["ids"].asstr()[()])
+        try:
+            _check_version(self.path, int(attrs.get("schema_version", -1)))
+            self.meta = _provenance_from_attrs(attrs)
+            self.ids = tuple(self._h5["ids"].asstr()[()])
+            _check_meta(self.path, self.meta)
+            if "texts" not in self._h5 or len(self._h5["texts"]) != len(self.ids):
+                raise AttnpipeError(f"{self.path} lists {len(self.ids)} ids but holds "
+                                    f"{len(self._h5['texts']) if 'texts' in self._h5 else 0} texts")
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            self.close()
+            raise AttnpipeError(f"{self.path} is a damaged attention file: {_reason(err)}") from err
+        except AttnpipeError:
+            self.close()
+            raise
 
     def _open_json(self) -> None:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AttnpipeError(f"{self.path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise AttnpipeError(f"{self.path} is JSON but not an attention file (expected an object)")
         missing = [k for k in ("tokens", "text", "attention_matrices") if k not in data]
         if missing:
             raise AttnpipeError(f"{self.path} lacks the key(s) {', '.join(missing)}")
+        if not isinstance(data["tokens"], list) or not all(isinstance(t, str) for t in data["tokens"]):
+            raise AttnpipeError(f"{self.path}: 'tokens' must be a list of strings")
+        if not isinstance(data["text"], str):
+            raise AttnpipeError(f"{self.path}: 'text' must be a string")
         meta = data.get("metadata")
         if meta is not None:
-            _check_version(self.path, int(meta.get("schema_version", -1)))
-            fields = {k: v for k, v in meta.items() if k not in ("format", "dims")}
-            for key in ("weight_files", "layers", "heads"):
-                fields[key] = tuple(fields[key])
-            self.meta = Provenance(**fields)
+            if not isinstance(meta, dict):
+                raise AttnpipeError(f"{self.path}: 'metadata' must be an object")
+            try:
+                _check_version(self.path, int(meta.get("schema_version", -1)))
+                fields = {k: v for k, v in meta.items() if k not in ("format", "dims")}
+                for key in ("weight_files", "layers", "heads"):
+                    fields[key] = tuple(fields[key])
+                self.meta = Provenance(**fields)
+            except (KeyError, TypeError, ValueError) as err:
+                raise AttnpipeError(f"{self.path} has damaged metadata: {_reason(err)}") from err
+            _check_meta(self.path, self.meta)
         else:  # a file written by seed 001's original tool: nothing but the three keys
-            layers, heads = np.shape(data["attention_matrices"])[:2]
+            layers, heads = _json_matrices(self.path, data).shape[:2]
             self.meta = Provenance(
                 model="unknown", model_type="unknown", weights_sha256="", weight_files=(),
                 num_layers=layers, num_heads=heads, layers=tuple(range(layers)),
@@ -385,6 +408,10 @@ class AttentionFile:
             )
         self._json = data
         self.ids = (str(data.get("id", "text-0")),)
+        try:
+            self[0]  # one text: check it now, so every command fails at once on a damaged file
+        except (ValueError, TypeError) as err:
+            raise AttnpipeError(f"{self.path} has a damaged field: {_reason(err)}") from err
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -405,27 +432,41 @@ class AttentionFile:
     def __getitem__(self, key: int | str) -> TextAttention:
         index = self._position(key)
         if self._json is not None:
-            return _text_from_json(self._json)
-        group = self._h5["texts"][f"{index:08d}"]
-        return TextAttention(
-            id=group.attrs["id"],
-            text=group["text"].asstr()[()],
-            tokens=tuple(group["tokens"].asstr()[()]),
-            token_ids=group["token_ids"][()],
-            special_tokens_mask=group["special_tokens_mask"][()],
-            offsets=group["offsets"][()],
-            word_ids=group["word_ids"][()],
-            truncated=bool(group.attrs["truncated"]),
-            num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
-            attention=group["attention"][()].astype(np.float32),
-        )
+            item = _text_from_json(self.path, self._json)
+        else:
+            try:
+                group = self._h5["texts"][f"{index:08d}"]
+                item = TextAttention(
+                    id=group.attrs["id"],
+                    text=group["text"].asstr()[()],
+                    tokens=tuple(group["tokens"].asstr()[()]),
+                    token_ids=group["token_ids"][()],
+                    special_tokens_mask=group["special_tokens_mask"][()],
+                    offsets=group["offsets"][()],
+                    word_ids=group["word_ids"][()],
+                    truncated=bool(group.attrs["truncated"]),
+                    num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
+                    attention=group["attention"][()].astype(np.float32),
+                )
+            except (KeyError, ValueError, TypeError, OSError) as err:
+                raise AttnpipeError(f"{self.path}: text {index} is damaged: {_reason(err)}") from err
+        check_text(self.path, item, self.meta)
+        return item
 
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
         """One (query, key) matrix, by *stored* layer and head position, reading only its bytes."""
         if self._json is not None:
             return self[key].attention[layer, head]
         index = self._position(key)
-        return self._h5["texts"][f"{index:08d}"]["attention"][layer, head].astype(np.float32)
+        try:
+            group = self._h5["texts"][f"{index:08d}"]
+            matrix = group["attention"][layer, head].astype(np.float32)
+            text_id = group.attrs["id"]
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise AttnpipeError(f"{self.path}: text {index} is damaged: {_reason(err)}") from err
+        check_rows(self.path, text_id, matrix[None, None], (self.meta.layers[layer],), (self.meta.heads[head],),
+                   self.meta.dtype)
+        return matrix
 
     def __iter__(self) -> Iterator[TextAttention]:
         for index in range(len(self)):
@@ -450,14 +491,82 @@ def _check_version(path: Path, version: int) -> None:
         )
 
 
-def _text_from_json(data: dict) -> TextAttention:
-    tokens = tuple(data["tokens"])
-    n = len(tokens)
-    attention = np.asarray(data["attention_matrices"], dtype=np.float32)
+def _reason(err: Exception) -> str:
+    """An exception as a short single-line reason for an error message."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if isinstance(err, KeyError) else text[:200] or type(err).__name__
+
+
+def _check_meta(path: Path, meta: Provenance) -> None:
+    if meta.dtype not in ROW_SUM_TOL:
+        raise AttnpipeError(f"{path}: unknown storage dtype {meta.dtype!r} (expected float32 or float16)")
+    if not meta.layers or not meta.heads:
+        raise AttnpipeError(f"{path} stores no layers or no heads")
+
+
+def check_rows(path: Path, text_id: str, attention: np.ndarray, layers, heads, dtype: str) -> None:
+    """Every stored row must be finite, non-negative and sum to 1 within ROW_SUM_TOL[dtype].
+
+    attention: (L, H, n, n) with `layers`/`heads` its model indices, used in the message.
+    """
+    tol = ROW_SUM_TOL.get(dtype, ROW_SUM_TOL["float32"])
+
+    def where(bad: np.ndarray) -> str:
+        layer, head, query = (int(v) for v in np.argwhere(bad)[0][:3])
+        return f"text {text_id!r} layer {layers[layer]} head {heads[head]} query {query}"
+
+    finite = np.isfinite(attention).all(axis=-1)  # (L, H, n)
+    if not finite.all():
+        raise AttnpipeError(f"{path}: attention is NaN or infinite at {where(~finite)}")
+    negative = (attention < 0).any(axis=-1)
+    if negative.any():
+        raise AttnpipeError(f"{path}: attention is negative at {where(negative)}")
+    off = np.abs(attention.sum(axis=-1, dtype=np.float64) - 1.0)  # (L, H, n)
+    if (off > tol).any():
+        raise AttnpipeError(
+            f"{path}: attention rows do not sum to 1 at {where(off > tol)} (off by {off.max():.3g}, "
+            f"tolerance {tol:g} for {dtype}): not probabilities"
+        )
+
+
+def check_text(path: Path, item: TextAttention, meta: Provenance) -> None:
+    """A text read back must be consistent: shapes agree with its tokens and the stored layers/heads."""
+    n = item.num_tokens
+    shape = item.attention.shape
+    expected = (len(meta.layers), len(meta.heads), n, n)
+    if shape != expected:
+        raise AttnpipeError(
+            f"{path}: text {item.id!r} has attention of shape {shape}; expected {expected} "
+            "(stored layers x stored heads x tokens x tokens)"
+        )
+    for name in ("token_ids", "special_tokens_mask", "word_ids"):
+        if len(getattr(item, name)) != n:
+            raise AttnpipeError(f"{path}: text {item.id!r} has {len(getattr(item, name))} {name} for {n} tokens")
+    check_rows(path, item.id, item.attention, meta.layers, meta.heads, meta.dtype)
+
+
+def _json_matrices(path: Path, data: dict) -> np.ndarray:
+    """attention_matrices as a float32 array, refusing ragged or non-numeric nesting."""
+    try:
+        attention = np.asarray(data["attention_matrices"], dtype=np.float32)
+    except (ValueError, TypeError) as err:
+        raise AttnpipeError(
+            f"{path}: attention_matrices is ragged or not numeric (every layer needs the same heads, "
+            f"every matrix n x n): {_reason(err)}"
+        ) from err
+    n = len(data["tokens"])
     if attention.ndim != 4 or attention.shape[2:] != (n, n):
         raise AttnpipeError(
-            f"attention_matrices has shape {attention.shape}; expected (layer, head, {n}, {n})"
+            f"{path}: attention_matrices has shape {attention.shape}; expected (layer, head, {n}, {n}) "
+            f"for {n} tokens"
         )
+    return attention
+
+
+def _text_from_json(path: Path, data: dict) -> TextAttention:
+    tokens = tuple(data["tokens"])
+    n = len(tokens)
+    attention = _json_matrices(path, data)
     return TextAttention(
         id=str(data.get("id", "text-0")),
         text=data["text"],
