@@ -52,7 +52,7 @@ import math
 import os
 import resource
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +73,9 @@ StorageDtype = Literal["float32", "float16"]
 # is rounded to 11 significant bits (relative error <= 2**-11 ~ 4.9e-4, summed over a row of
 # weights adding to 1) and values under 6e-8 flush to 0 (<= n·6e-8): 2e-3 covers rows of 10k keys.
 ROW_SUM_TOL = {"float32": 1e-4, "float16": 2e-3}
+# What every text group holds (datasets, then attributes): the reader checks they are there.
+TEXT_DATASETS = ("text", "attention", "token_ids", "tokens", "special_tokens_mask", "offsets", "word_ids")
+TEXT_ATTRS = ("id", "truncated", "num_tokens_untruncated")
 # Room kept free for HDF5's own structures (B-trees, heaps, attributes) beyond a text's data.
 WRITE_MARGIN_BYTES = 1 << 16
 
@@ -358,12 +361,16 @@ class AttentionFile:
             raise AttnpipeError(f"{self.path} is an HDF5 file but not an attnpipe attention file")
         try:
             _check_version(self.path, int(attrs.get("schema_version", -1)))
+            missing = [f.name for f in fields(Provenance) if f.name not in attrs] + [
+                name for name in ("ids", "texts") if name not in self._h5]
+            if missing:
+                raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {', '.join(missing)}")
             self.meta = _provenance_from_attrs(attrs)
             self.ids = tuple(self._h5["ids"].asstr()[()])
             _check_meta(self.path, self.meta)
-            if "texts" not in self._h5 or len(self._h5["texts"]) != len(self.ids):
-                raise AttnpipeError(f"{self.path} lists {len(self.ids)} ids but holds "
-                                    f"{len(self._h5['texts']) if 'texts' in self._h5 else 0} texts")
+            if len(self._h5["texts"]) != len(self.ids):
+                raise AttnpipeError(f"{self.path} is a damaged attention file: it lists {len(self.ids)} ids "
+                                    f"but holds {len(self._h5['texts'])} texts")
         except (KeyError, ValueError, TypeError, OSError) as err:
             self.close()
             raise AttnpipeError(f"{self.path} is a damaged attention file: {_reason(err)}") from err
@@ -436,6 +443,10 @@ class AttentionFile:
         else:
             try:
                 group = self._h5["texts"][f"{index:08d}"]
+                missing = [name for name in TEXT_DATASETS if name not in group] + [
+                    name for name in TEXT_ATTRS if name not in group.attrs]
+                if missing:
+                    raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}")
                 item = TextAttention(
                     id=group.attrs["id"],
                     text=group["text"].asstr()[()],
