@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -117,9 +118,12 @@ def check_no_remote_code(model_dir: Path) -> None:
 
 
 def _pickle_refusal(err: Exception) -> str:
-    """The line of torch's weights_only refusal that names what the pickle tried to load."""
+    """What the pickle tried to load, from torch's weights_only refusal (not its allow-list advice)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if found:
+        return f"its pickle asks for GLOBAL {found.group(1)}, which weights_only loading blocks"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+    return lines[0][:200] if lines else type(err).__name__
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
