@@ -42,6 +42,10 @@ JSON (`.json`, one text), seed 001's format with extra keys::
 `tokens`; a single text needs no padding, so there is none to flag).
 
 Writes are atomic: a temporary file in the output folder, renamed over the target when complete.
+The HDF5 writer refuses NUL (U+0000) in ids, texts and tokens (HDF5 strings cannot hold it; JSON
+can) and checks the disk / file-size limit has room before each text. The reader validates every
+text it returns (`check_text`): structure, shapes, finite non-negative values, and rows summing to
+1 within ROW_SUM_TOL[dtype]; anything else is one AttnpipeError naming file, text, layer and head.
 """
 
 from __future__ import annotations
