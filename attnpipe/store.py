@@ -210,6 +210,8 @@ class H5Writer:
         size = self._atomic.tmp.stat().st_size
         stat = os.statvfs(self._atomic.tmp.parent)
         room, what = stat.f_bavail * stat.f_frsize, "free disk space"
+        if stat.f_blocks == 0:  # a file system that reports no sizes (some FUSE/network mounts)
+            room = 1 << 62
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if limit != resource.RLIM_INFINITY and limit - size < room:
             room, what = limit - size, "the file-size limit (ulimit -f)"
