@@ -56,7 +56,7 @@ import math
 import os
 import resource
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -144,8 +144,14 @@ def _provenance_attrs(prov: Provenance) -> dict:
     return attrs
 
 
+class _MissingAttribute(KeyError):
+    """A provenance attribute the file should have and does not (its name is the argument)."""
+
+
 def _provenance_from_attrs(attrs) -> Provenance:
     def get(key):
+        if key not in attrs:
+            raise _MissingAttribute(key)
         value = attrs[key]
         return value.decode() if isinstance(value, bytes) else value
 
@@ -367,8 +373,7 @@ class AttentionFile:
             raise AttnpipeError(f"{self.path} is an HDF5 file but not an attnpipe attention file")
         try:
             _check_version(self.path, int(attrs.get("schema_version", -1)))
-            missing = [f.name for f in fields(Provenance) if f.name not in attrs] + [
-                name for name in ("ids", "texts") if name not in self._h5]
+            missing = [name for name in ("ids", "texts") if name not in self._h5]
             if missing:
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {', '.join(missing)}")
             self.meta = _provenance_from_attrs(attrs)
@@ -377,6 +382,9 @@ class AttentionFile:
             if len(self._h5["texts"]) != len(self.ids):
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lists {len(self.ids)} ids "
                                     f"but holds {len(self._h5['texts'])} texts")
+        except _MissingAttribute as err:
+            self.close()
+            raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {err.args[0]}") from err
         except (KeyError, ValueError, TypeError, OSError) as err:
             self.close()
             raise AttnpipeError(f"{self.path} is a damaged attention file: {_reason(err)}") from err
