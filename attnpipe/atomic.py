@@ -7,7 +7,9 @@ and an existing target is left untouched.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,15 +36,35 @@ class AtomicFile:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds."""
-    atomic = AtomicFile(path)
+def write_errors(path: Path) -> Iterator[None]:
+    """Turn an OS-level write failure (disk full, file-size limit, quota) into one clear error."""
     try:
-        yield atomic.tmp
-        atomic.commit()
-    except BaseException:
-        atomic.discard()
-        raise
+        yield
+    except OSError as err:
+        text = " ".join(str(err).split()) or type(err).__name__  # h5py's messages span lines
+        found = re.search(r"error message = '([^']+)'", text)  # HDF5 quotes the OS error so
+        reason = os.strerror(err.errno) if err.errno else found.group(1) if found else text[:300]
+        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+            hint in text for hint in ("File too large", "No space left", "quota exceeded")
+        ):
+            reason += " (disk full or file-size limit?)"
+        raise AttnpipeError(f"could not write {path}: {reason}") from err
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds.
+
+    An OSError while writing (disk full, file-size limit) becomes one AttnpipeError naming `path`.
+    """
+    with write_errors(path):
+        atomic = AtomicFile(path)
+        try:
+            yield atomic.tmp
+            atomic.commit()
+        except BaseException:
+            atomic.discard()
+            raise
 
 
 def check_writable(path: Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnpipe import __version__, store
+from attnpipe import __version__, guards, store
 from attnpipe.corpus import Text
 from attnpipe.errors import AttnpipeError
 from attnpipe.loading import LoadedModel, checkpoint_dtype, default_model_dir, load_model, resolve_device
@@ -255,6 +255,8 @@ def extract(config: ExtractConfig) -> ExtractResult:
                     model.weights, batch["input_ids"], batch["attention_mask"],
                     batch.get("token_type_ids"), keep_layers=keep,
                 )
+                guards.check_attention(out.attentions, batch_lengths, [texts[i].id for i in batch_indices],
+                                       causal=guards.is_causal(model.model_type))  # stops a broken pass
                 if config.verify:
                     check = _reference_diffs(model, batch, batch_lengths, out.attentions, out.hidden)
                     parity, hidden_parity = max(parity, check.attention), max(hidden_parity, check.hidden)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from attnpipe import faults  # noqa: E402
 from attnpipe.errors import AttnpipeError  # noqa: E402
 from attnpipe.models import FAMILIES, IMAGE_FAMILIES, supported_model_types  # noqa: E402
 
@@ -95,6 +98,72 @@ def checkpoint_dtype(model_dir: Path) -> str | None:
         return None
     value = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes "dtype"
     return str(value) if value else None
+def remote_code_requests(model_dir: Path) -> list[str]:
+    """What a folder asks to import from its own Python files: `auto_map` entries of its configs."""
+    wanted = []
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json"):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise AttnpipeError(f"{path} is not valid JSON: {err}") from err
+        for value in auto_map.values():
+            values = value if isinstance(value, list) else [value]
+            wanted += [f"{name}: {v}" for v in values if v]
+    return wanted
+
+
+def check_no_remote_code(model_dir: Path) -> None:
+    """Refuse a folder that asks to run its own code, unless the user passed --trust-remote-code.
+
+    transformers would silently ignore the request and load its built-in class instead, which
+    may not be the model its author meant; we say so rather than guess.
+    """
+    wanted = remote_code_requests(model_dir)
+    if wanted:
+        raise AttnpipeError(
+            f"{model_dir} asks to run its own Python code ({wanted[0]}); attnpipe runs none unless you "
+            "pass --trust-remote-code (read that code first: it runs with your permissions)"
+        )
+
+
+def _pickle_refusal(err: Exception) -> str:
+    """What the pickle tried to load, from torch's weights_only refusal (not its allow-list advice)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if found:
+        return f"its pickle asks for GLOBAL {found.group(1)}, which weights_only loading blocks"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from one weight file: safetensors, or `.bin`/`.pt` through weights_only=True.
+
+    A pickle that would run code (or build any object but tensors and plain containers) is
+    refused by torch's weights_only unpickler before anything runs.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise AttnpipeError(f"could not read {path}: {err}") from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise AttnpipeError(
+            f"refused to load {path}: it holds more than tensors ({_pickle_refusal(err)}); "
+            "only weights_only loading is allowed — convert it to .safetensors from a trusted source"
+        ) from err
+    except (OSError, RuntimeError) as err:
+        raise AttnpipeError(f"could not read {path}: {str(err).strip().splitlines()[0]}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AttnpipeError(f"{path} is not a state dict (a mapping of names to tensors)")
+    return state
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,7 +213,10 @@ def load_model(
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    faults.point("load")
     model_type, files = check_model_dir(model_dir)
+    if not trust_remote_code:
+        check_no_remote_code(model_dir)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             model_dir, trust_remote_code=trust_remote_code
@@ -156,9 +228,15 @@ def load_model(
             use_safetensors=any(p.suffix == ".safetensors" for p in files),
             trust_remote_code=trust_remote_code,
         )
+    except pickle.UnpicklingError as err:  # torch's weights_only unpickler refused: nothing ran
+        raise AttnpipeError(
+            f"refused to load {model_dir}: a weight file holds more than tensors "
+            f"({_pickle_refusal(err)}); only weights_only loading is allowed"
+        ) from err
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AttnpipeError(f"could not load model from {model_dir}: {first_line}") from err
+    faults.point("loaded")
     hf_model = hf_model.to(device).eval()
     family = FAMILIES[model_type]
     return LoadedModel(

@@ -5,7 +5,8 @@ given and return them. The figure builders at the bottom (`head_figure`, ...) ar
 visualize_attention.py calls: they create a `Figure` (no pyplot, no global state) and lay it out.
 `save_figure` writes PNG/SVG/PDF atomically and byte-for-byte reproducibly.
 
-Token strings are drawn literally: mathtext is switched off, so `$x$` or `\\frac` is text.
+Token strings are drawn literally: mathtext is switched off, so `$x$` or `\\frac` is text;
+control characters (NUL, ...) are drawn as their Unicode control pictures (`label`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,18 @@ class View:
         return "; ".join(parts)
 
 
+# C0 control characters and DEL have no glyph and are not allowed in SVG (XML): each is drawn as
+# its Unicode control picture (NUL -> U+2400 "␀", TAB -> U+2409 "␉", DEL -> U+2421 "␡").
+CONTROL_PICTURES = {**{code: 0x2400 + code for code in range(0x20)}, 0x7F: 0x2421}
+
+
+def label(token: str) -> str:
+    """A token as drawn on a figure: literally, with control characters made visible."""
+    return token.translate(CONTROL_PICTURES)
+
+
 def make_view(tokens: Sequence[str], max_tokens: int | None, max_labels: int = MAX_LABELS) -> View:
-    shown = tuple(tokens[:max_tokens] if max_tokens else tokens)
+    shown = tuple(label(t) for t in (tokens[:max_tokens] if max_tokens else tokens))
     return View(tokens=shown, total=len(tokens), label_step=max(1, math.ceil(len(shown) / max_labels)))
 
 

@@ -113,12 +113,19 @@ With --explain (version 2) the JSON also has `attention_grad` [layer][head][quer
 `tokens`; a single text needs no padding, so there is none to flag).
 
 Writes are atomic: a temporary file in the output folder, renamed over the target when complete.
+The HDF5 writer refuses NUL (U+0000) in ids, texts and tokens (HDF5 strings cannot hold it; JSON
+can) and checks the disk / file-size limit has room before each text. The reader validates every
+text it returns (`check_text`): structure, shapes, finite non-negative values, and rows summing to
+1 within ROW_SUM_TOL[dtype]; anything else is one AttnpipeError naming file, text, layer and head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import resource
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,7 +134,8 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from attnpipe.atomic import AtomicFile, atomic_path, check_writable
+from attnpipe import faults
+from attnpipe.atomic import AtomicFile, atomic_path, check_writable, write_errors
 from attnpipe.errors import AttnpipeError
 
 SCHEMA_VERSION = 2  # 2: encoder-decoder, image and embedding inputs (fields listed in the docstring)
@@ -136,6 +144,16 @@ FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
 StorageDtype = Literal["float32", "float16"]
+# Reading checks that every stored row sums to 1 within this tolerance, by storage dtype.
+# float32: float32 softmax rounding (~1e-7 measured) with room for long rows. float16: each value
+# is rounded to 11 significant bits (relative error <= 2**-11 ~ 4.9e-4, summed over a row of
+# weights adding to 1) and values under 6e-8 flush to 0 (<= n·6e-8): 2e-3 covers rows of 10k keys.
+ROW_SUM_TOL = {"float32": 1e-4, "float16": 2e-3}
+# What every text group holds (datasets, then attributes): the reader checks they are there.
+TEXT_DATASETS = ("text", "attention", "token_ids", "tokens", "special_tokens_mask", "offsets", "word_ids")
+TEXT_ATTRS = ("id", "truncated", "num_tokens_untruncated")
+# Room kept free for HDF5's own structures (B-trees, heaps, attributes) beyond a text's data.
+WRITE_MARGIN_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -267,8 +285,14 @@ def _provenance_attrs(prov: Provenance) -> dict:
     return attrs
 
 
+class _MissingAttribute(KeyError):
+    """A provenance attribute the file should have and does not (its name is the argument)."""
+
+
 def _provenance_from_attrs(attrs) -> Provenance:
     def get(key):
+        if key not in attrs:
+            raise _MissingAttribute(key)
         value = attrs[key]
         return value.decode() if isinstance(value, bytes) else value
 
@@ -312,7 +336,11 @@ class H5Writer:
         self.path = path
         self.dtype = np.dtype(dtype)
         self._atomic = AtomicFile(path)
-        self._file = h5py.File(self._atomic.tmp, "w", track_order=True)
+        with write_errors(path):
+            # No raw-data chunk cache: each chunk is written when its dataset is, so a full disk or
+            # a file-size limit raises right there (with a cache it surfaces while h5py frees
+            # objects, as printed warnings, and the process may crash).
+            self._file = h5py.File(self._atomic.tmp, "w", track_order=True, rdcc_nbytes=0)
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
         self._finished = False
@@ -320,6 +348,34 @@ class H5Writer:
 
     def write(self, index: int, item: TextAttention) -> None:
         """Store one text at position `index` of the user's order (any writing order works)."""
+        _check_no_nul(item)
+        strings = len(item.text.encode()) + sum(len(t.encode()) + 16 for t in item.tokens)
+        self._check_room(item.attention.size * self.dtype.itemsize + 40 * item.num_tokens + strings)
+        with write_errors(self.path):
+            self._write(index, item)
+
+    def _check_room(self, nbytes: int) -> None:
+        """Refuse before HDF5 writes what the disk or the file-size limit cannot take.
+
+        HDF5 copes badly with a write failing inside its caches (errors while objects are freed,
+        sometimes a crash), so room for the text's uncompressed bytes plus a margin is checked
+        first: a conservative estimate, as gzip only makes the data smaller.
+        """
+        size = self._atomic.tmp.stat().st_size
+        stat = os.statvfs(self._atomic.tmp.parent)
+        room, what = stat.f_bavail * stat.f_frsize, "free disk space"
+        if stat.f_blocks == 0:  # a file system that reports no sizes (some FUSE/network mounts)
+            room = 1 << 62
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and limit - size < room:
+            room, what = limit - size, "the file-size limit (ulimit -f)"
+        if nbytes + WRITE_MARGIN_BYTES > room:
+            raise AttnpipeError(
+                f"could not write {self.path}: {what} leaves {max(room, 0)} bytes, the next text needs "
+                f"up to {nbytes + WRITE_MARGIN_BYTES} (disk full or file-size limit?)"
+            )
+
+    def _write(self, index: int, item: TextAttention) -> None:
         group = self._texts.create_group(f"{index:08d}")
         group.attrs["id"] = item.id
         group.attrs["truncated"] = bool(item.truncated)
@@ -334,6 +390,7 @@ class H5Writer:
             shuffle=bool(n),
         )
         dataset.attrs["dims"] = ",".join(DIMS)
+        faults.point("write")
         group.create_dataset("token_ids", data=item.token_ids.astype(np.int64))
         group.create_dataset("tokens", data=list(item.tokens), dtype=h5py.string_dtype())
         group.create_dataset("special_tokens_mask", data=item.special_tokens_mask.astype(bool))
@@ -399,17 +456,40 @@ class H5Writer:
         missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
         if missing:
             raise RuntimeError(f"texts {missing[:5]} were never written")
-        self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
-        for name, values in self._sums.items():  # corpus means of the per-text head scores
-            if values:
-                self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32))
-        self._file.attrs["format"] = FORMAT_NAME
-        self._file.attrs["dims"] = ",".join(DIMS)
-        for key, value in _provenance_attrs(provenance).items():
-            self._file.attrs[key] = value
-        self._file.close()
+        self._check_room(sum(len(i.encode()) + 16 for i in self._ids))
+        with write_errors(self.path):
+            self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
+            for name, values in self._sums.items():  # corpus means of the per-text head scores
+                if values:
+                    self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32))
+            faults.point("finish")
+            self._file.attrs["format"] = FORMAT_NAME
+            self._file.attrs["dims"] = ",".join(DIMS)
+            for key, value in _provenance_attrs(provenance).items():
+                self._file.attrs[key] = value
+            try:
+                self._file.close()  # writes the cached metadata: a full disk can fail here
+            except RuntimeError as err:
+                raise OSError(str(err)) from err
+            self._check_complete()
+        faults.point("close")
         self._atomic.commit()
         self._finished = True
+
+    def _check_complete(self) -> None:
+        """Re-open the closed temporary file: it must read back with every text before the rename.
+
+        A write that failed inside HDF5's cache (disk full, file-size limit) can surface only at
+        close, and h5py does not always raise there; this read makes sure it is caught.
+        """
+        try:
+            with h5py.File(self._atomic.tmp, "r") as check:
+                complete = (check.attrs.get("format") == FORMAT_NAME and len(check["ids"]) == len(self._ids)
+                            and len(check["texts"]) == len(self._ids))
+        except (OSError, KeyError) as err:
+            raise AttnpipeError(f"could not write {self.path}: the file did not read back ({err})") from err
+        if not complete:
+            raise AttnpipeError(f"could not write {self.path}: the file did not read back complete")
 
     def __enter__(self) -> H5Writer:
         return self
@@ -417,8 +497,19 @@ class H5Writer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._finished:  # an error, or no finish(): leave nothing behind
             if self._file.id.valid:
-                self._file.close()
+                with contextlib.suppress(OSError, RuntimeError):  # a full disk may fail the close too
+                    self._file.close()
             self._atomic.discard()
+
+
+def _check_no_nul(item: TextAttention) -> None:
+    """HDF5 variable-length strings end at NUL, so a NUL would be cut silently: refuse it."""
+    for what, value in (("id", item.id), ("text", item.text), *(("token", t) for t in item.tokens)):
+        if "\x00" in value:
+            raise AttnpipeError(
+                f"text {item.id!r}: its {what} contains a NUL character (U+0000), which HDF5 strings "
+                "cannot hold; remove it, or write one text to .json, which keeps it"
+            )
 
 
 def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
@@ -494,8 +585,9 @@ def _target_payload(target: TargetAttention, provenance: Provenance) -> dict:
 def write_json(path: Path, item: TextAttention, provenance: Provenance) -> None:
     """Write one text in seed 001's JSON format (plus provenance), atomically."""
     payload = _json_payload(item, provenance)
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+    with write_errors(path), atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         json.dump(payload, handle, ensure_ascii=False, allow_nan=False)
+        faults.point("json")
         handle.write("\n")
 
 
@@ -530,28 +622,57 @@ class AttentionFile:
         if attrs.get("format") != FORMAT_NAME:
             self.close()
             raise AttnpipeError(f"{self.path} is an HDF5 file but not an attnpipe attention file")
-        _check_version(self.path, int(attrs.get("schema_version", -1)))
-        self.meta = _provenance_from_attrs(attrs)
-        self.ids = tuple(self._h5["ids"].asstr()[()])
+        try:
+            _check_version(self.path, int(attrs.get("schema_version", -1)))
+            missing = [name for name in ("ids", "texts") if name not in self._h5]
+            if missing:
+                raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {', '.join(missing)}")
+            self.meta = _provenance_from_attrs(attrs)
+            self.ids = tuple(self._h5["ids"].asstr()[()])
+            _check_meta(self.path, self.meta)
+            if len(self._h5["texts"]) != len(self.ids):
+                raise AttnpipeError(f"{self.path} is a damaged attention file: it lists {len(self.ids)} ids "
+                                    f"but holds {len(self._h5['texts'])} texts")
+        except _MissingAttribute as err:
+            self.close()
+            raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {err.args[0]}") from err
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            self.close()
+            raise AttnpipeError(f"{self.path} is a damaged attention file: {_reason(err)}") from err
+        except AttnpipeError:
+            self.close()
+            raise
 
     def _open_json(self) -> None:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AttnpipeError(f"{self.path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise AttnpipeError(f"{self.path} is JSON but not an attention file (expected an object)")
         missing = [k for k in ("tokens", "text", "attention_matrices") if k not in data]
         if missing:
             raise AttnpipeError(f"{self.path} lacks the key(s) {', '.join(missing)}")
+        if not isinstance(data["tokens"], list) or not all(isinstance(t, str) for t in data["tokens"]):
+            raise AttnpipeError(f"{self.path}: 'tokens' must be a list of strings")
+        if not isinstance(data["text"], str):
+            raise AttnpipeError(f"{self.path}: 'text' must be a string")
         meta = data.get("metadata")
         if meta is not None:
-            _check_version(self.path, int(meta.get("schema_version", -1)))
-            fields = {k: v for k, v in meta.items() if k not in ("format", "dims")}
-            for key in ("weight_files", "layers", "heads", "decoder_layers", "decoder_heads"):
-                if fields.get(key) is not None:
-                    fields[key] = tuple(fields[key])
-            self.meta = Provenance(**fields)
+            if not isinstance(meta, dict):
+                raise AttnpipeError(f"{self.path}: 'metadata' must be an object")
+            try:
+                _check_version(self.path, int(meta.get("schema_version", -1)))
+                fields = {k: v for k, v in meta.items() if k not in ("format", "dims")}
+                for key in ("weight_files", "layers", "heads", "decoder_layers", "decoder_heads"):
+                    if fields.get(key) is not None:
+                        fields[key] = tuple(fields[key])
+                self.meta = Provenance(**fields)
+            except (KeyError, TypeError, ValueError) as err:
+                raise AttnpipeError(f"{self.path} has damaged metadata: {_reason(err)}") from err
+            _check_meta(self.path, self.meta)
         else:  # a file written by seed 001's original tool: nothing but the three keys
-            layers, heads = np.shape(data["attention_matrices"])[:2]
+            layers, heads = _json_matrices(self.path, data).shape[:2]
             self.meta = Provenance(
                 model="unknown", model_type="unknown", weights_sha256="", weight_files=(),
                 num_layers=layers, num_heads=heads, layers=tuple(range(layers)),
@@ -560,6 +681,10 @@ class AttentionFile:
             )
         self._json = data
         self.ids = (str(data.get("id", "text-0")),)
+        try:
+            self[0]  # one text: check it now, so every command fails at once on a damaged file
+        except (ValueError, TypeError) as err:
+            raise AttnpipeError(f"{self.path} has a damaged field: {_reason(err)}") from err
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -580,33 +705,43 @@ class AttentionFile:
     def __getitem__(self, key: int | str) -> TextAttention:
         index = self._position(key)
         if self._json is not None:
-            return _text_from_json(self._json)
-        group = self._h5["texts"][f"{index:08d}"]
+            item = _text_from_json(self.path, self._json)
+        else:
+            try:
+                group = self._h5["texts"][f"{index:08d}"]
+                missing = [name for name in TEXT_DATASETS if name not in group] + [
+                    name for name in TEXT_ATTRS if name not in group.attrs]
+                if missing:
+                    raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}")
 
-        def optional(name: str) -> np.ndarray | None:
-            return group[name][()].astype(np.float32) if name in group else None
+                def optional(name: str) -> np.ndarray | None:
+                    return group[name][()].astype(np.float32) if name in group else None
 
-        return TextAttention(
-            id=group.attrs["id"],
-            text=group["text"].asstr()[()],
-            tokens=tuple(group["tokens"].asstr()[()]),
-            token_ids=group["token_ids"][()],
-            special_tokens_mask=group["special_tokens_mask"][()],
-            offsets=group["offsets"][()],
-            word_ids=group["word_ids"][()],
-            truncated=bool(group.attrs["truncated"]),
-            num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
-            attention=group["attention"][()].astype(np.float32),
-            target=_target_from_h5(group) if "target" in group else None,
-            input_kind=str(group.attrs.get("input_kind", "text")),
-            image=_image_from_attrs(group.attrs),
-            attention_grad=optional("attention_grad"),
-            head_gate_grad=optional("head_gate_grad"),
-            token_grad_input=optional("token_grad_input"),
-            head_ablation=optional("head_ablation"),
-            gradient_target_value=_maybe(float, group.attrs.get("gradient_target_value")),
-            gradient_target_label=_maybe(int, group.attrs.get("gradient_target_label")),
-        )
+                item = TextAttention(
+                    id=group.attrs["id"],
+                    text=group["text"].asstr()[()],
+                    tokens=tuple(group["tokens"].asstr()[()]),
+                    token_ids=group["token_ids"][()],
+                    special_tokens_mask=group["special_tokens_mask"][()],
+                    offsets=group["offsets"][()],
+                    word_ids=group["word_ids"][()],
+                    truncated=bool(group.attrs["truncated"]),
+                    num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
+                    attention=group["attention"][()].astype(np.float32),
+                    target=_target_from_h5(group) if "target" in group else None,
+                    input_kind=str(group.attrs.get("input_kind", "text")),
+                    image=_image_from_attrs(group.attrs),
+                    attention_grad=optional("attention_grad"),
+                    head_gate_grad=optional("head_gate_grad"),
+                    token_grad_input=optional("token_grad_input"),
+                    head_ablation=optional("head_ablation"),
+                    gradient_target_value=_maybe(float, group.attrs.get("gradient_target_value")),
+                    gradient_target_label=_maybe(int, group.attrs.get("gradient_target_label")),
+                )
+            except (KeyError, ValueError, TypeError, OSError) as err:
+                raise AttnpipeError(f"{self.path}: text {index} is damaged: {_reason(err)}") from err
+        check_text(self.path, item, self.meta)
+        return item
 
     def corpus_array(self, name: str) -> np.ndarray | None:
         """A root dataset such as `head_importance_mean` (HDF5, version 2), or None if absent."""
@@ -619,7 +754,15 @@ class AttentionFile:
         if self._json is not None:
             return self[key].attention[layer, head]
         index = self._position(key)
-        return self._h5["texts"][f"{index:08d}"]["attention"][layer, head].astype(np.float32)
+        try:
+            group = self._h5["texts"][f"{index:08d}"]
+            matrix = group["attention"][layer, head].astype(np.float32)
+            text_id = group.attrs["id"]
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise AttnpipeError(f"{self.path}: text {index} is damaged: {_reason(err)}") from err
+        check_rows(self.path, text_id, matrix[None, None], (self.meta.layers[layer],), (self.meta.heads[head],),
+                   self.meta.dtype)
+        return matrix
 
     def __iter__(self) -> Iterator[TextAttention]:
         for index in range(len(self)):
@@ -712,14 +855,87 @@ def _image_from_json(value: dict | None) -> ImageInfo | None:
                      patch_size=int(value["patch_size"]))
 
 
-def _text_from_json(data: dict) -> TextAttention:
-    tokens = tuple(data["tokens"])
-    n = len(tokens)
-    attention = np.asarray(data["attention_matrices"], dtype=np.float32)
+def _reason(err: Exception) -> str:
+    """An exception as a short single-line reason for an error message."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if isinstance(err, KeyError) else text[:200] or type(err).__name__
+
+
+def _check_meta(path: Path, meta: Provenance) -> None:
+    if meta.dtype not in ROW_SUM_TOL:
+        raise AttnpipeError(f"{path}: unknown storage dtype {meta.dtype!r} (expected float32 or float16)")
+    if not meta.layers or not meta.heads:
+        raise AttnpipeError(f"{path} stores no layers or no heads")
+
+
+def check_rows(path: Path, text_id: str, attention: np.ndarray, layers, heads, dtype: str) -> None:
+    """Every stored row must be finite, non-negative and sum to 1 within ROW_SUM_TOL[dtype].
+
+    attention: (L, H, n, n) with `layers`/`heads` its model indices, used in the message.
+    """
+    tol = ROW_SUM_TOL.get(dtype, ROW_SUM_TOL["float32"])
+
+    def where(bad: np.ndarray) -> str:
+        layer, head, query = (int(v) for v in np.argwhere(bad)[0][:3])
+        return f"text {text_id!r} layer {layers[layer]} head {heads[head]} query {query}"
+
+    # Two passes over the data: row sums (NaN/Inf propagate into them) and the minimum.
+    sums = attention.sum(axis=-1)  # (L, H, n); numpy's pairwise float32 sum errs ~1e-7, far below tol
+    finite = np.isfinite(sums)
+    if not finite.all():
+        raise AttnpipeError(f"{path}: attention is NaN or infinite at {where(~finite)}")
+    if attention.size and attention.min() < 0:
+        raise AttnpipeError(f"{path}: attention is negative at {where((attention < 0).any(axis=-1))}")
+    off = np.abs(sums.astype(np.float64) - 1.0)  # (L, H, n)
+    if (off > tol).any():
+        raise AttnpipeError(
+            f"{path}: attention rows do not sum to 1 at {where(off > tol)} (off by {off.max():.3g}, "
+            f"tolerance {tol:g} for {dtype}): not probabilities"
+        )
+
+
+def check_text(path: Path, item: TextAttention, meta: Provenance) -> None:
+    """A text read back must be consistent: shapes agree with its tokens and the stored layers/heads."""
+    n = item.num_tokens
+    shape = item.attention.shape
+    expected = (len(meta.layers), len(meta.heads), n, n)
+    if shape != expected:
+        raise AttnpipeError(
+            f"{path}: text {item.id!r} has attention of shape {shape}; expected {expected} "
+            "(stored layers x stored heads x tokens x tokens)"
+        )
+    for name in ("token_ids", "special_tokens_mask", "word_ids"):
+        if len(getattr(item, name)) != n:
+            raise AttnpipeError(f"{path}: text {item.id!r} has {len(getattr(item, name))} {name} for {n} tokens")
+    check_rows(path, item.id, item.attention, meta.layers, meta.heads, meta.dtype)
+    if item.target is not None:  # encoder-decoder: the decoder's and the cross-attention's rows too
+        for attention in (item.target.decoder_attention, item.target.cross_attention):
+            check_rows(path, item.id, attention, meta.decoder_layers, meta.decoder_heads, meta.dtype)
+
+
+def _json_matrices(path: Path, data: dict) -> np.ndarray:
+    """attention_matrices as a float32 array, refusing ragged or non-numeric nesting."""
+    try:
+        attention = np.asarray(data["attention_matrices"], dtype=np.float32)
+    except (ValueError, TypeError) as err:
+        raise AttnpipeError(
+            f"{path}: attention_matrices is ragged or not numeric (every layer needs the same heads, "
+            f"every matrix n x n): {_reason(err)}"
+        ) from err
+    n = len(data["tokens"])
     if attention.ndim != 4 or attention.shape[2:] != (n, n):
         raise AttnpipeError(
-            f"attention_matrices has shape {attention.shape}; expected (layer, head, {n}, {n})"
+            f"{path}: attention_matrices has shape {attention.shape}; expected (layer, head, {n}, {n}) "
+            f"for {n} tokens"
         )
+    return attention
+
+
+def _text_from_json(path: Path, data: dict) -> TextAttention:
+    tokens = tuple(data["tokens"])
+    n = len(tokens)
+    attention = _json_matrices(path, data)
+
     def optional(name: str) -> np.ndarray | None:
         return np.asarray(data[name], dtype=np.float32) if name in data else None
 

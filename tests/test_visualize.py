@@ -58,8 +58,10 @@ def random_attention(rng, layers: int, heads: int, n: int) -> np.ndarray:
 
 
 def hot_cell_attention(n: int, query: int, key: int, layers=2, heads=3) -> np.ndarray:
-    """Near-zero everywhere, 1.0 at (query, key) of every head: one unmistakable cell."""
-    attention = np.full((layers, heads, n, n), 1e-4, np.float32)
+    """1.0 at (query, key) of every head, 0 elsewhere in that row, other rows uniform (1/n):
+    one unmistakable cell, in rows that sum to 1 as the reader requires."""
+    attention = np.full((layers, heads, n, n), 1.0 / n, np.float32)
+    attention[:, :, query, :] = 0.0
     attention[:, :, query, key] = 1.0
     return attention
 
@@ -131,9 +133,12 @@ def test_hot_cell_lands_at_its_query_row_and_key_column(synthetic_json, tmp_path
 
     x, y = to_pixel(4, 1)  # imshow: column = key, row = query
     assert near(pixels[y, x], VIRIDIS_TOP).all(), f"hot cell pixel {pixels[y, x]} is not yellow"
-    for col, row in [(1, 4), (0, 0), (5, 5), (4, 2)]:  # transposed, corners, the row below
+    for col, row in [(0, 1), (1, 1), (5, 1)]:  # the rest of the hot row: weight 0
         cx, cy = to_pixel(col, row)
         assert near(pixels[cy, cx], VIRIDIS_BOTTOM).all(), f"cell (q={row}, k={col}) is not dark"
+    for col, row in [(1, 4), (0, 0), (5, 5), (4, 2)]:  # transposed, corners, the row below: 1/6 each
+        cx, cy = to_pixel(col, row)
+        assert not near(pixels[cy, cx], VIRIDIS_TOP).all(), f"cell (q={row}, k={col}) is yellow"
     # And the only yellow inside the heatmap is that cell.
     x0, y0 = to_pixel(-0.5, -0.5)
     x1, y1 = to_pixel(5.5, 5.5)
