@@ -3,8 +3,10 @@
 `FAMILIES` maps a config's `model_type` to the module that handles it. Every family module has
 the same small interface: `MODEL_TYPES`, `load_weights(model) -> Weights` (with `num_layers`,
 `num_heads` and `token_type`) and
-`forward(weights, input_ids, attention_mask, token_type_ids, keep_layers) -> Output`
-(final hidden state, and per kept layer the (B, H, Q, K) attention probabilities).
+`forward(weights, input_ids, attention_mask, token_type_ids, keep_layers, on_layer=None) -> Output`
+(final hidden state, and per kept layer the (B, H, Q, K) attention probabilities; with
+`on_layer(index, probs)` each kept layer is handed to the callback as soon as it is computed
+instead of being kept, so long inputs never hold all layers at once).
 """
 
 from __future__ import annotations

@@ -201,6 +201,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T), 1 = real token, 0 = padding
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
+    on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Output:
     """Run the encoder; return the final hidden state and the attention of the kept layers."""
     x = embed(weights, input_ids, token_type_ids)  # (B, T, hidden)
@@ -212,8 +213,12 @@ def forward(
         v = split_heads(layer.value(x), weights.num_heads)  # (B, H, K, D)
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
-            attentions[index] = probs
+            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
+                on_layer(index, probs)
+            else:
+                attentions[index] = probs
         context = merge_heads(torch.matmul(probs, v))  # (B, T, H·D)
+        del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = layer.attn_norm(x + layer.out(context))
         x = layer.ff_norm(x + layer.ff_out(layer.act(layer.ff_in(x))))
     return Output(hidden=x, attentions=attentions)

@@ -85,6 +85,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T)
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
+    on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Output:
     b, t = input_ids.shape
     positions = torch.arange(t, device=input_ids.device)  # right padding: real tokens start at 0
@@ -97,7 +98,11 @@ def forward(
         q, k, v = (split_heads(z, weights.num_heads) for z in (q, k, v))  # (B, H, T, D)
         probs = attention_probs(q, k, block.scale, mask)  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
-            attentions[index] = probs
+            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
+                on_layer(index, probs)
+            else:
+                attentions[index] = probs
         x = x + block.proj(merge_heads(torch.matmul(probs, v)))
+        del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = x + block.fc_proj(weights.act(block.fc(block.ln_2(x))))
     return Output(hidden=weights.ln_f(x), attentions=attentions)

@@ -131,6 +131,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T)
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
+    on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Output:
     t = input_ids.shape[1]
     x = F.embedding(input_ids, weights.embed)  # (B, T, hidden)
@@ -155,8 +156,12 @@ def forward(
         v = v.repeat_interleave(group, dim=1)
         probs = attention_probs(q, k, weights.head_dim**-0.5, masks[layer.window])  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
-            attentions[index] = probs
+            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
+                on_layer(index, probs)
+            else:
+                attentions[index] = probs
         x = x + layer.o(merge_heads(torch.matmul(probs, v)))
+        del probs  # free this layer's (B, H, T, T) before the next one is computed
         h = layer.norm_post(x)
         x = x + layer.down(weights.act(layer.gate(h)) * layer.up(h))
     return Output(hidden=weights.norm(x), attentions=attentions)
