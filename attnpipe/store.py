@@ -286,7 +286,9 @@ class H5Writer:
             raise ValueError(f"dtype {dtype} differs from storage.dtype {self.storage.dtype}")
         self.dtype = np.dtype(dtype)
         self._atomic = AtomicFile(path)
-        self._file = h5py.File(self._atomic.tmp, "w", track_order=True)
+        # libver "v110": compact object headers and chunk indexes (a few kB less per text than
+        # HDF5 1.8's B-trees); readable by HDF5 >= 1.10 (2016), h5py >= 2.7.
+        self._file = h5py.File(self._atomic.tmp, "w", track_order=True, libver=("v110", "latest"))
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
         self._attention: dict[int, h5py.Dataset] = {}
@@ -573,8 +575,8 @@ class AttentionFile:
     def stored_metrics(self, metrics: tuple[str, ...] | None = None):
         """The per-head metrics of a --metrics-only file as corpus_metrics' long table.
 
-        Columns text_id, layer, head (model indices), metric (categorical), value; plus the
-        per-text causal flag the metrics were computed with, as `attrs["causal"]` (N,) bool.
+        Columns text_id, layer, head (model indices), metric (categorical), value. The per-text
+        causal flag the metrics were computed with is `stored_causal()`.
         """
         import pandas as pd
 
@@ -600,8 +602,13 @@ class AttentionFile:
             "metric": pd.Categorical(np.asarray(wanted)[metric_idx.ravel()], categories=wanted),
             "value": values.ravel(),
         })
-        table.attrs["causal"] = group["causal"][()]
         return table
+
+    def stored_causal(self) -> np.ndarray:
+        """(N,) bool: whether each text's stored metrics treated queries as seeing earlier keys only."""
+        if not self.storage.metrics_only:
+            raise AttnpipeError(f"{self.path} holds attention matrices, not stored metrics")
+        return self._h5["metrics/causal"][()]
 
     def __iter__(self) -> Iterator[TextAttention]:
         for index in range(len(self)):
