@@ -118,10 +118,13 @@ def child_long(args) -> int:
 
 
 def run_child(*flags: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, __file__, *flags, *CHILD_FLAGS], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"child {flags} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+CHILD_FLAGS: list[str] = []  # the parent's --threads, passed on
 
 
 # ----------------------------------------------------------------------------- parts of the main run
@@ -209,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="storage dtype of the long-input check (default: uint8)")
     parser.add_argument("--long-compression", default="lzf", choices=store.COMPRESSIONS,
                         help="compression of the long-input check (default: lzf)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every run, ours and HF alike (default: torch's choice)")
     parser.add_argument("--skip", default="", metavar="A,B",
                         help="parts to leave out: speed, storage, read, rss, analysis, long")
     parser.add_argument("--smoke", action="store_true",
@@ -218,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child == "rss":
         return child_rss(args)
     if args.child == "long":
@@ -226,12 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         args.limit, args.repeats, args.read_file_mb, args.max_length = 4, 1, 2, 32
         args.rss_counts, args.long_tokens, args.long_layers = "4,16", 128, 2
     skip = {part.strip() for part in args.skip.split(",") if part.strip()}
+    if args.threads:
+        CHILD_FLAGS.extend(["--threads", str(args.threads)])
 
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     model_dir = args.model_dir or default_model_dir()
-    texts = corpus.read_texts_file(args.texts_file)[: args.limit]
+    texts = list(corpus.read_texts_file(args.texts_file))
+    texts = list(corpus_of(texts, args.limit)) if args.limit > len(texts) else texts[: args.limit]  # cycle
     strings = [t.text for t in texts]
     print(f"{len(texts)} texts from {args.texts_file.name}, max length {args.max_length}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average "
