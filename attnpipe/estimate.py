@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from attnpipe import store
-from attnpipe.extract import ExtractConfig, _check_config, _encode, _extract_loaded, _max_length, parse_indices
+from attnpipe.extract import (
+    ExtractConfig, _check_config, _encode, _extract_loaded, _max_length, _torch_threads, parse_indices,
+)
 from attnpipe.loading import default_model_dir, load_model, resolve_device
 
 CALIBRATION_TEXTS = 16  # texts run for the calibration, spread evenly over the sorted lengths
@@ -52,6 +54,12 @@ def _flops(lengths: np.ndarray, num_layers: int, width: int) -> float:
 
 
 def estimate(config: ExtractConfig) -> Estimate:
+    """Count the values to store, calibrate bytes and seconds on a few texts, scale up."""
+    with _torch_threads(config.threads):
+        return _estimate(config)
+
+
+def _estimate(config: ExtractConfig) -> Estimate:
     storage = _check_config(config)
     device = resolve_device(config.device)
     model_dir = config.model_dir if config.model_dir is not None else default_model_dir()

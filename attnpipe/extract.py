@@ -17,8 +17,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from attnpipe import __version__, store
 from attnpipe.background import BackgroundWriter
 from attnpipe.corpus import Text
 from attnpipe.errors import AttnpipeError
-from attnpipe.loading import LoadedModel, default_model_dir, hash_files, load_model, resolve_device
+from attnpipe.loading import LoadedModel, default_model_dir, load_model, resolve_device
 
 # Probabilities are float32 sums of n terms: 1e-5 bounds the float32 rounding we have measured
 # against transformers' eager attention (~1e-7 on MiniLM), with room for long inputs.
@@ -323,19 +322,6 @@ class _LayerSink:
                     crop = crop[:, int(rows[0]):int(rows[0]) + 1]  # (h, 1, n)
                 chunk = self._convert(crop)
                 self.writer.submit("write_chunk", i, pos, head, chunk, nbytes=chunk.nbytes)
-
-
-def _hash_in_background(files: list) -> Callable[[], str]:
-    """sha256 of the weight files, computed in a thread beside the run (hashlib frees the GIL)."""
-    result: dict[str, str] = {}
-    thread = threading.Thread(target=lambda: result.update(sha=hash_files(files)), daemon=True)
-    thread.start()
-
-    def get() -> str:
-        thread.join()
-        return result["sha"]
-
-    return get
 
 
 def extract(config: ExtractConfig) -> ExtractResult:

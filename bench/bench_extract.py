@@ -173,12 +173,17 @@ def read_latency(path: Path, reads: int) -> tuple[float, float, float]:
     return statistics.median(times), float(np.percentile(times, 95)), opened
 
 
-def analysis_throughput(path: Path) -> tuple[float, float]:
-    """Attention values per second: numpy corpus_metrics, and the torch port, both read from disk."""
+def analysis_throughput(path: Path) -> tuple[float, float, float]:
+    """Attention values per second: reading alone, numpy corpus_metrics, the torch port (from disk)."""
     from attnpipe import metrics as M
     from attnpipe.fast_metrics import BatchMetrics
 
     values = attention_values(path)
+    start = time.perf_counter()
+    with store.open_attention(path) as f:
+        for _ in f:
+            pass
+    read_rate = values / (time.perf_counter() - start)
     start = time.perf_counter()
     with store.open_attention(path) as f:
         M.corpus_metrics(f)
@@ -192,7 +197,28 @@ def analysis_throughput(path: Path) -> tuple[float, float]:
                               [item.special_tokens_mask] * num_layers, causal=causal)
             bm.layer(torch.from_numpy(item.attention))
     torch_rate = values / (time.perf_counter() - start)
-    return numpy_rate, torch_rate
+    return read_rate, numpy_rate, torch_rate
+
+
+def entropy_profile(path: Path) -> tuple[float, float, float]:
+    """Order-0 entropy in bytes per value: uint8 values, float16 high byte, float16 low byte.
+
+    A bound for any coder that sees values independently: what gzip can hope for, roughly.
+    """
+    counts8, hi, lo = np.zeros(256), np.zeros(256), np.zeros(256)
+    with store.open_attention(path) as f:
+        for item in f:
+            p = item.attention.ravel()
+            counts8 += np.bincount(store.to_storage(p, "uint8"), minlength=256)
+            pair = p.astype(np.float16).view(np.uint8).reshape(-1, 2)
+            lo += np.bincount(pair[:, 0], minlength=256)
+            hi += np.bincount(pair[:, 1], minlength=256)
+
+    def bits(counts: np.ndarray) -> float:
+        q = counts[counts > 0] / counts.sum()
+        return float(-(q * np.log2(q)).sum()) / 8
+
+    return bits(counts8), bits(hi), bits(lo)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                 for dtype, size in sizes.items():
                     print(f"  {dtype:8s} {size / values:6.3f} bytes/value  ({size / 1e6:7.2f} MB)")
                 print(f"  float16 max abs error {err16:.2e}; uint8 max abs error {err8:.5f} (target <= 0.002)")
+                e8, ehi, elo = entropy_profile(tmp / "float32.h5")
+                print(f"  order-0 entropy (bytes/value): uint8 values {e8:.3f}; float16 high byte {ehi:.3f} + "
+                      f"low byte {elo:.3f} = {ehi + elo:.3f}")
                 print("  targets: float16 <= 1.8 B/value, uint8 <= 0.45 B/value")
 
         if "read" not in skip:
@@ -318,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             (tmp / "big.h5").unlink()
 
         if "analysis" not in skip:
-            numpy_rate, torch_rate = analysis_throughput(tmp / "float16.h5")
+            read_rate, numpy_rate, torch_rate = analysis_throughput(tmp / "float16.h5")
             print(f"\nanalysis: the standard metric set ({len(__import__('attnpipe.metrics').metrics.METRICS)} "
                   "metrics) read from the float16 file")
+            print(f"  reading alone (gunzip, float16 -> float32):     {read_rate / 1e6:7.1f} M values/s")
             print(f"  attnpipe.metrics.corpus_metrics (numpy float64): {numpy_rate / 1e6:7.1f} M values/s")
             print(f"  attnpipe.fast_metrics (torch float64, per text): {torch_rate / 1e6:7.1f} M values/s"
                   "   (target >= 50)")
