@@ -289,10 +289,12 @@ class _LayerSink:
         self.writer = writer
         self.json_attention = json_attention
         self.itemsize = np.dtype(storage.dtype).itemsize
+        self.num_layers = len(layer_pos)
 
     def batch(self, indices: list[int], lengths: list[int], metrics=None, metric_values=None) -> None:
         self.indices, self.lengths = indices, lengths
         self.metrics, self.metric_values = metrics, metric_values
+        self.pending: dict[int, list[np.ndarray]] = {}  # text -> converted layers of an unfinished chunk
 
     def _convert(self, crop: torch.Tensor) -> np.ndarray:
         if self.storage.dtype == "uint8":  # the same float32 arithmetic as store.to_storage
@@ -315,13 +317,21 @@ class _LayerSink:
             if n == 0:
                 continue
             rows = store.query_positions(self.storage.rows, n)
-            step = store.heads_per_chunk(heads, len(rows), n, self.itemsize)
+            layers_per_chunk, step, _, _ = store.chunk_shape(self.num_layers, heads, len(rows), n, self.itemsize)
             for head in range(0, heads, step):
                 crop = probs[row, head:head + step, :n, :n]  # (h, n, n) view, real tokens only
                 if self.storage.rows != "all":
                     crop = crop[:, int(rows[0]):int(rows[0]) + 1]  # (h, 1, n)
-                chunk = self._convert(crop)
-                self.writer.submit("write_chunk", i, pos, head, chunk, nbytes=chunk.nbytes)
+                converted = self._convert(crop)
+                if layers_per_chunk == 1:
+                    self.writer.submit("write_chunk", i, pos, head, converted[None], nbytes=converted.nbytes)
+                    continue
+                # Short texts: several whole layers per chunk (better compression), sent when complete.
+                layers = self.pending.setdefault(i, [])
+                layers.append(converted)
+                if len(layers) == layers_per_chunk:
+                    chunk = np.stack(self.pending.pop(i))  # (l, H, r, n)
+                    self.writer.submit("write_chunk", i, pos - layers_per_chunk + 1, 0, chunk, nbytes=chunk.nbytes)
 
 
 def extract(config: ExtractConfig) -> ExtractResult:

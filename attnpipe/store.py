@@ -15,9 +15,10 @@ below, read as float32/float16, gzip, all rows)::
         text               scalar utf-8 string: the text as given
         attention          (L, H, n, n) float32, float16 or uint8 (see `dtype` below), or
                            (L, H, r, n) when only r query rows are kept (`rows` below);
-                           chunks (1, h, r, n): one layer and h heads, h the largest divisor
-                           of H whose chunk stays under CHUNK_TARGET_BYTES (1 MiB), so one
-                           matrix is read without the rest; compression per `compression`
+                           chunks of at most CHUNK_TARGET_BYTES (1 MiB), see `chunk_shape`:
+                           (l, H, r, n), l whole layers, when a layer fits, else (1, h, r, n),
+                           h of the heads (l, h divide L, H), so one matrix is read without
+                           the rest; compression per `compression`
                            (gzip: with shuffle); attribute dims = "layer,head,query,key"
         query_positions    (r,) int64, only when `rows` is not "all": the query position of
                            each stored row (cls: [0]; last: [n - 1])
@@ -243,14 +244,22 @@ def decode(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32, copy=False)
 
 
-def heads_per_chunk(num_heads: int, num_rows: int, num_keys: int, itemsize: int) -> int:
-    """Heads in one chunk: the largest divisor of H keeping a chunk under CHUNK_TARGET_BYTES."""
+def _largest_divisor(total: int, unit_bytes: int) -> int:
+    """The largest divisor d of `total` with d * unit_bytes <= CHUNK_TARGET_BYTES (at least 1)."""
+    return max(d for d in range(1, total + 1) if total % d == 0 and (d == 1 or d * unit_bytes <= CHUNK_TARGET_BYTES))
+
+
+def chunk_shape(num_layers: int, num_heads: int, num_rows: int, num_keys: int,
+                itemsize: int) -> tuple[int, int, int, int]:
+    """Chunks of one text's (L, H, r, n) attention, at most ~CHUNK_TARGET_BYTES each.
+
+    Whole layers (several, for short texts: bigger chunks compress better) when one layer fits,
+    else part of one layer's heads; layer and head counts divide L and H, so every chunk is full.
+    """
     per_head = max(1, num_rows * num_keys * itemsize)
-    best = 1
-    for count in range(1, num_heads + 1):
-        if num_heads % count == 0 and count * per_head <= CHUNK_TARGET_BYTES:
-            best = count
-    return best
+    if num_heads * per_head <= CHUNK_TARGET_BYTES:
+        return (_largest_divisor(num_layers, num_heads * per_head), num_heads, num_rows, num_keys)
+    return (1, _largest_divisor(num_heads, per_head), num_rows, num_keys)
 
 
 def encode_chunk(chunk: np.ndarray, storage: Storage) -> bytes:
@@ -314,7 +323,7 @@ class H5Writer:
             shape = (num_layers, num_heads, r, n)
             options = {}
             if r and n:
-                options = dict(chunks=(1, heads_per_chunk(num_heads, r, n, self.dtype.itemsize), r, n))
+                options = dict(chunks=chunk_shape(num_layers, num_heads, r, n, self.dtype.itemsize))
                 if self.storage.compression == "gzip":
                     options.update(compression="gzip", compression_opts=self.storage.level,
                                    shuffle=self.dtype.itemsize > 1)
@@ -334,18 +343,13 @@ class H5Writer:
         group.create_dataset("word_ids", data=np.asarray(item.word_ids).astype(np.int64))
         self._ids[index] = item.id
 
-    def chunk_heads(self, index: int) -> int:
-        """Heads per chunk of text `index`'s attention (write_chunk takes whole chunks)."""
-        chunks = self._attention[index].chunks
-        return chunks[1] if chunks else 0
-
     def write_chunk(self, index: int, layer: int, head: int, values: np.ndarray) -> None:
-        """Write one chunk (h, r, n) of text `index`, already in the storage dtype, at (layer, head)."""
+        """Write one whole chunk (l, h, r, n) of text `index`, in the storage dtype, at (layer, head)."""
         dataset = self._attention[index]
-        if values.dtype != self.dtype:
-            raise ValueError(f"chunk dtype {values.dtype} is not the storage dtype {self.dtype}")
+        if values.dtype != self.dtype or values.shape != dataset.chunks:
+            raise ValueError(f"chunk {values.dtype} {values.shape} is not a {self.dtype} {dataset.chunks} chunk")
         if self.storage.compression == "lzf":
-            dataset[layer, head:head + values.shape[0]] = values
+            dataset[layer:layer + values.shape[0], head:head + values.shape[1]] = values
         else:
             dataset.id.write_direct_chunk((layer, head, 0, 0), encode_chunk(values, self.storage))
 
@@ -360,12 +364,12 @@ class H5Writer:
         """
         num_layers, num_heads = item.attention.shape[:2]
         self.begin(index, item, num_layers, num_heads)
-        if index in self._attention:
+        chunks = self._attention[index].chunks if index in self._attention else None
+        if chunks:
             stored = to_storage(item.attention, self.storage.dtype)
-            step = self.chunk_heads(index)
-            for layer in range(num_layers if step else 0):
-                for head in range(0, num_heads, step):
-                    self.write_chunk(index, layer, head, stored[layer, head:head + step])
+            for layer in range(0, num_layers, chunks[0]):
+                for head in range(0, num_heads, chunks[1]):
+                    self.write_chunk(index, layer, head, stored[layer:layer + chunks[0], head:head + chunks[1]])
         self.end(index)
 
     def write_metrics(self, values: np.ndarray, names: tuple[str, ...], causal: np.ndarray) -> None:
