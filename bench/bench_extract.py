@@ -327,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                 err8 = max(float(np.abs(f32[i].attention - u8[i].attention).max()) for i in range(len(f32)))
                 err16 = max(float(np.abs(f32[i].attention - f16[i].attention).max()) for i in range(len(f32)))
             if "storage" not in skip:
-                print(f"\nstorage: {values:,} attention values, whole file incl. tokens and metadata, gzip level "
-                      f"{store.DEFAULT_GZIP_LEVEL} + shuffle")
+                print(f"\nstorage: {values:,} attention values, whole file incl. tokens and metadata, "
+                      "gzip + shuffle at the default level")
                 for dtype, size in sizes.items():
-                    print(f"  {dtype:8s} {size / values:6.3f} bytes/value  ({size / 1e6:7.2f} MB)")
+                    print(f"  {dtype:8s} {size / values:6.3f} bytes/value  ({size / 1e6:7.2f} MB, gzip level "
+                          f"{store.DEFAULT_GZIP_LEVELS[dtype]})")
                 print(f"  float16 max abs error {err16:.2e}; uint8 max abs error {err8:.5f} (target <= 0.002)")
                 e8, ehi, elo = entropy_profile(tmp / "float32.h5")
                 print(f"  order-0 entropy (bytes/value): uint8 values {e8:.3f}; float16 high byte {ehi:.3f} + "
