@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                   "metrics) read from the float16 file")
             print(f"  reading alone (gunzip, float16 -> float32):     {read_rate / 1e6:7.1f} M values/s")
             print(f"  attnpipe.metrics.corpus_metrics (numpy float64): {numpy_rate / 1e6:7.1f} M values/s")
-            print(f"  attnpipe.fast_metrics (torch float64, per text): {torch_rate / 1e6:7.1f} M values/s"
+            print(f"  attnpipe.fast_metrics (torch, one text per call): {torch_rate / 1e6:7.1f} M values/s"
                   "   (target >= 50)")
 
     if "rss" not in skip:
