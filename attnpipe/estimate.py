@@ -4,8 +4,8 @@ Sizes are exact counts: every text stores L·H·r·n values (L, H stored layers 
 rows kept, n tokens). Bytes per stored value and seconds per unit of work come from a short
 calibration: a few texts spread over the corpus's lengths go through the real pipeline (same
 model, dtype, compression, rows) into a temporary file. Work is counted in forward-pass FLOPs,
-per layer 24·n·d² (projections and feed-forward) + 4·n²·d (scores and weighted sum), so short
-and long texts are weighed by what they cost.
+per layer 24·T·d² (projections and feed-forward) + 4·T²·d (scores and weighted sum) for each
+text at its batch's padded width T, so short and long texts are weighed by what they cost.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from attnpipe import store
 from attnpipe.extract import (
     ExtractConfig, _check_config, _encode, _extract_loaded, _max_length, _torch_threads, parse_indices,
+    token_budget_batches,
 )
 from attnpipe.loading import default_model_dir, load_model, resolve_device
 
@@ -48,9 +49,12 @@ class Estimate:
         )
 
 
-def _flops(lengths: np.ndarray, num_layers: int, width: int) -> float:
-    n = lengths.astype(np.float64)
-    return float(num_layers * (24 * n * width**2 + 4 * n**2 * width).sum())
+def _flops(lengths: np.ndarray, num_layers: int, width: int, config: ExtractConfig) -> float:
+    """Forward FLOPs of the padded batches the run will make (every text costs its batch's width)."""
+    padded = np.zeros(len(lengths))
+    for batch in token_budget_batches(lengths.tolist(), config.max_tokens_per_batch, config.batch_size):
+        padded[batch] = max(int(lengths[i]) for i in batch)
+    return float(num_layers * (24 * padded * width**2 + 4 * padded**2 * width).sum())
 
 
 def estimate(config: ExtractConfig) -> Estimate:
@@ -94,7 +98,8 @@ def _estimate(config: ExtractConfig) -> Estimate:
         file_bytes = sample_bytes / sample_values * values
     else:  # metrics only: per-text bookkeeping dominates
         file_bytes = sample_bytes / len(picks) * len(lengths)
-    work = _flops(lengths, model.num_layers, width) / max(_flops(lengths[picks], model.num_layers, width), 1.0)
+    work = (_flops(lengths, model.num_layers, width, config)
+            / max(_flops(lengths[picks], model.num_layers, width, config), 1.0))
     return Estimate(
         num_texts=len(lengths), num_tokens=int(lengths.sum()), num_values=values,
         raw_bytes=values * np.dtype(storage.dtype).itemsize, file_bytes=float(file_bytes),
