@@ -637,8 +637,8 @@ class AttentionFile:
 def _check_version(path: Path, version: int) -> None:
     if version not in READABLE_VERSIONS:
         raise AttnpipeError(
-            f"{path} has attention schema version {version}; this attnpipe reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
+            f"{path} has attention schema version {version}; this attnpipe reads version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}"
         )
 
 
