@@ -222,6 +222,16 @@ def provenance_summary(path: Path, meta) -> dict:
             "dtype": meta.dtype}
 
 
+def stored_metrics(f, names: tuple[str, ...], causal: bool | None):
+    """The long table of a --metrics-only file; refuses a --causal that differs from the stored one."""
+    long = f.stored_metrics(names)
+    stored = set(bool(c) for c in f.stored_causal())
+    if causal is not None and stored and stored != {causal}:
+        raise AttnpipeError(f"{f.path} holds metrics computed with causal={sorted(stored)}; --causal "
+                            f"{'yes' if causal else 'no'} would need the matrices: extract without --metrics-only")
+    return long
+
+
 def run_metrics(args) -> int:
     from attnpipe import metrics as M
     from attnpipe import tables
@@ -232,7 +242,10 @@ def run_metrics(args) -> int:
         raise AttnpipeError(f"--bootstrap must be at least 1, got {args.bootstrap}")
     folder = tables.prepare_output_dir(args.output_dir)
     with open_attention(args.input) as f:
-        long = M.corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=names)
+        if f.metrics_only:  # extracted with --metrics-only: the table is stored, return it
+            long = stored_metrics(f, names, CAUSAL_CHOICES[args.causal])
+        else:
+            long = M.corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=names)
         source = provenance_summary(args.input, f.meta)
     agg = M.aggregate(long, resamples=args.bootstrap, seed=args.seed)
     written = tables.write_table(long, folder, "metrics") + tables.write_table(agg, folder, "aggregate")

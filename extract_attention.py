@@ -12,6 +12,12 @@ Examples:
     python extract_attention.py --texts-file data/demo_corpus.jsonl --output_file results/demo.h5 \\
         --dtype float16 --verify
 
+    # a big corpus: 8-bit storage, only the [CLS] rows; first print the expected size and time
+    python extract_attention.py --texts-file corpus.txt --output_file big.h5 --dtype uint8 --rows cls --estimate
+
+    # only the per-head metrics (docs/METRICS.md), no matrices
+    python extract_attention.py --texts-file corpus.txt --output_file metrics.h5 --metrics-only
+
     # your own checkpoint (a transformers folder), last layer only
     python extract_attention.py --model_dir ./model_output --text "Hello" --layer -1 --output_file a.json
 
@@ -107,8 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--max-length", "--max_length", type=int, default=None, metavar="N",
                         help="truncate texts to N tokens; truncated texts are flagged and reported "
                         "(default: the model's limit)")
-    select.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                        help="storage dtype of the probabilities (computation is always float32)")
+    select.add_argument("--dtype", default="float32", choices=["float32", "float16", "uint8"],
+                        help="storage dtype of the probabilities (computation is always float32); "
+                        "uint8 stores round(p*255), read back as p = v/255 (error <= 0.002; .h5 only)")
+    select.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
+                        help="HDF5 chunk compression (default: gzip with shuffle)")
+    select.add_argument("--compression-level", type=int, default=None, metavar="0-9",
+                        help="gzip level (default: 1 for float32/float16, whose low bytes do not "
+                        "compress; 4 for uint8)")
+    select.add_argument("--rows", default="all", choices=["all", "cls", "last"],
+                        help="query rows stored: all (default), cls (position 0) or last (last token); "
+                        "cls/last store (layer, head, 1, n) for long inputs (.h5 only)")
+    select.add_argument("--metrics-only", action="store_true",
+                        help="store the per-head metrics of analyze_attention.py (docs/METRICS.md) "
+                        "instead of the matrices, for corpora too big to keep (.h5 only)")
+    select.add_argument("--metrics", default="all", metavar="A,B",
+                        help="with --metrics-only: comma-separated metric names (default: all)")
     out = parser.add_argument_group("output")
     out.add_argument("--output_file", "--output-file", "-o", type=Path, default=Path("attention_data.json"),
                      metavar="FILE", help=".json (one text, seed 001's format) or .h5 (any number of "
@@ -116,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", "--batch_size", type=int, default=32,
                      help="texts per forward pass; texts are grouped by length (default: 32)")
+    run.add_argument("--max-tokens-per-batch", type=int, default=None, metavar="N",
+                     help="padded tokens (texts x longest length) per forward pass (default: 4096)")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="CPU threads for torch (default: torch's choice, all cores)")
+    run.add_argument("--estimate", action="store_true",
+                     help="print the expected output size and run time (after a short calibration "
+                     "on a few texts), write nothing, and exit")
     run.add_argument("--verify", action="store_true",
                      help="also run transformers' eager attention on every batch, record the largest "
                      "difference in the file, and fail if it exceeds --verify-tol")
@@ -138,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so that --help answers at once, without loading torch.
     from attnpipe import corpus, extract_seq2seq
-    from attnpipe.extract import DEFAULT_VERIFY_TOL, ExtractConfig, extract
+    from attnpipe.extract import DEFAULT_MAX_TOKENS_PER_BATCH, DEFAULT_VERIFY_TOL, ExtractConfig, extract
 
     pairs = ()
     result = _extract_other_inputs(args)
@@ -173,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "llama family); not encoder-decoder pairs or --method hf")
         target = parse_target(args.explain)
         run_extract = lambda config: extract_with_gradients(config, target, args.ablate)  # noqa: E731
-    result = run_extract(ExtractConfig(
+    metric_names = None
+    if args.metrics.strip() != "all":
+        metric_names = tuple(name.strip() for name in args.metrics.split(",") if name.strip())
+    config = ExtractConfig(
         texts=tuple(texts),
         output=args.output_file,
         model_dir=args.model_dir,
@@ -189,7 +219,20 @@ def main(argv: list[str] | None = None) -> int:
         progress=False if args.quiet else None,
         pairs=tuple(pairs),
         method=args.method,
-    ))
+        max_tokens_per_batch=args.max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH,
+        threads=args.threads,
+        compression=args.compression,
+        compression_level=args.compression_level,
+        rows=args.rows,
+        metrics_only=args.metrics_only,
+        metrics=metric_names,
+    )
+    if args.estimate:
+        from attnpipe.estimate import estimate
+
+        print(estimate(config).describe())
+        return 0
+    result = run_extract(config)
     _report(args, result)
     return 0
 

@@ -1,9 +1,15 @@
 """The extraction stage: texts -> our forward pass -> an attention file.
 
-Texts are tokenized once, sorted by length into batches (so little padding is computed),
-run through the family's forward pass, cropped to each text's real tokens and written in the
-user's order. With `verify`, every batch also runs through transformers' eager attention and
-the largest difference is recorded in the file (and fails the run above the tolerance).
+Texts are tokenized once, sorted by length into batches under a token budget (so little
+padding is computed), run through the family's forward pass under torch.inference_mode, cropped
+to each text's real tokens on the torch side and written in the user's order. Each layer is
+handed over as soon as it is computed (`on_layer`), converted to the storage dtype, and queued
+to one writer thread that compresses and writes it while the next layer and batch run; so a
+long text never holds all layers' attention at once, and storage costs little wall time. With
+`metrics_only`, the per-head metrics are computed per layer instead (attnpipe.fast_metrics) and
+stored in place of the matrices. With `verify`, every batch also runs through transformers'
+eager attention and the largest difference is recorded in the file (and fails the run above the
+tolerance); verify keeps a batch's layers in memory to compare them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from attnpipe import __version__, guards, store
+from attnpipe.background import BackgroundWriter
 from attnpipe.corpus import Text
 from attnpipe.errors import AttnpipeError
 from attnpipe.loading import LoadedModel, checkpoint_dtype, default_model_dir, load_model, resolve_device
@@ -27,6 +34,17 @@ from attnpipe.loading import LoadedModel, checkpoint_dtype, default_model_dir, l
 # Probabilities are float32 sums of n terms: 1e-5 bounds the float32 rounding we have measured
 # against transformers' eager attention (~1e-7 on MiniLM), with room for long inputs.
 DEFAULT_VERIFY_TOL = 1e-5
+# Padded tokens (texts x longest length) per forward pass. bench/bench_extract.py measured
+# batches of 2k-8k tokens equally fast on MiniLM on 2 CPU cores; 4096 keeps a batch's
+# attention for one layer of a 12-head model at <= 4096 x 12 x T x 4 bytes.
+DEFAULT_MAX_TOKENS_PER_BATCH = 4096
+# Pending arrays the writer thread may fall behind by before the forward pass waits for it: a
+# few batches' worth. More buys no speed (a writer slower than the model sets the pace anyway)
+# and is memory that a long run fills (bench: 256 MiB made RSS at 5,000 texts 1.8x that at 500).
+DEFAULT_WRITER_QUEUE_BYTES = 32 << 20
+# Families whose queries see only earlier keys (for --metrics-only; the same answer that
+# attnpipe.metrics.infer_causal gives on their attention).
+CAUSAL_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,15 @@ class ExtractConfig:
     progress: bool | None = None  # None: a bar only on a terminal
     pairs: tuple = ()  # extract_seq2seq.Pair: source/target pairs for encoder-decoder models
     method: str = "manual"  # "manual": our forward pass; "hf": transformers' eager output (extract_hf)
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH  # padded tokens per batch; batch_size caps texts
+    threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
+    compression: store.Compression = "gzip"
+    compression_level: int | None = None  # gzip 0-9; None: store.DEFAULT_GZIP_LEVELS[dtype]
+    rows: store.RowSelection = "all"  # query rows stored: all, cls (position 0) or last
+    metrics_only: bool = False  # store attnpipe.metrics per head instead of the matrices
+    metrics: tuple[str, ...] | None = None  # with metrics_only: names; None = all of metrics.METRICS
+    stream_layers: bool = True  # hand each layer to the writer as it is computed (False: per batch)
+    writer_queue_bytes: int = DEFAULT_WRITER_QUEUE_BYTES
 
 
 @dataclass(frozen=True)
@@ -110,6 +137,7 @@ class _Encoded:
 
 
 def _encode(tokenizer, texts: list[str], max_length: int) -> _Encoded:
+    """Tokenize once (truncated); only texts that reach max_length are counted again untruncated."""
     fast = getattr(tokenizer, "is_fast", False)
     enc = tokenizer(
         texts,
@@ -118,8 +146,14 @@ def _encode(tokenizer, texts: list[str], max_length: int) -> _Encoded:
         return_special_tokens_mask=True,
         return_offsets_mapping=fast,
     )
-    full = tokenizer(texts, truncation=False)["input_ids"]
     n_texts = len(texts)
+    untruncated = [len(ids) for ids in enc["input_ids"]]
+    # A text shorter than the limit was not cut; only those at the limit may have been.
+    at_limit = [i for i, n in enumerate(untruncated) if n >= max_length]
+    if at_limit:
+        full = tokenizer([texts[i] for i in at_limit], truncation=False)["input_ids"]
+        for i, ids in zip(at_limit, full, strict=True):
+            untruncated[i] = len(ids)
     offsets, word_ids = [], []
     for i in range(n_texts):
         n = len(enc["input_ids"][i])
@@ -135,7 +169,7 @@ def _encode(tokenizer, texts: list[str], max_length: int) -> _Encoded:
         special_tokens_mask=enc["special_tokens_mask"],
         offsets=offsets,
         word_ids=word_ids,
-        untruncated_lengths=[len(ids) for ids in full],
+        untruncated_lengths=untruncated,
     )
 
 
@@ -144,6 +178,21 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def token_budget_batches(lengths: list[int], max_tokens: int, max_texts: int) -> Iterator[list[int]]:
+    """Indices in batches of similar length (longest first) whose padded size, texts x longest
+    length, stays within `max_tokens` (a longer text goes alone), at most `max_texts` texts each."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batch: list[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]  # the first is the longest
+        if batch and ((len(batch) + 1) * max(width, 1) > max_tokens or len(batch) >= max_texts):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
@@ -196,31 +245,131 @@ def extract(config: ExtractConfig) -> ExtractResult:
         from attnpipe.extract_seq2seq import extract_pairs
 
         return extract_pairs(config)
+    storage = _check_config(config)
+    device = resolve_device(config.device)
+    model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
+    with _torch_threads(config.threads):
+        if config.method == "hf":
+            from attnpipe.extract_hf import load_hf_model
+
+            model = load_hf_model(model_dir, device, config.trust_remote_code)
+        else:
+            model = load_model(model_dir, device, config.trust_remote_code)
+        if getattr(model.family, "SEQ2SEQ", False):
+            raise AttnpipeError(
+                f"{model_dir} is an encoder-decoder ({model.model_type}) model: give --source and --target "
+                "(or a .jsonl file with source and target fields) instead of texts"
+            )
+        return _extract_loaded(config, storage, model, model_dir, device)
+
+
+def _check_config(config: ExtractConfig) -> store.Storage:
     store.check_output_path(config.output)
     if not config.texts:
         raise AttnpipeError("no texts given: use --text or --texts-file")
-    if config.output.suffix == ".json" and len(config.texts) > 1:
-        raise AttnpipeError(
-            f"a .json output holds one text, got {len(config.texts)}: write .h5 for several texts"
-        )
+    if config.output.suffix == ".json":
+        if len(config.texts) > 1:
+            raise AttnpipeError(
+                f"a .json output holds one text, got {len(config.texts)}: write .h5 for several texts"
+            )
+        for flag, bad in (("--dtype uint8", config.dtype == "uint8"), ("--rows", config.rows != "all"),
+                          ("--metrics-only", config.metrics_only)):
+            if bad:
+                raise AttnpipeError(f"{flag} is for .h5 output; a .json file holds whole float matrices")
     if config.batch_size < 1:
         raise AttnpipeError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.method == "hf" and config.verify:
         raise AttnpipeError("--verify compares our forward pass with transformers; with --method hf "
                             "the attention already comes from transformers")
-    device = resolve_device(config.device)
-    model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
-    if config.method == "hf":
-        from attnpipe.extract_hf import load_hf_model
+    if config.max_tokens_per_batch < 1:
+        raise AttnpipeError(f"--max-tokens-per-batch must be at least 1, got {config.max_tokens_per_batch}")
+    if config.threads is not None and config.threads < 1:
+        raise AttnpipeError(f"--threads must be at least 1, got {config.threads}")
+    if config.metrics is not None:
+        from attnpipe.metrics import check_metric_names
 
-        model = load_hf_model(model_dir, device, config.trust_remote_code)
-    else:
-        model = load_model(model_dir, device, config.trust_remote_code)
-    if getattr(model.family, "SEQ2SEQ", False):
-        raise AttnpipeError(
-            f"{model_dir} is an encoder-decoder ({model.model_type}) model: give --source and --target "
-            "(or a .jsonl file with source and target fields) instead of texts"
-        )
+        check_metric_names(config.metrics)
+    return store.Storage(dtype=config.dtype, compression=config.compression,
+                         compression_level=config.compression_level, rows=config.rows,
+                         metrics_only=config.metrics_only)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _LayerSink:
+    """Crops each text of a batch's layer on the torch side and sends it on, chunk by chunk.
+
+    To HDF5: converted to the storage dtype, split into the file's chunks and queued for the
+    writer thread. To JSON (one text): kept as float32. With metrics_only: per-head metrics.
+    """
+
+    def __init__(self, storage: store.Storage, layer_pos: dict[int, int], heads: tuple[int, ...],
+                 num_heads: int, writer: BackgroundWriter | None, json_attention: list | None):
+        self.storage = storage
+        self.layer_pos = layer_pos
+        self.head_index = None if len(heads) == num_heads else torch.tensor(heads)
+        self.writer = writer
+        self.json_attention = json_attention
+        self.itemsize = np.dtype(storage.dtype).itemsize
+        self.num_layers = len(layer_pos)
+
+    def batch(self, indices: list[int], lengths: list[int], metrics=None, metric_values=None) -> None:
+        self.indices, self.lengths = indices, lengths
+        self.metrics, self.metric_values = metrics, metric_values
+        self.pending: dict[int, list[np.ndarray]] = {}  # text -> converted layers of an unfinished chunk
+
+    def _convert(self, crop: torch.Tensor) -> np.ndarray:
+        if self.storage.dtype == "uint8":  # the same float32 arithmetic as store.to_storage
+            return (crop * float(store.UINT8_SCALE)).round_().to(torch.uint8).cpu().numpy()
+        out = torch.empty(crop.shape, dtype=getattr(torch, self.storage.dtype))
+        return out.copy_(crop).numpy()  # one pass: crop, convert and make contiguous
+
+    def __call__(self, layer: int, probs: torch.Tensor) -> None:  # probs (B, H, T, T)
+        pos = self.layer_pos[layer]
+        if self.head_index is not None:
+            probs = probs.index_select(1, self.head_index.to(probs.device))  # (B, H', T, T)
+        if self.metrics is not None:
+            self.metric_values[self.indices, pos] = self.metrics.layer(probs)  # (B, H', M)
+            return
+        heads = probs.shape[1]
+        for row, (i, n) in enumerate(zip(self.indices, self.lengths, strict=True)):
+            if self.json_attention is not None:
+                self.json_attention[pos] = probs[row, :, :n, :n].float().cpu().numpy()
+                continue
+            if n == 0:
+                continue
+            rows = store.query_positions(self.storage.rows, n)
+            layers_per_chunk, step, _, _ = store.chunk_shape(self.num_layers, heads, len(rows), n, self.itemsize)
+            for head in range(0, heads, step):
+                crop = probs[row, head:head + step, :n, :n]  # (h, n, n) view, real tokens only
+                if self.storage.rows != "all":
+                    crop = crop[:, int(rows[0]):int(rows[0]) + 1]  # (h, 1, n)
+                converted = self._convert(crop)
+                if layers_per_chunk == 1:
+                    self.writer.submit("write_chunk", i, pos, head, converted[None], nbytes=converted.nbytes)
+                    continue
+                # Short texts: several whole layers per chunk (better compression), sent when complete.
+                layers = self.pending.setdefault(i, [])
+                layers.append(converted)
+                if len(layers) == layers_per_chunk:
+                    chunk = np.stack(self.pending.pop(i))  # (l, H, r, n)
+                    self.writer.submit("write_chunk", i, pos - layers_per_chunk + 1, 0, chunk, nbytes=chunk.nbytes)
+
+
+
+def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: LoadedModel,
+                    model_dir: Path, device: torch.device) -> ExtractResult:
     layers = parse_indices(config.layers, model.num_layers, "--layer", "layers")
     heads = parse_indices(config.heads, model.num_heads, "--heads", "heads")
     max_length = _max_length(model, config.max_length)
@@ -230,46 +379,37 @@ def extract(config: ExtractConfig) -> ExtractResult:
     lengths = [len(ids) for ids in encoded.input_ids]
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     keep = frozenset(layers)
-    head_index = torch.tensor(heads, device=device)
+    layer_pos = {layer: pos for pos, layer in enumerate(layers)}
+    causal = guards.is_causal(model.model_type)
     parity = hidden_parity = 0.0
+    metric_names: tuple[str, ...] = ()
+    metric_values = causal_flags = None
+    if config.metrics_only:
+        from attnpipe.fast_metrics import BatchMetrics
+        from attnpipe.metrics import METRICS
 
+        metric_names = tuple(METRICS) if config.metrics is None else tuple(config.metrics)
+        metric_values = np.full((len(texts), len(layers), len(heads), len(metric_names)), np.nan)
+        causal_flags = np.full(len(texts), model.model_type in CAUSAL_MODEL_TYPES)
+
+    is_json = config.output.suffix == ".json"
+    json_attention: list | None = [None] * len(layers) if is_json else None
     json_item: store.TextAttention | None = None
     with contextlib.ExitStack() as stack:
-        writer = None
-        if config.output.suffix != ".json":
-            writer = stack.enter_context(store.H5Writer(config.output, len(texts), config.dtype))
+        h5 = writer = None
+        if not is_json:
+            h5 = stack.enter_context(store.H5Writer(config.output, len(texts), config.dtype, storage))
+            writer = BackgroundWriter(h5, config.writer_queue_bytes)
+            stack.callback(writer.abort)  # on an error: stop the thread before the file is dropped
+        sink = _LayerSink(storage, layer_pos, heads, model.num_heads, writer, json_attention)
         bar = stack.enter_context(
             tqdm(total=len(texts), unit="text", file=sys.stderr,
                  disable=None if config.progress is None else not config.progress)  # None: tty only
         )
-        for batch_indices in length_sorted_batches(lengths, config.batch_size):
-            batch = {
-                "input_ids": _pad([encoded.input_ids[i] for i in batch_indices], pad_id, device),
-                "attention_mask": _pad([[1] * lengths[i] for i in batch_indices], 0, device),
-            }
-            if encoded.token_type_ids is not None and model.weights.token_type is not None:
-                batch["token_type_ids"] = _pad([encoded.token_type_ids[i] for i in batch_indices], 0, device)
+        for batch_indices in token_budget_batches(lengths, config.max_tokens_per_batch, config.batch_size):
             batch_lengths = [lengths[i] for i in batch_indices]
-            with torch.inference_mode():
-                out = model.family.forward(
-                    model.weights, batch["input_ids"], batch["attention_mask"],
-                    batch.get("token_type_ids"), keep_layers=keep,
-                )
-                guards.check_attention(out.attentions, batch_lengths, [texts[i].id for i in batch_indices],
-                                       causal=guards.is_causal(model.model_type))  # stops a broken pass
-                if config.verify:
-                    check = _reference_diffs(model, batch, batch_lengths, out.attentions, out.hidden)
-                    parity, hidden_parity = max(parity, check.attention), max(hidden_parity, check.hidden)
-                    if check.attention > config.verify_tol:
-                        row, layer, head = check.where
-                        raise AttnpipeError(
-                            f"--verify failed: text {texts[batch_indices[row]].id!r} layer {layer} "
-                            f"head {head} differs from transformers eager by {check.attention:.3g} "
-                            f"(tolerance {config.verify_tol:g})"
-                        )
-                stacked = torch.stack([out.attentions[layer] for layer in layers], dim=1)  # (B, L, H, T, T)
-                stacked = stacked.index_select(2, head_index).float().cpu().numpy()  # (B, L, H', T, T)
-            for row, i in enumerate(batch_indices):
+            items = []
+            for i in batch_indices:
                 n = lengths[i]
                 item = store.TextAttention(
                     id=texts[i].id,
@@ -281,12 +421,56 @@ def extract(config: ExtractConfig) -> ExtractResult:
                     word_ids=encoded.word_ids[i],
                     truncated=encoded.untruncated_lengths[i] > n,
                     num_tokens_untruncated=encoded.untruncated_lengths[i],
-                    attention=np.ascontiguousarray(stacked[row, :, :, :n, :n]),  # real tokens only
+                    attention=None,  # streamed to the writer layer by layer
+                    query_positions=None if storage.rows == "all" else store.query_positions(storage.rows, n),
                 )
+                items.append(item)
                 if writer is not None:
-                    writer.write(i, item)
+                    writer.submit("begin", i, item, len(layers), len(heads))
+            batch = {
+                "input_ids": _pad([encoded.input_ids[i] for i in batch_indices], pad_id, device),
+                "attention_mask": _pad([[1] * lengths[i] for i in batch_indices], 0, device),
+            }
+            if encoded.token_type_ids is not None and model.weights.token_type is not None:
+                batch["token_type_ids"] = _pad([encoded.token_type_ids[i] for i in batch_indices], 0, device)
+            metrics = None
+            if config.metrics_only:
+                metrics = BatchMetrics(metric_names, batch_lengths, [item.tokens for item in items],
+                                       [item.special_tokens_mask for item in items],
+                                       causal=bool(causal_flags[batch_indices[0]]), device=device)
+            sink.batch(batch_indices, batch_lengths, metrics, metric_values)
+            stream = config.stream_layers and not config.verify  # verify compares whole batches
+            batch_ids = [texts[i].id for i in batch_indices]
+
+            def checked(layer: int, probs: torch.Tensor) -> None:  # stops a broken pass, then stores
+                guards.check_attention({layer: probs}, batch_lengths, batch_ids, causal=causal)
+                sink(layer, probs)
+
+            with torch.inference_mode():
+                out = model.family.forward(
+                    model.weights, batch["input_ids"], batch["attention_mask"],
+                    batch.get("token_type_ids"), keep_layers=keep, on_layer=checked if stream else None,
+                )
+                if config.verify:
+                    check = _reference_diffs(model, batch, batch_lengths, out.attentions, out.hidden)
+                    parity, hidden_parity = max(parity, check.attention), max(hidden_parity, check.hidden)
+                    if check.attention > config.verify_tol:
+                        row, layer, head = check.where
+                        raise AttnpipeError(
+                            f"--verify failed: text {texts[batch_indices[row]].id!r} layer {layer} "
+                            f"head {head} differs from transformers eager by {check.attention:.3g} "
+                            f"(tolerance {config.verify_tol:g})"
+                        )
+                if not stream:  # the in-memory path: the same sink, after the whole pass
+                    for layer in layers:
+                        checked(layer, out.attentions[layer])
+                del out
+            for row, i in enumerate(batch_indices):
+                if writer is not None:
+                    writer.submit("end", i)
                 else:
-                    json_item = item
+                    json_item = store.TextAttention(**{
+                        **items[row].__dict__, "attention": np.stack(json_attention)})
             bar.update(len(batch_indices))
         provenance = store.Provenance(
             model=str(model_dir),
@@ -308,7 +492,10 @@ def extract(config: ExtractConfig) -> ExtractResult:
             checkpoint_dtype=checkpoint_dtype(model_dir),
         )
         if writer is not None:
-            writer.finish(provenance)
+            writer.close()  # every queued chunk is written; from here this thread owns the file
+            if config.metrics_only:
+                h5.write_metrics(metric_values, metric_names, causal_flags)
+            h5.finish(provenance)
         else:
             store.write_json(config.output, json_item, provenance)
     truncated = tuple(t.id for t, full, n in zip(texts, encoded.untruncated_lengths, lengths) if full > n)

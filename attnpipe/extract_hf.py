@@ -114,6 +114,7 @@ def forward(
     attention_mask: torch.Tensor,  # (B, T)
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
+    on_layer=None,  # as the families' forward: each kept layer handed over instead of kept
 ) -> Output:
     """The family interface over transformers' eager output_attentions."""
     out = weights.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
@@ -123,4 +124,7 @@ def forward(
         index: probs.float() for index, probs in enumerate(out.attentions)
         if keep_layers is None or index in keep_layers
     }
+    if on_layer is not None:  # transformers computed every layer already: hand them over in order
+        for index in sorted(attentions):
+            on_layer(index, attentions.pop(index))
     return Output(hidden=hidden, attentions=attentions)

@@ -4,7 +4,8 @@ Dimension order is always (layer, head, query, key): rows are queries, columns a
 Only real tokens are stored: no padding, so a text of n tokens has (L, H, n, n) attention,
 where L and H count the *stored* layers and heads (their model indices are in `layers`/`heads`).
 
-HDF5 (`.h5`, many texts), schema version 2 (version 1 files are still read)::
+HDF5 (`.h5`, many texts), schema version 2 (version 1 files, which lack the storage attributes
+below, read as float32/float16, gzip, all rows)::
 
     /                      attrs: format = "attnpipe-attention", schema_version = 2,
                                   dims = "layer,head,query,key", and the provenance below
@@ -12,8 +13,15 @@ HDF5 (`.h5`, many texts), schema version 2 (version 1 files are still read)::
     /texts/<i>             one group per text, i = 0..N-1 zero-padded to 8 digits, user's order
         attrs              id, truncated (bool), num_tokens_untruncated (int)
         text               scalar utf-8 string: the text as given
-        attention          (L, H, n, n) float32 or float16, gzip + shuffle, one chunk per layer;
-                           attribute dims = "layer,head,query,key"
+        attention          (L, H, n, n) float32, float16 or uint8 (see `dtype` below), or
+                           (L, H, r, n) when only r query rows are kept (`rows` below);
+                           chunks of at most CHUNK_TARGET_BYTES (1 MiB), see `chunk_shape`:
+                           (l, H, r, n), l whole layers, when a layer fits, else (1, h, r, n),
+                           h of the heads (l, h divide L, H), so one matrix is read without
+                           the rest; compression per `compression`
+                           (gzip: with shuffle); attribute dims = "layer,head,query,key"
+        query_positions    (r,) int64, only when `rows` is not "all": the query position of
+                           each stored row (cls: [0]; last: [n - 1])
         token_ids          (n,) int64
         tokens             (n,) utf-8 strings, as the tokenizer spells them ("##ing", "Ġthe")
         special_tokens_mask (n,) bool: [CLS], [SEP], <s>, ... are True
@@ -91,6 +99,22 @@ Version 2 adds: method may also be "hf" (attention read from transformers' eager
 `output_attentions`, not our pass); checkpoint_dtype (the dtype the weights were stored in,
 e.g. "bfloat16", when known; "" in HDF5 / null in JSON otherwise: computation is float32 anyway).
 
+Storage attributes (schema version 2, root of the HDF5 file; read by `AttentionFile.storage`):
+compression ("gzip", "lzf" or "none"), compression_level (gzip level 0-9; -1 otherwise),
+rows ("all", "cls" or "last": which query rows `attention` holds), metrics_only (bool).
+dtype "uint8" stores v = round(p * 255) (UINT8_SCALE): the reader returns p = v / 255 as float32,
+at most 0.5/255 ≈ 0.00196 from the computed probability; the attention dataset carries the
+attribute scale = 1/255 for plain-h5py readers.
+
+Metrics only (`metrics_only` true, written by `extract_attention.py --metrics-only`): the texts
+keep every dataset except `attention`, and the per-head metrics of attnpipe.metrics are stored
+instead, as one array that the reader turns into the long table of `corpus_metrics`::
+
+    /metrics/values        (N, L, H, M) float64: text (user's order) x stored layer x stored
+                           head x metric; attribute dims = "text,layer,head,metric"
+    /metrics/names         (M,) utf-8 strings: the metric names, in order
+    /metrics/causal        (N,) bool: whether each text's queries saw only earlier keys
+
 JSON (`.json`, one text), seed 001's format with extra keys::
 
     {"tokens": [...], "text": "...", "attention_matrices": [layer][head][query][key],
@@ -112,6 +136,9 @@ With --explain (version 2) the JSON also has `attention_grad` [layer][head][quer
 `tokens` and `attention_matrices` hold real tokens only (seed 001 kept [PAD] entries in
 `tokens`; a single text needs no padding, so there is none to flag).
 
+JSON holds float32 or float16 values of all rows; uint8, row subsets and metrics-only are
+HDF5-only.
+
 Writes are atomic: a temporary file in the output folder, renamed over the target when complete.
 The HDF5 writer refuses NUL (U+0000) in ids, texts and tokens (HDF5 strings cannot hold it; JSON
 can) and checks the disk / file-size limit has room before each text. The reader validates every
@@ -126,6 +153,7 @@ import json
 import math
 import os
 import resource
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,17 +166,32 @@ from attnpipe import faults
 from attnpipe.atomic import AtomicFile, atomic_path, check_writable, write_errors
 from attnpipe.errors import AttnpipeError
 
-SCHEMA_VERSION = 2  # 2: encoder-decoder, image and embedding inputs (fields listed in the docstring)
+SCHEMA_VERSION = 2  # 2: encoder-decoder, image, embedding and gradient fields; storage options
 READABLE_VERSIONS = (1, 2)  # version 1 lacks only the fields added in 2
 FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
-StorageDtype = Literal["float32", "float16"]
+StorageDtype = Literal["float32", "float16", "uint8"]
+Compression = Literal["gzip", "lzf", "none"]
+RowSelection = Literal["all", "cls", "last"]
+STORAGE_DTYPES = ("float32", "float16", "uint8")
+COMPRESSIONS = ("gzip", "lzf", "none")
+ROW_SELECTIONS = ("all", "cls", "last")
+UINT8_SCALE = 255  # uint8 storage: v = round(p * 255), read back as p = v / 255
+DEFAULT_GZIP_LEVEL = 4  # h5py's own default (and what schema version 1 files were written with)
+# gzip level when none is given, per dtype. A float's low mantissa byte is incompressible noise,
+# so level 4 saves ~1 % over level 1 at ~1.6x the time (float16: 1.651 vs 1.669 bytes/value on
+# MiniLM, bench/bench_extract.py); 8-bit values gain ~8 % from level 4.
+DEFAULT_GZIP_LEVELS = {"float32": 1, "float16": 1, "uint8": DEFAULT_GZIP_LEVEL}
+CHUNK_TARGET_BYTES = 1 << 20  # chunks of at most ~1 MiB: one matrix read costs one small chunk
 # Reading checks that every stored row sums to 1 within this tolerance, by storage dtype.
 # float32: float32 softmax rounding (~1e-7 measured) with room for long rows. float16: each value
 # is rounded to 11 significant bits (relative error <= 2**-11 ~ 4.9e-4, summed over a row of
 # weights adding to 1) and values under 6e-8 flush to 0 (<= n·6e-8): 2e-3 covers rows of 10k keys.
-ROW_SUM_TOL = {"float32": 1e-4, "float16": 2e-3}
+ROW_SUM_TOL = {"float32": 1e-4, "float16": 2e-3, "uint8": 1e-4}
+# uint8 rounds each value by at most 0.5/255, so a row of n keys may sum to 1 ± n·0.5/255:
+# check_rows adds that bound for uint8 files (it is exact, not a loosened guess).
+UINT8_ROW_SLACK = 0.5 / 255
 # What every text group holds (datasets, then attributes): the reader checks they are there.
 TEXT_DATASETS = ("text", "attention", "token_ids", "tokens", "special_tokens_mask", "offsets", "word_ids")
 TEXT_ATTRS = ("id", "truncated", "num_tokens_untruncated")
@@ -251,6 +294,9 @@ class TextAttention:
     def head_importance(self) -> np.ndarray | None:
         """|d target / d gate| per (model layer, model head) (Michel et al. 2019)."""
         return None if self.head_gate_grad is None else np.abs(self.head_gate_grad)
+    # The query position of each stored row when only some rows are kept (--rows cls|last),
+    # attention is then (L, H, r, n); None means every row, in order.
+    query_positions: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -326,33 +372,151 @@ def _provenance_from_attrs(attrs) -> Provenance:
     )
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How attention is stored in an HDF5 file (root attributes of schema version 2)."""
+
+    dtype: StorageDtype = "float32"
+    compression: Compression = "gzip"
+    compression_level: int | None = None  # gzip only: 0-9, None = DEFAULT_GZIP_LEVELS[dtype]
+    rows: RowSelection = "all"
+    metrics_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise AttnpipeError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        if self.compression not in COMPRESSIONS:
+            raise AttnpipeError(f"--compression {self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        if self.rows not in ROW_SELECTIONS:
+            raise AttnpipeError(f"--rows {self.rows!r} is not one of {', '.join(ROW_SELECTIONS)}")
+        if self.compression_level is not None:
+            if self.compression != "gzip":
+                raise AttnpipeError(f"--compression-level applies to gzip only, not {self.compression}")
+            if not 0 <= self.compression_level <= 9:
+                raise AttnpipeError(f"--compression-level {self.compression_level} is out of range: use 0-9")
+
+    @property
+    def level(self) -> int:
+        return DEFAULT_GZIP_LEVELS[self.dtype] if self.compression_level is None else self.compression_level
+
+    def h5_filters(self, itemsize: int) -> dict:
+        """h5py create_dataset options for this compression (shuffle helps multi-byte values only)."""
+        if self.compression == "gzip":
+            return dict(compression="gzip", compression_opts=self.level, shuffle=itemsize > 1)
+        if self.compression == "lzf":
+            return dict(compression="lzf", shuffle=itemsize > 1)
+        return {}
+
+
+def _extra_arrays(item: TextAttention) -> list[np.ndarray]:
+    """The arrays a text carries besides its attention (decoder side, gradients): for room checks."""
+    arrays = [a for a in (item.attention_grad, item.head_gate_grad, item.token_grad_input, item.head_ablation)
+              if a is not None]
+    if item.target is not None:
+        arrays += [item.target.decoder_attention, item.target.cross_attention]
+    return arrays
+
+
+def query_positions(rows: RowSelection, n: int) -> np.ndarray:
+    """The query positions kept for a text of n tokens: all, [0] (cls) or [n - 1] (last)."""
+    if rows == "all" or n == 0:
+        return np.arange(n, dtype=np.int64)
+    return np.array([0 if rows == "cls" else n - 1], dtype=np.int64)
+
+
+def to_storage(attention: np.ndarray, dtype: StorageDtype) -> np.ndarray:
+    """float32 probabilities -> the stored dtype (uint8: round(p * 255), half to even)."""
+    if dtype == "uint8":
+        return np.round(np.asarray(attention, dtype=np.float32) * np.float32(UINT8_SCALE)).astype(np.uint8)
+    return np.asarray(attention).astype(np.dtype(dtype), copy=False)
+
+
+def decode(stored: np.ndarray) -> np.ndarray:
+    """Stored values -> float32 probabilities (uint8: v / 255)."""
+    if stored.dtype == np.uint8:
+        return stored.astype(np.float32) / np.float32(UINT8_SCALE)
+    return stored.astype(np.float32, copy=False)
+
+
+def _largest_divisor(total: int, unit_bytes: int) -> int:
+    """The largest divisor d of `total` with d * unit_bytes <= CHUNK_TARGET_BYTES (at least 1)."""
+    return max(d for d in range(1, total + 1) if total % d == 0 and (d == 1 or d * unit_bytes <= CHUNK_TARGET_BYTES))
+
+
+def chunk_shape(num_layers: int, num_heads: int, num_rows: int, num_keys: int,
+                itemsize: int) -> tuple[int, int, int, int]:
+    """Chunks of one text's (L, H, r, n) attention, at most ~CHUNK_TARGET_BYTES each.
+
+    Whole layers (several, for short texts: bigger chunks compress better) when one layer fits,
+    else part of one layer's heads; layer and head counts divide L and H, so every chunk is full.
+    """
+    per_head = max(1, num_rows * num_keys * itemsize)
+    if num_heads * per_head <= CHUNK_TARGET_BYTES:
+        return (_largest_divisor(num_layers, num_heads * per_head), num_heads, num_rows, num_keys)
+    return (1, _largest_divisor(num_heads, per_head), num_rows, num_keys)
+
+
+def encode_chunk(chunk: np.ndarray, storage: Storage) -> bytes:
+    """A chunk's bytes as HDF5's filter pipeline would write them (shuffle, then deflate).
+
+    Done outside h5py so that the compression runs with the GIL released (zlib does), in the
+    writer thread, beside the forward pass; the bytes go in with write_direct_chunk.
+    """
+    chunk = np.ascontiguousarray(chunk)
+    if storage.compression == "none":
+        return chunk.tobytes()
+    assert storage.compression == "gzip", "lzf chunks are compressed by h5py itself"
+    if chunk.itemsize > 1:  # HDF5's shuffle filter: byte k of every element, then byte k + 1, ...
+        raw = chunk.view(np.uint8).reshape(-1, chunk.itemsize).T.tobytes()
+    else:
+        raw = chunk.tobytes()
+    return zlib.compress(raw, storage.level)
+
+
 class H5Writer:
     """Stream texts into an HDF5 file; the file appears at `path` only when `finish` succeeds.
 
     Use as a context manager: leaving the block with an exception removes the temporary file.
+    Either `write` whole texts, or `begin` a text and `write_chunk` its layers as they come
+    (the streaming path of extract.py); both give the same bytes. Not thread-safe: one thread
+    makes all calls (extract.py gives them to one writer thread).
     """
 
-    def __init__(self, path: Path, num_texts: int, dtype: StorageDtype):
+    def __init__(self, path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None):
         self.path = path
+        self.storage = Storage(dtype=dtype) if storage is None else storage
+        if self.storage.dtype != dtype:
+            raise ValueError(f"dtype {dtype} differs from storage.dtype {self.storage.dtype}")
         self.dtype = np.dtype(dtype)
         self._atomic = AtomicFile(path)
         with write_errors(path):
             # No raw-data chunk cache: each chunk is written when its dataset is, so a full disk or
             # a file-size limit raises right there (with a cache it surfaces while h5py frees
-            # objects, as printed warnings, and the process may crash).
-            self._file = h5py.File(self._atomic.tmp, "w", track_order=True, rdcc_nbytes=0)
+            # objects, as printed warnings, and the process may crash). libver "v110": compact
+            # object headers and chunk indexes, readable by HDF5 >= 1.10 (2016), h5py >= 2.7.
+            self._file = h5py.File(self._atomic.tmp, "w", track_order=True, rdcc_nbytes=0,
+                                   libver=("v110", "latest"))
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
+        self._attention: dict[int, h5py.Dataset] = {}
         self._finished = False
         self._sums: dict[str, list[np.ndarray]] = {"head_importance_mean": [], "head_ablation_mean": []}
 
-    def write(self, index: int, item: TextAttention) -> None:
-        """Store one text at position `index` of the user's order (any writing order works)."""
+    def begin(self, index: int, item: TextAttention, num_layers: int, num_heads: int) -> None:
+        """Store text `index`'s tokens (and any target, image or gradient fields) and an empty
+        attention dataset for its chunks.
+
+        `item.attention` is not read (it may be None); `item.query_positions` must match the
+        writer's `rows` when they are not all rows.
+        """
         _check_no_nul(item)
+        n = item.num_tokens
+        rows = n if self.storage.rows == "all" else 1
         strings = len(item.text.encode()) + sum(len(t.encode()) + 16 for t in item.tokens)
-        self._check_room(item.attention.size * self.dtype.itemsize + 40 * item.num_tokens + strings)
+        extra = sum(a.nbytes for a in _extra_arrays(item))
+        self._check_room(num_layers * num_heads * rows * n * self.dtype.itemsize + 40 * n + strings + extra)
         with write_errors(self.path):
-            self._write(index, item)
+            self._begin(index, item, num_layers, num_heads)
 
     def _check_room(self, nbytes: int) -> None:
         """Refuse before HDF5 writes what the disk or the file-size limit cannot take.
@@ -375,27 +539,36 @@ class H5Writer:
                 f"up to {nbytes + WRITE_MARGIN_BYTES} (disk full or file-size limit?)"
             )
 
-    def _write(self, index: int, item: TextAttention) -> None:
+    def _begin(self, index: int, item: TextAttention, num_layers: int, num_heads: int) -> None:
+        n = item.num_tokens
         group = self._texts.create_group(f"{index:08d}")
         group.attrs["id"] = item.id
         group.attrs["truncated"] = bool(item.truncated)
         group.attrs["num_tokens_untruncated"] = int(item.num_tokens_untruncated)
         group.create_dataset("text", data=item.text, dtype=h5py.string_dtype())
-        layers, heads, n, _ = item.attention.shape
-        dataset = group.create_dataset(
-            "attention",
-            data=item.attention.astype(self.dtype),
-            chunks=(1, heads, n, n) if n else None,
-            compression="gzip" if n else None,
-            shuffle=bool(n),
-        )
-        dataset.attrs["dims"] = ",".join(DIMS)
-        faults.point("write")
-        group.create_dataset("token_ids", data=item.token_ids.astype(np.int64))
+        if not self.storage.metrics_only:
+            rows = query_positions(self.storage.rows, n)
+            if item.query_positions is not None and not np.array_equal(item.query_positions, rows):
+                raise ValueError(f"query positions {item.query_positions} do not match rows={self.storage.rows}")
+            r = len(rows)
+            shape = (num_layers, num_heads, r, n)
+            options = {}
+            if r and n:
+                options = dict(chunks=chunk_shape(num_layers, num_heads, r, n, self.dtype.itemsize),
+                               **self.storage.h5_filters(self.dtype.itemsize))
+            dataset = group.create_dataset("attention", shape=shape, dtype=self.dtype, **options)
+            dataset.attrs["dims"] = ",".join(DIMS)
+            if self.dtype == np.uint8:
+                dataset.attrs["scale"] = 1.0 / UINT8_SCALE
+            if self.storage.rows != "all":
+                group.create_dataset("query_positions", data=rows)
+            self._attention[index] = dataset
+            faults.point("write")
+        group.create_dataset("token_ids", data=np.asarray(item.token_ids).astype(np.int64))
         group.create_dataset("tokens", data=list(item.tokens), dtype=h5py.string_dtype())
-        group.create_dataset("special_tokens_mask", data=item.special_tokens_mask.astype(bool))
-        group.create_dataset("offsets", data=item.offsets.astype(np.int64).reshape(-1, 2))
-        group.create_dataset("word_ids", data=item.word_ids.astype(np.int64))
+        group.create_dataset("special_tokens_mask", data=np.asarray(item.special_tokens_mask).astype(bool))
+        group.create_dataset("offsets", data=np.asarray(item.offsets).astype(np.int64).reshape(-1, 2))
+        group.create_dataset("word_ids", data=np.asarray(item.word_ids).astype(np.int64))
         if item.target is not None:
             self._write_target(group, item.target)
         group.attrs["input_kind"] = item.input_kind
@@ -408,17 +581,55 @@ class H5Writer:
             self._write_gradients(group, item)
         self._ids[index] = item.id
 
+    def write_chunk(self, index: int, layer: int, head: int, values: np.ndarray) -> None:
+        """Write one whole chunk (l, h, r, n) of text `index`, in the storage dtype, at (layer, head)."""
+        dataset = self._attention[index]
+        if values.dtype != self.dtype or values.shape != dataset.chunks:
+            raise ValueError(f"chunk {values.dtype} {values.shape} is not a {self.dtype} {dataset.chunks} chunk")
+        with write_errors(self.path):
+            if self.storage.compression == "lzf":
+                dataset[layer:layer + values.shape[0], head:head + values.shape[1]] = values
+            else:
+                dataset.id.write_direct_chunk((layer, head, 0, 0), encode_chunk(values, self.storage))
+
+    def end(self, index: int) -> None:
+        """Text `index` is complete: drop the writer's handle on its dataset."""
+        self._attention.pop(index, None)
+
+    def write(self, index: int, item: TextAttention) -> None:
+        """Store one text at position `index` of the user's order (any writing order works).
+
+        `item.attention` holds float32 probabilities (L, H, r, n); they are converted here.
+        """
+        num_layers, num_heads = item.attention.shape[:2]
+        self.begin(index, item, num_layers, num_heads)
+        chunks = self._attention[index].chunks if index in self._attention else None
+        if chunks:
+            stored = to_storage(item.attention, self.storage.dtype)
+            for layer in range(0, num_layers, chunks[0]):
+                for head in range(0, num_heads, chunks[1]):
+                    self.write_chunk(index, layer, head, stored[layer:layer + chunks[0], head:head + chunks[1]])
+        self.end(index)
+
+    def write_metrics(self, values: np.ndarray, names: tuple[str, ...], causal: np.ndarray) -> None:
+        """Store the (N, L, H, M) per-head metrics of a --metrics-only run."""
+        group = self._file.create_group("metrics")
+        dataset = group.create_dataset("values", data=np.asarray(values, dtype=np.float64))
+        dataset.attrs["dims"] = "text,layer,head,metric"
+        group.create_dataset("names", data=list(names), dtype=h5py.string_dtype())
+        group.create_dataset("causal", data=np.asarray(causal, dtype=bool))
+
     def _attention_dataset(self, group, name: str, attention: np.ndarray) -> None:
-        """(layer, head, query, key) probabilities, gzip + shuffle, one chunk per layer."""
-        _, heads, rows, cols = attention.shape
-        dataset = group.create_dataset(
-            name,
-            data=attention.astype(self.dtype),
-            chunks=(1, heads, rows, cols) if rows and cols else None,
-            compression="gzip" if rows and cols else None,
-            shuffle=bool(rows and cols),
-        )
+        """(layer, head, query, key) probabilities in the file's storage dtype and compression."""
+        layers, heads, rows, cols = attention.shape
+        options = {}
+        if rows and cols:
+            options = dict(chunks=chunk_shape(layers, heads, rows, cols, self.dtype.itemsize),
+                           **self.storage.h5_filters(self.dtype.itemsize))
+        dataset = group.create_dataset(name, data=to_storage(attention, self.storage.dtype), **options)
         dataset.attrs["dims"] = ",".join(DIMS)
+        if self.dtype == np.uint8:
+            dataset.attrs["scale"] = 1.0 / UINT8_SCALE
 
     def _write_target(self, group, target: TargetAttention) -> None:
         """The decoder side of an encoder-decoder text (schema version 2)."""
@@ -463,10 +674,16 @@ class H5Writer:
                 if values:
                     self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32))
             faults.point("finish")
+            if self.storage.metrics_only and "metrics" not in self._file:
+                raise RuntimeError("a metrics-only file needs write_metrics before finish")
             self._file.attrs["format"] = FORMAT_NAME
             self._file.attrs["dims"] = ",".join(DIMS)
             for key, value in _provenance_attrs(provenance).items():
                 self._file.attrs[key] = value
+            self._file.attrs["compression"] = self.storage.compression
+            self._file.attrs["compression_level"] = self.storage.level if self.storage.compression == "gzip" else -1
+            self._file.attrs["rows"] = self.storage.rows
+            self._file.attrs["metrics_only"] = bool(self.storage.metrics_only)
             try:
                 self._file.close()  # writes the cached metadata: a full disk can fail here
             except RuntimeError as err:
@@ -584,6 +801,8 @@ def _target_payload(target: TargetAttention, provenance: Provenance) -> dict:
 
 def write_json(path: Path, item: TextAttention, provenance: Provenance) -> None:
     """Write one text in seed 001's JSON format (plus provenance), atomically."""
+    if provenance.dtype not in ("float32", "float16"):
+        raise AttnpipeError(f"--dtype {provenance.dtype} is for .h5 output; a .json file holds float32 or float16")
     payload = _json_payload(item, provenance)
     with write_errors(path), atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         json.dump(payload, handle, ensure_ascii=False, allow_nan=False)
@@ -600,8 +819,12 @@ class AttentionFile:
     HDF5 texts are read on demand, so one text of a large corpus file costs only its own bytes.
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, *, partial_rows: bool = False):
         self.path = Path(path)
+        # A file of --rows cls|last holds (L, H, r, n) attention: returned only to a caller that
+        # says it handles it; analyses that need whole matrices get a clear error instead.
+        self.partial_rows = partial_rows
+        self.storage = Storage()
         if not self.path.is_file():
             raise AttnpipeError(f"attention file not found: {self.path}")
         self._h5: h5py.File | None = None
@@ -629,6 +852,7 @@ class AttentionFile:
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {', '.join(missing)}")
             self.meta = _provenance_from_attrs(attrs)
             self.ids = tuple(self._h5["ids"].asstr()[()])
+            self.storage = _storage_from_attrs(attrs)  # version 1: the defaults (gzip, all rows)
             _check_meta(self.path, self.meta)
             if len(self._h5["texts"]) != len(self.ids):
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lists {len(self.ids)} ids "
@@ -702,11 +926,31 @@ class AttentionFile:
             raise AttnpipeError(f"text index {index} is out of range: {self.path} has {len(self)} texts")
         return index % len(self)
 
+    @property
+    def metrics_only(self) -> bool:
+        return self.storage.metrics_only
+
+    def _check_matrices(self) -> None:
+        """Refuse clearly when the caller would get something other than what it expects."""
+        if self.storage.metrics_only:
+            raise AttnpipeError(
+                f"{self.path} holds per-head metrics only (--metrics-only), no attention matrices: "
+                "use 'analyze_attention.py metrics' or AttentionFile.stored_metrics(), or extract again "
+                "without --metrics-only"
+            )
+        if self.storage.rows != "all" and not self.partial_rows:
+            raise AttnpipeError(
+                f"{self.path} stores only the {self.storage.rows!r} query row of each matrix "
+                f"(--rows {self.storage.rows}); this needs whole (query, key) matrices: extract again "
+                "with --rows all (or read the kept rows with open_attention(path, partial_rows=True))"
+            )
+
     def __getitem__(self, key: int | str) -> TextAttention:
         index = self._position(key)
         if self._json is not None:
             item = _text_from_json(self.path, self._json)
         else:
+            self._check_matrices()
             try:
                 group = self._h5["texts"][f"{index:08d}"]
                 missing = [name for name in TEXT_DATASETS if name not in group] + [
@@ -727,7 +971,8 @@ class AttentionFile:
                     word_ids=group["word_ids"][()],
                     truncated=bool(group.attrs["truncated"]),
                     num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
-                    attention=group["attention"][()].astype(np.float32),
+                    attention=decode(group["attention"][()]),
+                    query_positions=group["query_positions"][()] if "query_positions" in group else None,
                     target=_target_from_h5(group) if "target" in group else None,
                     input_kind=str(group.attrs.get("input_kind", "text")),
                     image=_image_from_attrs(group.attrs),
@@ -750,19 +995,61 @@ class AttentionFile:
         return self._h5[name][()].astype(np.float32)
 
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
-        """One (query, key) matrix, by *stored* layer and head position, reading only its bytes."""
+        """One (query, key) matrix, by *stored* layer and head position, reading only its chunk.
+
+        (n, n) float32; (r, n) for a --rows file opened with partial_rows=True.
+        """
         if self._json is not None:
             return self[key].attention[layer, head]
         index = self._position(key)
+        self._check_matrices()
         try:
             group = self._h5["texts"][f"{index:08d}"]
-            matrix = group["attention"][layer, head].astype(np.float32)
+            matrix = decode(group["attention"][layer, head])
             text_id = group.attrs["id"]
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise AttnpipeError(f"{self.path}: text {index} is damaged: {_reason(err)}") from err
         check_rows(self.path, text_id, matrix[None, None], (self.meta.layers[layer],), (self.meta.heads[head],),
                    self.meta.dtype)
         return matrix
+
+    def stored_metrics(self, metrics: tuple[str, ...] | None = None):
+        """The per-head metrics of a --metrics-only file as corpus_metrics' long table.
+
+        Columns text_id, layer, head (model indices), metric (categorical), value. The per-text
+        causal flag the metrics were computed with is `stored_causal()`.
+        """
+        import pandas as pd
+
+        if not self.storage.metrics_only:
+            raise AttnpipeError(f"{self.path} holds attention matrices, not stored metrics")
+        group = self._h5["metrics"]
+        values = group["values"][()]  # (N, L, H, M)
+        names = list(group["names"].asstr()[()])
+        wanted = names if metrics is None else list(metrics)
+        missing = [name for name in wanted if name not in names]
+        if missing:
+            raise AttnpipeError(f"{self.path} does not hold the metric(s) {', '.join(missing)}; "
+                                f"it holds {', '.join(names)}")
+        values = values[..., [names.index(name) for name in wanted]]
+        num_texts, num_layers, num_heads, num_metrics = values.shape
+        text_idx, layer_idx, head_idx, metric_idx = np.meshgrid(
+            np.arange(num_texts), np.arange(num_layers), np.arange(num_heads), np.arange(num_metrics),
+            indexing="ij")
+        table = pd.DataFrame({
+            "text_id": np.asarray(self.ids, dtype=object)[text_idx.ravel()],
+            "layer": np.asarray(self.meta.layers, dtype=np.int64)[layer_idx.ravel()],
+            "head": np.asarray(self.meta.heads, dtype=np.int64)[head_idx.ravel()],
+            "metric": pd.Categorical(np.asarray(wanted)[metric_idx.ravel()], categories=wanted),
+            "value": values.ravel(),
+        })
+        return table
+
+    def stored_causal(self) -> np.ndarray:
+        """(N,) bool: whether each text's stored metrics treated queries as seeing earlier keys only."""
+        if not self.storage.metrics_only:
+            raise AttnpipeError(f"{self.path} holds attention matrices, not stored metrics")
+        return self._h5["metrics/causal"][()]
 
     def __iter__(self) -> Iterator[TextAttention]:
         for index in range(len(self)):
@@ -804,8 +1091,8 @@ def _target_from_h5(group) -> TargetAttention:
         label_ids=sub["label_ids"][()],
         truncated=bool(sub.attrs["truncated"]),
         num_tokens_untruncated=int(sub.attrs["num_tokens_untruncated"]),
-        decoder_attention=group["decoder_attention"][()].astype(np.float32),
-        cross_attention=group["cross_attention"][()].astype(np.float32),
+        decoder_attention=decode(group["decoder_attention"][()]),
+        cross_attention=decode(group["cross_attention"][()]),
     )
 
 
@@ -863,7 +1150,7 @@ def _reason(err: Exception) -> str:
 
 def _check_meta(path: Path, meta: Provenance) -> None:
     if meta.dtype not in ROW_SUM_TOL:
-        raise AttnpipeError(f"{path}: unknown storage dtype {meta.dtype!r} (expected float32 or float16)")
+        raise AttnpipeError(f"{path}: unknown storage dtype {meta.dtype!r} (expected {', '.join(ROW_SUM_TOL)})")
     if not meta.layers or not meta.heads:
         raise AttnpipeError(f"{path} stores no layers or no heads")
 
@@ -874,6 +1161,8 @@ def check_rows(path: Path, text_id: str, attention: np.ndarray, layers, heads, d
     attention: (L, H, n, n) with `layers`/`heads` its model indices, used in the message.
     """
     tol = ROW_SUM_TOL.get(dtype, ROW_SUM_TOL["float32"])
+    if dtype == "uint8":  # each of the row's keys is rounded by at most 0.5/255
+        tol += attention.shape[-1] * UINT8_ROW_SLACK
 
     def where(bad: np.ndarray) -> str:
         layer, head, query = (int(v) for v in np.argwhere(bad)[0][:3])
@@ -898,11 +1187,12 @@ def check_text(path: Path, item: TextAttention, meta: Provenance) -> None:
     """A text read back must be consistent: shapes agree with its tokens and the stored layers/heads."""
     n = item.num_tokens
     shape = item.attention.shape
-    expected = (len(meta.layers), len(meta.heads), n, n)
+    rows = n if item.query_positions is None else len(item.query_positions)  # --rows cls|last: 1
+    expected = (len(meta.layers), len(meta.heads), rows, n)
     if shape != expected:
         raise AttnpipeError(
             f"{path}: text {item.id!r} has attention of shape {shape}; expected {expected} "
-            "(stored layers x stored heads x tokens x tokens)"
+            "(stored layers x stored heads x query rows x tokens)"
         )
     for name in ("token_ids", "special_tokens_mask", "word_ids"):
         if len(getattr(item, name)) != n:
@@ -911,6 +1201,22 @@ def check_text(path: Path, item: TextAttention, meta: Provenance) -> None:
     if item.target is not None:  # encoder-decoder: the decoder's and the cross-attention's rows too
         for attention in (item.target.decoder_attention, item.target.cross_attention):
             check_rows(path, item.id, attention, meta.decoder_layers, meta.decoder_heads, meta.dtype)
+
+
+def _storage_from_attrs(attrs) -> Storage:
+    def get(key, default):
+        value = attrs.get(key, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    compression = str(get("compression", "gzip"))
+    level = int(get("compression_level", DEFAULT_GZIP_LEVEL))
+    return Storage(
+        dtype=str(get("dtype", "float32")),
+        compression=compression,
+        compression_level=level if compression == "gzip" else None,
+        rows=str(get("rows", "all")),
+        metrics_only=bool(get("metrics_only", False)),
+    )
 
 
 def _json_matrices(path: Path, data: dict) -> np.ndarray:
@@ -962,6 +1268,9 @@ def _text_from_json(path: Path, data: dict) -> TextAttention:
     )
 
 
-def open_attention(path: Path | str) -> AttentionFile:
-    """Open an attention file for reading (use in a `with` block)."""
-    return AttentionFile(path)
+def open_attention(path: Path | str, *, partial_rows: bool = False) -> AttentionFile:
+    """Open an attention file for reading (use in a `with` block).
+
+    partial_rows=True: also return the (L, H, r, n) attention of --rows cls|last files.
+    """
+    return AttentionFile(path, partial_rows=partial_rows)

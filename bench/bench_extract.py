@@ -1,23 +1,33 @@
 #!/usr/bin/env python3
-"""Extraction speed, side by side in one process on one corpus: ratios, not absolute times.
+"""Extraction speed, storage and memory, side by side in one run on one corpus: ratios, not absolute times.
 
     (a) attnpipe end to end: our pass, all layers and heads, HDF5 float16, file closed on disk
     (b) transformers eager, output_attentions=True, length-sorted batches, nothing stored
     (c) transformers SDPA without attention: the cost of just running the model
     (d) seed 001's approach: one text at a time, padded to 256, eager with attentions
+    (e) attnpipe --metrics-only: per-head metrics stored instead of the matrices
 
-Each is run --repeats times in turn (a, b, c, d, a, b, ...) and the median is reported, so that
-load on a shared machine hits all four alike.
+Each is run --repeats times in turn (a, b, c, d, e, a, b, ...) and the medians of the times and
+of the per-round ratios are reported, so that load on a shared machine hits all alike. Then:
+bytes per stored value for float32 / float16 / uint8 (and uint8's largest error), the latency
+of reading one (text, layer, head) matrix from a ~1 GB file, peak RSS of whole runs over 500
+and 5,000 texts (subprocesses, ru_maxrss), analysis throughput (attention values per second
+for the standard metric set read from disk), and the peak RSS of one 4,096-token text through
+a GPT-2-small-sized random model.
 
     python bench/bench_extract.py                       # demo corpus, packaged MiniLM
     python bench/bench_extract.py --texts-file my.txt --limit 512 --repeats 5
-    python bench/bench_extract.py --smoke               # a few texts, proves the script runs
+    python bench/bench_extract.py --smoke               # small sizes: proves the script runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from attnpipe import corpus  # noqa: E402
+from attnpipe import corpus, store  # noqa: E402
+from attnpipe.corpus import Text  # noqa: E402
 from attnpipe.extract import ExtractConfig, extract, length_sorted_batches  # noqa: E402
 from attnpipe.loading import default_model_dir  # noqa: E402
 
@@ -51,58 +63,319 @@ def seed_001(model, tokenizer, texts: list[str]) -> None:
             model(**enc, output_attentions=True)
 
 
+def corpus_of(texts: list[Text], count: int) -> tuple[Text, ...]:
+    """`count` texts cycling through the given ones, each with its own id."""
+    return tuple(Text(f"{texts[i % len(texts)].id}~{i}", texts[i % len(texts)].text) for i in range(count))
+
+
+def attention_values(path: Path) -> int:
+    with store.open_attention(path) as f:
+        return sum(int(np.prod(f._h5[f"texts/{i:08d}/attention"].shape)) for i in range(len(f)))
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def child_rss(args) -> int:
+    """Extract args.count texts (cycled from the corpus) to HDF5 float16; print peak RSS in MB."""
+    texts = corpus_of(corpus.read_texts_file(args.texts_file), args.count)
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(ExtractConfig(texts=texts, output=Path(tmp) / "rss.h5", model_dir=args.model_dir,
+                              max_length=args.max_length, dtype="float16", progress=False))
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    return 0
+
+
+def save_gpt2_small(folder: Path, positions: int, layers: int) -> Path:
+    """A random GPT-2-small-sized model (768 wide, 12 heads) with a word-level tokenizer."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_positions=positions, n_embd=768, n_layer=layers, n_head=12, vocab_size=50257)
+    T.AutoModel.from_config(config).save_pretrained(folder)
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i + 1 for i in range(1000)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                              unk_token="<|endoftext|>", model_max_length=positions).save_pretrained(folder)
+    return folder
+
+
+def child_long(args) -> int:
+    """One args.tokens-token text through a random GPT-2-small to HDF5; print peak RSS in MB."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_gpt2_small(Path(tmp) / "gpt2", args.tokens, args.layers)
+        text = " ".join(f"w{i % 1000}" for i in range(args.tokens))
+        start = time.perf_counter()
+        extract(ExtractConfig(texts=(Text("long", text),), output=Path(tmp) / "long.h5", model_dir=model_dir,
+                              dtype=args.long_dtype, compression=args.long_compression, progress=False))
+        seconds = time.perf_counter() - start
+        size = (Path(tmp) / "long.h5").stat().st_size
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "seconds": seconds, "file_mb": size / 1e6}))
+    return 0
+
+
+def run_child(*flags: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *flags, *CHILD_FLAGS], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {flags} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+CHILD_FLAGS: list[str] = []  # the parent's --threads, passed on
+
+
+# ----------------------------------------------------------------------------- parts of the main run
+
+
+def big_file(source: Path, target: Path, megabytes: float) -> int:
+    """Copy the source file's texts, compressed chunks as they are, until the file holds ~megabytes."""
+    with store.open_attention(source) as src:
+        meta, storage, count = src.meta, src.storage, len(src)
+        chunks = []  # per source text: (item, [(offset, bytes)])
+        for i in range(count):
+            item = src[i]
+            dataset = src._h5[f"texts/{i:08d}/attention"]
+            raw = [(c.chunk_offset, dataset.id.read_direct_chunk(c.chunk_offset)[1])
+                   for c in (dataset.id.get_chunk_info(k) for k in range(dataset.id.get_num_chunks()))]
+            chunks.append((item, raw))
+    per_copy = sum(len(data) for _, raw in chunks for _, data in raw)
+    copies = max(1, int(megabytes * 1e6 / per_copy))
+    total = copies * count
+    with store.H5Writer(target, total, storage.dtype, storage) as writer:
+        for index in range(total):
+            item, raw = chunks[index % count]
+            item = store.TextAttention(**{**item.__dict__, "id": f"{item.id}~{index}"})
+            writer.begin(index, item, len(meta.layers), len(meta.heads))
+            dataset = writer._attention[index]
+            for offset, data in raw:
+                dataset.id.write_direct_chunk(offset, data)
+            writer.end(index)
+        writer.finish(meta)
+    return total
+
+
+def read_latency(path: Path, reads: int) -> tuple[float, float, float]:
+    """Median and 95th percentile ms of reading one random (text, layer, head) matrix; open ms."""
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    with store.open_attention(path) as f:
+        opened = (time.perf_counter() - start) * 1e3
+        picks = [(int(rng.integers(len(f))), int(rng.integers(len(f.meta.layers))),
+                  int(rng.integers(len(f.meta.heads)))) for _ in range(reads)]
+        times = []
+        for text, layer, head in picks:
+            start = time.perf_counter()
+            f.head(text, layer, head)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), float(np.percentile(times, 95)), opened
+
+
+def analysis_throughput(path: Path) -> tuple[float, float, float]:
+    """Attention values per second: reading alone, numpy corpus_metrics, the torch port (from disk)."""
+    from attnpipe import metrics as M
+    from attnpipe.fast_metrics import BatchMetrics
+
+    values = attention_values(path)
+    start = time.perf_counter()
+    with store.open_attention(path) as f:
+        for _ in f:
+            pass
+    read_rate = values / (time.perf_counter() - start)
+    start = time.perf_counter()
+    with store.open_attention(path) as f:
+        M.corpus_metrics(f)
+    numpy_rate = values / (time.perf_counter() - start)
+    start = time.perf_counter()
+    with store.open_attention(path) as f:
+        for item in f:
+            causal = M.infer_causal(item.attention)
+            num_layers = item.attention.shape[0]  # the layers become the batch axis: one call per text
+            bm = BatchMetrics(tuple(M.METRICS), [item.num_tokens] * num_layers, [item.tokens] * num_layers,
+                              [item.special_tokens_mask] * num_layers, causal=causal)
+            bm.layer(torch.from_numpy(item.attention))
+    torch_rate = values / (time.perf_counter() - start)
+    return read_rate, numpy_rate, torch_rate
+
+
+def entropy_profile(path: Path) -> tuple[float, float, float]:
+    """Order-0 entropy in bytes per value: uint8 values, float16 high byte, float16 low byte.
+
+    A bound for any coder that sees values independently: what gzip can hope for, roughly.
+    """
+    counts8, hi, lo = np.zeros(256), np.zeros(256), np.zeros(256)
+    with store.open_attention(path) as f:
+        for item in f:
+            p = item.attention.ravel()
+            counts8 += np.bincount(store.to_storage(p, "uint8"), minlength=256)
+            pair = p.astype(np.float16).view(np.uint8).reshape(-1, 2)
+            lo += np.bincount(pair[:, 0], minlength=256)
+            hi += np.bincount(pair[:, 1], minlength=256)
+
+    def bits(counts: np.ndarray) -> float:
+        q = counts[counts > 0] / counts.sum()
+        return float(-(q * np.log2(q)).sum()) / 8
+
+    return bits(counts8), bits(hi), bits(lo)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--texts-file", type=Path, default=ROOT / "data" / "demo_corpus.jsonl",
-                        help="corpus to run (default: the demo corpus)")
+                        help="corpus to run: .txt (one text per line), .jsonl, .csv (default: the demo corpus)")
     parser.add_argument("--model_dir", type=Path, default=None, help="model folder (default: packaged MiniLM)")
     parser.add_argument("--limit", type=int, default=256, help="use the first N texts (default: 256)")
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per batch for (b) (default: 32)")
     parser.add_argument("--max-length", type=int, default=128, help="truncate to N tokens (default: 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of a-b-c-d; medians reported")
-    parser.add_argument("--smoke", action="store_true", help="8 texts, 1 round: only proves it runs")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of a-b-c-d-e; medians reported")
+    parser.add_argument("--read-file-mb", type=float, default=1024, help="size of the file for read latency")
+    parser.add_argument("--rss-counts", default="500,5000", help="corpus sizes for the peak-RSS runs")
+    parser.add_argument("--long-tokens", type=int, default=4096, help="tokens of the long-input RSS check")
+    parser.add_argument("--long-layers", type=int, default=12, help="layers of the long-input model")
+    parser.add_argument("--long-dtype", default="uint8", choices=store.STORAGE_DTYPES,
+                        help="storage dtype of the long-input check (default: uint8)")
+    parser.add_argument("--long-compression", default="lzf", choices=store.COMPRESSIONS,
+                        help="compression of the long-input check (default: lzf)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every run, ours and HF alike (default: torch's choice)")
+    parser.add_argument("--skip", default="", metavar="A,B",
+                        help="parts to leave out: speed, storage, read, rss, analysis, long")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, 1 round: proves the script runs (well under a minute)")
+    parser.add_argument("--child", choices=["rss", "long"], help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child == "rss":
+        return child_rss(args)
+    if args.child == "long":
+        return child_long(args)
     if args.smoke:
-        args.limit, args.repeats = 8, 1
+        args.limit, args.repeats, args.read_file_mb, args.max_length = 4, 1, 2, 32
+        args.rss_counts, args.long_tokens, args.long_layers = "4,16", 128, 2
+    skip = {part.strip() for part in args.skip.split(",") if part.strip()}
+    if args.threads:
+        CHILD_FLAGS.extend(["--threads", str(args.threads)])
 
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     model_dir = args.model_dir or default_model_dir()
-    texts = corpus.read_texts_file(args.texts_file)[: args.limit]
+    texts = list(corpus.read_texts_file(args.texts_file))
+    texts = list(corpus_of(texts, args.limit)) if args.limit > len(texts) else texts[: args.limit]  # cycle
     strings = [t.text for t in texts]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    eager = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
-    sdpa = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    print(f"{len(texts)} texts from {args.texts_file.name}, max length {args.max_length}, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at start")
 
     with tempfile.TemporaryDirectory() as tmp:
-        def ours() -> None:
-            extract(ExtractConfig(texts=tuple(texts), output=Path(tmp) / "bench.h5", model_dir=model_dir,
-                                  batch_size=args.batch_size, max_length=args.max_length,
-                                  dtype="float16", progress=False))
+        tmp = Path(tmp)
 
-        runs = {
-            "(a) attnpipe -> HDF5 float16": ours,
-            "(b) HF eager + attentions, sorted": lambda: hf_forward(eager, tokenizer, strings, args.batch_size, args.max_length, True),
-            "(c) HF sdpa, no attentions": lambda: hf_forward(sdpa, tokenizer, strings, args.batch_size, args.max_length, False),
-            "(d) seed 001: one text, pad 256": lambda: seed_001(eager, tokenizer, strings),
-        }
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-        stored = (Path(tmp) / "bench.h5").stat().st_size
+        def ours(**kw):
+            return lambda: extract(ExtractConfig(texts=tuple(texts), output=tmp / kw.pop("name", "a.h5"),
+                                                 model_dir=model_dir, max_length=args.max_length,
+                                                 progress=False, **kw))
 
-    median = {name: statistics.median(values) for name, values in times.items()}
-    a = median["(a) attnpipe -> HDF5 float16"]
-    print(f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}, "
-          f"{torch.get_num_threads()} threads, {args.repeats} round(s); median seconds; "
-          "speed ratio = other time / (a) time (> 1: (a) is faster)")
-    for name, seconds in median.items():
-        print(f"  {name:36s} {seconds:8.3f} s   speed of (a) relative: {seconds / a:6.2f}")
-    print(f"  HDF5 float16 file: {stored / 1e6:.1f} MB")
+        if "speed" not in skip:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+            eager = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+            sdpa = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+            runs = {
+                "a": ("attnpipe -> HDF5 float16, file closed", ours(dtype="float16")),
+                "b": ("HF eager + attentions, sorted", lambda: hf_forward(
+                    eager, tokenizer, strings, args.batch_size, args.max_length, True)),
+                "c": ("HF sdpa, no attentions", lambda: hf_forward(
+                    sdpa, tokenizer, strings, args.batch_size, args.max_length, False)),
+                "d": ("seed 001: one text, pad 256", lambda: seed_001(eager, tokenizer, strings)),
+                "e": ("attnpipe --metrics-only", ours(metrics_only=True, name="e.h5")),
+            }
+            times: dict[str, list[float]] = {key: [] for key in runs}
+            for _ in range(args.repeats):
+                for key, (_, run) in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    times[key].append(time.perf_counter() - start)
+            print(f"\nspeed: median of {args.repeats} interleaved round(s); ratio = other's time / this one's "
+                  "(> 1: faster than the other), median over rounds")
+            print(f"  {'run':44s} {'median s':>9s} {'min s':>8s} {'max s':>8s}")
+            for key, (label, _) in runs.items():
+                print(f"  ({key}) {label:40s} {statistics.median(times[key]):9.3f} "
+                      f"{min(times[key]):8.3f} {max(times[key]):8.3f}")
+
+            def ratio(x: str, y: str) -> float:
+                return statistics.median(ty / tx for tx, ty in zip(times[x], times[y], strict=True))
+
+            print(f"  (a)/(b) speed vs HF eager+attentions: {ratio('a', 'b'):5.2f}   (target >= 1.0)")
+            print(f"  (a)/(c) speed vs HF sdpa:             {ratio('a', 'c'):5.2f}   (aim >= 0.9)")
+            print(f"  (a)/(d) speed vs seed 001:            {ratio('a', 'd'):5.2f}   (target >= 4)")
+            print(f"  (e)/(b) metrics-only vs HF eager:     {ratio('e', 'b'):5.2f}   (target >= 0.95)")
+            del eager, sdpa
+
+        if "storage" not in skip or "read" not in skip or "analysis" not in skip:
+            sizes = {}
+            for dtype in store.STORAGE_DTYPES:
+                ours(dtype=dtype, name=f"{dtype}.h5")()
+                sizes[dtype] = (tmp / f"{dtype}.h5").stat().st_size
+            values = attention_values(tmp / "float32.h5")
+            with store.open_attention(tmp / "float32.h5") as f32, store.open_attention(tmp / "uint8.h5") as u8, \
+                    store.open_attention(tmp / "float16.h5") as f16:
+                err8 = max(float(np.abs(f32[i].attention - u8[i].attention).max()) for i in range(len(f32)))
+                err16 = max(float(np.abs(f32[i].attention - f16[i].attention).max()) for i in range(len(f32)))
+            if "storage" not in skip:
+                print(f"\nstorage: {values:,} attention values, whole file incl. tokens and metadata, "
+                      "gzip + shuffle at the default level")
+                for dtype, size in sizes.items():
+                    print(f"  {dtype:8s} {size / values:6.3f} bytes/value  ({size / 1e6:7.2f} MB, gzip level "
+                          f"{store.DEFAULT_GZIP_LEVELS[dtype]})")
+                print(f"  float16 max abs error {err16:.2e}; uint8 max abs error {err8:.5f} (target <= 0.002)")
+                e8, ehi, elo = entropy_profile(tmp / "float32.h5")
+                print(f"  order-0 entropy (bytes/value): uint8 values {e8:.3f}; float16 high byte {ehi:.3f} + "
+                      f"low byte {elo:.3f} = {ehi + elo:.3f}")
+                print("  targets: float16 <= 1.8 B/value, uint8 <= 0.45 B/value")
+
+        if "read" not in skip:
+            count = big_file(tmp / "float16.h5", tmp / "big.h5", args.read_file_mb)
+            median_ms, p95_ms, open_ms = read_latency(tmp / "big.h5", 200)
+            print(f"\nread: one (text, layer, head) matrix from a {(tmp / 'big.h5').stat().st_size / 1e9:.2f} GB "
+                  f"float16 file of {count:,} texts (page cache warm: just written)")
+            print(f"  median {median_ms:.2f} ms, p95 {p95_ms:.2f} ms over 200 random reads; opening the file "
+                  f"{open_ms:.0f} ms (reads all ids)  (target <= 5 ms)")
+            (tmp / "big.h5").unlink()
+
+        if "analysis" not in skip:
+            read_rate, numpy_rate, torch_rate = analysis_throughput(tmp / "float16.h5")
+            print(f"\nanalysis: the standard metric set ({len(__import__('attnpipe.metrics').metrics.METRICS)} "
+                  "metrics) read from the float16 file")
+            print(f"  reading alone (gunzip, float16 -> float32):     {read_rate / 1e6:7.1f} M values/s")
+            print(f"  attnpipe.metrics.corpus_metrics (numpy float64): {numpy_rate / 1e6:7.1f} M values/s")
+            print(f"  attnpipe.fast_metrics (torch, one text per call): {torch_rate / 1e6:7.1f} M values/s"
+                  "   (target >= 50)")
+
+    if "rss" not in skip:
+        counts = [int(c) for c in args.rss_counts.split(",")]
+        common = ["--texts-file", str(args.texts_file), "--max-length", str(args.max_length)]
+        if args.model_dir:
+            common += ["--model_dir", str(args.model_dir)]
+        rss = {count: run_child("--child", "rss", "--count", str(count), *common)["rss_mb"] for count in counts}
+        print("\npeak RSS of a whole extraction (subprocess, ru_maxrss, float16 HDF5):")
+        for count, mb in rss.items():
+            print(f"  {count:6d} texts: {mb:7.0f} MB")
+        if len(counts) == 2:
+            print(f"  ratio {rss[counts[1]] / rss[counts[0]]:.3f}  (target <= 1.1)")
+
+    if "long" not in skip:
+        result = run_child("--child", "long", "--tokens", str(args.long_tokens), "--layers", str(args.long_layers),
+                           "--long-dtype", args.long_dtype, "--long-compression", args.long_compression)
+        print(f"\nlong input: one {args.long_tokens}-token text, random GPT-2-small-sized model "
+              f"({args.long_layers} layers, 12 heads, 768 wide), all layers and heads, {args.long_dtype} "
+              f"{args.long_compression}")
+        print(f"  peak RSS {result['rss_mb']:.0f} MB (target < 3000), {result['seconds']:.1f} s, "
+              f"file {result['file_mb']:.0f} MB")
     return 0
 
 

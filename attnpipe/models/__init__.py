@@ -3,14 +3,16 @@
 `FAMILIES` maps a config's `model_type` to the module that handles it. Every family module has
 the same small interface: `MODEL_TYPES`, `load_weights(model) -> Weights` (with `num_layers`,
 `num_heads` and `token_type`) and
-`forward(weights, input_ids, attention_mask, token_type_ids, keep_layers) -> Output`
-(final hidden state, and per kept layer the (B, H, Q, K) attention probabilities).
+`forward(weights, input_ids, attention_mask, token_type_ids, keep_layers, head_gates=None,
+on_layer=None) -> Output` (final hidden state, and per kept layer the (B, H, Q, K) attention
+probabilities; with `on_layer(index, probs)` each kept layer is handed to the callback as soon
+as it is computed instead of being kept, so long inputs never hold all layers at once).
+`head_gates` is an optional (L, H) tensor multiplying each head's context before the heads are
+merged (Michel et al. 2019; None = no gating; used by attnpipe/gradients.py).
 
 Encoder-decoder families (`SEQ2SEQ = True`: t5, mt5, bart, marian) run source and target together:
 `forward_seq2seq(weights, src_ids, src_mask, tgt_ids, tgt_mask, keep_layers, keep_decoder_layers)
 -> Seq2SeqOutput`, and their `Weights` also have `decoder_num_layers` / `decoder_num_heads`.
-`forward` also takes `head_gates`, an optional (L, H) tensor multiplying each head's context
-before the heads are merged (Michel et al. 2019; None = no gating; used by attnpipe/gradients.py).
 """
 
 from __future__ import annotations

@@ -202,6 +202,7 @@ def forward(
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
     head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
+    on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Output:
     """Run the encoder; return the final hidden state and the attention of the kept layers."""
     x = embed(weights, input_ids, token_type_ids)  # (B, T, hidden)
@@ -213,11 +214,15 @@ def forward(
         v = split_heads(layer.value(x), weights.num_heads)  # (B, H, K, D)
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
-            attentions[index] = probs
+            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
+                on_layer(index, probs)
+            else:
+                attentions[index] = probs
         context = torch.matmul(probs, v)  # (B, H, Q, D)
         if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
             context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
         context = merge_heads(context)  # (B, T, H·D)
+        del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = layer.attn_norm(x + layer.out(context))
         x = layer.ff_norm(x + layer.ff_out(layer.act(layer.ff_in(x))))
     return Output(hidden=x, attentions=attentions)

@@ -86,6 +86,7 @@ def forward(
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
     head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
+    on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Output:
     b, t = input_ids.shape
     positions = torch.arange(t, device=input_ids.device)  # right padding: real tokens start at 0
@@ -98,10 +99,14 @@ def forward(
         q, k, v = (split_heads(z, weights.num_heads) for z in (q, k, v))  # (B, H, T, D)
         probs = attention_probs(q, k, block.scale, mask)  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
-            attentions[index] = probs
+            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
+                on_layer(index, probs)
+            else:
+                attentions[index] = probs
         context = torch.matmul(probs, v)  # (B, H, Q, D)
         if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
             context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
         x = x + block.proj(merge_heads(context))
+        del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = x + block.fc_proj(weights.act(block.fc(block.ln_2(x))))
     return Output(hidden=weights.ln_f(x), attentions=attentions)

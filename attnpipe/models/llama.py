@@ -134,6 +134,7 @@ def forward(
     token_type_ids: torch.Tensor | None = None,
     keep_layers: frozenset[int] | None = None,
     head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
+    on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Output:
     t = input_ids.shape[1]
     x = F.embedding(input_ids, weights.embed)  # (B, T, hidden)
@@ -158,11 +159,15 @@ def forward(
         v = v.repeat_interleave(group, dim=1)
         probs = attention_probs(q, k, weights.head_dim**-0.5, masks[layer.window])  # (B, H, Q, K)
         if keep_layers is None or index in keep_layers:
-            attentions[index] = probs
+            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
+                on_layer(index, probs)
+            else:
+                attentions[index] = probs
         context = torch.matmul(probs, v)  # (B, H, Q, D)
         if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
             context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
         x = x + layer.o(merge_heads(context))
+        del probs  # free this layer's (B, H, T, T) before the next one is computed
         h = layer.norm_post(x)
         x = x + layer.down(weights.act(layer.gate(h)) * layer.up(h))
     return Output(hidden=weights.norm(x), attentions=attentions)

@@ -1,0 +1,122 @@
+"""The per-head metrics of attnpipe.metrics, in torch, on a padded batch, during extraction.
+
+`extract_attention.py --metrics-only` stores metrics instead of matrices; computing them one
+text at a time in numpy would cost more than the forward pass, so this module computes the
+*same definitions* (attnpipe.metrics.row_metrics, then the mean over the rows where a metric is
+defined) for a whole length-sorted batch and one layer at a time. Per-row values are computed
+in float32 (the probabilities' own precision; float64 costs 4x here) and averaged over rows in
+float64, so results agree with the numpy float64 version to ~1e-6 relative. Padded query rows
+are never counted and padded keys carry weight exactly 0 (they are masked before softmax).
+tests/test_perf.py checks agreement with attnpipe.metrics.
+
+    bm = BatchMetrics(names, lengths, tokens, special_masks, causal=False)
+    values = bm.layer(probs)        # probs (B, H, T, T) -> (B, H, M) float64 numpy
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from attnpipe import metrics as M
+
+
+class BatchMetrics:
+    """Masks of one batch (lengths, tokens, causality), reused for every layer."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        lengths: Sequence[int],
+        tokens: Sequence[Sequence[str]],
+        special_masks: Sequence[np.ndarray],
+        *,
+        causal: bool,
+        device: torch.device | str = "cpu",
+    ):
+        self.names = M.check_metric_names(names)
+        self.causal = causal
+        b, t = len(lengths), max(lengths) if lengths else 0
+        n = torch.tensor(list(lengths), device=device)  # (B,)
+        pos = torch.arange(t, device=device)
+        self.key_real = pos[None, :] < n[:, None]  # (B, K)
+        self.row_real = self.key_real  # (B, Q): the same positions as queries
+        visible = self.key_real[:, None, :] & self.row_real[:, :, None]  # (B, Q, K)
+        if causal:
+            visible = visible & torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        self.visible = visible[:, None]  # (B, 1, Q, K)
+        self.num_visible = visible.sum(-1).to(torch.float32)[:, None]  # (B, 1, Q)
+        distance = (pos[:, None] - pos[None, :]).abs()  # (Q, K)
+        self.distance = distance.to(torch.float32)
+        self.local = (distance <= M.LOCAL_WINDOW).to(torch.float32)
+        sep = torch.zeros(b, t, dtype=torch.float32, device=device)
+        punct = torch.zeros(b, t, dtype=torch.float32, device=device)
+        for row, (toks, special) in enumerate(zip(tokens, special_masks, strict=True)):
+            if len(toks):
+                sep[row, : len(toks)] = torch.from_numpy(M.sep_eos_keys(toks, special).astype(np.float32))
+                punct[row, : len(toks)] = torch.from_numpy(M.punctuation_keys(toks, special).astype(np.float32))
+        # Key weights summed in one batched matmul: [SEP]/EOS keys, punctuation keys.
+        self.key_sums = torch.stack((sep, punct), dim=-1)[:, None]  # (B, 1, K, 2)
+        # Rows where the neighbour metrics are defined (numpy's `neighbour`: key i + offset visible).
+        prev = torch.zeros(b, t, dtype=torch.bool, device=device)
+        nxt = torch.zeros(b, t, dtype=torch.bool, device=device)
+        if t > 1:
+            prev[:, 1:] = self.visible[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
+            nxt[:, :-1] = self.visible[:, 0].diagonal(offset=1, dim1=-2, dim2=-1)
+        self.prev_rows, self.next_rows = prev[:, None], nxt[:, None]  # (B, 1, Q)
+        self.norm_rows = (self.num_visible > 1) & self.row_real[:, None]  # (B, 1, Q)
+
+    def layer(self, probs: torch.Tensor) -> np.ndarray:
+        """probs (B, H, T, T) of one layer -> (B, H, M) float64: each metric's mean over rows."""
+        a = torch.where(self.visible, probs.float(), 0.0)  # (B, H, Q, K)
+        rows = self.row_real[:, None].expand(a.shape[:-1])  # (B, H, Q)
+        t = a.shape[-1]
+        cache: dict[str, torch.Tensor] = {}
+
+        def key_sum(column: int) -> torch.Tensor:  # sum_j a_ij w_j for the two key weightings
+            if "keys" not in cache:
+                cache["keys"] = torch.matmul(a, self.key_sums)  # (B, H, Q, 2)
+            return cache["keys"][..., column]
+
+        def entropy() -> torch.Tensor:
+            if "entropy" not in cache:
+                cache["entropy"] = torch.special.entr(a).sum(-1)  # -a ln a, 0 at a = 0
+            return cache["entropy"]
+
+        def shifted(offset: int) -> torch.Tensor:  # a[i, i + offset] placed at row i
+            out = torch.zeros(a.shape[:-1], dtype=a.dtype, device=a.device)
+            diag = a.diagonal(offset=offset, dim1=-2, dim2=-1)
+            if offset < 0:
+                out[..., -offset:] = diag
+            elif offset > 0:
+                out[..., : t - offset] = diag
+            else:
+                out = diag
+            return out
+
+        def normalized() -> torch.Tensor:
+            return entropy() / torch.where(self.norm_rows, self.num_visible, 2.0).log()
+
+        compute = {  # name -> (per-row values, rows where defined)
+            "entropy": lambda: (entropy(), rows),
+            "normalized_entropy": lambda: (normalized(), self.norm_rows.expand_as(rows)),
+            "max_attention": lambda: (a.amax(-1), rows),
+            "self": lambda: (shifted(0), rows),
+            "previous_token": lambda: (shifted(-1), self.prev_rows.expand_as(rows)),
+            "next_token": lambda: (shifted(1), self.next_rows.expand_as(rows)),
+            "first_token": lambda: (a[..., 0], rows),
+            "sep_eos": lambda: (key_sum(0), rows),
+            "punctuation": lambda: (key_sum(1), rows),
+            "mean_distance": lambda: ((a * self.distance).sum(-1), rows),
+            "sparsity": lambda: (((a < M.SPARSITY_THRESHOLD) & self.visible).sum(-1)
+                                 / self.num_visible.clamp(min=1), rows),
+            "local_share": lambda: ((a * self.local).sum(-1), rows),
+        }
+        out = []
+        for name in self.names:
+            values, defined = compute[name]()
+            count = defined.sum(-1).to(torch.float64)  # (B, H); 0 -> NaN, as numpy's nanmean
+            out.append(torch.where(defined, values, 0.0).sum(-1, dtype=torch.float64) / count)
+        return torch.stack(out, dim=-1).cpu().numpy()  # (B, H, M)

@@ -1,0 +1,203 @@
+"""Corpus-scale extraction: storage options, token-budget batching, streaming, metrics-only, estimate.
+
+Correctness only; speed is measured in bench/bench_extract.py.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from attnpipe import metrics as M
+from attnpipe import store
+from attnpipe.corpus import Text
+from attnpipe.errors import AttnpipeError
+from attnpipe.extract import ExtractConfig, extract, token_budget_batches
+from attnpipe.fast_metrics import BatchMetrics
+from conftest import run_script
+
+TEXTS = (
+    Text("short", "the cat"),
+    Text("long", "the big red dog ran fast on the mat and the cat was slow , it is blue !"),
+    Text("mid", "a dog sat , it was small"),
+    Text("one", "ran"),
+    Text("mid2", "the mat is red and big ."),
+)
+
+
+def run(model_dir, output, **kw):
+    extract(ExtractConfig(texts=kw.pop("texts", TEXTS), output=output, model_dir=model_dir, progress=False, **kw))
+    return output
+
+
+def test_uint8_round_trip_error_and_decoding(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("bert")
+    full = run(model_dir, tmp_path / "f32.h5")
+    small = run(model_dir, tmp_path / "u8.h5", dtype="uint8")
+    with store.open_attention(full) as f32, store.open_attention(small) as u8:
+        assert u8.meta.dtype == "uint8" and u8.storage.dtype == "uint8"
+        worst = 0.0
+        for a, b in zip(f32, u8, strict=True):
+            assert b.attention.dtype == np.float32
+            worst = max(worst, float(np.abs(a.attention - b.attention).max()))
+            # The decoded value is exactly v / 255 for the stored integer v.
+            np.testing.assert_array_equal(b.attention * 255, np.round(b.attention * 255))
+        assert 0 < worst <= 0.5 / 255 + 1e-6  # round(p * 255) / 255 is within half a step of p
+        assert u8.head("long", 1, 2).dtype == np.float32
+    with h5py.File(small) as raw:
+        dataset = raw["texts/00000001/attention"]
+        assert dataset.dtype == np.uint8 and dataset.attrs["scale"] == pytest.approx(1 / 255)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lzf", "none"])
+def test_compression_choices_read_back_the_same(tiny_model_dir, tmp_path, compression):
+    model_dir = tiny_model_dir("bert")
+    ref = run(model_dir, tmp_path / "ref.h5", dtype="float16")
+    other = run(model_dir, tmp_path / "x.h5", dtype="float16", compression=compression,
+                compression_level=1 if compression == "gzip" else None)
+    with store.open_attention(ref) as a, store.open_attention(other) as b:
+        assert b.storage.compression == compression
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x.attention, y.attention)
+
+
+def test_rows_subset_round_trip_and_refusal(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("gpt2")
+    full = run(model_dir, tmp_path / "all.h5")
+    for rows in ("cls", "last"):
+        path = run(model_dir, tmp_path / f"{rows}.h5", rows=rows)
+        with store.open_attention(path) as f:
+            assert f.storage.rows == rows
+            with pytest.raises(AttnpipeError, match=f"only the '{rows}' query row"):
+                f[0]
+        with store.open_attention(path, partial_rows=True) as f, store.open_attention(full) as ref:
+            for got, want in zip(f, ref, strict=True):
+                n = want.num_tokens
+                position = 0 if rows == "cls" else n - 1
+                np.testing.assert_array_equal(got.query_positions, [position])
+                np.testing.assert_array_equal(got.attention, want.attention[:, :, [position], :])
+                np.testing.assert_array_equal(f.head(got.id, 1, 3), want.attention[1, 3, [position]])
+    result = run_script("analyze_attention.py", "metrics", tmp_path / "cls.h5", "--output-dir", tmp_path / "m")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "--rows all" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])  # bidirectional and causal
+def test_metrics_only_equals_metrics_of_the_full_file(tiny_model_dir, tmp_path, model_type):
+    model_dir = tiny_model_dir(model_type)
+    full = run(model_dir, tmp_path / "full.h5", max_tokens_per_batch=40)
+    only = run(model_dir, tmp_path / "only.h5", metrics_only=True, max_tokens_per_batch=40)
+    with store.open_attention(full) as f:
+        want = M.corpus_metrics(f)
+    with store.open_attention(only) as f:
+        assert f.metrics_only
+        got = f.stored_metrics()
+        with pytest.raises(AttnpipeError, match="metrics only"):
+            f[0]
+    assert list(got.columns) == list(want.columns)
+    pd_cols = ["text_id", "layer", "head", "metric"]
+    assert got[pd_cols].astype(str).equals(want[pd_cols].astype(str))
+    # Per-row values in float32 (fast_metrics) against numpy's float64: ~1e-7 relative apart.
+    np.testing.assert_allclose(got["value"], want["value"], rtol=2e-5, atol=2e-6)
+    assert (got["value"].isna() == want["value"].isna()).all()
+    # analyze_attention.py metrics returns the stored table.
+    result = run_script("analyze_attention.py", "metrics", only, "--output-dir", tmp_path / "m", "--bootstrap", "10")
+    assert result.returncode == 0, result.stderr
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "m" / "metrics.parquet")
+    np.testing.assert_allclose(table["value"], got["value"])
+
+
+def test_fast_metrics_match_numpy_on_a_padded_batch():
+    rng = np.random.default_rng(1)
+    lengths = [7, 5, 1, 3]
+    tokens = [("[CLS]", "a", ",", "b", "##c", "!", "[SEP]")[:n] for n in lengths]
+    special = [np.array([i == 0 or i == n - 1 for i in range(n)]) for n in lengths]
+    for causal in (False, True):
+        t = max(lengths)
+        logits = torch.from_numpy(rng.normal(size=(len(lengths), 3, t, t)).astype(np.float32) * 3)
+        blocked = torch.arange(t)[None, :] >= torch.tensor(lengths)[:, None]  # padded keys
+        logits = logits.masked_fill(blocked[:, None, None, :], float("-inf"))
+        if causal:
+            logits = logits.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        probs = torch.softmax(logits, -1)
+        got = BatchMetrics(tuple(M.METRICS), lengths, tokens, special, causal=causal).layer(probs)
+        for row, n in enumerate(lengths):
+            a = probs[row, :, :n, :n].numpy()[None]  # (1, H, n, n)
+            want = M.head_metrics(a, tokens[row], special[row], causal=causal)
+            for m, name in enumerate(M.METRICS):
+                np.testing.assert_allclose(got[row, :, m], want[name][0], rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{name} causal={causal} n={n}")
+
+
+def test_token_budget_batches_and_output_order(tiny_model_dir, tmp_path):
+    lengths = [3, 10, 4, 10, 1, 7]
+    batches = list(token_budget_batches(lengths, max_tokens=20, max_texts=3))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        widest = max(lengths[i] for i in batch)
+        assert len(batch) == 1 or len(batch) * widest <= 20
+        assert len(batch) <= 3
+    assert list(token_budget_batches([50, 2], max_tokens=20, max_texts=8)) == [[0], [1]]  # too long: alone
+    model_dir = tiny_model_dir("bert")
+    budget = run(model_dir, tmp_path / "budget.h5", max_tokens_per_batch=12)
+    alone = run(model_dir, tmp_path / "alone.h5", batch_size=1)
+    with store.open_attention(budget) as a, store.open_attention(alone) as b:
+        assert a.ids == tuple(t.id for t in TEXTS)
+        for x, y in zip(a, b, strict=True):
+            assert x.tokens == y.tokens
+            # Padding changes BLAS blocking, not the result beyond float32 rounding.
+            np.testing.assert_allclose(x.attention, y.attention, atol=1e-5, rtol=0)
+
+
+def test_streaming_gives_the_same_file_as_the_in_memory_path(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("gpt2")  # max 64 positions: a text at the limit is its "long input"
+    texts = (Text("long", " ".join(["the cat sat on the mat"] * 12)), *TEXTS)
+    for dtype in ("float16", "uint8"):
+        streamed = run(model_dir, tmp_path / f"s-{dtype}.h5", texts=texts, dtype=dtype)
+        in_memory = run(model_dir, tmp_path / f"m-{dtype}.h5", texts=texts, dtype=dtype, stream_layers=False)
+        assert streamed.read_bytes() == in_memory.read_bytes()
+    with store.open_attention(tmp_path / "s-float16.h5") as f:
+        assert f["long"].truncated and f["long"].num_tokens == 62
+
+
+def test_writer_thread_error_leaves_no_file(tiny_model_dir, tmp_path, monkeypatch):
+    def broken(self, *args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.H5Writer, "write_chunk", broken)
+    target = tmp_path / "out.h5"
+    with pytest.raises(OSError, match="disk full"):
+        run(tiny_model_dir("bert"), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_1_files_are_still_read(tiny_model_dir, tmp_path):
+    path = run(tiny_model_dir("bert"), tmp_path / "v1.h5")
+    with h5py.File(path, "a") as f:  # what schema version 1 wrote: no storage attributes
+        f.attrs["schema_version"] = 1
+        for key in ("compression", "compression_level", "rows", "metrics_only"):
+            del f.attrs[key]
+    with store.open_attention(path) as f:
+        assert f.storage == store.Storage(dtype="float32", compression_level=store.DEFAULT_GZIP_LEVEL)
+        assert f[0].attention.shape[0] == 2
+
+
+def test_json_refuses_hdf5_only_options(tiny_model_dir, tmp_path):
+    for kw in ({"dtype": "uint8"}, {"rows": "cls"}, {"metrics_only": True}):
+        with pytest.raises(AttnpipeError, match="is for .h5 output"):
+            run(tiny_model_dir("bert"), tmp_path / "a.json", texts=TEXTS[:1], **kw)
+
+
+def test_estimate_prints_and_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "est.h5"
+    result = run_script("extract_attention.py", "--model_dir", tiny_model_dir("bert"), "--text", "the cat sat",
+                        "--text", "a dog ran fast", "--dtype", "uint8", "--output_file", out, "--estimate")
+    assert result.returncode == 0, result.stderr
+    assert "expected output size" in result.stdout and "expected time" in result.stdout
+    assert "2 text(s)" in result.stdout
+    assert not out.exists()
