@@ -852,8 +852,8 @@ class AttentionFile:
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {', '.join(missing)}")
             self.meta = _provenance_from_attrs(attrs)
             self.ids = tuple(self._h5["ids"].asstr()[()])
-            self.storage = _storage_from_attrs(attrs)  # version 1: the defaults (gzip, all rows)
             _check_meta(self.path, self.meta)
+            self.storage = _storage_from_attrs(attrs)  # version 1: the defaults (gzip, all rows)
             if len(self._h5["texts"]) != len(self.ids):
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lists {len(self.ids)} ids "
                                     f"but holds {len(self._h5['texts'])} texts")
