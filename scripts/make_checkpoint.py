@@ -36,8 +36,12 @@ def make_random(base: Path, out: Path, seed: int) -> None:
     seed_all(seed)
     config = transformers.AutoConfig.from_pretrained(base)
     model = transformers.AutoModel.from_config(config)
-    model.save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # the folder appears complete or not at all
 
 
 def make_finetune(base: Path, out: Path, seed: int, labels: Path, steps: int, save_every: int,
