@@ -11,6 +11,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from shlex import quote as shlex_quote
 
 import yaml
 from snakemake.utils import min_version, validate
@@ -77,9 +78,6 @@ def model_path(value):
 def model_flag(flag, value):
     """CLI flag naming a model folder; none for 'default' (the CLIs' own default, the packaged MiniLM)."""
     return "" if value == "default" else f"{flag} {shlex_quote(value)}"
-
-
-from shlex import quote as shlex_quote  # noqa: E402
 
 
 # ---- corpora: shard counts known at parse time (no checkpoint rules) ----
@@ -216,7 +214,7 @@ rule split_corpus:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} {BASE}/scripts/split_corpus.py {input:q} --name {wildcards.corpus} "
+        "{PY:q} {BASE:q}/scripts/split_corpus.py {input:q} --name {wildcards.corpus} "
         "--shard-size {params.size} --text-column {params.text_column:q} {params.id_column} "
         "--shard {wildcards.shard} --output-file {output:q} > {log:q} 2>&1"
 
@@ -236,7 +234,7 @@ rule random_init:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PY} {BASE}/scripts/make_checkpoint.py random {params.base} --seed {params.seed} "
+        "{PY:q} {BASE:q}/scripts/make_checkpoint.py random {params.base} --seed {params.seed} "
         "--out-dir {output:q} > {log:q} 2>&1"
 
 
@@ -256,7 +254,7 @@ rule state_dict:
         mem_mb=4000,
         runtime=10,
     shell:
-        "{PY} {BASE}/scripts/make_checkpoint.py state-dict {params.base} --state-dict {input:q} "
+        "{PY:q} {BASE:q}/scripts/make_checkpoint.py state-dict {params.base} --state-dict {input:q} "
         "--out-dir {output:q} > {log:q} 2>&1"
 
 
@@ -283,7 +281,7 @@ rule finetune:
         mem_mb=4000,
         runtime=30,
     shell:
-        "OMP_NUM_THREADS={threads} {PY} {BASE}/scripts/make_checkpoint.py finetune "
+        "OMP_NUM_THREADS={threads} {PY:q} {BASE:q}/scripts/make_checkpoint.py finetune "
         "{params.base} --seed {params.seed} --labels {input.labels:q} "
         "--steps {params.steps} --save-every {params.every} --lr {params.lr} "
         "--batch-size {params.bs} --out-dir {output:q} > {log:q} 2>&1"
@@ -325,7 +323,7 @@ rule extract:
         runtime=60,
         gpu=1 if EX["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {PY} {BASE}/extract_attention.py "
+        "OMP_NUM_THREADS={threads} {PY:q} {BASE:q}/extract_attention.py "
         "--texts-file {input.shard:q} {params.model} "
         "--max-length {params.max_length} --dtype {params.dtype} --batch-size {params.batch_size} "
         "--device {params.device} {params.verify} --output_file {output:q} > {log:q} 2>&1"
@@ -349,7 +347,7 @@ rule metrics:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} {BASE}/analyze_attention.py metrics {input:q} --output-dir {params.outdir:q} "
+        "{PY:q} {BASE:q}/analyze_attention.py metrics {input:q} --output-dir {params.outdir:q} "
         "--bootstrap {params.bootstrap} --seed {params.seed} > {log:q} 2>&1"
 
 
@@ -367,7 +365,7 @@ rule merge_attention:
         mem_mb=2000,
         runtime=20,
     shell:
-        "{PY} {BASE}/scripts/merge_shards.py {input:q} --output-file {output:q} > {log:q} 2>&1"
+        "{PY:q} {BASE:q}/scripts/merge_shards.py {input:q} --output-file {output:q} > {log:q} 2>&1"
 
 
 rule merge_metrics:
@@ -385,7 +383,7 @@ rule merge_metrics:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PY} {BASE}/scripts/merge_metrics.py {params.dirs:q} --output-file {output:q} > {log:q} 2>&1"
+        "{PY:q} {BASE:q}/scripts/merge_metrics.py {params.dirs:q} --output-file {output:q} > {log:q} 2>&1"
 
 
 rule figure_heads:
@@ -402,7 +400,7 @@ rule figure_heads:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} {BASE}/visualize_attention.py --input_file {input:q} --text-id {wildcards.text} "
+        "{PY:q} {BASE:q}/visualize_attention.py --input_file {input:q} --text-id {wildcards.text} "
         "--mode heads --layer {params.layer} --output_file {output:q} > {log:q} 2>&1"
 
 
@@ -419,7 +417,7 @@ rule prepare:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} {BASE}/visualize_attention.py --input_file {input:q} --text-id {wildcards.text} "
+        "{PY:q} {BASE:q}/visualize_attention.py --input_file {input:q} --text-id {wildcards.text} "
         "--mode prepare --decimals 4 --output_file {output:q} > {log:q} 2>&1"
 
 
@@ -439,7 +437,7 @@ rule compare:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{PY} {BASE}/analyze_attention.py compare {input:q} --output-dir {params.outdir:q} > {log:q} 2>&1"
+        "{PY:q} {BASE:q}/analyze_attention.py compare {input:q} --output-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 rule corpus_report:
@@ -460,7 +458,7 @@ rule corpus_report:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{PY} {BASE}/analyze_attention.py report {input:q} --output-dir {params.outdir:q} "
+        "{PY:q} {BASE:q}/analyze_attention.py report {input:q} --output-dir {params.outdir:q} "
         "--clusters {params.clusters} --title {params.title:q} > {log:q} 2>&1"
 
 
@@ -478,5 +476,5 @@ rule report:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} {BASE}/scripts/combine_reports.py {input:q} --checkpoints {params.checkpoints} "
+        "{PY:q} {BASE:q}/scripts/combine_reports.py {input:q} --checkpoints {params.checkpoints} "
         "--output-file {output:q} > {log:q} 2>&1"
