@@ -69,8 +69,9 @@ def _strip(names, prefix: str) -> dict[str, str]:
     return {n[len(prefix):] if prefix and n.startswith(prefix) else n: n for n in names}
 
 
-def align(sd: dict, base: dict) -> tuple[dict[str, str], str]:
-    """Map base name -> state-dict name, allowing one leading prefix on either side (e.g. 'bert.')."""
+def align(sd: dict, base: dict) -> tuple[dict[str, str], list[str], list[str], str]:
+    """Match a state dict's names to a base's, allowing one leading prefix on either side (e.g.
+    'bert.'): (base name -> state-dict name, base names missing, state-dict names left over, prefix)."""
     sd_names = {n for n in sd if not n.endswith(IGNORED)}
     base_names = {n for n in base if not n.endswith(IGNORED)}
     candidates = {""} | {n.split(".", 1)[0] + "." for n in sd_names | base_names if "." in n}

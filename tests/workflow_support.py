@@ -100,6 +100,15 @@ def outputs(workdir: Path) -> dict[str, Path]:
             and not any(part.startswith(".") for part in p.relative_to(base).parts)}
 
 
+def same(x, y) -> bool:
+    """Exact equality of two arrays or attribute values; NaN equals NaN (e.g. no parity figure)."""
+    x, y = np.asarray(x), np.asarray(y)
+    try:
+        return np.array_equal(x, y, equal_nan=True)
+    except TypeError:  # strings and objects have no NaN
+        return np.array_equal(x, y)
+
+
 def h5_differences(a: Path, b: Path) -> list[str]:
     """Every dataset and attribute of two HDF5 files compared exactly."""
     diffs: list[str] = []
@@ -112,10 +121,9 @@ def h5_differences(a: Path, b: Path) -> list[str]:
             return [f"{a.name}: different objects"]
         for name in [""] + names_a:
             oa, ob = (fa[name], fb[name]) if name else (fa, fb)
-            if set(oa.attrs) != set(ob.attrs) or any(
-                    not np.array_equal(np.asarray(oa.attrs[k]), np.asarray(ob.attrs[k])) for k in oa.attrs):
+            if set(oa.attrs) != set(ob.attrs) or any(not same(oa.attrs[k], ob.attrs[k]) for k in oa.attrs):
                 diffs.append(f"{a.name}:{name or '/'} attributes differ")
-            if isinstance(oa, h5py.Dataset) and not np.array_equal(oa[()], ob[()]):
+            if isinstance(oa, h5py.Dataset) and not same(oa[()], ob[()]):
                 diffs.append(f"{a.name}:{name} differs")
     return diffs
 
