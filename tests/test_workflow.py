@@ -113,8 +113,7 @@ def test_killed_run_resumes_with_rerun_incomplete(reference, tmp_path):
     --unlock, the local profile's --rerun-incomplete finishes it: outputs equal the uninterrupted
     run's and files finished before the kill are not redone."""
     config = write_config(tmp_path)
-    cmd = snakemake_cmd(tmp_path, config, "--profile", str(ROOT / "configs" / "profiles" / "local"),
-                        "--cores", "1")
+    cmd = snakemake_cmd(tmp_path, config, "--profile", str(ROOT / "configs" / "profiles" / "local"))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
                             start_new_session=True)
     attention = tmp_path / RESULTS / "attention" / "tiny"
