@@ -17,8 +17,9 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # The main job: the Snakemake workflow over the demo corpus x 4 checkpoints (configs/demo.yaml).
+# The local profile gives 2 cores and --rerun-incomplete (a killed demo continues where it was).
 demo: $(STAMP)
-	$(PY) -m snakemake --cores 2 --configfile configs/demo.yaml
+	$(PY) -m snakemake --profile configs/profiles/local --configfile configs/demo.yaml
 	@echo "report: results/demo/report.md"
 
 # The extraction stage alone, plus a figure, the HTML view, metrics and a report for MiniLM.

