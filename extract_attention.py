@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         if pairs or args.method != "manual":
             raise AttnpipeError("--explain runs attnpipe's own pass of a text model (bert-like, gpt2, "
                                 "llama family); not encoder-decoder pairs or --method hf")
+        _refuse_text_only_options(args, "--explain (texts run one at a time with gradients)")
         target = parse_target(args.explain)
         run_extract = lambda config: extract_with_gradients(config, target, args.ablate)  # noqa: E731
+    if pairs:
+        _refuse_text_only_options(args, "encoder-decoder pairs")
     metric_names = None
     if args.metrics.strip() != "all":
         metric_names = tuple(name.strip() for name in args.metrics.split(",") if name.strip())
@@ -237,6 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _refuse_text_only_options(args, what: str) -> None:
+    """--rows, --metrics-only, --compression and --estimate belong to the plain text extraction."""
+    used = [flag for flag, on in (("--rows", args.rows != "all"), ("--metrics-only", args.metrics_only),
+                                  ("--compression", args.compression != "gzip"),
+                                  ("--compression-level", args.compression_level is not None),
+                                  ("--estimate", args.estimate)) if on]
+    if used:
+        raise AttnpipeError(f"{', '.join(used)}: only for the plain extraction of texts, not for {what}")
+
+
 def _looks_like_gradient_target(value: str) -> bool:
     return value in ("predicted", "next-token") or value.isdigit() or value.startswith("similarity:")
 
@@ -253,6 +266,8 @@ def _extract_other_inputs(args):
                             "(--image/--image-dir) or a torch model (--torch-model with --data)")
     if not torch_given and (args.weights or args.data or args.mask_zero_rows or args.causal):
         raise AttnpipeError("--weights, --data, --mask-zero-rows and --causal go with --torch-model")
+    if images_given or torch_given:
+        _refuse_text_only_options(args, "images" if images_given else "--torch-model")
     if images_given:
         from attnpipe.extract_vision import ImageExtractConfig, collect_images, extract_images
 

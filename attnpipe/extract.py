@@ -442,8 +442,11 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
             stream = config.stream_layers and not config.verify  # verify compares whole batches
             batch_ids = [texts[i].id for i in batch_indices]
 
+            seen: set[int] = set()
+
             def checked(layer: int, probs: torch.Tensor) -> None:  # stops a broken pass, then stores
                 guards.check_attention({layer: probs}, batch_lengths, batch_ids, causal=causal)
+                seen.add(layer)
                 sink(layer, probs)
 
             with torch.inference_mode():
@@ -451,6 +454,10 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
                     model.weights, batch["input_ids"], batch["attention_mask"],
                     batch.get("token_type_ids"), keep_layers=keep, on_layer=checked if stream else None,
                 )
+                missing = [layer for layer in layers if layer not in seen and layer not in out.attentions]
+                if missing:  # a pass that skipped layers must not be compared or stored as if complete
+                    raise AttnpipeError(f"the forward pass returned no attention for texts {batch_ids[:5]} "
+                                        f"(layers {missing})")
                 if config.verify:
                     check = _reference_diffs(model, batch, batch_lengths, out.attentions, out.hidden)
                     parity, hidden_parity = max(parity, check.attention), max(hidden_parity, check.hidden)
@@ -461,8 +468,8 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
                             f"head {head} differs from transformers eager by {check.attention:.3g} "
                             f"(tolerance {config.verify_tol:g})"
                         )
-                if not stream:  # the in-memory path: the same sink, after the whole pass
-                    for layer in layers:
+                for layer in layers:  # the in-memory path (or a family that ignores on_layer)
+                    if layer not in seen:
                         checked(layer, out.attentions[layer])
                 del out
             for row, i in enumerate(batch_indices):

@@ -86,7 +86,7 @@ def test_future_keys_seen_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
 def test_empty_attention_stops_the_run(tiny_model_dir, tmp_path, monkeypatch):
     real = bert.forward
 
-    def no_attention(*args, **kwargs):
+    def no_attention(*args, on_layer=None, **kwargs):  # neither streams nor returns any layer
         out = real(*args, **kwargs)
         return type(out)(hidden=out.hidden, attentions={})
 
