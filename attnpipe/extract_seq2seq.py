@@ -230,11 +230,8 @@ def extract_pairs(config: ExtractConfig) -> ExtractResult:
     dec_head_index = torch.tensor(dec_heads, device=device)
     parity = hidden_parity = 0.0
 
-    json_item: store.TextAttention | None = None
     with contextlib.ExitStack() as stack:
-        writer = None
-        if config.output.suffix != ".json":
-            writer = stack.enter_context(store.H5Writer(config.output, len(pairs), config.dtype))
+        writer = stack.enter_context(store.open_writer(config.output, len(pairs), config.dtype))
         bar = stack.enter_context(
             tqdm(total=len(pairs), unit="pair", file=sys.stderr,
                  disable=None if config.progress is None else not config.progress)  # None: tty only
@@ -294,10 +291,7 @@ def extract_pairs(config: ExtractConfig) -> ExtractResult:
                     attention=np.ascontiguousarray(enc[row, :, :, :s, :s]),
                     target=target,
                 )
-                if writer is not None:
-                    writer.write(i, item)
-                else:
-                    json_item = item
+                writer.write(i, item)
             bar.update(len(batch_indices))
         provenance = store.Provenance(
             model=str(model_dir),
@@ -321,10 +315,7 @@ def extract_pairs(config: ExtractConfig) -> ExtractResult:
             decoder_layers=dec_layers,
             decoder_heads=dec_heads,
         )
-        if writer is not None:
-            writer.finish(provenance)
-        else:
-            store.write_json(config.output, json_item, provenance)
+        writer.finish(provenance)
     truncated = tuple(
         p.id for i, p in enumerate(pairs)
         if src.untruncated_lengths[i] > src_lengths[i] or tgt.untruncated_lengths[i] > tgt_lengths[i]

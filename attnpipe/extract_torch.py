@@ -198,11 +198,8 @@ def extract_torch(config: TorchExtractConfig) -> ExtractResult:
     head_index = torch.tensor(heads, device=device)
     batch, seq, _ = array.shape
 
-    json_item = None
     with contextlib.ExitStack() as stack:
-        writer = None
-        if config.output.suffix != ".json":
-            writer = stack.enter_context(store.H5Writer(config.output, batch, config.dtype))
+        writer = stack.enter_context(store.open_writer(config.output, batch, config.dtype))
         for start in range(0, batch, config.batch_size):
             rows = range(start, min(start + config.batch_size, batch))
             x = torch.from_numpy(array[rows.start:rows.stop]).to(device)  # (B, T, E)
@@ -228,10 +225,7 @@ def extract_torch(config: TorchExtractConfig) -> ExtractResult:
                     attention=np.ascontiguousarray(stacked[row, :, :, :n, :n]),  # real positions only
                     input_kind="embeddings",
                 )
-                if writer is not None:
-                    writer.write(i, item)
-                else:
-                    json_item = item
+                writer.write(i, item)
         provenance = store.Provenance(
             model=config.factory,
             model_type="torch",
@@ -249,10 +243,7 @@ def extract_torch(config: TorchExtractConfig) -> ExtractResult:
             library_versions=library_versions(),
             checkpoint_dtype=stored_dtype,
         )
-        if writer is not None:
-            writer.finish(provenance)
-        else:
-            store.write_json(config.output, json_item, provenance)
+        writer.finish(provenance)
     return ExtractResult(
         output=config.output, num_texts=batch, num_tokens=sum(lengths), layers=layers, heads=heads,
         truncated_ids=(), max_length=seq, parity_max_abs_diff=None, parity_hidden_max_abs_diff=None,

@@ -175,11 +175,8 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
     head_index = torch.tensor(heads, device=device)
     parity = hidden_parity = 0.0
 
-    json_item = None
     with contextlib.ExitStack() as stack:
-        writer = None
-        if config.output.suffix != ".json":
-            writer = stack.enter_context(store.H5Writer(config.output, len(config.images), config.dtype))
+        writer = stack.enter_context(store.open_writer(config.output, len(config.images), config.dtype))
         bar = stack.enter_context(tqdm(total=len(config.images), unit="image", file=sys.stderr,
                                        disable=None if config.progress is None else not config.progress))
         for start in range(0, len(config.images), config.batch_size):
@@ -226,10 +223,7 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
                     image=store.ImageInfo(path=str(path), size=picture.size, patch_grid=(rows, cols),
                                           patch_size=weights.patch_size),
                 )
-                if writer is not None:
-                    writer.write(i, item)
-                else:
-                    json_item = item
+                writer.write(i, item)
             bar.update(len(paths))
         provenance = store.Provenance(
             model=str(config.model_dir),
@@ -250,10 +244,7 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
             parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
             checkpoint_dtype=model.checkpoint_dtype,
         )
-        if writer is not None:
-            writer.finish(provenance)
-        else:
-            store.write_json(config.output, json_item, provenance)
+        writer.finish(provenance)
     return ExtractResult(
         output=config.output, num_texts=len(config.images), num_tokens=n * len(config.images),
         layers=layers, heads=heads, truncated_ids=(), max_length=n,

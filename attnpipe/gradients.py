@@ -321,11 +321,8 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
     objective = build_objective(model, target, encode_other)
     use_types = encoded.token_type_ids is not None and model.weights.token_type is not None
     parity = hidden_parity = 0.0
-    json_item = None
     with contextlib.ExitStack() as stack:
-        writer = None
-        if config.output.suffix != ".json":
-            writer = stack.enter_context(store.H5Writer(config.output, len(texts), config.dtype))
+        writer = stack.enter_context(store.open_writer(config.output, len(texts), config.dtype))
         bar = stack.enter_context(tqdm(total=len(texts), unit="text", file=sys.stderr,
                                        disable=None if config.progress is None else not config.progress))
         for i, text in enumerate(texts):
@@ -365,10 +362,7 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
                 gradient_target_value=result.target_value,
                 gradient_target_label=result.target_label,
             )
-            if writer is not None:
-                writer.write(i, item)
-            else:
-                json_item = item
+            writer.write(i, item)
             bar.update(1)
         provenance = store.Provenance(
             model=str(model_dir), model_type=model.model_type, weights_sha256=model.weights_sha256,
@@ -380,10 +374,7 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
             parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
             gradient_target=target.spec,
         )
-        if writer is not None:
-            writer.finish(provenance)
-        else:
-            store.write_json(config.output, json_item, provenance)
+        writer.finish(provenance)
     lengths = [len(ids) for ids in encoded.input_ids]
     return X.ExtractResult(
         output=config.output, num_texts=len(texts), num_tokens=sum(lengths), layers=layers, heads=heads,

@@ -810,6 +810,35 @@ def write_json(path: Path, item: TextAttention, provenance: Provenance) -> None:
         handle.write("\n")
 
 
+class JSONWriter:
+    """H5Writer's interface for a .json output: holds its one text until `finish` writes it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._item: TextAttention | None = None
+
+    def write(self, index: int, item: TextAttention) -> None:
+        if index != 0 or self._item is not None:
+            raise RuntimeError("a .json output holds exactly one text")
+        self._item = item
+
+    def finish(self, provenance: Provenance) -> None:
+        if self._item is None:
+            raise RuntimeError("no text was written")
+        write_json(self.path, self._item, provenance)
+
+    def __enter__(self) -> JSONWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # nothing is on disk before finish()
+
+
+def open_writer(path: Path, num_texts: int, dtype: StorageDtype) -> H5Writer | JSONWriter:
+    """The writer for `path`'s format: HDF5 streams texts, JSON holds its one text (use in `with`)."""
+    return JSONWriter(path) if path.suffix == ".json" else H5Writer(path, num_texts, dtype)
+
+
 # ----------------------------------------------------------------------------- reading
 
 
