@@ -36,6 +36,18 @@ def attention_probs(
     return torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
 
 
+def head_context(
+    probs: torch.Tensor,  # (B, H, Q, K)
+    v: torch.Tensor,  # (B, H, K, D)
+    gates: torch.Tensor | None = None,  # (H,) or per text (B, H); None = no gating
+) -> torch.Tensor:
+    """Each head's context probs·v, (B, H, Q, D), multiplied by its gate (Michel et al. 2019)."""
+    context = torch.matmul(probs, v)  # (B, H, Q, D)
+    if gates is not None:  # one multiplier per head, applied before the heads are merged
+        context = context * gates[..., None, None]
+    return context
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, T, H·D) -> (B, H, T, D)."""
     b, t, _ = x.shape

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from attnpipe.attention import attention_probs, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import LayerNorm, Linear, Output, layer_norm, linear
+from attnpipe.attention import attention_probs, head_context, merge_heads, padding_mask, split_heads
+from attnpipe.models.parts import LayerNorm, Linear, Output, hand_over, layer_norm, linear
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert")
 
@@ -213,14 +213,8 @@ def forward(
         k = split_heads(layer.key(x), weights.num_heads)  # (B, H, K, D)
         v = split_heads(layer.value(x), weights.num_heads)  # (B, H, K, D)
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
-        if keep_layers is None or index in keep_layers:
-            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
-                on_layer(index, probs)
-            else:
-                attentions[index] = probs
-        context = torch.matmul(probs, v)  # (B, H, Q, D)
-        if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
-            context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
+        hand_over(index, probs, keep_layers, attentions, on_layer)
+        context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
         context = merge_heads(context)  # (B, T, H·D)
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = layer.attn_norm(x + layer.out(context))

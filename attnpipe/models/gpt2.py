@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from attnpipe.attention import attention_probs, causal_mask, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import LayerNorm, Linear, Output, layer_norm
+from attnpipe.attention import (
+    attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
+)
+from attnpipe.models.parts import LayerNorm, Linear, Output, hand_over, layer_norm
 
 MODEL_TYPES = ("gpt2",)
 
@@ -98,14 +100,8 @@ def forward(
         q, k, v = block.qkv(block.ln_1(x)).split(x.shape[-1], dim=-1)  # 3 x (B, T, hidden)
         q, k, v = (split_heads(z, weights.num_heads) for z in (q, k, v))  # (B, H, T, D)
         probs = attention_probs(q, k, block.scale, mask)  # (B, H, Q, K)
-        if keep_layers is None or index in keep_layers:
-            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
-                on_layer(index, probs)
-            else:
-                attentions[index] = probs
-        context = torch.matmul(probs, v)  # (B, H, Q, D)
-        if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
-            context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
+        hand_over(index, probs, keep_layers, attentions, on_layer)
+        context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
         x = x + block.proj(merge_heads(context))
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = x + block.fc_proj(weights.act(block.fc(block.ln_2(x))))

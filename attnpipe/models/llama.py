@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from attnpipe.attention import attention_probs, causal_mask, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import Linear, Output, linear
+from attnpipe.attention import (
+    attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
+)
+from attnpipe.models.parts import Linear, Output, hand_over, linear
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -158,14 +160,8 @@ def forward(
         k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
         v = v.repeat_interleave(group, dim=1)
         probs = attention_probs(q, k, weights.head_dim**-0.5, masks[layer.window])  # (B, H, Q, K)
-        if keep_layers is None or index in keep_layers:
-            if on_layer is not None:  # streaming: hand the layer over instead of keeping it
-                on_layer(index, probs)
-            else:
-                attentions[index] = probs
-        context = torch.matmul(probs, v)  # (B, H, Q, D)
-        if head_gates is not None:  # Michel et al. 2019: one multiplier per head's context
-            context = context * head_gates[index][..., None, None]  # (H,) or per text (B, H)
+        hand_over(index, probs, keep_layers, attentions, on_layer)
+        context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
         x = x + layer.o(merge_heads(context))
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         h = layer.norm_post(x)

@@ -51,3 +51,13 @@ class Seq2SeqOutput:
     encoder_attentions: dict[int, torch.Tensor]  # encoder layer -> (B, H, S, S) self-attention
     decoder_attentions: dict[int, torch.Tensor]  # decoder layer -> (B, H, T, T) causal self-attention
     cross_attentions: dict[int, torch.Tensor]  # decoder layer -> (B, H, T, S) decoder -> encoder
+
+
+def hand_over(index: int, probs: torch.Tensor, keep_layers, attentions: dict, on_layer) -> None:
+    """A kept layer's (B, H, Q, K) probabilities go to `on_layer` (streaming) or into `attentions`."""
+    if keep_layers is not None and index not in keep_layers:
+        return
+    if on_layer is not None:  # streaming: hand the layer over instead of keeping it
+        on_layer(index, probs)
+    else:
+        attentions[index] = probs
