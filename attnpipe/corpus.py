@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,15 +72,20 @@ def _read_txt(path: Path) -> list[Text]:
     ]
 
 
-def _read_jsonl(path: Path) -> list[Text]:
-    out = []
+def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a UTF-8 .jsonl file."""
     for number, line in enumerate(_decoded_lines(path), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise AttnpipeError(f"{path} line {number} is not valid JSON: {err.msg}") from err
+
+
+def _read_jsonl(path: Path) -> list[Text]:
+    out = []
+    for number, row in jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise AttnpipeError(f'{path} line {number} has no string "text" field')
         if not row["text"].strip():

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from attnpipe import store
-from attnpipe.corpus import _decoded_lines, check_unique_ids
+from attnpipe.corpus import _decoded_lines, check_unique_ids, jsonl_rows
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import (
     ExtractConfig,
@@ -87,13 +87,7 @@ def is_pairs_file(path: Path) -> bool:
 def read_pairs_file(path: Path) -> list[Pair]:
     """A .jsonl file of {"source": ..., "target": ..., "id": optional}; ids default to line-N."""
     pairs = []
-    for number, line in enumerate(_decoded_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AttnpipeError(f"{path} line {number} is not valid JSON: {err.msg}") from err
+    for number, row in jsonl_rows(path):
         if not isinstance(row, dict):
             raise AttnpipeError(f"{path} line {number} is not a JSON object")
         for field in ("source", "target"):
