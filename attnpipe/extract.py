@@ -173,6 +173,23 @@ def _encode(tokenizer, texts: list[str], max_length: int) -> _Encoded:
     )
 
 
+def text_item(text: Text, encoded: _Encoded, i: int, tokenizer, **fields) -> store.TextAttention:
+    """Text `i` of an encoded batch as a TextAttention; `fields` gives its attention (and extras)."""
+    n = len(encoded.input_ids[i])
+    return store.TextAttention(
+        id=text.id,
+        text=text.text,
+        tokens=tuple(tokenizer.convert_ids_to_tokens(encoded.input_ids[i])),
+        token_ids=np.asarray(encoded.input_ids[i], dtype=np.int64),
+        special_tokens_mask=np.asarray(encoded.special_tokens_mask[i], dtype=bool),
+        offsets=encoded.offsets[i],
+        word_ids=encoded.word_ids[i],
+        truncated=encoded.untruncated_lengths[i] > n,
+        num_tokens_untruncated=encoded.untruncated_lengths[i],
+        **fields,
+    )
+
+
 def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
     """Indices grouped into batches of similar length (longest first), to compute little padding."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -411,16 +428,8 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
             items = []
             for i in batch_indices:
                 n = lengths[i]
-                item = store.TextAttention(
-                    id=texts[i].id,
-                    text=texts[i].text,
-                    tokens=tuple(model.tokenizer.convert_ids_to_tokens(encoded.input_ids[i])),
-                    token_ids=np.asarray(encoded.input_ids[i], dtype=np.int64),
-                    special_tokens_mask=np.asarray(encoded.special_tokens_mask[i], dtype=bool),
-                    offsets=encoded.offsets[i],
-                    word_ids=encoded.word_ids[i],
-                    truncated=encoded.untruncated_lengths[i] > n,
-                    num_tokens_untruncated=encoded.untruncated_lengths[i],
+                item = text_item(
+                    texts[i], encoded, i, model.tokenizer,
                     attention=None,  # streamed to the writer layer by layer
                     query_positions=None if storage.rows == "all" else store.query_positions(storage.rows, n),
                 )

@@ -16,7 +16,6 @@ Encoder-decoder models (T5, BART, ...) need a target sequence and are not handle
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.loading import LoadedModel, hash_files, weight_files
+from attnpipe.loading import LoadedModel, hash_files, read_model_config, weight_files
 from attnpipe.models.parts import Output
 
 
@@ -52,12 +51,7 @@ def load_hf_model(model_dir: Path, device: torch.device, trust_remote_code: bool
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if not model_dir.is_dir():
-        raise AttnpipeError(f"model folder not found: {model_dir}")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise AttnpipeError(f"{model_dir} has no config.json: not a transformers model folder")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "unknown")
+    model_type = read_model_config(model_dir).get("model_type", "unknown")
     files = weight_files(model_dir)
     if not files:
         raise AttnpipeError(f"no weight files in {model_dir} (expected model.safetensors or pytorch_model.bin)")

@@ -15,7 +15,6 @@ cropping, so the patch grid covers the whole image.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import DEFAULT_VERIFY_TOL, ExtractResult, library_versions, parse_indices
-from attnpipe.loading import hash_files, resolve_device, weight_files
+from attnpipe.loading import hash_files, read_model_config, resolve_device, weight_files
 from attnpipe.models import vit
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -95,12 +94,8 @@ def load_vision_model(model_dir: Path, device: torch.device) -> VisionModel:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if not model_dir.is_dir():
-        raise AttnpipeError(f"model folder not found: {model_dir}")
     config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise AttnpipeError(f"{model_dir} has no config.json: not a transformers model folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_model_config(model_dir)
     if config.get("model_type") not in vit.MODEL_TYPES:
         raise AttnpipeError(
             f"--image needs a vision transformer (model_type {', '.join(vit.MODEL_TYPES)}); "

@@ -344,16 +344,8 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
                         f"differs from transformers eager by {check.attention:.3g} (tolerance {config.verify_tol:g})"
                     )
             select = np.ix_(list(layers), list(heads))
-            item = store.TextAttention(
-                id=text.id,
-                text=text.text,
-                tokens=tuple(model.tokenizer.convert_ids_to_tokens(encoded.input_ids[i])),
-                token_ids=np.asarray(encoded.input_ids[i], dtype=np.int64),
-                special_tokens_mask=np.asarray(encoded.special_tokens_mask[i], dtype=bool),
-                offsets=encoded.offsets[i],
-                word_ids=encoded.word_ids[i],
-                truncated=encoded.untruncated_lengths[i] > n,
-                num_tokens_untruncated=encoded.untruncated_lengths[i],
+            item = X.text_item(
+                text, encoded, i, model.tokenizer,
                 attention=np.ascontiguousarray(result.attention[select]),  # (L', H', n, n)
                 attention_grad=np.ascontiguousarray(result.attention_grad[select]),
                 head_gate_grad=result.head_gate_grad,

@@ -60,8 +60,8 @@ def hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def check_model_dir(model_dir: Path) -> tuple[str, list[Path]]:
-    """Validate a model folder before loading it; return its model_type and weight files."""
+def read_model_config(model_dir: Path) -> dict:
+    """A transformers folder's config.json, with a clear error when the folder or file is not one."""
     if not model_dir.exists():
         raise AttnpipeError(f"model folder not found: {model_dir}")
     if not model_dir.is_dir():
@@ -70,9 +70,18 @@ def check_model_dir(model_dir: Path) -> tuple[str, list[Path]]:
     if not config_path.is_file():
         raise AttnpipeError(f"{model_dir} has no config.json: not a transformers model folder")
     try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AttnpipeError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise AttnpipeError(f"{config_path} is not a JSON object")
+    return config
+
+
+def check_model_dir(model_dir: Path) -> tuple[str, list[Path]]:
+    """Validate a model folder before loading it; return its model_type and weight files."""
+    config_path = model_dir / "config.json"
+    model_type = read_model_config(model_dir).get("model_type")
     if model_type in IMAGE_FAMILIES:
         raise AttnpipeError(f"{model_dir} holds an image model ({model_type}): give --image or --image-dir")
     if model_type not in FAMILIES:
