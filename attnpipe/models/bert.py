@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from attnpipe.attention import attention_probs, head_context, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import LayerNorm, Linear, Output, hand_over, layer_norm, linear
+from attnpipe.models.parts import LayerNorm, Linear, Output, Packing, hand_over, layer_norm, linear
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert")
 
@@ -204,19 +204,23 @@ def forward(
     head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
     on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Output:
-    """Run the encoder; return the final hidden state and the attention of the kept layers."""
-    x = embed(weights, input_ids, token_type_ids)  # (B, T, hidden)
+    """Run the encoder; return the final hidden state and the attention of the kept layers.
+
+    The token-wise parts run on the real tokens only (parts.Packing); attention sees (B, T).
+    """
+    packing = Packing.of(attention_mask)
+    x = packing.pack(embed(weights, input_ids, token_type_ids))  # (N, hidden), real tokens
     mask = padding_mask(attention_mask, x.dtype)  # (B, 1, 1, K)
     attentions: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(weights.layers):
-        q = split_heads(layer.query(x), weights.num_heads)  # (B, H, Q, D)
-        k = split_heads(layer.key(x), weights.num_heads)  # (B, H, K, D)
-        v = split_heads(layer.value(x), weights.num_heads)  # (B, H, K, D)
+        q = split_heads(packing.unpack(layer.query(x)), weights.num_heads)  # (B, H, Q, D)
+        k = split_heads(packing.unpack(layer.key(x)), weights.num_heads)  # (B, H, K, D)
+        v = split_heads(packing.unpack(layer.value(x)), weights.num_heads)  # (B, H, K, D)
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
         hand_over(index, probs, keep_layers, attentions, on_layer)
         context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
-        context = merge_heads(context)  # (B, T, H·D)
+        context = packing.pack(merge_heads(context))  # (N, H·D)
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = layer.attn_norm(x + layer.out(context))
         x = layer.ff_norm(x + layer.ff_out(layer.act(layer.ff_in(x))))
-    return Output(hidden=x, attentions=attentions)
+    return Output(hidden=packing.unpack(x), attentions=attentions)

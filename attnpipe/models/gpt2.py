@@ -18,7 +18,7 @@ from transformers.activations import ACT2FN
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
 )
-from attnpipe.models.parts import LayerNorm, Linear, Output, hand_over, layer_norm
+from attnpipe.models.parts import LayerNorm, Linear, Output, Packing, hand_over, layer_norm
 
 MODEL_TYPES = ("gpt2",)
 
@@ -92,17 +92,18 @@ def forward(
 ) -> Output:
     b, t = input_ids.shape
     positions = torch.arange(t, device=input_ids.device)  # right padding: real tokens start at 0
-    x = F.embedding(input_ids, weights.wte) + F.embedding(positions, weights.wpe)[None]
+    packing = Packing.of(attention_mask)  # token-wise parts on the real tokens only
+    x = packing.pack(F.embedding(input_ids, weights.wte) + F.embedding(positions, weights.wpe)[None])  # (N, E)
     mask = causal_mask(t, x.dtype, x.device) + padding_mask(attention_mask, x.dtype)  # (B, 1, Q, K)
     mask = mask.clamp(min=torch.finfo(x.dtype).min)  # two blocked terms must not overflow to -inf
     attentions: dict[int, torch.Tensor] = {}
     for index, block in enumerate(weights.layers):
-        q, k, v = block.qkv(block.ln_1(x)).split(x.shape[-1], dim=-1)  # 3 x (B, T, hidden)
+        q, k, v = packing.unpack(block.qkv(block.ln_1(x))).split(x.shape[-1], dim=-1)  # 3 x (B, T, hidden)
         q, k, v = (split_heads(z, weights.num_heads) for z in (q, k, v))  # (B, H, T, D)
         probs = attention_probs(q, k, block.scale, mask)  # (B, H, Q, K)
         hand_over(index, probs, keep_layers, attentions, on_layer)
         context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
-        x = x + block.proj(merge_heads(context))
+        x = x + block.proj(packing.pack(merge_heads(context)))
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = x + block.fc_proj(weights.act(block.fc(block.ln_2(x))))
-    return Output(hidden=weights.ln_f(x), attentions=attentions)
+    return Output(hidden=packing.unpack(weights.ln_f(x)), attentions=attentions)

@@ -21,7 +21,7 @@ from transformers.activations import ACT2FN
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
 )
-from attnpipe.models.parts import Linear, Output, hand_over, linear
+from attnpipe.models.parts import Linear, Output, Packing, hand_over, linear
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -139,7 +139,8 @@ def forward(
     on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Output:
     t = input_ids.shape[1]
-    x = F.embedding(input_ids, weights.embed)  # (B, T, hidden)
+    packing = Packing.of(attention_mask)  # token-wise parts on the real tokens only
+    x = packing.pack(F.embedding(input_ids, weights.embed))  # (N, hidden)
     cos, sin = _rope(weights, t, x.device, x.dtype)
     pad = padding_mask(attention_mask, x.dtype)  # (B, 1, 1, K)
     lowest = torch.finfo(x.dtype).min
@@ -151,9 +152,9 @@ def forward(
     attentions: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(weights.layers):
         h = layer.norm_in(x)
-        q = split_heads(layer.q(h), weights.num_heads)  # (B, H, T, D)
-        k = split_heads(layer.k(h), weights.num_kv_heads)  # (B, H_kv, T, D)
-        v = split_heads(layer.v(h), weights.num_kv_heads)  # (B, H_kv, T, D)
+        q = split_heads(packing.unpack(layer.q(h)), weights.num_heads)  # (B, H, T, D)
+        k = split_heads(packing.unpack(layer.k(h)), weights.num_kv_heads)  # (B, H_kv, T, D)
+        v = split_heads(packing.unpack(layer.v(h)), weights.num_kv_heads)  # (B, H_kv, T, D)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         # GQA: query head i uses key/value head i // group, so repeat each K/V head `group` times.
@@ -162,8 +163,8 @@ def forward(
         probs = attention_probs(q, k, weights.head_dim**-0.5, masks[layer.window])  # (B, H, Q, K)
         hand_over(index, probs, keep_layers, attentions, on_layer)
         context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
-        x = x + layer.o(merge_heads(context))
+        x = x + layer.o(packing.pack(merge_heads(context)))
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         h = layer.norm_post(x)
         x = x + layer.down(weights.act(layer.gate(h)) * layer.up(h))
-    return Output(hidden=weights.norm(x), attentions=attentions)
+    return Output(hidden=packing.unpack(weights.norm(x)), attentions=attentions)
