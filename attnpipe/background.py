@@ -2,7 +2,8 @@
 
 h5py must not be used from two threads at once; here only this thread touches the file while
 the main thread runs the next batch. The chunk compression in the writer (zlib) releases the
-GIL, so it overlaps with the forward pass. The queue holds at most `max_bytes` of pending arrays
+GIL, so it overlaps with the forward pass; so do torch operations, which is why --metrics-only
+computes its per-head metrics here too (a callable instead of a method name). The queue holds at most `max_bytes` of pending arrays
 (one item larger than that is let in alone), so memory stays bounded however long the corpus.
 """
 
@@ -13,7 +14,8 @@ from collections import deque
 
 
 class BackgroundWriter:
-    """Call `target.<method>(*args)` in one background thread, in submission order."""
+    """Call `target.<method>(*args)`, or `method(*args)` if it is callable, in one background thread,
+    in submission order."""
 
     def __init__(self, target, max_bytes: int):
         self._target = target
@@ -26,7 +28,7 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="attnpipe-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, method: str, *args, nbytes: int = 0) -> None:
+    def submit(self, method, *args, nbytes: int = 0) -> None:
         """Queue a call; blocks while the queue is over its byte budget; raises a writer error."""
         with self._cond:
             while (self._pending_bytes and self._pending_bytes + nbytes > self._max_bytes
@@ -47,7 +49,7 @@ class BackgroundWriter:
                     return
                 method, args, nbytes = self._items.popleft()  # its bytes count until it is done
             try:
-                getattr(self._target, method)(*args)
+                (method if callable(method) else getattr(self._target, method))(*args)
             except BaseException as err:  # handed to the main thread, which re-raises it
                 with self._cond:
                     self._error = err

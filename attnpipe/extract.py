@@ -356,8 +356,9 @@ class _LayerSink:
         pos = self.layer_pos[layer]
         if self.head_index is not None:
             probs = probs.index_select(1, self.head_index.to(probs.device))  # (B, H', T, T)
-        if self.metrics is not None:
-            self.metric_values[self.indices, pos] = self.metrics.layer(probs)  # (B, H', M)
+        if self.metrics is not None:  # computed in the writer thread, on the other core, while the pass runs on
+            self.writer.submit(_store_metrics, self.metrics, probs, self.metric_values, self.indices, pos,
+                               nbytes=probs.nbytes)
             return
         heads = probs.shape[1]
         for row, (i, n) in enumerate(zip(self.indices, self.lengths, strict=True)):
@@ -383,6 +384,12 @@ class _LayerSink:
                     chunk = np.stack(self.pending.pop(i))  # (l, H, r, n)
                     self.writer.submit("write_chunk", i, pos - layers_per_chunk + 1, 0, chunk, nbytes=chunk.nbytes)
 
+
+
+def _store_metrics(metrics, probs: torch.Tensor, values: np.ndarray, indices: list[int], pos: int) -> None:
+    """One batch's layer of per-head metrics into values[texts, layer position] (writer thread)."""
+    with torch.inference_mode():
+        values[indices, pos] = metrics.layer(probs)  # (B, H', M)
 
 
 def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: LoadedModel,
