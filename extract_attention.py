@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "uint8 stores round(p*255), read back as p = v/255 (error <= 0.002; .h5 only)")
     select.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
                         help="HDF5 chunk compression (default: gzip with shuffle)")
-    select.add_argument("--compression-level", type=int, default=None, metavar="0-9",
-                        help="gzip level (default: 1 for float32/float16, whose low bytes do not "
-                        "compress; 4 for uint8)")
+    select.add_argument("--compression-level", type=int, default=None, metavar="0-12",
+                        help="gzip level: 0-3 fast (ISA-L), 4-12 smaller (libdeflate); default 1 for "
+                        "float32/float16, whose low bytes do not compress, 6 for uint8")
     select.add_argument("--rows", default="all", choices=["all", "cls", "last"],
                         help="query rows stored: all (default), cls (position 0) or last (last token); "
                         "cls/last store (layer, head, 1, n) for long inputs (.h5 only)")

@@ -1,7 +1,7 @@
 """One writer thread that owns every call on an HDF5 writer, fed by a queue bounded in bytes.
 
 h5py must not be used from two threads at once; here only this thread touches the file while
-the main thread runs the next batch. The chunk compression in the writer (zlib) releases the
+the main thread runs the next batch. The chunk compression in the writer (ISA-L, libdeflate) releases the
 GIL, so it overlaps with the forward pass; so do torch operations, which is why --metrics-only
 computes its per-head metrics here too (a callable instead of a method name). The queue holds at most `max_bytes` of pending arrays
 (one item larger than that is let in alone), so memory stays bounded however long the corpus.
