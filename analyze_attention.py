@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                          help="bootstrap resamples for the 95%% interval (default: 1000)")
     metrics.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default: 0)")
+    metrics.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="processes reading and computing the texts (default: one per core)")
 
     summary = commands.add_parser("summary", help="seed 000's per-layer summary printed to stdout",
                                   description="Per layer: Avg entropy, Avg max attention and Diagonal "
@@ -237,7 +239,11 @@ def run_metrics(args) -> int:
     from attnpipe import tables
     from attnpipe.store import open_attention
 
+    from attnpipe.fast_metrics import corpus_metrics
+
     names = parse_metric_names(args.metrics)
+    if args.workers is not None and args.workers < 1:
+        raise AttnpipeError(f"--workers must be at least 1, got {args.workers}")
     if args.bootstrap < 1:
         raise AttnpipeError(f"--bootstrap must be at least 1, got {args.bootstrap}")
     folder = tables.prepare_output_dir(args.output_dir)
@@ -245,7 +251,7 @@ def run_metrics(args) -> int:
         if f.metrics_only:  # extracted with --metrics-only: the table is stored, return it
             long = stored_metrics(f, names, CAUSAL_CHOICES[args.causal])
         else:
-            long = M.corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=names)
+            long = corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=names, workers=args.workers)
         source = provenance_summary(args.input, f.meta)
     agg = M.aggregate(long, resamples=args.bootstrap, seed=args.seed)
     written = tables.write_table(long, folder, "metrics") + tables.write_table(agg, folder, "aggregate")
@@ -286,9 +292,11 @@ def run_summary(args) -> int:
     from attnpipe import metrics as M
     from attnpipe.store import open_attention
 
+    from attnpipe.fast_metrics import corpus_metrics
+
     names = tuple(M.SUMMARY_COLUMNS.values())
     with open_attention(args.input) as f:
-        long = M.corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=names)
+        long = corpus_metrics(f, causal=CAUSAL_CHOICES[args.causal], metrics=names)
         meta, count = f.meta, len(f)
     table = M.layer_summary(long)
     print(f"Attention Analysis: {args.input} ({meta.model_type}, {count} text(s))")

@@ -11,16 +11,29 @@ tests/test_perf.py checks agreement with attnpipe.metrics.
 
     bm = BatchMetrics(names, lengths, tokens, special_masks, causal=False)
     values = bm.layer(probs)        # probs (B, H, T, T) -> (B, H, M) float64 numpy
+
+`corpus_metrics` is the same port for files on disk (analyze_attention.py metrics and summary):
+attnpipe.metrics.corpus_metrics' long table, with each text's layers as the batch, in worker
+processes that each read and compute a contiguous share of the texts.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from attnpipe import metrics as M
+from attnpipe import store
+from attnpipe.errors import AttnpipeError
+
+# Texts per worker below which forking costs more than it saves.
+MIN_TEXTS_PER_WORKER = 16
 
 
 class BatchMetrics:
@@ -53,10 +66,15 @@ class BatchMetrics:
         self.local = (distance <= M.LOCAL_WINDOW).to(torch.float32)
         sep = torch.zeros(b, t, dtype=torch.float32, device=device)
         punct = torch.zeros(b, t, dtype=torch.float32, device=device)
+        done: dict[tuple[int, int], int] = {}  # the same token list again (one text's layers): copy its row
         for row, (toks, special) in enumerate(zip(tokens, special_masks, strict=True)):
-            if len(toks):
+            key = (id(toks), id(special))
+            if key in done:
+                sep[row], punct[row] = sep[done[key]], punct[done[key]]
+            elif len(toks):
                 sep[row, : len(toks)] = torch.from_numpy(M.sep_eos_keys(toks, special).astype(np.float32))
                 punct[row, : len(toks)] = torch.from_numpy(M.punctuation_keys(toks, special).astype(np.float32))
+            done.setdefault(key, row)
         # Key weights summed in one batched matmul: [SEP]/EOS keys, punctuation keys.
         self.key_sums = torch.stack((sep, punct), dim=-1)[:, None]  # (B, 1, K, 2)
         # Rows where the neighbour metrics are defined (numpy's `neighbour`: key i + offset visible).
@@ -120,3 +138,55 @@ class BatchMetrics:
             count = defined.sum(-1).to(torch.float64)  # (B, H); 0 -> NaN, as numpy's nanmean
             out.append(torch.where(defined, values, 0.0).sum(-1, dtype=torch.float64) / count)
         return torch.stack(out, dim=-1).cpu().numpy()  # (B, H, M)
+
+
+def text_values(tokens: tuple[str, ...], special: np.ndarray, attention: np.ndarray, names: Sequence[str],
+                causal: bool | None) -> np.ndarray:
+    """One text's (L, H, M) metric values from its (L, H, n, n) attention, the layers as one batch."""
+    num_layers, num_heads, n = attention.shape[0], attention.shape[1], attention.shape[-1]
+    if n == 0:  # no tokens: numpy's definition gives NaN everywhere
+        return np.full((num_layers, num_heads, len(names)), np.nan)
+    causal = M.infer_causal(attention) if causal is None else causal
+    batch = BatchMetrics(names, [n] * num_layers, [tokens] * num_layers, [special] * num_layers, causal=causal)
+    return batch.layer(torch.from_numpy(attention))
+
+
+def _share(path: Path, start: int, stop: int, names: tuple[str, ...], causal: bool | None,
+           threads: int) -> np.ndarray:
+    """Texts [start, stop) of the file: (k, L, H, M). Runs in a worker process (or in-process)."""
+    torch.set_num_threads(threads)
+    with torch.inference_mode(), store.open_attention(path) as f:
+        return np.stack([text_values(*f.metric_inputs(i)[1:], names, causal) for i in range(start, stop)])
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Sequence[str] | None = None,
+                   workers: int | None = None):
+    """attnpipe.metrics.corpus_metrics' long table from the torch port, `workers` processes at once.
+
+    Values agree with the numpy float64 definition to ~1e-6 relative (per-row float32, see the
+    module docstring); tests/test_perf.py checks it. workers None: one per available core, fewer
+    for a small corpus. A JSON file is computed in-process.
+    """
+    names = M.check_metric_names(M.METRICS if metrics is None else metrics)
+    count = len(attention_file)
+    if count == 0:
+        raise AttnpipeError(f"{attention_file.path} holds no texts")
+    meta = attention_file.meta
+    workers = default_workers() if workers is None else workers
+    workers = max(1, min(workers, count // MIN_TEXTS_PER_WORKER))
+    if workers == 1 or attention_file.path.suffix == ".json":
+        values = np.stack([text_values(*attention_file.metric_inputs(i)[1:], names, causal) for i in range(count)])
+    else:
+        bounds = np.linspace(0, count, workers + 1).astype(int)
+        # fork: the children start at once, without importing torch again (spawn costs seconds);
+        # each opens the file itself and runs torch on one thread.
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            shares = pool.map(_share, [attention_file.path] * workers, bounds[:-1], bounds[1:],
+                              [names] * workers, [causal] * workers, [1] * workers)
+            values = np.concatenate(list(shares))
+    return store.metrics_table(attention_file.ids, meta.layers, meta.heads, names, values)

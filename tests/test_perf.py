@@ -227,3 +227,33 @@ def test_estimate_prints_and_writes_nothing(tiny_model_dir, tmp_path):
     assert "expected output size" in result.stdout and "expected time" in result.stdout
     assert "2 text(s)" in result.stdout
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])  # bidirectional and causal (inferred per text)
+def test_parallel_corpus_metrics_equal_the_numpy_definition(tiny_model_dir, tmp_path, model_type):
+    from attnpipe import fast_metrics
+
+    texts = tuple(Text(f"{t.id}-{i}", t.text) for i in range(8) for t in TEXTS)  # 40 texts: 2 workers
+    path = run(tiny_model_dir(model_type), tmp_path / "c.h5", texts=texts, dtype="float16")
+    with store.open_attention(path) as f:
+        want = M.corpus_metrics(f)
+        for workers in (1, 2):
+            got = fast_metrics.corpus_metrics(f, workers=workers)
+            assert list(got.columns) == list(want.columns)
+            keys = ["text_id", "layer", "head", "metric"]
+            assert got[keys].astype(str).equals(want[keys].astype(str))
+            # Per-row float32 against numpy's float64 (module docstring of attnpipe.fast_metrics).
+            np.testing.assert_allclose(got["value"], want["value"], rtol=2e-5, atol=2e-6)
+            assert (got["value"].isna() == want["value"].isna()).all()
+
+
+def test_parallel_corpus_metrics_report_a_damaged_text(tiny_model_dir, tmp_path):
+    from attnpipe import fast_metrics
+
+    texts = tuple(Text(f"{t.id}-{i}", t.text) for i in range(8) for t in TEXTS)
+    path = run(tiny_model_dir("bert"), tmp_path / "c.h5", texts=texts)
+    with h5py.File(path, "r+") as raw:
+        dataset = raw["texts/00000037/attention"]
+        dataset[0, 0, 0, 0] = dataset[0, 0, 0, 0] + 0.5  # row 0 no longer sums to 1
+    with store.open_attention(path) as f, pytest.raises(AttnpipeError, match="sum"):
+        fast_metrics.corpus_metrics(f, workers=2)
