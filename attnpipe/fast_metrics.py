@@ -34,6 +34,10 @@ from attnpipe.errors import AttnpipeError
 
 # Texts per worker below which forking costs more than it saves.
 MIN_TEXTS_PER_WORKER = 16
+# Shares of the texts per worker process (balance: texts differ in length).
+SHARES_PER_WORKER = 4
+# Texts read at once by corpus_metrics before their metrics are computed (grouped by length).
+WINDOW_TEXTS = 64
 
 
 class BatchMetrics:
@@ -140,23 +144,54 @@ class BatchMetrics:
         return torch.stack(out, dim=-1).cpu().numpy()  # (B, H, M)
 
 
-def text_values(tokens: tuple[str, ...], special: np.ndarray, attention: np.ndarray, names: Sequence[str],
-                causal: bool | None) -> np.ndarray:
-    """One text's (L, H, M) metric values from its (L, H, n, n) attention, the layers as one batch."""
-    num_layers, num_heads, n = attention.shape[0], attention.shape[1], attention.shape[-1]
-    if n == 0:  # no tokens: numpy's definition gives NaN everywhere
-        return np.full((num_layers, num_heads, len(names)), np.nan)
-    causal = M.infer_causal(attention) if causal is None else causal
-    batch = BatchMetrics(names, [n] * num_layers, [tokens] * num_layers, [special] * num_layers, causal=causal)
-    return batch.layer(torch.from_numpy(attention))
+def _is_causal(probs: torch.Tensor) -> bool:
+    """metrics.infer_causal: every weight above the diagonal exactly 0 (a one-token text: no)."""
+    return probs.shape[-1] > 1 and not bool(torch.triu(probs, diagonal=1).any())
+
+
+def _to_float32(stored: np.ndarray) -> np.ndarray:
+    """store.decode, with float16 converted by torch (vectorised; numpy's float16 cast is not)."""
+    if stored.dtype == np.float16:
+        return torch.from_numpy(stored).float().numpy()
+    return store.decode(stored)
+
+
+def texts_values(attention_file, indices: Sequence[int], names: Sequence[str], causal: bool | None) -> np.ndarray:
+    """(len(indices), L, H, M) metric values of the given texts.
+
+    Texts are read WINDOW_TEXTS at a time (memory stays bounded), and the texts of a window with
+    the same length (and causality) are computed as one batch of texts x layers: a short text's
+    metrics are a hundred small torch operations, so batching saves most of their overhead.
+    """
+    meta = attention_file.meta
+    out = np.full((len(indices), len(meta.layers), len(meta.heads), len(names)), np.nan)
+    for start in range(0, len(indices), WINDOW_TEXTS):
+        groups: dict[tuple[int, bool], list] = {}
+        for pos in range(start, min(start + WINDOW_TEXTS, len(indices))):
+            _, tokens, special, attention = attention_file.metric_inputs(indices[pos], _to_float32)
+            probs = torch.from_numpy(attention)  # (L, H, n, n)
+            n = probs.shape[-1]
+            if n == 0:  # no tokens: numpy's definition gives NaN everywhere (already in `out`)
+                continue
+            is_causal = _is_causal(probs) if causal is None else causal
+            groups.setdefault((n, is_causal), []).append((pos, tokens, special, probs))
+        for (n, is_causal), members in groups.items():
+            num_layers = members[0][3].shape[0]
+            batch = BatchMetrics(names, [n] * (num_layers * len(members)),
+                                 [tokens for _, tokens, _, _ in members for _ in range(num_layers)],
+                                 [special for _, _, special, _ in members for _ in range(num_layers)],
+                                 causal=is_causal)
+            values = batch.layer(torch.cat([probs for *_, probs in members]))  # (k·L, H, M)
+            out[[pos for pos, *_ in members]] = values.reshape(len(members), num_layers, *values.shape[1:])
+    return out
 
 
 def _share(path: Path, start: int, stop: int, names: tuple[str, ...], causal: bool | None,
            threads: int) -> np.ndarray:
-    """Texts [start, stop) of the file: (k, L, H, M). Runs in a worker process (or in-process)."""
+    """Texts [start, stop) of the file: (k, L, H, M). Runs in a worker process."""
     torch.set_num_threads(threads)
     with torch.inference_mode(), store.open_attention(path) as f:
-        return np.stack([text_values(*f.metric_inputs(i)[1:], names, causal) for i in range(start, stop)])
+        return texts_values(f, range(start, stop), names, causal)
 
 
 def default_workers() -> int:
@@ -179,14 +214,18 @@ def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Seque
     workers = default_workers() if workers is None else workers
     workers = max(1, min(workers, count // MIN_TEXTS_PER_WORKER))
     if workers == 1 or attention_file.path.suffix == ".json":
-        values = np.stack([text_values(*attention_file.metric_inputs(i)[1:], names, causal) for i in range(count)])
+        with torch.inference_mode():
+            values = texts_values(attention_file, range(count), names, causal)
     else:
-        bounds = np.linspace(0, count, workers + 1).astype(int)
+        # SHARES_PER_WORKER contiguous shares per worker, handed out as workers finish: texts
+        # differ in length (cost ~ n²), so equal counts would leave one worker waiting for another.
+        shares = min(count, workers * SHARES_PER_WORKER)
+        bounds = np.linspace(0, count, shares + 1).astype(int)
         # fork: the children start at once, without importing torch again (spawn costs seconds);
         # each opens the file itself and runs torch on one thread.
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            shares = pool.map(_share, [attention_file.path] * workers, bounds[:-1], bounds[1:],
-                              [names] * workers, [causal] * workers, [1] * workers)
-            values = np.concatenate(list(shares))
+            parts = pool.map(_share, [attention_file.path] * shares, bounds[:-1], bounds[1:],
+                             [names] * shares, [causal] * shares, [1] * shares)
+            values = np.concatenate(list(parts))
     return store.metrics_table(attention_file.ids, meta.layers, meta.heads, names, values)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -257,3 +258,24 @@ def test_parallel_corpus_metrics_report_a_damaged_text(tiny_model_dir, tmp_path)
         dataset[0, 0, 0, 0] = dataset[0, 0, 0, 0] + 0.5  # row 0 no longer sums to 1
     with store.open_attention(path) as f, pytest.raises(AttnpipeError, match="sum"):
         fast_metrics.corpus_metrics(f, workers=2)
+
+
+def test_merge_shards_keeps_the_metrics_of_metrics_only_shards(tiny_model_dir, tmp_path):
+    """The workflow merges shards with scripts/merge_shards.py: stored metrics must survive it."""
+    model_dir = tiny_model_dir("bert")
+    first = run(model_dir, tmp_path / "s0.h5", texts=TEXTS[:3], metrics_only=True)
+    second = run(model_dir, tmp_path / "s1.h5", texts=TEXTS[3:], metrics_only=True)
+    merged = tmp_path / "merged.h5"
+    result = run_script("scripts/merge_shards.py", first, second, "--output-file", merged)
+    assert result.returncode == 0, result.stderr
+    with store.open_attention(merged) as got, store.open_attention(first) as a, store.open_attention(second) as b:
+        assert got.metrics_only and got.ids == tuple(t.id for t in TEXTS) == a.ids + b.ids
+        table = got.stored_metrics()
+        expected = pd.concat([a.stored_metrics(), b.stored_metrics()], ignore_index=True)
+        pd.testing.assert_frame_equal(table, expected)  # the shards' values, in order, unchanged
+        np.testing.assert_array_equal(got.stored_causal(), np.concatenate([a.stored_causal(), b.stored_causal()]))
+    # A metrics-only shard and a full one do not merge; nothing is written.
+    full = run(model_dir, tmp_path / "full.h5", texts=TEXTS[3:])
+    result = run_script("scripts/merge_shards.py", first, full, "--output-file", tmp_path / "bad.h5")
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "metrics_only" in result.stderr
+    assert not (tmp_path / "bad.h5").exists() and not (tmp_path / "bad.h5.tmp").exists()
