@@ -20,8 +20,8 @@ import numpy as np
 
 from attnpipe import store
 from attnpipe.extract import (
-    ExtractConfig, _check_config, _encode, _extract_loaded, _max_length, _torch_threads, parse_indices,
-    token_budget_batches,
+    ExtractConfig, _check_config, _extract_loaded, _max_length, _torch_threads, parse_indices,
+    token_budget_batches, token_lengths,
 )
 from attnpipe.loading import default_model_dir, load_model, resolve_device
 
@@ -73,8 +73,7 @@ def _estimate(config: ExtractConfig) -> Estimate:
     layers = parse_indices(config.layers, model.num_layers, "--layer", "layers")
     heads = parse_indices(config.heads, model.num_heads, "--heads", "heads")
     max_length = _max_length(model, config.max_length)
-    lengths = np.array([len(ids) for ids in _encode(model.tokenizer, [t.text for t in config.texts],
-                                                    max_length).input_ids], dtype=np.int64)
+    lengths = np.array(token_lengths(model.tokenizer, [t.text for t in config.texts], max_length), dtype=np.int64)
     rows = lengths if storage.rows == "all" else np.minimum(lengths, 1)
     per_text = len(layers) * len(heads) * rows * lengths
     values = 0 if storage.metrics_only else int(per_text.sum())

@@ -173,6 +173,20 @@ def _encode(tokenizer, texts: list[str], max_length: int) -> _Encoded:
     )
 
 
+# Texts tokenized at once when only their lengths are wanted (token_lengths): bounds the memory
+# the tokenizer's encodings take, whatever the corpus size.
+LENGTH_WINDOW = 1024
+
+
+def token_lengths(tokenizer, texts: list[str], max_length: int) -> list[int]:
+    """Each text's token count after truncation to max_length, LENGTH_WINDOW texts at a time."""
+    lengths: list[int] = []
+    for start in range(0, len(texts), LENGTH_WINDOW):
+        window = tokenizer(texts[start:start + LENGTH_WINDOW], truncation=True, max_length=max_length)
+        lengths.extend(len(ids) for ids in window["input_ids"])
+    return lengths
+
+
 def text_item(text: Text, encoded: _Encoded, i: int, tokenizer, **fields) -> store.TextAttention:
     """Text `i` of an encoded batch as a TextAttention; `fields` gives its attention (and extras)."""
     n = len(encoded.input_ids[i])
@@ -399,8 +413,8 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
     max_length = _max_length(model, config.max_length)
 
     texts = list(config.texts)
-    encoded = _encode(model.tokenizer, [t.text for t in texts], max_length)
-    lengths = [len(ids) for ids in encoded.input_ids]
+    lengths = token_lengths(model.tokenizer, [t.text for t in texts], max_length)  # for the batching
+    truncated_flags = np.zeros(len(texts), dtype=bool)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     keep = frozenset(layers)
     layer_pos = {layer: pos for pos, layer in enumerate(layers)}
@@ -432,23 +446,29 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
         )
         for batch_indices in token_budget_batches(lengths, config.max_tokens_per_batch, config.batch_size):
             batch_lengths = [lengths[i] for i in batch_indices]
+            # Each batch is tokenized in full on its own: a corpus's encodings are never all held at once.
+            encoded = _encode(model.tokenizer, [texts[i].text for i in batch_indices], max_length)
+            if [len(ids) for ids in encoded.input_ids] != batch_lengths:
+                raise AttnpipeError(f"the tokenizer gave texts {[texts[i].id for i in batch_indices][:5]} "
+                                    "different lengths on a second call; it must be deterministic")
             items = []
-            for i in batch_indices:
+            for row, i in enumerate(batch_indices):
                 n = lengths[i]
                 item = text_item(
-                    texts[i], encoded, i, model.tokenizer,
+                    texts[i], encoded, row, model.tokenizer,
                     attention=None,  # streamed to the writer layer by layer
                     query_positions=None if storage.rows == "all" else store.query_positions(storage.rows, n),
                 )
+                truncated_flags[i] = item.truncated
                 items.append(item)
                 if writer is not None:
                     writer.submit("begin", i, item, len(layers), len(heads))
             batch = {
-                "input_ids": _pad([encoded.input_ids[i] for i in batch_indices], pad_id, device),
-                "attention_mask": _pad([[1] * lengths[i] for i in batch_indices], 0, device),
+                "input_ids": _pad(encoded.input_ids, pad_id, device),
+                "attention_mask": _pad([[1] * n for n in batch_lengths], 0, device),
             }
             if encoded.token_type_ids is not None and model.weights.token_type is not None:
-                batch["token_type_ids"] = _pad([encoded.token_type_ids[i] for i in batch_indices], 0, device)
+                batch["token_type_ids"] = _pad(encoded.token_type_ids, 0, device)
             metrics = None
             if config.metrics_only:
                 metrics = BatchMetrics(metric_names, batch_lengths, [item.tokens for item in items],
@@ -521,7 +541,7 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
             h5.finish(provenance)
         else:
             store.write_json(config.output, json_item, provenance)
-    truncated = tuple(t.id for t, full, n in zip(texts, encoded.untruncated_lengths, lengths) if full > n)
+    truncated = tuple(t.id for t, cut in zip(texts, truncated_flags, strict=True) if cut)
     return ExtractResult(
         output=config.output,
         num_texts=len(texts),
