@@ -202,6 +202,8 @@ UINT8_ROW_SLACK = 0.5 / 255
 # What every text group holds (datasets, then attributes): the reader checks they are there.
 TEXT_DATASETS = ("text", "attention", "token_ids", "tokens", "special_tokens_mask", "offsets", "word_ids")
 TEXT_ATTRS = ("id", "truncated", "num_tokens_untruncated")
+# What AttentionFile.metric_inputs reads (and checks) for the metrics' fast path.
+METRIC_DATASETS = ("attention", "tokens", "special_tokens_mask")
 # Room kept free for HDF5's own structures (B-trees, heaps, attributes) beyond a text's data.
 WRITE_MARGIN_BYTES = 1 << 16
 
@@ -1067,6 +1069,10 @@ class AttentionFile:
         self._check_matrices()
         try:
             group = self._h5["texts"][f"{index:08d}"]
+            missing = [name for name in METRIC_DATASETS if name not in group] + (
+                [] if "id" in group.attrs else ["id"])
+            if missing:
+                raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}")
             text_id = group.attrs["id"]
             tokens = tuple(group["tokens"].asstr()[()])
             special = group["special_tokens_mask"][()]
