@@ -245,6 +245,22 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def run_provenance(*, dtype: str, verify: bool = False, parity: float = 0.0, hidden_parity: float = 0.0,
+                   method: str = "manual", **fields) -> store.Provenance:
+    """The provenance every extraction path writes: `fields` name the model and what was stored;
+    the rest is the run's (storage dtype, float32 computation, library versions, and the largest
+    --verify differences, recorded only when --verify ran)."""
+    return store.Provenance(
+        dtype=dtype,
+        compute_dtype="float32",
+        method=method,
+        library_versions=library_versions(),
+        parity_max_abs_diff=parity if verify else None,
+        parity_hidden_max_abs_diff=hidden_parity if verify else None,
+        **fields,
+    )
+
+
 @dataclass(frozen=True)
 class _Parity:
     attention: float  # largest |ours - transformers eager| over real positions
@@ -515,7 +531,9 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
                     json_item = store.TextAttention(**{
                         **items[row].__dict__, "attention": np.stack(json_attention)})
             bar.update(len(batch_indices))
-        provenance = store.Provenance(
+        provenance = run_provenance(
+            dtype=config.dtype, verify=config.verify, parity=parity, hidden_parity=hidden_parity,
+            method=config.method,
             model=str(model_dir),
             model_type=model.model_type,
             weights_sha256=model.weights_sha256,
@@ -524,14 +542,8 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
             num_heads=model.num_heads,
             layers=layers,
             heads=heads,
-            dtype=config.dtype,
-            compute_dtype="float32",
-            method=config.method,
             max_length=max_length,
             trust_remote_code=config.trust_remote_code,
-            library_versions=library_versions(),
-            parity_max_abs_diff=parity if config.verify else None,
-            parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
             checkpoint_dtype=checkpoint_dtype(model_dir),
         )
         if writer is not None:

@@ -33,8 +33,8 @@ from attnpipe.extract import (
     _max_length,
     _pad,
     length_sorted_batches,
-    library_versions,
     parse_indices,
+    run_provenance,
 )
 from attnpipe.loading import LoadedModel, default_model_dir, load_model, resolve_device
 from attnpipe.models import is_seq2seq, supported_model_types
@@ -287,7 +287,8 @@ def extract_pairs(config: ExtractConfig) -> ExtractResult:
                 )
                 writer.write(i, item)
             bar.update(len(batch_indices))
-        provenance = store.Provenance(
+        provenance = run_provenance(
+            dtype=config.dtype, verify=config.verify, parity=parity, hidden_parity=hidden_parity,
             model=str(model_dir),
             model_type=model.model_type,
             weights_sha256=model.weights_sha256,
@@ -296,14 +297,8 @@ def extract_pairs(config: ExtractConfig) -> ExtractResult:
             num_heads=weights.num_heads,
             layers=layers,
             heads=heads,
-            dtype=config.dtype,
-            compute_dtype="float32",
-            method="manual",
             max_length=max_length,
             trust_remote_code=config.trust_remote_code,
-            library_versions=library_versions(),
-            parity_max_abs_diff=parity if config.verify else None,
-            parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
             decoder_num_layers=weights.decoder_num_layers,
             decoder_num_heads=weights.decoder_num_heads,
             decoder_layers=dec_layers,

@@ -37,7 +37,7 @@ from torch import nn
 
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import ExtractResult, library_versions, parse_indices
+from attnpipe.extract import ExtractResult, parse_indices, run_provenance
 from attnpipe.loading import hash_files, resolve_device
 from attnpipe.models import torch_encoder
 
@@ -226,7 +226,8 @@ def extract_torch(config: TorchExtractConfig) -> ExtractResult:
                     input_kind="embeddings",
                 )
                 writer.write(i, item)
-        provenance = store.Provenance(
+        provenance = run_provenance(
+            dtype=config.dtype,
             model=config.factory,
             model_type="torch",
             weights_sha256=hash_files([config.weights]) if config.weights is not None else "",
@@ -235,12 +236,8 @@ def extract_torch(config: TorchExtractConfig) -> ExtractResult:
             num_heads=weights.num_heads,
             layers=layers,
             heads=heads,
-            dtype=config.dtype,
-            compute_dtype="float32",
-            method="manual",
             max_length=seq,
             trust_remote_code=True,  # the user's own factory code ran, at their request
-            library_versions=library_versions(),
             checkpoint_dtype=stored_dtype,
         )
         writer.finish(provenance)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import DEFAULT_VERIFY_TOL, ExtractResult, library_versions, parse_indices
+from attnpipe.extract import DEFAULT_VERIFY_TOL, ExtractResult, parse_indices, run_provenance
 from attnpipe.loading import hash_files, read_model_config, resolve_device, weight_files
 from attnpipe.models import vit
 
@@ -220,7 +220,8 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
                 )
                 writer.write(i, item)
             bar.update(len(paths))
-        provenance = store.Provenance(
+        provenance = run_provenance(
+            dtype=config.dtype, verify=config.verify, parity=parity, hidden_parity=hidden_parity,
             model=str(config.model_dir),
             model_type="vit",
             weights_sha256=model.weights_sha256,
@@ -229,14 +230,8 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
             num_heads=weights.num_heads,
             layers=layers,
             heads=heads,
-            dtype=config.dtype,
-            compute_dtype="float32",
-            method="manual",
             max_length=n,
             trust_remote_code=False,
-            library_versions=library_versions(),
-            parity_max_abs_diff=parity if config.verify else None,
-            parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
             checkpoint_dtype=model.checkpoint_dtype,
         )
         writer.finish(provenance)

@@ -356,14 +356,11 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
             )
             writer.write(i, item)
             bar.update(1)
-        provenance = store.Provenance(
+        provenance = X.run_provenance(
+            dtype=config.dtype, verify=config.verify, parity=parity, hidden_parity=hidden_parity,
             model=str(model_dir), model_type=model.model_type, weights_sha256=model.weights_sha256,
             weight_files=model.weight_files, num_layers=model.num_layers, num_heads=model.num_heads,
-            layers=layers, heads=heads, dtype=config.dtype, compute_dtype="float32", method="manual",
-            max_length=max_length, trust_remote_code=config.trust_remote_code,
-            library_versions=X.library_versions(),
-            parity_max_abs_diff=parity if config.verify else None,
-            parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
+            layers=layers, heads=heads, max_length=max_length, trust_remote_code=config.trust_remote_code,
             gradient_target=target.spec,
         )
         writer.finish(provenance)
