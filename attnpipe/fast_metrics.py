@@ -144,11 +144,6 @@ class BatchMetrics:
         return torch.stack(out, dim=-1).cpu().numpy()  # (B, H, M)
 
 
-def _is_causal(probs: torch.Tensor) -> bool:
-    """metrics.infer_causal: every weight above the diagonal exactly 0 (a one-token text: no)."""
-    return probs.shape[-1] > 1 and not bool(torch.triu(probs, diagonal=1).any())
-
-
 def _to_float32(stored: np.ndarray) -> np.ndarray:
     """store.decode, with float16 converted by torch (vectorised; numpy's float16 cast is not)."""
     if stored.dtype == np.float16:
@@ -173,7 +168,7 @@ def texts_values(attention_file, indices: Sequence[int], names: Sequence[str], c
             n = probs.shape[-1]
             if n == 0:  # no tokens: numpy's definition gives NaN everywhere (already in `out`)
                 continue
-            is_causal = _is_causal(probs) if causal is None else causal
+            is_causal = M.infer_causal(attention) if causal is None else causal
             groups.setdefault((n, is_causal), []).append((pos, tokens, special, probs))
         for (n, is_causal), members in groups.items():
             num_layers = members[0][3].shape[0]
