@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="texts per forward pass; texts are grouped by length (default: 32)")
     run.add_argument("--max-tokens-per-batch", type=int, default=None, metavar="N",
                      help="padded tokens (texts x longest length) per forward pass (default: 4096)")
+    run.add_argument("--batch-attention-mb", type=float, default=None, metavar="MB",
+                     help="most MiB of one layer's float32 attention per forward pass (texts x heads x "
+                     "length^2 x 4 bytes): longer texts go in smaller batches (default: 16)")
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="CPU threads for torch (default: torch's choice, all cores)")
     run.add_argument("--estimate", action="store_true",
@@ -165,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so that --help answers at once, without loading torch.
     from attnpipe import corpus, extract_seq2seq
-    from attnpipe.extract import DEFAULT_MAX_TOKENS_PER_BATCH, DEFAULT_VERIFY_TOL, ExtractConfig, extract
+    from attnpipe.extract import (
+        DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH, DEFAULT_VERIFY_TOL, ExtractConfig, extract,
+    )
 
     pairs = ()
     result = _extract_other_inputs(args)
@@ -223,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs=tuple(pairs),
         method=args.method,
         max_tokens_per_batch=args.max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH,
+        batch_attention_mb=(DEFAULT_BATCH_ATTENTION_MB if args.batch_attention_mb is None
+                            else args.batch_attention_mb),
         threads=args.threads,
         compression=args.compression,
         compression_level=args.compression_level,

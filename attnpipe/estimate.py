@@ -20,8 +20,8 @@ import numpy as np
 
 from attnpipe import store
 from attnpipe.extract import (
-    ExtractConfig, _check_config, _extract_loaded, _max_length, _torch_threads, parse_indices,
-    token_budget_batches, token_lengths,
+    ExtractConfig, _check_config, _extract_loaded, _max_length, _torch_threads, batches, parse_indices,
+    token_lengths,
 )
 from attnpipe.loading import default_model_dir, load_model, resolve_device
 
@@ -49,10 +49,10 @@ class Estimate:
         )
 
 
-def _flops(lengths: np.ndarray, num_layers: int, width: int, config: ExtractConfig) -> float:
+def _flops(lengths: np.ndarray, num_layers: int, num_heads: int, width: int, config: ExtractConfig) -> float:
     """Forward FLOPs of the padded batches the run will make (every text costs its batch's width)."""
     padded = np.zeros(len(lengths))
-    for batch in token_budget_batches(lengths.tolist(), config.max_tokens_per_batch, config.batch_size):
+    for batch in batches(lengths.tolist(), config, num_heads):
         padded[batch] = max(int(lengths[i]) for i in batch)
     return float(num_layers * (24 * padded * width**2 + 4 * padded**2 * width).sum())
 
@@ -97,8 +97,8 @@ def _estimate(config: ExtractConfig) -> Estimate:
         file_bytes = sample_bytes / sample_values * values
     else:  # metrics only: per-text bookkeeping dominates
         file_bytes = sample_bytes / len(picks) * len(lengths)
-    work = (_flops(lengths, model.num_layers, width, config)
-            / max(_flops(lengths[picks], model.num_layers, width, config), 1.0))
+    work = (_flops(lengths, model.num_layers, model.num_heads, width, config)
+            / max(_flops(lengths[picks], model.num_layers, model.num_heads, width, config), 1.0))
     return Estimate(
         num_texts=len(lengths), num_tokens=int(lengths.sum()), num_values=values,
         raw_bytes=values * np.dtype(storage.dtype).itemsize, file_bytes=float(file_bytes),

@@ -38,6 +38,13 @@ DEFAULT_VERIFY_TOL = 1e-5
 # batches of 2k-8k tokens equally fast on MiniLM on 2 CPU cores; 4096 keeps a batch's
 # attention for one layer of a 12-head model at <= 4096 x 12 x T x 4 bytes.
 DEFAULT_MAX_TOKENS_PER_BATCH = 4096
+# One layer's float32 attention for a batch (texts x heads x T x T x 4 bytes) stays under this many
+# MiB; a text over it goes alone (and is streamed layer by layer). Attention grows with the square
+# of the length, so a token budget alone lets a batch of long texts hold 3x (T=128) to 12x (T=512)
+# what one of short texts does, and a run's peak memory then depends on how many full batches of
+# its longest texts the corpus happens to have. 16 MiB is 21 MiniLM texts of 128 tokens; bench:
+# as fast as the token budget alone on the demo corpus.
+DEFAULT_BATCH_ATTENTION_MB = 16.0
 # Pending arrays the writer thread may fall behind by before the forward pass waits for it: a
 # few batches' worth. More buys no speed (a writer slower than the model sets the pace anyway)
 # and is memory that a long run fills (bench: 256 MiB made RSS at 5,000 texts 1.8x that at 500).
@@ -65,6 +72,7 @@ class ExtractConfig:
     pairs: tuple = ()  # extract_seq2seq.Pair: source/target pairs for encoder-decoder models
     method: str = "manual"  # "manual": our forward pass; "hf": transformers' eager output (extract_hf)
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH  # padded tokens per batch; batch_size caps texts
+    batch_attention_mb: float = DEFAULT_BATCH_ATTENTION_MB  # one layer's float32 attention per batch, MiB
     threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     compression: store.Compression = "gzip"
     compression_level: int | None = None  # gzip 0-9; None: store.DEFAULT_GZIP_LEVELS[dtype]
@@ -211,19 +219,29 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[
         yield order[start : start + batch_size]
 
 
-def token_budget_batches(lengths: list[int], max_tokens: int, max_texts: int) -> Iterator[list[int]]:
+def token_budget_batches(lengths: list[int], max_tokens: int, max_texts: int,
+                         max_cells: int | None = None) -> Iterator[list[int]]:
     """Indices in batches of similar length (longest first) whose padded size, texts x longest
-    length, stays within `max_tokens` (a longer text goes alone), at most `max_texts` texts each."""
+    length, stays within `max_tokens`, and whose attention cells per head, texts x longest
+    length squared, within `max_cells` (a text over either goes alone); at most `max_texts` texts each."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batch: list[int] = []
     for i in order:
-        width = lengths[batch[0]] if batch else lengths[i]  # the first is the longest
-        if batch and ((len(batch) + 1) * max(width, 1) > max_tokens or len(batch) >= max_texts):
+        width = max(lengths[batch[0]] if batch else lengths[i], 1)  # the first is the longest
+        texts = len(batch) + 1
+        if batch and (texts * width > max_tokens or len(batch) >= max_texts
+                      or (max_cells is not None and texts * width * width > max_cells)):
             yield batch
             batch = []
         batch.append(i)
     if batch:
         yield batch
+
+
+def batches(lengths: list[int], config: ExtractConfig, num_heads: int) -> Iterator[list[int]]:
+    """The run's batches: `token_budget_batches` under the config's token, text and attention budgets."""
+    max_cells = int(config.batch_attention_mb * 2**20 / (4 * max(num_heads, 1)))
+    return token_budget_batches(lengths, config.max_tokens_per_batch, config.batch_size, max_cells)
 
 
 def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
@@ -330,6 +348,8 @@ def _check_config(config: ExtractConfig) -> store.Storage:
                             "the attention already comes from transformers")
     if config.max_tokens_per_batch < 1:
         raise AttnpipeError(f"--max-tokens-per-batch must be at least 1, got {config.max_tokens_per_batch}")
+    if not config.batch_attention_mb > 0:  # also refuses NaN
+        raise AttnpipeError(f"--batch-attention-mb must be above 0, got {config.batch_attention_mb}")
     if config.threads is not None and config.threads < 1:
         raise AttnpipeError(f"--threads must be at least 1, got {config.threads}")
     if config.metrics is not None:
@@ -460,7 +480,7 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
             tqdm(total=len(texts), unit="text", file=sys.stderr,
                  disable=None if config.progress is None else not config.progress)  # None: tty only
         )
-        for batch_indices in token_budget_batches(lengths, config.max_tokens_per_batch, config.batch_size):
+        for batch_indices in batches(lengths, config, model.num_heads):
             batch_lengths = [lengths[i] for i in batch_indices]
             # Each batch is tokenized in full on its own: a corpus's encodings are never all held at once.
             encoded = _encode(model.tokenizer, [texts[i].text for i in batch_indices], max_length)

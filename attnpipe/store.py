@@ -511,6 +511,20 @@ def metrics_table(ids, layers, heads, names, values: np.ndarray):
     })
 
 
+# HDF5's metadata cache (object headers, group indexes) starts at 2 MiB and adapts up to 32 MiB
+# while thousands of small objects are made. A file written once, front to back, gains little from
+# it, and that memory made a run's peak grow with its corpus (bench: 5,000 texts +25 MB, 500 +13).
+METADATA_CACHE_BYTES = 1 << 20
+
+
+def _cap_metadata_cache(file: h5py.File) -> None:
+    config = file.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = config.max_size = METADATA_CACHE_BYTES
+    config.min_size = min(config.min_size, METADATA_CACHE_BYTES)
+    file.id.set_mdc_config(config)
+
+
 class H5Writer:
     """Stream texts into an HDF5 file; the file appears at `path` only when `finish` succeeds.
 
@@ -534,6 +548,7 @@ class H5Writer:
             # object headers and chunk indexes, readable by HDF5 >= 1.10 (2016), h5py >= 2.7.
             self._file = h5py.File(self._atomic.tmp, "w", track_order=True, rdcc_nbytes=0,
                                    libver=("v110", "latest"))
+            _cap_metadata_cache(self._file)
         self._ids = [None] * num_texts
         self._texts = self._file.create_group("texts")
         self._attention: dict[int, h5py.Dataset] = {}

@@ -178,7 +178,7 @@ def test_catalogued_script_mistake(row, files, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("number", [19, 43, 69])
+@pytest.mark.parametrize("number", [19, 44, 70])
 def test_catalogued_mistakes_as_real_command_lines(number, files, tmp_path):
     row = next(r for r in ROWS if r["number"] == number)
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ from attnpipe import metrics as M
 from attnpipe import store
 from attnpipe.corpus import Text
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import ExtractConfig, extract, token_budget_batches
+from attnpipe.extract import ExtractConfig, batches, extract, token_budget_batches
 from attnpipe.fast_metrics import BatchMetrics
 from conftest import run_script
 
@@ -163,13 +163,23 @@ def test_fast_metrics_match_numpy_on_a_padded_batch():
 
 def test_token_budget_batches_and_output_order(tiny_model_dir, tmp_path):
     lengths = [3, 10, 4, 10, 1, 7]
-    batches = list(token_budget_batches(lengths, max_tokens=20, max_texts=3))
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
+    grouped = list(token_budget_batches(lengths, max_tokens=20, max_texts=3))
+    assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
+    for batch in grouped:
         widest = max(lengths[i] for i in batch)
         assert len(batch) == 1 or len(batch) * widest <= 20
         assert len(batch) <= 3
     assert list(token_budget_batches([50, 2], max_tokens=20, max_texts=8)) == [[0], [1]]  # too long: alone
+    # The attention budget (texts x width^2 per head) splits long texts into smaller batches
+    # than short ones; a text over it goes alone.
+    lengths = [10, 10, 10, 10, 5, 5, 5, 5, 30]
+    grouped = list(token_budget_batches(lengths, max_tokens=1000, max_texts=8, max_cells=200))
+    assert grouped == [[8], [0, 1], [2, 3], [4, 5, 6, 7]]
+    assert list(token_budget_batches(lengths, max_tokens=1000, max_texts=8)) == [[8, 0, 1, 2, 3, 4, 5, 6]] + [[7]]
+    # extract's batches: --batch-attention-mb is one layer's float32 attention (x heads x 4 bytes).
+    config = ExtractConfig(texts=(), output=tmp_path / "x.h5", max_tokens_per_batch=1000, batch_size=8,
+                           batch_attention_mb=200 * 12 * 4 / 2**20)
+    assert list(batches(lengths, config, num_heads=12)) == [[8], [0, 1], [2, 3], [4, 5, 6, 7]]
     model_dir = tiny_model_dir("bert")
     budget = run(model_dir, tmp_path / "budget.h5", max_tokens_per_batch=12)
     alone = run(model_dir, tmp_path / "alone.h5", batch_size=1)
