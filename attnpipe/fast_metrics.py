@@ -23,6 +23,7 @@ import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,12 @@ from attnpipe.errors import AttnpipeError
 MIN_TEXTS_PER_WORKER = 16
 # Shares of the texts per worker process (balance: texts differ in length).
 SHARES_PER_WORKER = 4
-# Texts read at once by corpus_metrics before their metrics are computed (grouped by length).
-WINDOW_TEXTS = 64
+# Attention values corpus_metrics reads before computing their metrics (64 MiB as float32).
+WINDOW_VALUES = 16 << 20
+# One metrics batch: at most this many padded values, and no text shorter than this share of the
+# batch's longest (padding is computed too).
+BATCH_VALUES = 4 << 20
+MIN_LENGTH_SHARE = 0.8
 
 
 class BatchMetrics:
@@ -104,7 +109,8 @@ class BatchMetrics:
 
         def entropy() -> torch.Tensor:
             if "entropy" not in cache:
-                cache["entropy"] = torch.special.entr(a).sum(-1)  # -a ln a, 0 at a = 0
+                # -sum a ln a, with 0 ln 0 = 0 (0 times a finite log); 1.4x torch.special.entr here
+                cache["entropy"] = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(-1)
             return cache["entropy"]
 
         def shifted(offset: int) -> torch.Tensor:  # a[i, i + offset] placed at row i
@@ -151,34 +157,72 @@ def _to_float32(stored: np.ndarray) -> np.ndarray:
     return store.decode(stored)
 
 
+@dataclass
+class _Text:
+    pos: int  # position in the caller's `indices`
+    tokens: tuple[str, ...]
+    special: np.ndarray
+    probs: torch.Tensor  # (L, H, n, n) float32
+    causal: bool
+
+    @property
+    def n(self) -> int:
+        return self.probs.shape[-1]
+
+
 def texts_values(attention_file, indices: Sequence[int], names: Sequence[str], causal: bool | None) -> np.ndarray:
     """(len(indices), L, H, M) metric values of the given texts.
 
-    Texts are read WINDOW_TEXTS at a time (memory stays bounded), and the texts of a window with
-    the same length (and causality) are computed as one batch of texts x layers: a short text's
-    metrics are a hundred small torch operations, so batching saves most of their overhead.
+    Texts are read in windows of about WINDOW_VALUES attention values (memory stays bounded), and
+    each window's texts are computed in batches of similar length, padded to the longest: a short
+    text's metrics are a hundred small torch operations, so batching saves most of their overhead.
     """
     meta = attention_file.meta
     out = np.full((len(indices), len(meta.layers), len(meta.heads), len(names)), np.nan)
-    for start in range(0, len(indices), WINDOW_TEXTS):
-        groups: dict[tuple[int, bool], list] = {}
-        for pos in range(start, min(start + WINDOW_TEXTS, len(indices))):
-            _, tokens, special, attention = attention_file.metric_inputs(indices[pos], _to_float32)
-            probs = torch.from_numpy(attention)  # (L, H, n, n)
-            n = probs.shape[-1]
-            if n == 0:  # no tokens: numpy's definition gives NaN everywhere (already in `out`)
-                continue
-            is_causal = M.infer_causal(attention) if causal is None else causal
-            groups.setdefault((n, is_causal), []).append((pos, tokens, special, probs))
-        for (n, is_causal), members in groups.items():
-            num_layers = members[0][3].shape[0]
-            batch = BatchMetrics(names, [n] * (num_layers * len(members)),
-                                 [tokens for _, tokens, _, _ in members for _ in range(num_layers)],
-                                 [special for _, _, special, _ in members for _ in range(num_layers)],
-                                 causal=is_causal)
-            values = batch.layer(torch.cat([probs for *_, probs in members]))  # (k·L, H, M)
-            out[[pos for pos, *_ in members]] = values.reshape(len(members), num_layers, *values.shape[1:])
+    window: list[_Text] = []
+    window_values = 0
+    for pos, index in enumerate(indices):
+        _, tokens, special, attention = attention_file.metric_inputs(index, _to_float32)
+        if attention.shape[-1] == 0:  # no tokens: numpy's definition gives NaN everywhere (already in `out`)
+            continue
+        is_causal = M.infer_causal(attention) if causal is None else causal
+        window.append(_Text(pos, tokens, special, torch.from_numpy(attention), is_causal))
+        window_values += attention.size
+        if window_values >= WINDOW_VALUES:
+            _window_values(window, names, out)
+            window, window_values = [], 0
+    _window_values(window, names, out)
     return out
+
+
+def _window_values(window: list[_Text], names: Sequence[str], out: np.ndarray) -> None:
+    """Fill out[text.pos] for a window's texts: sorted by causality and length, cut into batches
+    of at most BATCH_VALUES padded values whose shortest text has MIN_LENGTH_SHARE of the longest."""
+    batch: list[_Text] = []
+    for text in sorted(window, key=lambda t: (t.causal, -t.n, t.pos)):
+        if batch and (text.causal != batch[0].causal or text.n < MIN_LENGTH_SHARE * batch[0].n
+                      or (len(batch) + 1) * batch[0].probs[0].numel() * batch[0].n > BATCH_VALUES):
+            _batch_values(batch, names, out)
+            batch = []
+        batch.append(text)
+    if batch:
+        _batch_values(batch, names, out)
+
+
+def _batch_values(batch: list[_Text], names: Sequence[str], out: np.ndarray) -> None:
+    num_layers, num_heads, width = batch[0].probs.shape[0], batch[0].probs.shape[1], batch[0].n
+    if all(text.n == width for text in batch):
+        probs = torch.cat([text.probs for text in batch])  # (k·L, H, n, n)
+    else:  # padded: BatchMetrics masks what lies outside each text, so it need not be zeroed
+        probs = torch.empty(len(batch) * num_layers, num_heads, width, width)
+        for k, text in enumerate(batch):
+            probs[k * num_layers:(k + 1) * num_layers, :, :text.n, :text.n] = text.probs
+    metrics = BatchMetrics(names, [text.n for text in batch for _ in range(num_layers)],
+                           [text.tokens for text in batch for _ in range(num_layers)],
+                           [text.special for text in batch for _ in range(num_layers)],
+                           causal=batch[0].causal)
+    values = metrics.layer(probs)  # (k·L, H, M)
+    out[[text.pos for text in batch]] = values.reshape(len(batch), num_layers, *values.shape[1:])
 
 
 def _share(path: Path, start: int, stop: int, names: tuple[str, ...], causal: bool | None,

@@ -149,6 +149,7 @@ text it returns (`check_text`): structure, shapes, finite non-negative values, a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -483,6 +484,46 @@ def encode_chunk(chunk: np.ndarray, storage: Storage) -> bytes:
     else:
         raw = chunk.tobytes()
     return deflate_bytes(raw, storage.level)
+
+
+# Filter pipelines read_whole inflates itself: what H5Writer writes with gzip.
+_INFLATED_PIPELINES = ((h5py.h5z.FILTER_DEFLATE,), (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE))
+
+
+def read_whole(dataset: h5py.Dataset) -> np.ndarray:
+    """dataset[()], with deflate(+shuffle) chunks inflated by libdeflate outside HDF5.
+
+    The inverse of encode_chunk. HDF5's own filters (zlib, then a byte-by-byte unshuffle) took
+    twice as long on attention files' small chunks, and analyses read every text whole. Anything
+    else (other filters, a chunk stored with a filter skipped, a chunk that will not inflate)
+    goes through h5py, which reads or reports it as before.
+    """
+    chunks = dataset.chunks
+    if chunks is None or dataset.size == 0 or dataset.dtype.kind not in "biuf":
+        return dataset[()]
+    plist = dataset.id.get_create_plist()
+    pipeline = tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
+    if pipeline not in _INFLATED_PIPELINES:
+        return dataset[()]
+    itemsize, shape = dataset.dtype.itemsize, dataset.shape
+    chunk_bytes = math.prod(chunks) * itemsize
+    out = None if chunks == shape else np.empty(shape, dataset.dtype)
+    try:
+        for offset in itertools.product(*(range(0, size, step) for size, step in zip(shape, chunks))):
+            skipped, raw = dataset.id.read_direct_chunk(offset)
+            if skipped:
+                return dataset[()]
+            data = np.frombuffer(deflate.zlib_decompress(raw, chunk_bytes), np.uint8)
+            if len(pipeline) == 2 and itemsize > 1:  # unshuffle: byte k of every value is a run
+                data = data.reshape(itemsize, -1).T
+            chunk = data.copy().view(dataset.dtype).reshape(chunks)  # writable, whatever the path
+            if out is None:
+                return chunk
+            region = tuple(slice(start, min(start + step, size)) for start, step, size in zip(offset, chunks, shape))
+            out[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+    except (OSError, ValueError, KeyError, deflate.DeflateError):
+        return dataset[()]
+    return out
 
 
 def deflate_bytes(raw: bytes, level: int) -> bytes:
@@ -936,7 +977,8 @@ class AttentionFile:
             self.ids = tuple(self._h5["ids"].asstr()[()])
             _check_meta(self.path, self.meta)
             self.storage = _storage_from_attrs(attrs)  # version 1: the defaults (gzip, all rows)
-            if len(self._h5["texts"]) != len(self.ids):
+            self._texts = self._h5["texts"]  # kept: each lookup through the file costs 3x one through it
+            if len(self._texts) != len(self.ids):
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lists {len(self.ids)} ids "
                                     f"but holds {len(self._h5['texts'])} texts")
         except _MissingAttribute as err:
@@ -1034,7 +1076,7 @@ class AttentionFile:
         else:
             self._check_matrices()
             try:
-                group = self._h5["texts"][f"{index:08d}"]
+                group = self._texts[f"{index:08d}"]
                 missing = [name for name in TEXT_DATASETS if name not in group] + [
                     name for name in TEXT_ATTRS if name not in group.attrs]
                 if missing:
@@ -1053,7 +1095,7 @@ class AttentionFile:
                     word_ids=group["word_ids"][()],
                     truncated=bool(group.attrs["truncated"]),
                     num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
-                    attention=decode(group["attention"][()]),
+                    attention=decode(read_whole(group["attention"])),
                     query_positions=group["query_positions"][()] if "query_positions" in group else None,
                     target=_target_from_h5(group) if "target" in group else None,
                     input_kind=str(group.attrs.get("input_kind", "text")),
@@ -1083,15 +1125,19 @@ class AttentionFile:
         index = self._position(key)
         self._check_matrices()
         try:
-            group = self._h5["texts"][f"{index:08d}"]
-            missing = [name for name in METRIC_DATASETS if name not in group] + (
-                [] if "id" in group.attrs else ["id"])
-            if missing:
-                raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}")
-            text_id = group.attrs["id"]
-            tokens = tuple(group["tokens"].asstr()[()])
-            special = group["special_tokens_mask"][()]
-            attention = (to_float32 or decode)(group["attention"][()])
+            group = self._texts[f"{index:08d}"]
+            try:
+                text_id = group.attrs["id"]
+                attention_ds, tokens_ds, special_ds = (group[name] for name in METRIC_DATASETS)
+            except KeyError:  # looked up only now: per-name checks cost a fifth of a short text's read
+                missing = [name for name in METRIC_DATASETS if name not in group] + (
+                    [] if "id" in group.attrs else ["id"])
+                if missing:
+                    raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}") from None
+                raise
+            tokens = tuple(tokens_ds.asstr()[()])
+            special = special_ds[()]
+            attention = (to_float32 or decode)(read_whole(attention_ds))
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise AttnpipeError(f"{self.path}: text {index} is damaged: {_reason(err)}") from err
         n = len(tokens)
@@ -1118,7 +1164,7 @@ class AttentionFile:
         index = self._position(key)
         self._check_matrices()
         try:
-            group = self._h5["texts"][f"{index:08d}"]
+            group = self._texts[f"{index:08d}"]
             matrix = decode(group["attention"][layer, head])
             text_id = group.attrs["id"]
         except (KeyError, ValueError, TypeError, OSError) as err:

@@ -258,6 +258,25 @@ def test_parallel_corpus_metrics_equal_the_numpy_definition(tiny_model_dir, tmp_
             assert (got["value"].isna() == want["value"].isna()).all()
 
 
+@pytest.mark.parametrize("model_type", ["bert", "gpt2"])
+def test_corpus_metrics_on_padded_batches_of_mixed_lengths(tiny_model_dir, tmp_path, monkeypatch, model_type):
+    """Texts of different lengths computed as one padded batch give numpy's values."""
+    from attnpipe import fast_metrics
+
+    monkeypatch.setattr(fast_metrics, "MIN_LENGTH_SHARE", 0.0)  # any lengths may share a batch
+    widths = []
+    batch_values = fast_metrics._batch_values
+    monkeypatch.setattr(fast_metrics, "_batch_values",
+                        lambda batch, *a: widths.append({t.n for t in batch}) or batch_values(batch, *a))
+    path = run(tiny_model_dir(model_type), tmp_path / "c.h5", texts=TEXTS, dtype="float16")
+    with store.open_attention(path) as f:
+        want = M.corpus_metrics(f)
+        got = fast_metrics.corpus_metrics(f, workers=1)
+    assert len(widths) == 1 and len(widths[0]) >= 3, widths  # one batch, padded
+    np.testing.assert_allclose(got["value"], want["value"], rtol=2e-5, atol=2e-6)
+    assert (got["value"].isna() == want["value"].isna()).all()
+
+
 def test_parallel_corpus_metrics_report_a_damaged_text(tiny_model_dir, tmp_path):
     from attnpipe import fast_metrics
 

@@ -161,3 +161,44 @@ def test_reader_accepts_a_file_from_seed_001s_tool(tmp_path):
     with store.open_attention(path) as f:
         assert f.meta.num_layers == 2 and f.meta.num_heads == 3
         assert f[0].attention.shape == (2, 3, 2, 2)
+
+
+def test_read_whole_inflates_like_hdf5(tmp_path, monkeypatch):
+    """store.read_whole inflates deflate(+shuffle) chunks itself; every other layout, a chunk
+    stored with a filter skipped, and a damaged chunk go through h5py, which must agree or fail."""
+    rng = np.random.default_rng(0)
+    probs = rng.random((3, 4, 7, 7)).astype(np.float32)
+    layouts = {  # name -> (values, create_dataset options)
+        "float16 gzip+shuffle, one chunk": (probs.astype(np.float16), dict(chunks=(3, 4, 7, 7), compression="gzip", shuffle=True)),
+        "float16, chunk per layer": (probs.astype(np.float16), dict(chunks=(1, 4, 7, 7), compression="gzip", shuffle=True)),
+        "float32, edge chunks": (probs, dict(chunks=(2, 3, 7, 7), compression="gzip", shuffle=True)),
+        "uint8 gzip": ((probs * 255).round().astype(np.uint8), dict(chunks=(1, 2, 7, 7), compression="gzip")),
+        "lzf": (probs.astype(np.float16), dict(chunks=(1, 4, 7, 7), compression="lzf", shuffle=True)),
+        "no filters": (probs.astype(np.float16), dict(chunks=(1, 4, 7, 7))),
+        "contiguous": (probs.astype(np.float16), {}),
+    }
+    path = tmp_path / "layouts.h5"
+    with h5py.File(path, "w") as f:
+        for name, (values, options) in layouts.items():
+            f.create_dataset(name, data=values, **options)
+        skipped = f.create_dataset("shuffle skipped", shape=(1, 1, 2, 2), dtype=np.float16, chunks=(1, 1, 2, 2),
+                                   compression="gzip", shuffle=True)
+        raw = np.arange(4, dtype=np.float16).reshape(1, 1, 2, 2)
+        skipped.id.write_direct_chunk((0, 0, 0, 0), store.deflate_bytes(raw.tobytes(), 1), filter_mask=1)
+        broken = f.create_dataset("broken", shape=(1, 1, 2, 2), dtype=np.float16, chunks=(1, 1, 2, 2),
+                                  compression="gzip", shuffle=True)
+        broken.id.write_direct_chunk((0, 0, 0, 0), b"not a zlib stream")
+    read_by_h5py = []
+    h5py_read = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__",
+                        lambda self, key: read_by_h5py.append(self.name) or h5py_read(self, key))
+    with h5py.File(path, "r") as f:
+        for name, (values, _) in layouts.items():
+            got = store.read_whole(f[name])
+            np.testing.assert_array_equal(got, values, err_msg=name)
+            assert got.dtype == values.dtype and got.flags.writeable, name
+        np.testing.assert_array_equal(store.read_whole(f["shuffle skipped"]), raw)
+        with pytest.raises(OSError):
+            store.read_whole(f["broken"])
+    # The deflate layouts were inflated by read_whole itself; the rest and the odd chunks by h5py.
+    assert read_by_h5py == ["/lzf", "/no filters", "/contiguous", "/shuffle skipped", "/broken"]
