@@ -69,6 +69,7 @@ class BatchMetrics:
         if causal:
             visible = visible & torch.ones(t, t, dtype=torch.bool, device=device).tril()
         self.visible = visible[:, None]  # (B, 1, Q, K)
+        self.all_visible = bool(visible.all())  # equal lengths, bidirectional: nothing to mask
         self.num_visible = visible.sum(-1).to(torch.float32)[:, None]  # (B, 1, Q)
         distance = (pos[:, None] - pos[None, :]).abs()  # (Q, K)
         self.distance = distance.to(torch.float32)
@@ -97,7 +98,9 @@ class BatchMetrics:
 
     def layer(self, probs: torch.Tensor) -> np.ndarray:
         """probs (B, H, T, T) of one layer -> (B, H, M) float64: each metric's mean over rows."""
-        a = torch.where(self.visible, probs.float(), 0.0)  # (B, H, Q, K)
+        a = probs.float()  # (B, H, Q, K); read only below
+        if not self.all_visible:
+            a = torch.where(self.visible, a, 0.0)
         rows = self.row_real[:, None].expand(a.shape[:-1])  # (B, H, Q)
         t = a.shape[-1]
         cache: dict[str, torch.Tensor] = {}
@@ -110,7 +113,7 @@ class BatchMetrics:
         def entropy() -> torch.Tensor:
             if "entropy" not in cache:
                 # -sum a ln a, with 0 ln 0 = 0 (0 times a finite log); 1.4x torch.special.entr here
-                cache["entropy"] = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(-1)
+                cache["entropy"] = -a.clamp_min(torch.finfo(a.dtype).tiny).log_().mul_(a).sum(-1)
             return cache["entropy"]
 
         def shifted(offset: int) -> torch.Tensor:  # a[i, i + offset] placed at row i
@@ -123,6 +126,10 @@ class BatchMetrics:
             else:
                 out = diag
             return out
+
+        def small_weights() -> torch.Tensor:  # visible keys below the sparsity threshold
+            small = a < M.SPARSITY_THRESHOLD
+            return small if self.all_visible else small.logical_and_(self.visible)
 
         def normalized() -> torch.Tensor:
             return entropy() / torch.where(self.norm_rows, self.num_visible, 2.0).log()
@@ -138,8 +145,7 @@ class BatchMetrics:
             "sep_eos": lambda: (key_sum(0), rows),
             "punctuation": lambda: (key_sum(1), rows),
             "mean_distance": lambda: ((a * self.distance).sum(-1), rows),
-            "sparsity": lambda: (((a < M.SPARSITY_THRESHOLD) & self.visible).sum(-1)
-                                 / self.num_visible.clamp(min=1), rows),
+            "sparsity": lambda: (small_weights().sum(-1) / self.num_visible.clamp(min=1), rows),
             "local_share": lambda: ((a * self.local).sum(-1), rows),
         }
         out = []
