@@ -40,10 +40,10 @@ DEFAULT_VERIFY_TOL = 1e-5
 DEFAULT_MAX_TOKENS_PER_BATCH = 4096
 # One layer's float32 attention for a batch (texts x heads x T x T x 4 bytes) stays under this many
 # MiB; a text over it goes alone (and is streamed layer by layer). Attention grows with the square
-# of the length, so a token budget alone lets a batch of long texts hold 3x (T=128) to 12x (T=512)
-# what one of short texts does, and a run's peak memory then depends on how many full batches of
-# its longest texts the corpus happens to have. 16 MiB is 21 MiniLM texts of 128 tokens; bench:
-# as fast as the token budget alone on the demo corpus.
+# of the length: under the token budget alone, one layer of a 12-head batch is 4096 x 12 x T x 4
+# bytes (25 MB at T=128, 100 MB at T=512), and a run's peak memory then depended on how many full
+# batches of its longest texts the corpus had. 16 MiB is 21 MiniLM texts of 128 tokens; bench:
+# no slower than the token budget alone on the demo corpus.
 DEFAULT_BATCH_ATTENTION_MB = 16.0
 # Pending arrays the writer thread may fall behind by before the forward pass waits for it: a
 # few batches' worth. More buys no speed (a writer slower than the model sets the pace anyway)

@@ -499,18 +499,18 @@ def read_whole(dataset: h5py.Dataset) -> np.ndarray:
     else (other filters, a chunk stored with a filter skipped, a chunk that will not inflate)
     goes through h5py, which reads or reports it as before.
     """
-    chunks = dataset.chunks
-    little_endian = dataset.dtype.byteorder in "<|" or (dataset.dtype.byteorder == "=" and sys.byteorder == "little")
-    if (chunks is None or dataset.size == 0 or dataset.dtype.kind not in "biuf" or not little_endian
-            or dataset.dtype.itemsize not in (1, 2, 4, 8)):
+    chunks, dtype, shape = dataset.chunks, dataset.dtype, dataset.shape  # each a call into HDF5
+    little_endian = dtype.byteorder in "<|" or (dtype.byteorder == "=" and sys.byteorder == "little")
+    if (chunks is None or 0 in shape or dtype.kind not in "biuf" or not little_endian
+            or dtype.itemsize not in (1, 2, 4, 8)):
         return dataset[()]
     plist = dataset.id.get_create_plist()
     pipeline = tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
     if pipeline not in _INFLATED_PIPELINES:
         return dataset[()]
-    itemsize, shape = dataset.dtype.itemsize, dataset.shape
+    itemsize = dtype.itemsize
     chunk_bytes = math.prod(chunks) * itemsize
-    out = None if chunks == shape else np.empty(shape, dataset.dtype)
+    out = None if chunks == shape else np.empty(shape, dtype)
     try:
         for offset in itertools.product(*(range(0, size, step) for size, step in zip(shape, chunks))):
             skipped, raw = dataset.id.read_direct_chunk(offset)
@@ -521,7 +521,7 @@ def read_whole(dataset: h5py.Dataset) -> np.ndarray:
                 data = _unshuffle(data, itemsize)
             else:
                 data = data.copy()  # writable
-            chunk = data.view(dataset.dtype).reshape(chunks)
+            chunk = data.view(dtype).reshape(chunks)
             if out is None:
                 return chunk
             region = tuple(slice(start, min(start + step, size)) for start, step, size in zip(offset, chunks, shape))

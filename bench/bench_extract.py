@@ -189,25 +189,28 @@ def read_latency(path: Path, reads: int) -> tuple[float, float, float]:
     return statistics.median(times), float(np.percentile(times, 95)), opened
 
 
-def analysis_throughput(path: Path) -> tuple[float, float, float, float]:
+def analysis_throughput(path: Path, repeats: int) -> tuple[float, float, float, float]:
     """Attention values per second from disk: reading alone, numpy corpus_metrics, the torch port in
-    one process, and the torch port with one worker process per core (analyze_attention.py metrics)."""
+    one process, and the torch port with one worker process per core (analyze_attention.py metrics).
+    Medians of `repeats` interleaved rounds (the first round also pays one-off imports and caches)."""
     from attnpipe import fast_metrics
     from attnpipe import metrics as M
 
     values = attention_values(path)
-
-    def rate(run) -> float:
-        start = time.perf_counter()
-        with store.open_attention(path) as f:
-            run(f)
-        return values / (time.perf_counter() - start)
-
-    read_rate = rate(lambda f: [None for _ in f])
-    numpy_rate = rate(M.corpus_metrics)
-    torch_rate = rate(lambda f: fast_metrics.corpus_metrics(f, workers=1))
-    parallel_rate = rate(fast_metrics.corpus_metrics)
-    return read_rate, numpy_rate, torch_rate, parallel_rate
+    runs = {
+        "read": lambda f: [None for _ in f],
+        "numpy": M.corpus_metrics,
+        "torch": lambda f: fast_metrics.corpus_metrics(f, workers=1),
+        "parallel": fast_metrics.corpus_metrics,
+    }
+    rates: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            with store.open_attention(path) as f:
+                run(f)
+            rates[key].append(values / (time.perf_counter() - start))
+    return tuple(statistics.median(rates[key]) for key in runs)
 
 
 def entropy_profile(path: Path) -> tuple[float, float, float]:
@@ -360,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         if "analysis" not in skip:
             from attnpipe.fast_metrics import default_workers
 
-            read_rate, numpy_rate, torch_rate, parallel_rate = analysis_throughput(tmp / "float16.h5")
+            read_rate, numpy_rate, torch_rate, parallel_rate = analysis_throughput(tmp / "float16.h5", args.repeats)
             print(f"\nanalysis: the standard metric set ({len(__import__('attnpipe.metrics').metrics.METRICS)} "
-                  "metrics) read from the float16 file")
+                  f"metrics) read from the float16 file, median of {args.repeats} round(s)")
             print(f"  reading whole texts alone (gunzip, float16 -> float32): {read_rate / 1e6:7.1f} M values/s")
             print(f"  attnpipe.metrics.corpus_metrics (numpy float64):         {numpy_rate / 1e6:7.1f} M values/s")
             print(f"  attnpipe.fast_metrics.corpus_metrics, 1 process:         {torch_rate / 1e6:7.1f} M values/s")
