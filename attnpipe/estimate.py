@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from attnpipe import store
 from attnpipe.extract import (
     ExtractConfig, _check_config, _extract_loaded, _max_length, _torch_threads, batches, parse_indices,
     token_lengths,
