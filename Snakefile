@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from shlex import quote as shlex_quote
 
@@ -91,7 +92,7 @@ for cname, c in config["corpora"].items():
     if not rows:
         config_error(f"corpora.{cname}.path: no texts in {path}")
     ids = [r["id"] for r in rows]
-    dup = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    dup = sorted(i for i, count in Counter(ids).items() if count > 1)  # one pass: corpora can be large
     if dup:
         config_error(f"corpora.{cname}.path: duplicate text ids in {path}: {dup[:5]}")
     size = config["shard_size"]

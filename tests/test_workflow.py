@@ -295,6 +295,7 @@ def _bad_state_dict(tmp_path: Path, kind: str) -> str:
         ({"checkpoints": {"sd": {"kind": "state_dict", "path": "SD:pickled_code"}}}, "weights_only=True"),
         ({"checkpoints": {"ft-10": {"kind": "hf", "path": "default"},
                           "ft": {"kind": "run", "path": "RUN"}}}, "'ft-10' is used twice"),
+        ({"corpora": {"dup": {"path": "DUP_IDS"}}}, "corpora.dup.path: duplicate text ids in dup.jsonl: ['a', 'b']"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, changes, needle):
@@ -309,6 +310,11 @@ def test_bad_config_fails_before_any_job(tmp_path, changes, needle):
             (tmp_path / "run").mkdir()
             (tmp_path / "run" / "checkpoint-10").symlink_to(default_model_dir())
             spec["path"] = "run"
+    for spec in changes.get("corpora", {}).values():
+        if spec.get("path") == "DUP_IDS":  # ids a and b each twice: both named, once each
+            rows = [("a", "one"), ("b", "two"), ("a", "three"), ("c", "four"), ("b", "five"), ("a", "six")]
+            (tmp_path / "dup.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
+            spec["path"] = "dup.jsonl"
     config = write_config(tmp_path, **changes)
     run = snakemake(tmp_path, config, "-n")
     assert run.returncode != 0
