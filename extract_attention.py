@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="padded tokens (texts x longest length) per forward pass (default: 4096)")
     run.add_argument("--batch-attention-mb", type=float, default=None, metavar="MB",
                      help="most MiB of one layer's float32 attention per forward pass (texts x heads x "
-                     "length^2 x 4 bytes): longer texts go in smaller batches (default: 16)")
+                     "length^2 x 4 bytes): longer texts go in smaller batches (default: 16; raise it on a GPU)")
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="CPU threads for torch (default: torch's choice, all cores)")
     run.add_argument("--estimate", action="store_true",
