@@ -207,7 +207,7 @@ def _window_values(window: list[_Text], names: Sequence[str], out: np.ndarray) -
     batch: list[_Text] = []
     for text in sorted(window, key=lambda t: (t.causal, -t.n, t.pos)):
         if batch and (text.causal != batch[0].causal or text.n < MIN_LENGTH_SHARE * batch[0].n
-                      or (len(batch) + 1) * batch[0].probs[0].numel() * batch[0].n > BATCH_VALUES):
+                      or (len(batch) + 1) * batch[0].probs.numel() > BATCH_VALUES):  # L·H·n² each, padded
             _batch_values(batch, names, out)
             batch = []
         batch.append(text)

@@ -277,6 +277,23 @@ def test_corpus_metrics_on_padded_batches_of_mixed_lengths(tiny_model_dir, tmp_p
     assert (got["value"].isna() == want["value"].isna()).all()
 
 
+def test_corpus_metrics_batches_stay_within_their_value_budget(tiny_model_dir, tmp_path, monkeypatch):
+    """A batch holds as many texts as BATCH_VALUES allows at its longest text's L·H·n² values each."""
+    from attnpipe import fast_metrics
+
+    path = run(tiny_model_dir("bert"), tmp_path / "c.h5", texts=TEXTS, dtype="float16")
+    with store.open_attention(path) as f:
+        longest = max(int(np.prod(f._h5[f"texts/{i:08d}/attention"].shape)) for i in range(len(f)))
+        monkeypatch.setattr(fast_metrics, "MIN_LENGTH_SHARE", 0.0)
+        monkeypatch.setattr(fast_metrics, "BATCH_VALUES", 2 * longest)  # room for two padded texts
+        sizes = []
+        batch_values = fast_metrics._batch_values
+        monkeypatch.setattr(fast_metrics, "_batch_values",
+                            lambda batch, *a: sizes.append(len(batch)) or batch_values(batch, *a))
+        fast_metrics.corpus_metrics(f, workers=1)
+    assert sizes[0] == 2 and sum(sizes) == len(TEXTS), sizes
+
+
 def test_parallel_corpus_metrics_report_a_damaged_text(tiny_model_dir, tmp_path):
     from attnpipe import fast_metrics
 
