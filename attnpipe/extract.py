@@ -75,7 +75,7 @@ class ExtractConfig:
     batch_attention_mb: float = DEFAULT_BATCH_ATTENTION_MB  # one layer's float32 attention per batch, MiB
     threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     compression: store.Compression = "gzip"
-    compression_level: int | None = None  # gzip 0-9; None: store.DEFAULT_GZIP_LEVELS[dtype]
+    compression_level: int | None = None  # gzip 0-12; None: store.DEFAULT_GZIP_LEVELS[dtype]
     rows: store.RowSelection = "all"  # query rows stored: all, cls (position 0) or last
     metrics_only: bool = False  # store attnpipe.metrics per head instead of the matrices
     metrics: tuple[str, ...] | None = None  # with metrics_only: names; None = all of metrics.METRICS

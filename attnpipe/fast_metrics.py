@@ -231,10 +231,9 @@ def _batch_values(batch: list[_Text], names: Sequence[str], out: np.ndarray) -> 
     out[[text.pos for text in batch]] = values.reshape(len(batch), num_layers, *values.shape[1:])
 
 
-def _share(path: Path, start: int, stop: int, names: tuple[str, ...], causal: bool | None,
-           threads: int) -> np.ndarray:
-    """Texts [start, stop) of the file: (k, L, H, M). Runs in a worker process."""
-    torch.set_num_threads(threads)
+def _share(path: Path, start: int, stop: int, names: tuple[str, ...], causal: bool | None) -> np.ndarray:
+    """Texts [start, stop) of the file: (k, L, H, M). Runs in a worker process, on one torch thread."""
+    torch.set_num_threads(1)
     with torch.inference_mode(), store.open_attention(path) as f:
         return texts_values(f, range(start, stop), names, causal)
 
@@ -271,6 +270,6 @@ def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Seque
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             parts = pool.map(_share, [attention_file.path] * shares, bounds[:-1], bounds[1:],
-                             [names] * shares, [causal] * shares, [1] * shares)
+                             [names] * shares, [causal] * shares)
             values = np.concatenate(list(parts))
     return store.metrics_table(attention_file.ids, meta.layers, meta.heads, names, values)

@@ -570,6 +570,16 @@ def metrics_table(ids, layers, heads, names, values: np.ndarray):
     })
 
 
+def write_metrics_group(file: h5py.File, values: np.ndarray, names, causal: np.ndarray) -> None:
+    """The /metrics group of a --metrics-only file: (N, L, H, M) values, metric names, (N,) causal.
+    Written by H5Writer and by scripts/merge_shards.py (the shards' arrays concatenated)."""
+    group = file.create_group("metrics")
+    dataset = group.create_dataset("values", data=np.asarray(values, dtype=np.float64))
+    dataset.attrs["dims"] = "text,layer,head,metric"
+    group.create_dataset("names", data=list(names), dtype=h5py.string_dtype())
+    group.create_dataset("causal", data=np.asarray(causal, dtype=bool))
+
+
 # HDF5's metadata cache (object headers, group indexes) starts at 2 MiB and adapts up to 32 MiB
 # while thousands of small objects are made. A file written once, front to back, gains little from
 # it, and that memory made a run's peak grow with its corpus (bench: 5,000 texts +25 MB, 500 +13).
@@ -725,11 +735,7 @@ class H5Writer:
 
     def write_metrics(self, values: np.ndarray, names: tuple[str, ...], causal: np.ndarray) -> None:
         """Store the (N, L, H, M) per-head metrics of a --metrics-only run."""
-        group = self._file.create_group("metrics")
-        dataset = group.create_dataset("values", data=np.asarray(values, dtype=np.float64))
-        dataset.attrs["dims"] = "text,layer,head,metric"
-        group.create_dataset("names", data=list(names), dtype=h5py.string_dtype())
-        group.create_dataset("causal", data=np.asarray(causal, dtype=bool))
+        write_metrics_group(self._file, values, names, causal)
 
     def _attention_dataset(self, group, name: str, attention: np.ndarray) -> None:
         """(layer, head, query, key) probabilities in the file's storage dtype and compression."""
@@ -998,7 +1004,7 @@ class AttentionFile:
             self._texts = self._h5["texts"]  # kept: each lookup through the file costs 3x one through it
             if len(self._texts) != len(self.ids):
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lists {len(self.ids)} ids "
-                                    f"but holds {len(self._h5['texts'])} texts")
+                                    f"but holds {len(self._texts)} texts")
         except _MissingAttribute as err:
             self.close()
             raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {err.args[0]}") from err

@@ -15,6 +15,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root: attnpipe
+from attnpipe.store import write_metrics_group  # noqa: E402 (no torch import)
+
 SKIP = {"parity_max_abs_diff", "parity_hidden_max_abs_diff"}
 # Root attributes every shard must share (those a shard may lack, such as storage attributes of
 # version-1 files, are compared only when present).
@@ -66,11 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                     src.copy(src["texts"][name], texts, name=f"{len(ids):08d}")
                     ids.append(src["texts"][name].attrs["id"])
         out.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
-        if values:  # the same layout as store.H5Writer.write_metrics
-            group = out.create_group("metrics")
-            group.create_dataset("values", data=np.concatenate(values)).attrs["dims"] = "text,layer,head,metric"
-            group.create_dataset("names", data=names, dtype=h5py.string_dtype())
-            group.create_dataset("causal", data=np.concatenate(causal))
+        if values:
+            write_metrics_group(out, np.concatenate(values), names, np.concatenate(causal))
         for key, value in first_attrs.items():
             out.attrs[key] = value
         if "parity_max_abs_diff" in first_attrs:
