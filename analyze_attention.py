@@ -59,8 +59,8 @@ def add_common(parser: argparse.ArgumentParser, causal: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from attnpipe.metrics import METRICS
-    from attnpipe.rollout import HEAD_FUSIONS, QUERY_CHOICES
+    from attnpipe.analyze.metrics import METRICS
+    from attnpipe.analyze.rollout import HEAD_FUSIONS, QUERY_CHOICES
 
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -193,7 +193,7 @@ def add_gradient_commands(commands) -> None:
         description="Delete tokens in order of each method's scores, re-run the model and record the "
         "drop in the target (perturbation curve, AOPC); Spearman correlation with |grad x input|. "
         "Writes faithfulness.parquet/.csv/.md, perturbation_curves.parquet/.csv/.png. Protocol: "
-        "attnpipe/faithfulness.py and docs/METRICS.md.")
+        "attnpipe/analyze/faithfulness.py and docs/METRICS.md.")
     add_common(faith, causal=False)
     faith.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
                        help="folder for the tables and the figure (created if missing)")
@@ -208,7 +208,7 @@ def add_gradient_commands(commands) -> None:
 
 
 def parse_metric_names(text: str) -> tuple[str, ...]:
-    from attnpipe.metrics import METRICS, check_metric_names
+    from attnpipe.analyze.metrics import METRICS, check_metric_names
 
     if text.strip() == "all":
         return tuple(METRICS)
@@ -235,11 +235,11 @@ def stored_metrics(f, names: tuple[str, ...], causal: bool | None):
 
 
 def run_metrics(args) -> int:
-    from attnpipe import metrics as M
-    from attnpipe import tables
+    from attnpipe.analyze import metrics as M
+    from attnpipe.analyze import tables
     from attnpipe.store import open_attention
 
-    from attnpipe.fast_metrics import corpus_metrics
+    from attnpipe.analyze.fast_metrics import corpus_metrics
 
     names = parse_metric_names(args.metrics)
     if args.workers is not None and args.workers < 1:
@@ -289,10 +289,10 @@ def run_metrics(args) -> int:
 
 
 def run_summary(args) -> int:
-    from attnpipe import metrics as M
+    from attnpipe.analyze import metrics as M
     from attnpipe.store import open_attention
 
-    from attnpipe.fast_metrics import corpus_metrics
+    from attnpipe.analyze.fast_metrics import corpus_metrics
 
     names = tuple(M.SUMMARY_COLUMNS.values())
     with open_attention(args.input) as f:
@@ -310,8 +310,8 @@ def run_summary(args) -> int:
 
 
 def run_rollout(args) -> int:
-    from attnpipe import rollout as R
-    from attnpipe import tables
+    from attnpipe.analyze import rollout as R
+    from attnpipe.analyze import tables
     from attnpipe.store import open_attention
 
     if not 0.0 <= args.discard_ratio < 1.0:
@@ -329,8 +329,8 @@ def run_rollout(args) -> int:
 def run_flow(args) -> int:
     import pandas as pd
 
-    from attnpipe import flow as F
-    from attnpipe import tables
+    from attnpipe.analyze import flow as F
+    from attnpipe.analyze import tables
     from attnpipe.store import open_attention
 
     if args.max_texts is not None and args.max_texts < 1:
@@ -355,7 +355,7 @@ def save_figure(draw, path: Path, **kw) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from attnpipe import tables
+    from attnpipe.analyze import tables
 
     plt.rcParams["text.parse_math"] = False  # token strings such as "$x$" must not become mathtext
     fig, ax = plt.subplots(figsize=kw.get("figsize", (6, 4)), layout="constrained")
@@ -368,10 +368,10 @@ def save_figure(draw, path: Path, **kw) -> Path:
 
 
 def run_specialization(args) -> int:
-    from attnpipe import analysis_plots
-    from attnpipe import metrics as M
-    from attnpipe import tables
-    from attnpipe.specialization import ROLES, specialization
+    from attnpipe.visualize import analysis_plots
+    from attnpipe.analyze import metrics as M
+    from attnpipe.analyze import tables
+    from attnpipe.analyze.specialization import ROLES, specialization
     from attnpipe.store import open_attention
 
     folder = tables.prepare_output_dir(args.output_dir)
@@ -392,9 +392,9 @@ def run_specialization(args) -> int:
 
 
 def run_clusters(args) -> int:
-    from attnpipe import analysis_plots
-    from attnpipe import clustering as C
-    from attnpipe import tables
+    from attnpipe.visualize import analysis_plots
+    from attnpipe.analyze import clustering as C
+    from attnpipe.analyze import tables
     from attnpipe.store import open_attention
 
     folder = tables.prepare_output_dir(args.output_dir)
@@ -412,9 +412,9 @@ def run_clusters(args) -> int:
 def run_compare(args) -> int:
     from contextlib import ExitStack
 
-    from attnpipe import analysis_plots
-    from attnpipe import compare as C
-    from attnpipe import tables
+    from attnpipe.visualize import analysis_plots
+    from attnpipe.analyze import compare as C
+    from attnpipe.analyze import tables
     from attnpipe.store import open_attention
 
     names = parse_metric_names(args.metrics)
@@ -436,11 +436,12 @@ def run_compare(args) -> int:
 def run_report(args) -> int:
     from contextlib import ExitStack
 
-    from attnpipe import analysis_plots, tables
-    from attnpipe import clustering as CL
-    from attnpipe import compare as CP
-    from attnpipe import metrics as M
-    from attnpipe.report import markdown_report
+    from attnpipe.visualize import analysis_plots
+    from attnpipe.analyze import tables
+    from attnpipe.analyze import clustering as CL
+    from attnpipe.analyze import compare as CP
+    from attnpipe.analyze import metrics as M
+    from attnpipe.analyze.report import markdown_report
     from attnpipe.store import open_attention
 
     folder = tables.prepare_output_dir(args.output_dir)
@@ -474,7 +475,10 @@ def run_relevance(args) -> int:
     import numpy as np
     import pandas as pd
 
-    from attnpipe import plots, relevance as RV, relevance_plots, tables
+    from attnpipe.visualize import plots
+    from attnpipe.analyze import relevance as RV
+    from attnpipe.visualize import relevance_plots
+    from attnpipe.analyze import tables
     from attnpipe.store import open_attention
 
     if args.figures < 0:
@@ -519,10 +523,11 @@ def run_relevance(args) -> int:
 
 
 def run_faithfulness(args) -> int:
-    from attnpipe import faithfulness as FF
-    from attnpipe import relevance_plots, tables
-    from attnpipe.gradients import build_objective, parse_target
-    from attnpipe.loading import load_model, resolve_device
+    from attnpipe.analyze import faithfulness as FF
+    from attnpipe.visualize import relevance_plots
+    from attnpipe.analyze import tables
+    from attnpipe.extract.gradients import build_objective, parse_target
+    from attnpipe.extract.loading import load_model, resolve_device
     from attnpipe.store import open_attention
 
     if args.max_texts is not None and args.max_texts < 1:

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "difference in the file, and fail if it exceeds --verify-tol")
     run.add_argument("--verify-tol", type=float, default=None, metavar="X",
                      help="tolerance for --verify (default: 1e-5)")
-    grad = parser.add_argument_group("gradients (attnpipe/gradients.py; texts run one at a time)")
+    grad = parser.add_argument_group("gradients (attnpipe/extract/gradients.py; texts run one at a time)")
     grad.add_argument("--explain", "--grad-target", default=None, metavar="T",
                       help="also store d target / d attention, head-gate gradients and gradient x input "
                       "for this target: 'predicted' or a class index (sequence-classification "
@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so that --help answers at once, without loading torch.
-    from attnpipe import corpus, extract_seq2seq
-    from attnpipe.extract import (
+    from attnpipe.extract import corpus
+    from attnpipe.extract import pairs as extract_seq2seq
+    from attnpipe.extract.runner import (
         DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH, DEFAULT_VERIFY_TOL, ExtractConfig, extract,
     )
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         raise AttnpipeError("--ablate needs --explain")
     run_extract = extract
     if args.explain is not None:
-        from attnpipe.gradients import extract_with_gradients, parse_target
+        from attnpipe.extract.gradients import extract_with_gradients, parse_target
 
         if pairs or args.method != "manual":
             raise AttnpipeError("--explain runs attnpipe's own pass of a text model (bert-like, gpt2, "
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics=metric_names,
     )
     if args.estimate:
-        from attnpipe.estimate import estimate
+        from attnpipe.extract.estimate import estimate
 
         print(estimate(config).describe())
         return 0
@@ -263,7 +264,7 @@ def _looks_like_gradient_target(value: str) -> bool:
 
 def _extract_other_inputs(args):
     """Images (ViT) or a plain torch model; None when the input is text."""
-    from attnpipe.extract import DEFAULT_VERIFY_TOL
+    from attnpipe.extract.runner import DEFAULT_VERIFY_TOL
 
     text_given = bool(args.text) or args.texts_file is not None
     images_given = bool(args.image) or bool(args.image_dir)
@@ -276,7 +277,7 @@ def _extract_other_inputs(args):
     if images_given or torch_given:
         _refuse_text_only_options(args, "images" if images_given else "--torch-model")
     if images_given:
-        from attnpipe.extract_vision import ImageExtractConfig, collect_images, extract_images
+        from attnpipe.extract.images import ImageExtractConfig, collect_images, extract_images
 
         if args.model_dir is None:
             raise AttnpipeError("--image needs --model_dir: a ViT folder (config.json, weights, preprocessor_config.json)")
@@ -290,7 +291,7 @@ def _extract_other_inputs(args):
             progress=False if args.quiet else None,
         ))
     if torch_given:
-        from attnpipe.extract_torch import TorchExtractConfig, extract_torch
+        from attnpipe.extract.embeddings import TorchExtractConfig, extract_torch
 
         if args.model_dir is not None or args.method != "manual":
             raise AttnpipeError("--torch-model replaces --model_dir and --method")

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from attnpipe import visualize
+    from attnpipe.visualize import run as visualize
     from attnpipe.errors import AttnpipeError
 
     head = args.head

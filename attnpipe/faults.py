@@ -5,9 +5,9 @@ process sends itself SIGKILL: no cleanup, no `finally`, exactly like `kill -9` o
 Unset (always, outside tests/test_faults.py) it costs one environment lookup per call.
 
 Points:
-    load     start of loading the model (attnpipe.loading.load_model)
+    load     start of loading the model (attnpipe.extract.loading.load_model)
     loaded   model and tokenizer loaded, nothing computed yet
-    batch    a batch's forward pass done, before it is checked and written (attnpipe.guards)
+    batch    a batch's forward pass done, before it is checked and written (attnpipe.extract.guards)
     write    a text's attention dataset written to the temporary HDF5 file, its tokens not yet
     finish   every text written and the `ids` dataset made, provenance attributes not yet
     close    the temporary HDF5 file closed and checked, not yet renamed over the output

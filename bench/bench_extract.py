@@ -39,10 +39,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from attnpipe import corpus, store  # noqa: E402
-from attnpipe.corpus import Text  # noqa: E402
-from attnpipe.extract import ExtractConfig, extract, length_sorted_batches  # noqa: E402
-from attnpipe.loading import default_model_dir  # noqa: E402
+from attnpipe import store
+from attnpipe.extract import corpus  # noqa: E402
+from attnpipe.extract.corpus import Text  # noqa: E402
+from attnpipe.extract.runner import ExtractConfig, extract, length_sorted_batches  # noqa: E402
+from attnpipe.extract.loading import default_model_dir  # noqa: E402
 
 
 def hf_forward(model, tokenizer, texts: list[str], batch_size: int, max_length: int, attentions: bool) -> None:
@@ -193,8 +194,8 @@ def analysis_throughput(path: Path, repeats: int) -> tuple[float, float, float, 
     """Attention values per second from disk: reading alone, numpy corpus_metrics, the torch port in
     one process, and the torch port with one worker process per core (analyze_attention.py metrics).
     Medians of `repeats` interleaved rounds (the first round also pays one-off imports and caches)."""
-    from attnpipe import fast_metrics
-    from attnpipe import metrics as M
+    from attnpipe.analyze import fast_metrics
+    from attnpipe.analyze import metrics as M
 
     values = attention_values(path)
     runs = {
@@ -362,14 +363,14 @@ def main(argv: list[str] | None = None) -> int:
             (tmp / "big.h5").unlink()
 
         if "analysis" not in skip:
-            from attnpipe.fast_metrics import default_workers
+            from attnpipe.analyze.fast_metrics import default_workers
 
             read_rate, numpy_rate, torch_rate, parallel_rate = analysis_throughput(tmp / "float16.h5", args.repeats)
-            print(f"\nanalysis: the standard metric set ({len(__import__('attnpipe.metrics').metrics.METRICS)} "
+            print(f"\nanalysis: the standard metric set ({len(__import__('attnpipe.analyze.metrics').metrics.METRICS)} "
                   f"metrics) read from the float16 file, median of {args.repeats} round(s)")
             print(f"  reading whole texts alone (gunzip, float16 -> float32): {read_rate / 1e6:7.1f} M values/s")
-            print(f"  attnpipe.metrics.corpus_metrics (numpy float64):         {numpy_rate / 1e6:7.1f} M values/s")
-            print(f"  attnpipe.fast_metrics.corpus_metrics, 1 process:         {torch_rate / 1e6:7.1f} M values/s")
+            print(f"  attnpipe.analyze.metrics.corpus_metrics (numpy float64):         {numpy_rate / 1e6:7.1f} M values/s")
+            print(f"  attnpipe.analyze.fast_metrics.corpus_metrics, 1 process:         {torch_rate / 1e6:7.1f} M values/s")
             print(f"  the same, up to {default_workers()} worker processes (analyze_attention.py metrics): "
                   f"{parallel_rate / 1e6:5.1f} M values/s   (target >= 50)")
 

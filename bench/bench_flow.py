@@ -17,7 +17,7 @@ import numpy as np
 from networkx.algorithms import flow as nxflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from attnpipe.flow import attention_flow  # noqa: E402
+from attnpipe.analyze.flow import attention_flow  # noqa: E402
 
 ALGORITHMS = ("shortest_augmenting_path", "preflow_push", "boykov_kolmogorov", "edmonds_karp")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cost of the runtime guards (attnpipe.guards.check_attention) next to the forward pass they check.
+"""Cost of the runtime guards (attnpipe.extract.guards.check_attention) next to the forward pass they check.
 
 On the packaged MiniLM and the demo corpus, each length-sorted batch is run through our forward
 pass and then through the guard, alternately, --repeats times; the report gives the median time of
@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from attnpipe import corpus, guards  # noqa: E402
-from attnpipe.extract import length_sorted_batches  # noqa: E402
-from attnpipe.loading import default_model_dir, load_model  # noqa: E402
+from attnpipe.extract import corpus
+from attnpipe.extract import guards  # noqa: E402
+from attnpipe.extract.runner import length_sorted_batches  # noqa: E402
+from attnpipe.extract.loading import default_model_dir, load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

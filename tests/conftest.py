@@ -95,7 +95,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from attnpipe.loading import default_model_dir
+    from attnpipe.extract.loading import default_model_dir
 
     return default_model_dir()
 

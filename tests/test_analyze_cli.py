@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import analyze_attention
-from attnpipe import metrics as M
+from attnpipe.analyze import metrics as M
 from attnpipe import store
 from attnpipe.errors import run_cli
 from conftest import run_script
@@ -126,7 +126,7 @@ def test_rollout_subcommand(tmp_path, capsys):
                                    "--query", "all", "--head-fusion", "max"]) == 0
     table = pd.read_parquet(out / "rollout.parquet")
     assert len(table) == sum(it.num_tokens ** 2 for it in items)
-    from attnpipe.rollout import rollout
+    from attnpipe.analyze.rollout import rollout
 
     first = table[table.text_id == "text-0"].pivot(index="query", columns="key", values="value").to_numpy()
     np.testing.assert_allclose(first, rollout(items[0].attention, "max"))
@@ -167,7 +167,7 @@ def test_flow_subcommand(tmp_path, capsys):
     assert list(table.text_id.unique()) == ["text-0", "text-1"]
     assert len(table) == items[0].num_tokens + items[1].num_tokens
     np.testing.assert_allclose(table.groupby("text_id").value.sum(), 1.0)
-    from attnpipe.flow import attention_flow
+    from attnpipe.analyze.flow import attention_flow
 
     first = table[table.text_id == "text-0"].value.to_numpy()
     np.testing.assert_allclose(first, attention_flow(items[0].attention, query="last")[0])

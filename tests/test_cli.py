@@ -440,7 +440,7 @@ def test_unwritable_output_folder_is_refused_even_as_root(tiny_model_dir, tmp_pa
     """Root ignores permission bits (the subprocess case above skips), so deny access through os.access."""
     import extract_attention
 
-    import attnpipe.atomic as atomic
+    import attnpipe.store.atomic as atomic
     from attnpipe.errors import run_cli
 
     monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attnpipe import clustering as C
+from attnpipe.analyze import clustering as C
 from attnpipe.errors import AttnpipeError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attnpipe import store
-from attnpipe.compare import checkpoint_distances, metrics_by_checkpoint
+from attnpipe.analyze.compare import checkpoint_distances, metrics_by_checkpoint
 from attnpipe.errors import AttnpipeError
 from test_analyze_cli import PROVENANCE, item
 

@@ -2,7 +2,7 @@
 
 import json
 
-from attnpipe.corpus import read_texts_file
+from attnpipe.extract.corpus import read_texts_file
 
 
 def test_only_newline_separates_texts(tmp_path):

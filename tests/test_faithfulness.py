@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 
 import analyze_attention
-from attnpipe import faithfulness as FF
+from attnpipe.analyze import faithfulness as FF
 from attnpipe.errors import run_cli
 from conftest import run_script
 from test_gradients import classifier_dir  # noqa: F401 - the tiny classifier fixture
@@ -100,8 +100,8 @@ def test_deleter_masks_or_removes_tokens(tiny_model_dir, model_type, spec):
     a mask token (GPT-2 here) has the tokens removed. Each value equals a plain run on that input."""
     import torch
 
-    from attnpipe import gradients as G
-    from attnpipe.loading import load_model
+    from attnpipe.extract import gradients as G
+    from attnpipe.extract.loading import load_model
 
     model = load_model(tiny_model_dir(model_type), torch.device("cpu"))
     ids = np.array(model.tokenizer("the cat sat on the mat")["input_ids"])

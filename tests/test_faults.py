@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from attnpipe.corpus import Text
-from attnpipe.extract import ExtractConfig, extract
+from attnpipe.extract.corpus import Text
+from attnpipe.extract.runner import ExtractConfig, extract
 from attnpipe.store import open_attention
 from conftest import ROOT
 

@@ -9,8 +9,8 @@ from networkx.algorithms.flow import preflow_push
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import maximum_flow
 
-from attnpipe import flow as F
-from attnpipe.rollout import layer_matrices
+from attnpipe.analyze import flow as F
+from attnpipe.analyze.rollout import layer_matrices
 
 SCALE = 10**7  # integer capacities for scipy: weight 1 -> 10^7, well inside int32
 

@@ -1,4 +1,4 @@
-"""Head gates and gradients through our forward pass (attnpipe/gradients.py).
+"""Head gates and gradients through our forward pass (attnpipe/extract/gradients.py).
 
 Finite-difference checks run in float64 on tiny random models, so a central difference with
 eps = 1e-6 agrees with autograd to ~1e-8 relative: a wrong gradient (a missed path, a wrong
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnpipe import gradients as G
-from attnpipe.loading import load_model
+from attnpipe.extract import gradients as G
+from attnpipe.extract.loading import load_model
 from attnpipe.store import open_attention
 from conftest import run_script, save_tiny_model
 

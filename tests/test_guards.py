@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnpipe import extract as extraction
-from attnpipe import guards
-from attnpipe.corpus import Text
+from attnpipe.extract import runner as extraction
+from attnpipe.extract import guards
+from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
 from attnpipe.models import bert, gpt2
 

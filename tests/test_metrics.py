@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from attnpipe import metrics as M
+from attnpipe.analyze import metrics as M
 from attnpipe.errors import AttnpipeError
 
 TOKENS4 = ("[CLS]", "cat", ",", "[SEP]")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnpipe.loading import load_model
+from attnpipe.extract.loading import load_model
 from attnpipe.models import is_seq2seq, supported_model_types
 
 CAUSAL = {"gpt2", "llama", "mistral", "qwen2"}
@@ -120,8 +120,8 @@ def test_albert_layers_share_weights(tiny_model_dir):
 
 def test_verify_stops_a_run_whose_pass_drifts(tiny_model_dir, tmp_path, monkeypatch):
     """--verify must notice a wrong forward pass, name where, and leave no output file."""
-    from attnpipe import extract as extraction
-    from attnpipe.corpus import Text
+    from attnpipe.extract import runner as extraction
+    from attnpipe.extract.corpus import Text
     from attnpipe.errors import AttnpipeError
     from attnpipe.models import bert
 

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from attnpipe.loading import load_model
+from attnpipe.extract.loading import load_model
 from attnpipe.models import bart, is_seq2seq, t5
 from seq2seq_tiny import save_tiny_seq2seq
 

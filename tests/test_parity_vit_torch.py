@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from attnpipe.extract_vision import load_vision_model
+from attnpipe.extract.images import load_vision_model
 from attnpipe.models import torch_encoder, vit
 from conftest import write_test_images
 
@@ -163,7 +163,7 @@ def test_module_without_encoder_layers_is_refused():
 
 
 def test_zero_rows_become_padding():
-    from attnpipe.extract_torch import real_lengths
+    from attnpipe.extract.embeddings import real_lengths
 
     array = np.ones((3, 5, 2), dtype=np.float32)
     array[1, 3:] = 0

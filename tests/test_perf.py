@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from attnpipe import metrics as M
+from attnpipe.analyze import metrics as M
 from attnpipe import store
-from attnpipe.corpus import Text
+from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import ExtractConfig, batches, extract, token_budget_batches
-from attnpipe.fast_metrics import BatchMetrics
+from attnpipe.extract.runner import ExtractConfig, batches, extract, token_budget_batches
+from attnpipe.analyze.fast_metrics import BatchMetrics
 from conftest import run_script
 
 TEXTS = (
@@ -242,7 +242,7 @@ def test_estimate_prints_and_writes_nothing(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("model_type", ["bert", "gpt2"])  # bidirectional and causal (inferred per text)
 def test_parallel_corpus_metrics_equal_the_numpy_definition(tiny_model_dir, tmp_path, model_type):
-    from attnpipe import fast_metrics
+    from attnpipe.analyze import fast_metrics
 
     texts = tuple(Text(f"{t.id}-{i}", t.text) for i in range(8) for t in TEXTS)  # 40 texts: 2 workers
     path = run(tiny_model_dir(model_type), tmp_path / "c.h5", texts=texts, dtype="float16")
@@ -253,7 +253,7 @@ def test_parallel_corpus_metrics_equal_the_numpy_definition(tiny_model_dir, tmp_
             assert list(got.columns) == list(want.columns)
             keys = ["text_id", "layer", "head", "metric"]
             assert got[keys].astype(str).equals(want[keys].astype(str))
-            # Per-row float32 against numpy's float64 (module docstring of attnpipe.fast_metrics).
+            # Per-row float32 against numpy's float64 (module docstring of attnpipe.analyze.fast_metrics).
             np.testing.assert_allclose(got["value"], want["value"], rtol=2e-5, atol=2e-6)
             assert (got["value"].isna() == want["value"].isna()).all()
 
@@ -261,7 +261,7 @@ def test_parallel_corpus_metrics_equal_the_numpy_definition(tiny_model_dir, tmp_
 @pytest.mark.parametrize("model_type", ["bert", "gpt2"])
 def test_corpus_metrics_on_padded_batches_of_mixed_lengths(tiny_model_dir, tmp_path, monkeypatch, model_type):
     """Texts of different lengths computed as one padded batch give numpy's values."""
-    from attnpipe import fast_metrics
+    from attnpipe.analyze import fast_metrics
 
     monkeypatch.setattr(fast_metrics, "MIN_LENGTH_SHARE", 0.0)  # any lengths may share a batch
     widths = []
@@ -279,7 +279,7 @@ def test_corpus_metrics_on_padded_batches_of_mixed_lengths(tiny_model_dir, tmp_p
 
 def test_corpus_metrics_batches_stay_within_their_value_budget(tiny_model_dir, tmp_path, monkeypatch):
     """A batch holds as many texts as BATCH_VALUES allows at its longest text's L·H·n² values each."""
-    from attnpipe import fast_metrics
+    from attnpipe.analyze import fast_metrics
 
     path = run(tiny_model_dir("bert"), tmp_path / "c.h5", texts=TEXTS, dtype="float16")
     with store.open_attention(path) as f:
@@ -295,7 +295,7 @@ def test_corpus_metrics_batches_stay_within_their_value_budget(tiny_model_dir, t
 
 
 def test_parallel_corpus_metrics_report_a_damaged_text(tiny_model_dir, tmp_path):
-    from attnpipe import fast_metrics
+    from attnpipe.analyze import fast_metrics
 
     texts = tuple(Text(f"{t.id}-{i}", t.text) for i in range(8) for t in TEXTS)
     path = run(tiny_model_dir("bert"), tmp_path / "c.h5", texts=texts)

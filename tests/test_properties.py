@@ -3,7 +3,7 @@
 Hypothesis draws the sizes (layers, heads, texts, tokens), causal or not, the storage dtype, how
 peaked the rows are (uniform ... one-hot) and the token strings (any Unicode but NUL, which HDF5
 strings cannot hold: see test_security.py). Every example is written with attnpipe.store's
-writers, read back with its reader, and fed to attnpipe.metrics; each metric must stay in the range
+writers, read back with its reader, and fed to attnpipe.analyze.metrics; each metric must stay in the range
 docs/METRICS.md gives it. Runs are deterministic (derandomize=True) and small (max_examples).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attnpipe import metrics as M
+from attnpipe.analyze import metrics as M
 from attnpipe.store import ROW_SUM_TOL, H5Writer, Provenance, TextAttention, open_attention, write_json
 
 FAST = settings(max_examples=30, derandomize=True, deadline=None, print_blob=True,

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 import analyze_attention
-from attnpipe import relevance as RV
+from attnpipe.analyze import relevance as RV
 from attnpipe.errors import AttnpipeError, run_cli
-from attnpipe.rollout import rollout
+from attnpipe.analyze.rollout import rollout
 from conftest import run_script
 
 

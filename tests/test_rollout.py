@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from attnpipe import rollout as R
+from attnpipe.analyze import rollout as R
 from attnpipe.errors import AttnpipeError
 
 SWAP_01 = [[0, 1, 0], [1, 0, 0], [0, 0, 1]]  # tokens 0 and 1 look at each other, 2 at itself

@@ -28,11 +28,11 @@ import pytest
 import torch
 
 import visualize_attention
-from attnpipe import plots
-from attnpipe.corpus import Text
+from attnpipe.visualize import plots
+from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import ExtractConfig, extract
-from attnpipe.loading import load_tensors
+from attnpipe.extract.runner import ExtractConfig, extract
+from attnpipe.extract.loading import load_tensors
 from attnpipe.store import H5Writer, Provenance, TextAttention, open_attention, write_json
 from conftest import ROOT, save_tiny_model
 from test_viewer_browser import browser  # noqa: F401  (the headless chromium fixture)

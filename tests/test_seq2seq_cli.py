@@ -221,9 +221,9 @@ def test_seed003_flow_as_a_user_types_it(seq2seq_dir, tmp_path):
 
 def test_verify_stops_a_seq2seq_run_whose_cross_attention_drifts(seq2seq_dir, tmp_path, monkeypatch):
     """--verify compares all three attentions: a wrong scale in cross-attention alone is caught."""
-    from attnpipe import extract as extraction
+    from attnpipe.extract import runner as extraction
     from attnpipe.errors import AttnpipeError
-    from attnpipe.extract_seq2seq import Pair
+    from attnpipe.extract.pairs import Pair
     from attnpipe.models import bart
 
     real_attend = bart._attend

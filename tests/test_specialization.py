@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.specialization import specialization
+from attnpipe.analyze.specialization import specialization
 
 
 def long_rows(text_id: str, head: int, values: dict[str, float]) -> list[dict]:

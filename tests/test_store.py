@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from attnpipe import store
-from attnpipe.corpus import Text
+from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import ExtractConfig, extract
-from attnpipe.loading import load_model
+from attnpipe.extract.runner import ExtractConfig, extract
+from attnpipe.extract.loading import load_model
 
 TEXTS = (
     Text("short", "the cat"),

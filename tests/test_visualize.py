@@ -18,11 +18,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 import visualize_attention
-from attnpipe import plots
+from attnpipe.visualize import plots
 from attnpipe.errors import run_cli
-from attnpipe.prepare import prepare
+from attnpipe.visualize.prepare import prepare
 from attnpipe.store import H5Writer, Provenance, TextAttention, open_attention, write_json
-from attnpipe.viewer import render_html
+from attnpipe.visualize.viewer import render_html
 from conftest import ROOT, run_script
 
 SCHEMA = json.loads((ROOT / "docs" / "prepared.schema.json").read_text())
@@ -451,7 +451,7 @@ def test_an_existing_output_survives_a_failed_run(synthetic_json, tmp_path, caps
 
 def test_unwritable_folder_is_reported(synthetic_json, tmp_path, capsys, monkeypatch):
     """Root ignores permission bits, so the folder check is exercised through os.access."""
-    import attnpipe.atomic as atomic
+    import attnpipe.store.atomic as atomic
 
     monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)
     out = tmp_path / "o.png"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from attnpipe.loading import default_model_dir
+from attnpipe.extract.loading import default_model_dir
 from workflow_support import (
     RESULTS,
     ROOT,

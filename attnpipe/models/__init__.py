@@ -8,7 +8,7 @@ on_layer=None) -> Output` (final hidden state, and per kept layer the (B, H, Q, 
 probabilities; with `on_layer(index, probs)` each kept layer is handed to the callback as soon
 as it is computed instead of being kept, so long inputs never hold all layers at once).
 `head_gates` is an optional (L, H) tensor multiplying each head's context before the heads are
-merged (Michel et al. 2019; None = no gating; used by attnpipe/gradients.py).
+merged (Michel et al. 2019; None = no gating; used by attnpipe/extract/gradients.py).
 
 Encoder-decoder families (`SEQ2SEQ = True`: t5, mt5, bart, marian) run source and target together:
 `forward_seq2seq(weights, src_ids, src_mask, tgt_ids, tgt_mask, keep_layers, keep_decoder_layers)
@@ -25,8 +25,8 @@ FAMILIES: dict[str, ModuleType] = {
     model_type: family for family in (bert, gpt2, llama, t5, bart) for model_type in family.MODEL_TYPES
 }
 # Image models take pixels, not token ids: their forward is `forward(weights, pixel_values,
-# keep_layers)`, run by attnpipe.extract_vision. (models/torch_encoder.py takes a user's
-# nn.Module instead of a transformers folder and is run by attnpipe.extract_torch.)
+# keep_layers)`, run by attnpipe.extract.images. (models/torch_encoder.py takes a user's
+# nn.Module instead of a transformers folder and is run by attnpipe.extract.embeddings.)
 IMAGE_FAMILIES: dict[str, ModuleType] = {model_type: vit for model_type in vit.MODEL_TYPES}
 
 

@@ -15,7 +15,7 @@ we spare nothing, the identity term keeps every row non-empty).
 
 Example::
 
-    from attnpipe.rollout import rollout
+    from attnpipe.analyze.rollout import rollout
     joint = rollout(item.attention, head_fusion="mean")   # (n, n)
     cls_row = joint[0]                                     # what [CLS] gathers from each input token
 """

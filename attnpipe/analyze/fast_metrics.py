@@ -1,19 +1,19 @@
-"""The per-head metrics of attnpipe.metrics, in torch, on a padded batch, during extraction.
+"""The per-head metrics of attnpipe.analyze.metrics, in torch, on a padded batch, during extraction.
 
 `extract_attention.py --metrics-only` stores metrics instead of matrices; computing them one
 text at a time in numpy would cost more than the forward pass, so this module computes the
-*same definitions* (attnpipe.metrics.row_metrics, then the mean over the rows where a metric is
+*same definitions* (attnpipe.analyze.metrics.row_metrics, then the mean over the rows where a metric is
 defined) for a whole length-sorted batch and one layer at a time. Per-row values are computed
 in float32 (the probabilities' own precision; float64 costs 4x here) and averaged over rows in
 float64, so results agree with the numpy float64 version to ~1e-6 relative. Padded query rows
 are never counted and padded keys carry weight exactly 0 (they are masked before softmax).
-tests/test_perf.py checks agreement with attnpipe.metrics.
+tests/test_perf.py checks agreement with attnpipe.analyze.metrics.
 
     bm = BatchMetrics(names, lengths, tokens, special_masks, causal=False)
     values = bm.layer(probs)        # probs (B, H, T, T) -> (B, H, M) float64 numpy
 
 `corpus_metrics` is the same port for files on disk (analyze_attention.py metrics and summary):
-attnpipe.metrics.corpus_metrics' long table, with each text's layers as the batch, in worker
+attnpipe.analyze.metrics.corpus_metrics' long table, with each text's layers as the batch, in worker
 processes that each read and compute a contiguous share of the texts.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnpipe import metrics as M
+from attnpipe.analyze import metrics as M
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
 
@@ -244,7 +244,7 @@ def default_workers() -> int:
 
 def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Sequence[str] | None = None,
                    workers: int | None = None):
-    """attnpipe.metrics.corpus_metrics' long table from the torch port, `workers` processes at once.
+    """attnpipe.analyze.metrics.corpus_metrics' long table from the torch port, `workers` processes at once.
 
     Values agree with the numpy float64 definition to ~1e-6 relative (per-row float32, see the
     module docstring); tests/test_perf.py checks it. workers None: one per available core, fewer

@@ -1,7 +1,7 @@
 """What visualize_attention.py does, as a function: read one text, make figures / JSON / HTML.
 
 All checks (input file, indices, output paths) happen before anything is drawn or written;
-every output is written atomically (attnpipe.outputs).
+every output is written atomically (attnpipe.visualize.outputs).
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from typing import Literal
 
 import matplotlib as mpl
 
-from attnpipe import plots, selection, visualize_seq2seq
+from attnpipe.visualize import plots
+from attnpipe.store import selection
+from attnpipe.visualize import seq2seq as visualize_seq2seq
 from attnpipe.errors import AttnpipeError
-from attnpipe.outputs import check_output_path, write_text
-from attnpipe.prepare import DEFAULT_MAX_BYTES, dumps, prepare
+from attnpipe.visualize.outputs import check_output_path, write_text
+from attnpipe.visualize.prepare import DEFAULT_MAX_BYTES, dumps, prepare
 from attnpipe.store import Provenance, TextAttention, open_attention
-from attnpipe.viewer import write_html
+from attnpipe.visualize.viewer import write_html
 
 Mode = Literal["plot", "heads", "layers", "average", "prepare", "html", "seq2seq", "image"]
 
@@ -104,8 +106,8 @@ def run(req: Request) -> Iterator[str]:
         raise AttnpipeError(f"--cmap {req.cmap!r} is not a matplotlib colormap (e.g. viridis, magma, cividis)")
     if req.max_tokens is not None and req.max_tokens < 1:
         raise AttnpipeError(f"--max-tokens must be at least 1, got {req.max_tokens}")
-    if req.mode == "image":  # a ViT's [CLS] attention drawn on the image: attnpipe.visualize_image
-        from attnpipe.visualize_image import run_image
+    if req.mode == "image":  # a ViT's [CLS] attention drawn on the image: attnpipe.visualize.image
+        from attnpipe.visualize.image import run_image
 
         yield from run_image(req)
         return
@@ -113,7 +115,7 @@ def run(req: Request) -> Iterator[str]:
         meta = attn.meta
         source = req.input_file
         item = selection.pick_text(attn, req.text_id, req.index)
-    if req.mode == "seq2seq":  # seed 003's three figures: attnpipe/visualize_seq2seq.py
+    if req.mode == "seq2seq":  # seed 003's three figures: attnpipe/visualize/seq2seq.py
         yield from visualize_seq2seq.seed003_figures(req, meta, item, model_name(meta))
         return
     # Encoder-decoder files: the decoder side becomes what the modes below draw; cross-attention

@@ -1,7 +1,7 @@
 """The self-contained HTML viewer: one file, every asset inline, works offline from disk.
 
 `render_html` fills template.html with viewer.css, viewer.js and the prepared payload
-(attnpipe.prepare). The payload sits in a `<script type="application/json">` block with
+(attnpipe.visualize.prepare). The payload sits in a `<script type="application/json">` block with
 `<`, `>`, `&`, U+2028 and U+2029 escaped, so a token such as `</script><img onerror=...>`
 cannot end the block; the script puts token strings on the page with `textContent` only.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 
-from attnpipe.outputs import write_text
-from attnpipe.plots import DEFAULT_CMAP
+from attnpipe.visualize.outputs import write_text
+from attnpipe.visualize.plots import DEFAULT_CMAP
 
 HERE = Path(__file__).resolve().parent
 # JSON escapes that keep the payload inert inside <script>: same data once JSON.parse'd.
@@ -36,7 +36,7 @@ def colormap_table(name: str = DEFAULT_CMAP) -> list[list[int]]:
 
 
 def render_html(prepared: dict, title: str, cmap: str = DEFAULT_CMAP) -> str:
-    """The viewer page for one prepared payload (see attnpipe.prepare)."""
+    """The viewer page for one prepared payload (see attnpipe.visualize.prepare)."""
     data = script_json({"prepared": prepared, "cmap": colormap_table(cmap)})
     pieces = {
         "{{TITLE}}": html.escape(title),

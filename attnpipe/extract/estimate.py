@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from attnpipe.extract import (
+from attnpipe.extract.runner import (
     ExtractConfig, _check_config, _extract_loaded, _max_length, _torch_threads, batches, parse_indices,
     token_lengths,
 )
-from attnpipe.loading import default_model_dir, load_model, resolve_device
+from attnpipe.extract.loading import default_model_dir, load_model, resolve_device
 
 CALIBRATION_TEXTS = 16  # texts run for the calibration, spread evenly over the sorted lengths
 

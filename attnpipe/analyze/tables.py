@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.atomic import atomic_path
+from attnpipe.store.atomic import atomic_path
 
 
 def prepare_output_dir(folder: Path) -> Path:

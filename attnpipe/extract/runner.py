@@ -6,7 +6,7 @@ to each text's real tokens on the torch side and written in the user's order. Ea
 handed over as soon as it is computed (`on_layer`), converted to the storage dtype, and queued
 to one writer thread that compresses and writes it while the next layer and batch run; so a
 long text never holds all layers' attention at once, and storage costs little wall time. With
-`metrics_only`, the per-head metrics are computed per layer instead (attnpipe.fast_metrics) and
+`metrics_only`, the per-head metrics are computed per layer instead (attnpipe.analyze.fast_metrics) and
 stored in place of the matrices. With `verify`, every batch also runs through transformers'
 eager attention and the largest difference is recorded in the file (and fails the run above the
 tolerance); verify keeps a batch's layers in memory to compare them.
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnpipe import __version__, guards, store
-from attnpipe.background import BackgroundWriter
-from attnpipe.corpus import Text
+from attnpipe import __version__, store
+from attnpipe.extract import guards
+from attnpipe.extract.background import BackgroundWriter
+from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
-from attnpipe.loading import LoadedModel, checkpoint_dtype, default_model_dir, load_model, resolve_device
+from attnpipe.extract.loading import LoadedModel, checkpoint_dtype, default_model_dir, load_model, resolve_device
 
 # Probabilities are float32 sums of n terms: 1e-5 bounds the float32 rounding we have measured
 # against transformers' eager attention (~1e-7 on MiniLM), with room for long inputs.
@@ -50,7 +51,7 @@ DEFAULT_BATCH_ATTENTION_MB = 16.0
 # and is memory that a long run fills (bench: 256 MiB made RSS at 5,000 texts 1.8x that at 500).
 DEFAULT_WRITER_QUEUE_BYTES = 32 << 20
 # Families whose queries see only earlier keys (for --metrics-only; the same answer that
-# attnpipe.metrics.infer_causal gives on their attention).
+# attnpipe.analyze.metrics.infer_causal gives on their attention).
 CAUSAL_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
 
 
@@ -77,7 +78,7 @@ class ExtractConfig:
     compression: store.Compression = "gzip"
     compression_level: int | None = None  # gzip 0-12; None: store.DEFAULT_GZIP_LEVELS[dtype]
     rows: store.RowSelection = "all"  # query rows stored: all, cls (position 0) or last
-    metrics_only: bool = False  # store attnpipe.metrics per head instead of the matrices
+    metrics_only: bool = False  # store attnpipe.analyze.metrics per head instead of the matrices
     metrics: tuple[str, ...] | None = None  # with metrics_only: names; None = all of metrics.METRICS
     stream_layers: bool = True  # hand each layer to the writer as it is computed (False: per batch)
     writer_queue_bytes: int = DEFAULT_WRITER_QUEUE_BYTES
@@ -306,8 +307,8 @@ def _reference_diffs(model, batch, lengths, probs_by_layer, hidden) -> _Parity:
 
 def extract(config: ExtractConfig) -> ExtractResult:
     """Run the whole extraction stage and write `config.output`; return what was done."""
-    if config.pairs:  # encoder-decoder models: attnpipe/extract_seq2seq.py
-        from attnpipe.extract_seq2seq import extract_pairs
+    if config.pairs:  # encoder-decoder models: attnpipe/extract/pairs.py
+        from attnpipe.extract.pairs import extract_pairs
 
         return extract_pairs(config)
     storage = _check_config(config)
@@ -315,7 +316,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
     model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
     with _torch_threads(config.threads):
         if config.method == "hf":
-            from attnpipe.extract_hf import load_hf_model
+            from attnpipe.extract.hf import load_hf_model
 
             model = load_hf_model(model_dir, device, config.trust_remote_code)
         else:
@@ -353,7 +354,7 @@ def _check_config(config: ExtractConfig) -> store.Storage:
     if config.threads is not None and config.threads < 1:
         raise AttnpipeError(f"--threads must be at least 1, got {config.threads}")
     if config.metrics is not None:
-        from attnpipe.metrics import check_metric_names
+        from attnpipe.analyze.metrics import check_metric_names
 
         check_metric_names(config.metrics)
     return store.Storage(dtype=config.dtype, compression=config.compression,
@@ -459,8 +460,8 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
     metric_names: tuple[str, ...] = ()
     metric_values = causal_flags = None
     if config.metrics_only:
-        from attnpipe.fast_metrics import BatchMetrics
-        from attnpipe.metrics import METRICS
+        from attnpipe.analyze.fast_metrics import BatchMetrics
+        from attnpipe.analyze.metrics import METRICS
 
         metric_names = tuple(METRICS) if config.metrics is None else tuple(config.metrics)
         metric_values = np.full((len(texts), len(layers), len(heads), len(metric_names)), np.nan)

@@ -1,7 +1,7 @@
 """Gradient-based relevance on stored attention and its gradients (files written with --explain).
 
 Pure numpy on arrays, like rollout.py; the gradients come from the extraction stage
-(attnpipe/gradients.py), so no model is loaded here.
+(attnpipe/extract/gradients.py), so no model is loaded here.
 
 Gradient-weighted attention (seed 004's "gradient-weighted attention", written there for its
 "attention flow" section as A ⊙ |∇V|; the issue and this module use the gradient with respect
@@ -21,11 +21,11 @@ whatever the model does, so token scores and figures use R − I (what the atten
 Chefer et al.'s BERT code likewise zeroes the [CLS] → [CLS] entry).
 
 Token scores (one value per input token, for one query row: [CLS] = 0 for encoders, the last
-token for causal LMs), the five methods of the faithfulness check (attnpipe/faithfulness.py):
+token for causal LMs), the five methods of the faithfulness check (attnpipe/analyze/faithfulness.py):
 
     raw        A[last layer] averaged over heads, query row
-    rollout    attnpipe.rollout.rollout (Abnar & Zuidema 2020, mean over heads), query row
-    flow       attnpipe.flow.attention_flow, query row (slow: max-flow)
+    rollout    attnpipe.analyze.rollout.rollout (Abnar & Zuidema 2020, mean over heads), query row
+    flow       attnpipe.analyze.flow.attention_flow, query row (slow: max-flow)
     gradweight G[last layer] averaged over heads, query row
     chefer     R − I, query row
     grad_input |gradient × input| on the word embeddings (the reference of the Spearman check)
@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.rollout import rollout, start_position, token_pair_table
+from attnpipe.analyze.rollout import rollout, start_position, token_pair_table
 
 METHODS: tuple[str, ...] = ("raw", "rollout", "flow", "gradweight", "chefer")
 CAUSAL_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
@@ -108,7 +108,7 @@ def token_scores(item, layers: Sequence[int], row: int, methods: Sequence[str] =
 
 
 def _flow_row(attention: np.ndarray, start: int, row: int) -> np.ndarray:
-    from attnpipe.flow import attention_flow
+    from attnpipe.analyze.flow import attention_flow
 
     n = attention.shape[-1]
     if row in (0, n - 1):

@@ -1,7 +1,7 @@
 """Faithfulness check: do a method's token scores pick the tokens the target depends on?
 
 Input: an attention file extracted with `--explain` (attention, ∂target/∂A and gradient × input
-per text) and the same model. For every text and method (attnpipe.relevance.token_scores: raw,
+per text) and the same model. For every text and method (attnpipe.analyze.relevance.token_scores: raw,
 rollout, flow, gradweight, chefer; plus grad_input itself and a random baseline):
 
 Deletion protocol (DeYoung et al. 2020's comprehensiveness / Samek et al. 2017's AOPC, "most
@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.relevance import METHODS, default_query_row, token_scores
+from attnpipe.analyze.relevance import METHODS, default_query_row, token_scores
 
 FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
 RANDOM_REPEATS = 10
@@ -70,12 +70,12 @@ def aopc(curve: np.ndarray) -> float:
 class Deleter:
     """Re-runs the model on a text with some tokens deleted; returns target values."""
 
-    model: object  # attnpipe.loading.LoadedModel
-    objective: object  # attnpipe.gradients.Objective
+    model: object  # attnpipe.extract.loading.LoadedModel
+    objective: object  # attnpipe.extract.gradients.Objective
     mask_id: int | None
 
     def values(self, token_ids: np.ndarray, deletions: list[np.ndarray], label: int) -> np.ndarray:
-        from attnpipe.gradients import run
+        from attnpipe.extract.gradients import run
 
         device = self.model.device
         if self.mask_id is not None:  # replace: every variant has the text's length, one batch

@@ -62,7 +62,7 @@ Every text group also has, from version 2 (absent from version 1 files, read bac
                            model-input pixels. Token 1 + r·cols + c is the patch at row r, column c;
                            the grid covers the whole image as the processor resized it.
 
-Files extracted with --explain (attnpipe/gradients.py; version 2) also have::
+Files extracted with --explain (attnpipe/extract/gradients.py; version 2) also have::
 
     /texts/<i>
         attrs              gradient_target_value (float64: the explained scalar at gates = 1),
@@ -107,7 +107,7 @@ at most 0.5/255 ≈ 0.00196 from the computed probability; the attention dataset
 attribute scale = 1/255 for plain-h5py readers.
 
 Metrics only (`metrics_only` true, written by `extract_attention.py --metrics-only`): the texts
-keep every dataset except `attention`, and the per-head metrics of attnpipe.metrics are stored
+keep every dataset except `attention`, and the per-head metrics of attnpipe.analyze.metrics are stored
 instead, as one array that the reader turns into the long table of `corpus_metrics`::
 
     /metrics/values        (N, L, H, M) float64: text (user's order) x stored layer x stored
@@ -166,7 +166,7 @@ import numpy as np
 from isal import isal_zlib
 
 from attnpipe import faults
-from attnpipe.atomic import AtomicFile, atomic_path, check_writable, write_errors
+from attnpipe.store.atomic import AtomicFile, atomic_path, check_writable, write_errors
 from attnpipe.errors import AttnpipeError
 
 SCHEMA_VERSION = 2  # 2: encoder-decoder, image, embedding and gradient fields; storage options
@@ -293,7 +293,7 @@ class TextAttention:
     target: TargetAttention | None = None  # encoder-decoder models: then `attention` is the encoder's
     input_kind: InputKind = "text"  # version 2
     image: ImageInfo | None = None  # version 2, input_kind "image" only
-    # Version 2, only with --target (attnpipe/gradients.py); None otherwise.
+    # Version 2, only with --target (attnpipe/extract/gradients.py); None otherwise.
     attention_grad: np.ndarray | None = None  # (L, H, n, n) d target / d attention
     head_gate_grad: np.ndarray | None = None  # (num_layers, num_heads) d target / d head gate
     token_grad_input: np.ndarray | None = None  # (n,) gradient x input on word embeddings
@@ -1139,7 +1139,7 @@ class AttentionFile:
     def metric_inputs(self, key: int | str, to_float32=None) -> tuple[str, tuple[str, ...], np.ndarray, np.ndarray]:
         """(id, tokens, special_tokens_mask, attention) of one text: what the metrics read.
 
-        The fast path of attnpipe.fast_metrics: three datasets instead of a whole TextAttention
+        The fast path of attnpipe.analyze.fast_metrics: three datasets instead of a whole TextAttention
         (about half the reading time on short texts), with the same shape and row-sum checks.
         `to_float32` replaces `decode` (fast_metrics converts float16 with torch, 5x numpy's speed).
         """

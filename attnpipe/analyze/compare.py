@@ -1,7 +1,7 @@
 """Checkpoint comparison: the same texts under two or more checkpoints, head by head.
 
 For each checkpoint k >= 1 and each head stored in every file, the Jensen-Shannon distance
-(attnpipe.clustering.js_distance, base 2, in [0, 1]) between its attention rows and those of the
+(attnpipe.analyze.clustering.js_distance, base 2, in [0, 1]) between its attention rows and those of the
 same head at checkpoint k-1 (`js_to_previous`) and at checkpoint 0 (`js_to_first`), averaged over
 query rows and then over texts. Files must hold the same text ids with the same tokens (the same
 tokenizer); otherwise a comparison is meaningless and an AttnpipeError says what differs.
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from attnpipe.clustering import js_distance
+from attnpipe.analyze.clustering import js_distance
 from attnpipe.errors import AttnpipeError
-from attnpipe.metrics import aggregate, corpus_metrics
+from attnpipe.analyze.metrics import aggregate, corpus_metrics
 
 
 def common_heads(files: Sequence) -> tuple[list[int], list[int]]:

@@ -2,7 +2,7 @@
 
 This is the fallback for model types attnpipe has no explicit forward pass for. The numbers are
 whatever transformers computes; nothing here proves them, so files carry `method = "hf"`.
-It plugs into the text extraction (attnpipe.extract) as one more "family": `load_hf_model`
+It plugs into the text extraction (attnpipe.extract.runner) as one more "family": `load_hf_model`
 returns the same LoadedModel, and this module's `forward` has the family interface.
 
 Guards against the silent failures seen with transformers 5 (docs: shared pitfalls):
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.loading import LoadedModel, hash_files, read_model_config, weight_files
+from attnpipe.extract.loading import LoadedModel, hash_files, read_model_config, weight_files
 from attnpipe.models.parts import Output
 
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import DEFAULT_VERIFY_TOL, ExtractResult, parse_indices, run_provenance
-from attnpipe.loading import hash_files, read_model_config, resolve_device, weight_files
+from attnpipe.extract.runner import DEFAULT_VERIFY_TOL, ExtractResult, parse_indices, run_provenance
+from attnpipe.extract.loading import hash_files, read_model_config, resolve_device, weight_files
 from attnpipe.models import vit
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")

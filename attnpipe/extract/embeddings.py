@@ -37,8 +37,8 @@ from torch import nn
 
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import ExtractResult, parse_indices, run_provenance
-from attnpipe.loading import hash_files, resolve_device
+from attnpipe.extract.runner import ExtractResult, parse_indices, run_provenance
+from attnpipe.extract.loading import hash_files, resolve_device
 from attnpipe.models import torch_encoder
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict")  # checkpoint dicts that wrap a state dict

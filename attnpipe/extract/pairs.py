@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from attnpipe import store
-from attnpipe.corpus import _decoded_lines, check_unique_ids, jsonl_rows
+from attnpipe.extract.corpus import _decoded_lines, check_unique_ids, jsonl_rows
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract import (
+from attnpipe.extract.runner import (
     ExtractConfig,
     ExtractResult,
     _encode,
@@ -36,7 +36,7 @@ from attnpipe.extract import (
     parse_indices,
     run_provenance,
 )
-from attnpipe.loading import LoadedModel, default_model_dir, load_model, resolve_device
+from attnpipe.extract.loading import LoadedModel, default_model_dir, load_model, resolve_device
 from attnpipe.models import is_seq2seq, supported_model_types
 
 # T5 has relative positions and so no position table to bound the length: its pre-training length.

@@ -2,7 +2,7 @@
 
 The graph has a node (l, i) for every layer boundary l = 0..L (0 = the input tokens, L = the
 output of the last layer used) and token i. Layer l's residual-mixed, head-fused matrix Â_l (the
-same matrices as rollout: attnpipe.rollout.layer_matrices) gives an edge (l, j) -> (l + 1, i) of
+same matrices as rollout: attnpipe.analyze.rollout.layer_matrices) gives an edge (l, j) -> (l + 1, i) of
 capacity Â_l[i, j] for every non-zero weight. The flow from input token j to output position i
 is the value of a maximum flow from (0, j) to (L, i). As in the authors' code, each output row is
 then normalised to sum to 1 over the input tokens (`normalise=True`).
@@ -15,7 +15,7 @@ docs/METRICS.md ("Attention flow").
 
 Example::
 
-    from attnpipe.flow import attention_flow
+    from attnpipe.analyze.flow import attention_flow
     flows = attention_flow(item.attention, query="cls")   # (1, n): what [CLS] draws from each token
 """
 
@@ -29,7 +29,7 @@ import pandas as pd
 from networkx.algorithms.flow import build_residual_network, shortest_augmenting_path
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.rollout import HeadFusion, Query, layer_matrices, query_rows, start_position, token_pair_table
+from attnpipe.analyze.rollout import HeadFusion, Query, layer_matrices, query_rows, start_position, token_pair_table
 
 
 def flow_graph(mixed: np.ndarray) -> nx.DiGraph:

@@ -11,7 +11,7 @@ in every stored layer and head) unless the caller says so.
 Example::
 
     from attnpipe.store import open_attention
-    from attnpipe.metrics import corpus_metrics, aggregate
+    from attnpipe.analyze.metrics import corpus_metrics, aggregate
     with open_attention("results/demo/attention.h5") as f:
         long = corpus_metrics(f)            # text_id, layer, head, metric, value
     table = aggregate(long)                 # layer, head, metric, n_texts, mean, std, ci_low, ci_high

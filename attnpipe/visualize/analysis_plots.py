@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from attnpipe.metrics import METRICS
+from attnpipe.analyze.metrics import METRICS
 
 
 def metric_by_layer(ax: plt.Axes, aggregate: pd.DataFrame, metric: str = "entropy") -> plt.Axes:

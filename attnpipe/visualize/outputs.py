@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.atomic import atomic_path, check_writable
+from attnpipe.store.atomic import atomic_path, check_writable
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 SUFFIXES = {"figure": FIGURE_SUFFIXES, "prepare": (".json",), "html": (".html", ".htm")}

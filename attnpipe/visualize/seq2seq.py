@@ -19,9 +19,10 @@ from typing import Literal
 
 import numpy as np
 
-from attnpipe import plots, selection
+from attnpipe.visualize import plots
+from attnpipe.store import selection
 from attnpipe.errors import AttnpipeError
-from attnpipe.outputs import check_output_path
+from attnpipe.visualize.outputs import check_output_path
 from attnpipe.store import Provenance, TextAttention
 
 AttentionKind = Literal["encoder", "decoder", "cross"]

@@ -27,7 +27,7 @@ Texts run one at a time (no padding enters a gradient).
 
 Example::
 
-    from attnpipe.gradients import parse_target, build_objective, text_gradients
+    from attnpipe.extract.gradients import parse_target, build_objective, text_gradients
     objective = build_objective(model, parse_target("predicted"))
     result = text_gradients(model, objective, input_ids)    # input_ids: (1, n)
     result.attention_grad.shape                              # (L, H, n, n)
@@ -156,7 +156,7 @@ def _embedding(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def build_objective(model, target: Target, encode: Callable[[str], torch.Tensor] | None = None) -> Objective:
-    """The scalar to explain for a loaded model (attnpipe.loading.LoadedModel)."""
+    """The scalar to explain for a loaded model (attnpipe.extract.loading.LoadedModel)."""
     if target.kind in ("class", "predicted"):
         head = _sequence_head(model)
 
@@ -289,13 +289,13 @@ def head_ablation(model, objective: Objective, input_ids: torch.Tensor, label: i
 
 def extract_with_gradients(config, target: Target, ablate: bool = False):
     """The extraction stage with gradients (extract_attention.py --explain): one text at a time,
-    attention and its gradients written together. `config` is an attnpipe.extract.ExtractConfig;
+    attention and its gradients written together. `config` is an attnpipe.extract.runner.ExtractConfig;
     returns its ExtractResult."""
     from tqdm import tqdm
 
-    from attnpipe import extract as X
+    from attnpipe.extract import runner as X
     from attnpipe import store
-    from attnpipe.loading import default_model_dir, load_model, resolve_device
+    from attnpipe.extract.loading import default_model_dir, load_model, resolve_device
 
     store.check_output_path(config.output)
     if not config.texts:

@@ -19,9 +19,11 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from attnpipe import plots, rollout, selection
+from attnpipe.visualize import plots
+from attnpipe.analyze import rollout
+from attnpipe.store import selection
 from attnpipe.errors import AttnpipeError
-from attnpipe.outputs import check_output_path
+from attnpipe.visualize.outputs import check_output_path
 from attnpipe.store import Provenance, TextAttention, open_attention
 
 HEAD_CHOICES = ("mean", "rollout")  # besides a head index
@@ -104,7 +106,7 @@ def _read_image(path: Path) -> np.ndarray:
 
 def run_image(req) -> Iterator[str]:
     """--mode image for a visualize.Request: one overlay figure."""
-    from attnpipe.visualize import model_name
+    from attnpipe.visualize.run import model_name
 
     with open_attention(req.input_file) as attn:
         meta = attn.meta

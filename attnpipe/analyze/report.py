@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from attnpipe.metrics import LOCAL_LABEL_THRESHOLD, LOCAL_WINDOW
+from attnpipe.analyze.metrics import LOCAL_LABEL_THRESHOLD, LOCAL_WINDOW
 
 TOP_HEADS = 5  # heads listed per section
 

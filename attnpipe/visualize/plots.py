@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from attnpipe.outputs import atomic_path
+from attnpipe.visualize.outputs import atomic_path
 
 # A token such as "$\frac$" makes savefig raise when parsed as mathtext: draw strings literally.
 mpl.rcParams["text.parse_math"] = False

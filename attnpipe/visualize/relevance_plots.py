@@ -1,6 +1,6 @@
 """Figures for the gradient-based methods: relevance maps beside raw attention and rollout, head
 importance, perturbation curves. Drawing functions take an Axes and return it; `maps_figure`
-builds a Figure (no pyplot) for attnpipe.plots.save_figure."""
+builds a Figure (no pyplot) for attnpipe.visualize.plots.save_figure."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from attnpipe.plots import DEFAULT_CMAP, colorbar, heatmap, make_view
+from attnpipe.visualize.plots import DEFAULT_CMAP, colorbar, heatmap, make_view
 
 
 def maps_figure(maps: dict[str, np.ndarray], tokens: Sequence[str], title: str,
