@@ -45,7 +45,6 @@ import sys
 from pathlib import Path
 
 from attnpipe.analyze import commands
-from attnpipe.analyze.commands import CAUSAL_CHOICES
 from attnpipe.errors import run_cli
 
 
@@ -53,7 +52,7 @@ def add_common(parser: argparse.ArgumentParser, causal: bool = True) -> None:
     parser.add_argument("input", type=Path, metavar="INPUT",
                         help="an attention file written by extract_attention.py (.h5 or .json)")
     if causal:  # rollout and flow need no choice: invisible keys already carry weight 0
-        parser.add_argument("--causal", choices=list(CAUSAL_CHOICES), default="auto",
+        parser.add_argument("--causal", choices=list(commands.CAUSAL_CHOICES), default="auto",
                             help="whether queries see only earlier keys: 'auto' (default) infers it "
                             "from the weights above the diagonal, 'yes'/'no' force it")
 

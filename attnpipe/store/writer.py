@@ -77,8 +77,8 @@ class H5Writer:
 
     Use as a context manager: leaving the block with an exception removes the temporary file.
     Either `write` whole texts, or `begin` a text and `write_chunk` its layers as they come
-    (the streaming path of extract.py); both give the same bytes. Not thread-safe: one thread
-    makes all calls (extract.py gives them to one writer thread).
+    (the streaming path of attnpipe.extract.runner); both give the same bytes. Not thread-safe:
+    one thread makes all calls (the runner gives them to one writer thread).
     """
 
     def __init__(self, path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None):
