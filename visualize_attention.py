@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from attnpipe.errors import run_cli
+from attnpipe.visualize import run as visualize
 
 MODES = ("plot", "heads", "layers", "average", "prepare", "html", "seq2seq", "image")
 # File names used with --output-dir (seed 000/001's names where they had one).
@@ -109,19 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from attnpipe.visualize import run as visualize
-    from attnpipe.errors import AttnpipeError
-
-    head = args.head
-    if args.mode != "image":
-        try:
-            head = int(args.head)
-        except ValueError as err:
-            raise AttnpipeError(f"--head takes an integer in {args.mode} mode, got {args.head!r} "
-                                "('mean'/'rollout' are for --mode image)") from err
-
     request = visualize.Request(
-        input_file=args.input_file, mode=args.mode, head=head, attention=args.attention,
+        input_file=args.input_file, mode=args.mode, head=args.head, attention=args.attention,
         layer=args.layer if args.layer is not None else ("-1" if args.mode == "seq2seq" else "0"),
         text_id=args.text_id, index=args.index,
         tokens=None if args.tokens is None else tuple(args.tokens.split(",")),

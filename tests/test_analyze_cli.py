@@ -247,3 +247,31 @@ def test_specialization_subcommand(tmp_path, capsys):
     assert (out / "head_specialization.png").stat().st_size > 0
     one_line_error(capsys, ["specialization", str(tmp_path / "a.h5"), "--output-dir", str(out), "--layer", "0"],
                    "--layer 0 is not stored", "3, 4")
+
+
+def test_each_subcommand_is_one_library_function_with_the_flags_as_arguments(tmp_path, capsys):
+    """analyze_attention.py is argparse over attnpipe.analyze.commands: the same call from Python
+    writes the same tables, and every subcommand's argparse dests are that function's parameters."""
+    import inspect
+
+    from attnpipe.analyze import commands
+
+    write_corpus(tmp_path / "a.h5")
+    outcome = commands.run_rollout(tmp_path / "a.h5", output_dir=tmp_path / "py", query="all")
+    assert outcome.stdout == "" and outcome.stderr.startswith("wrote rollout of 4 text(s): ")
+    assert analyze_attention.main(["rollout", str(tmp_path / "a.h5"), "--output-dir", str(tmp_path / "cli"),
+                                   "--query", "all"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "py" / "rollout.parquet"),
+                                  pd.read_parquet(tmp_path / "cli" / "rollout.parquet"))
+    summary = commands.run_summary(tmp_path / "a.h5")
+    assert analyze_attention.main(["summary", str(tmp_path / "a.h5")]) == 0
+    assert capsys.readouterr().out == summary.stdout + "\n"
+    subparsers = next(a for a in analyze_attention.build_parser()._actions if a.dest == "command")
+    assert set(subparsers.choices) == set(commands.COMMANDS)
+    for name, parser in subparsers.choices.items():
+        actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+        parameters = inspect.signature(commands.COMMANDS[name]).parameters
+        assert set(actions) == set(parameters), name
+        for dest, parameter in parameters.items():  # a Python caller gets the CLI's defaults
+            if parameter.default is not inspect.Parameter.empty:
+                assert parameter.default == actions[dest].default, (name, dest)

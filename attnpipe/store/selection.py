@@ -7,7 +7,8 @@ model indices). Users name model indices; negative values count from the end of 
 from __future__ import annotations
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.store import AttentionFile, TextAttention
+from attnpipe.store.format import TextAttention
+from attnpipe.store.reader import AttentionFile
 
 
 def describe(indices: tuple[int, ...]) -> str:

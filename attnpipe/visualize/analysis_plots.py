@@ -1,16 +1,17 @@
-"""Plots of analysis tables. Each function draws on the Axes it is given and returns it; the CLI
-creates, saves and closes figures. Rows of the long tables are (layer, head) model indices."""
+"""Plots of analysis tables. Each function draws on the Axes it is given and returns it;
+attnpipe.visualize.plots.save_drawing creates and saves the figures. Rows of the long tables are
+(layer, head) model indices."""
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 
 from attnpipe.analyze.metrics import METRICS
 
 
-def metric_by_layer(ax: plt.Axes, aggregate: pd.DataFrame, metric: str = "entropy") -> plt.Axes:
+def metric_by_layer(ax: Axes, aggregate: pd.DataFrame, metric: str = "entropy") -> Axes:
     """Each head's mean `metric` as a dot per layer, and the layer mean (over heads) as a line."""
     rows = aggregate[aggregate["metric"] == metric]
     ax.scatter(rows["layer"], rows["mean"], s=12, alpha=0.5, label="one head (mean over texts)")
@@ -23,7 +24,7 @@ def metric_by_layer(ax: plt.Axes, aggregate: pd.DataFrame, metric: str = "entrop
     return ax
 
 
-def head_embedding(ax: plt.Axes, clusters: pd.DataFrame) -> plt.Axes:
+def head_embedding(ax: Axes, clusters: pd.DataFrame) -> Axes:
     """MDS coordinates of the heads, coloured by cluster and labelled 'layer-head'."""
     for cluster, rows in clusters.groupby("cluster"):
         ax.scatter(rows["x"], rows["y"], s=20, label=f"cluster {cluster}")
@@ -35,7 +36,7 @@ def head_embedding(ax: plt.Axes, clusters: pd.DataFrame) -> plt.Axes:
     return ax
 
 
-def change_by_checkpoint(ax: plt.Axes, distances: pd.DataFrame, column: str = "js_to_previous") -> plt.Axes:
+def change_by_checkpoint(ax: Axes, distances: pd.DataFrame, column: str = "js_to_previous") -> Axes:
     """Per layer, the mean over heads of `column` against checkpoint order."""
     for layer, rows in distances.groupby("layer"):
         series = rows.groupby("checkpoint")[column].mean()
@@ -47,7 +48,7 @@ def change_by_checkpoint(ax: plt.Axes, distances: pd.DataFrame, column: str = "j
     return ax
 
 
-def role_profiles(ax: plt.Axes, table: pd.DataFrame) -> plt.Axes:
+def role_profiles(ax: Axes, table: pd.DataFrame) -> Axes:
     """Heads (rows, 'layer-head') x roles (columns): mean weight on each kind of key."""
     columns = [c for c in table.columns if c.startswith("mean_")]
     values = table[columns].to_numpy(dtype=float)

@@ -106,8 +106,6 @@ def _read_image(path: Path) -> np.ndarray:
 
 def run_image(req) -> Iterator[str]:
     """--mode image for a visualize.Request: one overlay figure."""
-    from attnpipe.visualize.run import model_name
-
     with open_attention(req.input_file) as attn:
         meta = attn.meta
         item = selection.pick_text(attn, req.text_id, req.index)
@@ -128,6 +126,6 @@ def run_image(req) -> Iterator[str]:
     grid_map, label = cls_patch_map(item, meta, layer_pos, str(req.head))
     image_path = req.image if req.image is not None else Path(item.image.path)
     image = _read_image(image_path)
-    fig = image_figure(image, grid_map, f"{model_name(meta)} · {item.id} · {label}", cmap=req.cmap)
+    fig = image_figure(image, grid_map, f"{plots.model_name(meta)} · {item.id} · {label}", cmap=req.cmap)
     plots.save_figure(fig, path, dpi=req.dpi)
     yield f"wrote {path}"

@@ -3,7 +3,8 @@
 The drawing functions (`heatmap`, `colorbar`, `head_grid`, `model_view`) draw on Axes they are
 given and return them. The figure builders at the bottom (`head_figure`, ...) are what
 visualize_attention.py calls: they create a `Figure` (no pyplot, no global state) and lay it out.
-`save_figure` writes PNG/SVG/PDF atomically and byte-for-byte reproducibly.
+`save_figure` writes PNG/SVG/PDF atomically and byte-for-byte reproducibly; `save_drawing` makes,
+fills (through a drawing function on its Axes) and saves the one-Axes figures of the analyses.
 
 Token strings are drawn literally: mathtext is switched off, so `$x$` or `\\frac` is text;
 control characters (NUL, ...) are drawn as their Unicode control pictures (`label`).
@@ -12,7 +13,7 @@ control characters (NUL, ...) are drawn as their Unicode control pictures (`labe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,13 @@ class View:
 # C0 control characters and DEL have no glyph and are not allowed in SVG (XML): each is drawn as
 # its Unicode control picture (NUL -> U+2400 "␀", TAB -> U+2409 "␉", DEL -> U+2421 "␡").
 CONTROL_PICTURES = {**{code: 0x2400 + code for code in range(0x20)}, 0x7F: 0x2421}
+
+
+def model_name(meta) -> str:
+    """A short model name for titles: the last two parts of the model folder (meta: a Provenance)."""
+    if meta.model == "unknown":  # a file of seed 001's tool: no provenance
+        return "attention"
+    return "/".join(Path(meta.model).parts[-2:]) or meta.model
 
 
 def label(token: str) -> str:
@@ -226,3 +234,16 @@ def save_figure(fig: Figure, path: Path, dpi: int = 150) -> None:
     fmt = path.suffix.lower().lstrip(".")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, metadata=SAVE_METADATA[fmt], facecolor="white")
+
+
+def save_drawing(draw: Callable[[Axes], object], path: Path, *, figsize: tuple[float, float] = (6, 4),
+                 dpi: int = 150) -> Path:
+    """Make a one-Axes figure, let `draw(ax)` fill it, save it with `save_figure`; returns `path`.
+
+    The analysis commands' figures (attnpipe.analyze.commands): the plot functions of
+    analysis_plots and relevance_plots draw on the Axes, this creates and saves the figure.
+    """
+    fig = Figure(figsize=figsize, layout="constrained")
+    draw(fig.subplots())
+    save_figure(fig, path, dpi=dpi)
+    return path

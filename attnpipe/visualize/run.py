@@ -13,13 +13,14 @@ from typing import Literal
 
 import matplotlib as mpl
 
-from attnpipe.visualize import plots
-from attnpipe.store import selection
-from attnpipe.visualize import seq2seq as visualize_seq2seq
 from attnpipe.errors import AttnpipeError
+from attnpipe.store import Provenance, TextAttention, open_attention, selection
+from attnpipe.visualize import plots
+from attnpipe.visualize import seq2seq as visualize_seq2seq
+from attnpipe.visualize.image import run_image
 from attnpipe.visualize.outputs import check_output_path, write_text
+from attnpipe.visualize.plots import model_name
 from attnpipe.visualize.prepare import DEFAULT_MAX_BYTES, dumps, prepare
-from attnpipe.store import Provenance, TextAttention, open_attention
 from attnpipe.visualize.viewer import write_html
 
 Mode = Literal["plot", "heads", "layers", "average", "prepare", "html", "seq2seq", "image"]
@@ -30,7 +31,7 @@ class Request:
     input_file: Path
     mode: Mode
     layer: str  # a model index, or "all"
-    head: int | str  # str only in image mode: an index, "mean" or "rollout"
+    head: int | str  # an index; image mode also "mean" or "rollout" (other modes take "3" for 3)
     text_id: str | None
     index: int | None
     tokens: tuple[str, ...] | None
@@ -48,13 +49,6 @@ class Request:
     trim: bool = False
     attention: str = "encoder"  # encoder | decoder | cross: which attention of an encoder-decoder file
     image: Path | None = None  # image mode: the picture to draw on (default: the stored path)
-
-
-def model_name(meta: Provenance) -> str:
-    """A short model name for titles: the last two parts of the model folder."""
-    if meta.model == "unknown":  # a file of seed 001's tool: no provenance
-        return "attention"
-    return "/".join(Path(meta.model).parts[-2:]) or meta.model
 
 
 def _layer_positions(req: Request, meta: Provenance, source: Path) -> list[int]:
@@ -100,15 +94,23 @@ def _labels(req: Request, item: TextAttention) -> tuple[str, ...]:
     return req.tokens
 
 
+def parse_head(head: int | str, mode: str) -> int:
+    """--head outside image mode: an integer model index."""
+    try:
+        return int(head)
+    except ValueError as err:
+        raise AttnpipeError(f"--head takes an integer in {mode} mode, got {head!r} "
+                            "('mean'/'rollout' are for --mode image)") from err
+
+
 def run(req: Request) -> Iterator[str]:
     """Carry out `req`; yields one progress message per file written."""
+    head = req.head if req.mode == "image" else parse_head(req.head, req.mode)
     if req.cmap not in mpl.colormaps:
         raise AttnpipeError(f"--cmap {req.cmap!r} is not a matplotlib colormap (e.g. viridis, magma, cividis)")
     if req.max_tokens is not None and req.max_tokens < 1:
         raise AttnpipeError(f"--max-tokens must be at least 1, got {req.max_tokens}")
     if req.mode == "image":  # a ViT's [CLS] attention drawn on the image: attnpipe.visualize.image
-        from attnpipe.visualize.image import run_image
-
         yield from run_image(req)
         return
     with open_attention(req.input_file) as attn:
@@ -127,7 +129,7 @@ def run(req: Request) -> Iterator[str]:
     else:
         layer_pos = list(range(len(meta.layers)))
     if req.mode == "plot":
-        head_pos = selection.position(req.head, meta.heads, "--head", "heads", source)
+        head_pos = selection.position(head, meta.heads, "--head", "heads", source)
     layer_ids = [meta.layers[p] for p in layer_pos]
     paths = _outputs(req, layer_ids)
     labels = _labels(req, item)

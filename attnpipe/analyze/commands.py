@@ -1,0 +1,386 @@
+"""What each subcommand of analyze_attention.py does, as a function: files in, tables and figures out.
+
+One function per subcommand, its keyword arguments named like the command's flags (so
+`analyze_attention.py rollout a.h5 --output-dir out --query all` is
+`run_rollout(Path("a.h5"), output_dir=Path("out"), query="all")`). Each checks its options,
+reads the attention file(s), calls the pure analyses of this package, writes every output
+atomically and returns an `Outcome`: what the CLI prints on stdout and on stderr.
+Figures are drawn on a given Axes by attnpipe.visualize (analysis_plots, relevance_plots) and
+saved by attnpipe.visualize.plots.save_drawing. Only `run_faithfulness` loads a model.
+
+Heavy imports (torch, matplotlib, the model loader) happen inside the functions that need them,
+so `analyze_attention.py --help` and the table-only commands stay quick.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from attnpipe.analyze import metrics as M
+from attnpipe.analyze import tables
+from attnpipe.errors import AttnpipeError
+from attnpipe.store import AttentionFile, Provenance, open_attention
+
+# --causal: 'auto' infers it from the weights above the diagonal; 'yes'/'no' force it.
+CAUSAL_CHOICES = {"auto": None, "yes": True, "no": False}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a command reports: a result for stdout (summary, faithfulness) and a note for stderr."""
+
+    stdout: str = ""
+    stderr: str = ""
+
+
+def parse_metric_names(text: str) -> tuple[str, ...]:
+    """--metrics: 'all' or comma-separated names, checked against attnpipe.analyze.metrics.METRICS."""
+    if text.strip() == "all":
+        return tuple(M.METRICS)
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise AttnpipeError("--metrics is empty: give names such as entropy,self or 'all'")
+    return M.check_metric_names(names)
+
+
+def provenance_summary(path: Path, meta: Provenance) -> dict:
+    """The provenance a table's sidecar and the report cite for one input file."""
+    return {"input": str(path), "model": meta.model, "model_type": meta.model_type,
+            "weights_sha256": meta.weights_sha256, "layers": list(meta.layers), "heads": list(meta.heads),
+            "dtype": meta.dtype}
+
+
+def stored_metrics(f: AttentionFile, names: tuple[str, ...], causal: bool | None) -> pd.DataFrame:
+    """The long table of a --metrics-only file; refuses a --causal that differs from the stored one."""
+    long = f.stored_metrics(names)
+    stored = set(bool(c) for c in f.stored_causal())
+    if causal is not None and stored and stored != {causal}:
+        raise AttnpipeError(f"{f.path} holds metrics computed with causal={sorted(stored)}; --causal "
+                            f"{'yes' if causal else 'no'} would need the matrices: extract without --metrics-only")
+    return long
+
+
+def _wrote(written: Sequence[Path], prefix: str = "wrote ") -> Outcome:
+    return Outcome(stderr=prefix + ", ".join(str(p) for p in written))
+
+
+def _check_at_least_one(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise AttnpipeError(f"{flag} must be at least 1, got {value}")
+
+
+def metrics_sidecar(source: dict, names: Sequence[str], bootstrap: int, seed: int) -> dict:
+    """metrics.columns.json: where the values come from and what every column means."""
+    return {
+        "source": source,
+        "definitions": "docs/METRICS.md",
+        "metrics": {name: {"unit": M.METRICS[name].unit, "definition": M.METRICS[name].description}
+                    for name in names},
+        "thresholds": {"SPARSITY_THRESHOLD": M.SPARSITY_THRESHOLD, "LOCAL_WINDOW": M.LOCAL_WINDOW,
+                       "LOCAL_LABEL_THRESHOLD": M.LOCAL_LABEL_THRESHOLD},
+        "tables": {
+            "metrics": {
+                "text_id": "id of the text in the attention file",
+                "layer": "model layer index (0 = first layer)",
+                "head": "model head index within the layer",
+                "metric": "metric name (see 'metrics')",
+                "value": "mean over query rows of the per-row value; NaN when no row defines it",
+            },
+            "aggregate": {
+                "layer": "model layer index", "head": "model head index", "metric": "metric name",
+                "n_texts": "texts with a finite value",
+                "mean": "mean over texts", "std": "sample standard deviation over texts (ddof 1)",
+                "ci_low": f"{M.CONFIDENCE:.0%} percentile bootstrap interval of the mean, lower end "
+                          f"({bootstrap} resamples of texts, seed {seed})",
+                "ci_high": "upper end of the same interval",
+                "label": "positional label on local_share rows: 'local' if mean >= "
+                         f"{M.LOCAL_LABEL_THRESHOLD}, else 'global'; empty for other metrics",
+            },
+        },
+    }
+
+
+def run_metrics(input: Path, output_dir: Path, metrics: str = "all", bootstrap: int = 1000, seed: int = 0,
+                workers: int | None = None, causal: str = "auto") -> Outcome:
+    """metrics.parquet/.csv (text x layer x head x metric), aggregate.parquet/.csv, metrics.columns.json."""
+    from attnpipe.analyze.fast_metrics import corpus_metrics  # torch
+
+    names = parse_metric_names(metrics)
+    _check_at_least_one("--workers", workers)
+    _check_at_least_one("--bootstrap", bootstrap)
+    folder = tables.prepare_output_dir(output_dir)
+    with open_attention(input) as f:
+        if f.metrics_only:  # extracted with --metrics-only: the table is stored, return it
+            long = stored_metrics(f, names, CAUSAL_CHOICES[causal])
+        else:
+            long = corpus_metrics(f, causal=CAUSAL_CHOICES[causal], metrics=names, workers=workers)
+        source = provenance_summary(input, f.meta)
+    agg = M.aggregate(long, resamples=bootstrap, seed=seed)
+    written = tables.write_table(long, folder, "metrics") + tables.write_table(agg, folder, "aggregate")
+    written.append(tables.write_json(metrics_sidecar(source, names, bootstrap, seed),
+                                     folder / "metrics.columns.json"))
+    return _wrote(written, f"wrote {long['text_id'].nunique()} text(s) x {len(names)} metric(s): ")
+
+
+def run_summary(input: Path, causal: str = "auto") -> Outcome:
+    """Seed 000's per-layer summary (Avg entropy, Avg max attention, Diagonal strength), as text."""
+    from attnpipe.analyze.fast_metrics import corpus_metrics  # torch
+
+    names = tuple(M.SUMMARY_COLUMNS.values())
+    with open_attention(input) as f:
+        long = corpus_metrics(f, causal=CAUSAL_CHOICES[causal], metrics=names)
+        meta, count = f.meta, len(f)
+    table = M.layer_summary(long)
+    lines = [f"Attention Analysis: {input} ({meta.model_type}, {count} text(s))",
+             f"  Layers with attention: {len(table)}"]
+    for layer, row in table.iterrows():
+        lines += [f"  layer {layer}:", f"    - Num heads: {int(row['num_heads'])}"]
+        lines += [f"    - {label}: {row[label]:.3f}" for label in M.SUMMARY_COLUMNS]
+    return Outcome(stdout="\n".join(lines))
+
+
+def run_rollout(input: Path, output_dir: Path, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                start_layer: int | None = None, query: str = "cls") -> Outcome:
+    """rollout.parquet/.csv: the chosen query rows of each text's rollout matrix."""
+    from attnpipe.analyze import rollout as R
+
+    if not 0.0 <= discard_ratio < 1.0:
+        raise AttnpipeError(f"--discard-ratio {discard_ratio} is out of range: use a value in [0, 1)")
+    folder = tables.prepare_output_dir(output_dir)
+    with open_attention(input) as f:
+        table = R.corpus_rollout(f, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                                 start_layer=start_layer, query=query)
+    return _wrote(tables.write_table(table, folder, "rollout"),
+                  f"wrote rollout of {table['text_id'].nunique()} text(s): ")
+
+
+def run_flow(input: Path, output_dir: Path, head_fusion: str = "mean", start_layer: int | None = None,
+             query: str = "cls", max_texts: int | None = None) -> Outcome:
+    """flow.parquet/.csv: attention flow of the chosen query rows, for the first max_texts texts."""
+    from attnpipe.analyze import flow as F
+
+    _check_at_least_one("--max-texts", max_texts)
+    folder = tables.prepare_output_dir(output_dir)
+    with open_attention(input) as f:
+        if len(f) == 0:
+            raise AttnpipeError(f"{input} holds no texts")
+        count = len(f) if max_texts is None else min(max_texts, len(f))
+        table = pd.concat([F.text_flow(f[index], f.meta.layers, head_fusion=head_fusion,
+                                       start_layer=start_layer, query=query)
+                           for index in range(count)], ignore_index=True)
+    return _wrote(tables.write_table(table, folder, "flow"), f"wrote attention flow of {count} text(s): ")
+
+
+def run_specialization(input: Path, output_dir: Path, layer: int | None = None, causal: str = "auto") -> Outcome:
+    """specialization.parquet/.csv (role profile per head) and head_specialization.png."""
+    from attnpipe.analyze.specialization import ROLES, specialization
+    from attnpipe.visualize import analysis_plots
+    from attnpipe.visualize.plots import save_drawing
+
+    folder = tables.prepare_output_dir(output_dir)
+    with open_attention(input) as f:
+        if layer is not None and layer not in f.meta.layers:
+            raise AttnpipeError(f"--layer {layer} is not stored in {input}; "
+                                f"stored layers: {', '.join(map(str, f.meta.layers))}")
+        long = M.corpus_metrics(f, causal=CAUSAL_CHOICES[causal], metrics=ROLES)
+    if layer is not None:
+        long = long[long["layer"] == layer]
+    table = specialization(long)
+    written = tables.write_table(table, folder, "specialization")
+    height = max(4.0, 0.16 * len(table) + 1.5)
+    written.append(save_drawing(lambda ax: analysis_plots.role_profiles(ax, table),
+                                folder / "head_specialization.png", figsize=(7, height)))
+    return _wrote(written)
+
+
+def run_clusters(input: Path, output_dir: Path, clusters: int = 6) -> Outcome:
+    """head_distances.parquet/.csv, clusters.parquet/.csv (MDS and cluster per head), clusters.png."""
+    from attnpipe.analyze import clustering as C
+    from attnpipe.visualize import analysis_plots
+    from attnpipe.visualize.plots import save_drawing
+
+    folder = tables.prepare_output_dir(output_dir)
+    with open_attention(input) as f:
+        distances, heads = C.corpus_head_distances(f)
+    table = C.cluster_table(distances, heads, clusters)
+    written = tables.write_table(C.distance_table(distances, heads), folder, "head_distances")
+    written += tables.write_table(table, folder, "clusters")
+    written.append(save_drawing(lambda ax: analysis_plots.head_embedding(ax, table), folder / "clusters.png",
+                                figsize=(7, 6)))
+    return _wrote(written)
+
+
+def run_compare(inputs: Sequence[Path], output_dir: Path, metrics: str = "all") -> Outcome:
+    """checkpoint_distances.parquet/.csv, checkpoint_metrics.parquet/.csv and checkpoints.png."""
+    from attnpipe.analyze import compare as C
+    from attnpipe.visualize import analysis_plots
+    from attnpipe.visualize.plots import save_drawing
+
+    names = parse_metric_names(metrics)
+    if len(inputs) < 2:
+        raise AttnpipeError("compare needs at least two attention files (checkpoints of the same texts)")
+    folder = tables.prepare_output_dir(output_dir)
+    with ExitStack() as stack:
+        files = [stack.enter_context(open_attention(path)) for path in inputs]
+        distances = C.checkpoint_distances(files)
+        by_checkpoint = C.metrics_by_checkpoint(files, metrics=names)
+    written = tables.write_table(distances, folder, "checkpoint_distances")
+    written += tables.write_table(by_checkpoint, folder, "checkpoint_metrics")
+    written.append(save_drawing(lambda ax: analysis_plots.change_by_checkpoint(ax, distances),
+                                folder / "checkpoints.png"))
+    return _wrote(written)
+
+
+def run_report(inputs: Sequence[Path], output_dir: Path, clusters: int = 6,
+               title: str = "Attention report") -> Outcome:
+    """report.md with its figures and the last file's aggregate table (files: checkpoints, in order)."""
+    from attnpipe.analyze import clustering as CL
+    from attnpipe.analyze import compare as CP
+    from attnpipe.analyze.report import markdown_report
+    from attnpipe.visualize import analysis_plots
+    from attnpipe.visualize.plots import save_drawing
+
+    folder = tables.prepare_output_dir(output_dir)
+    with ExitStack() as stack:
+        files = [stack.enter_context(open_attention(path)) for path in inputs]
+        latest = files[-1]  # checkpoints come in training order: describe the newest one
+        long = M.corpus_metrics(latest)
+        distances, heads = CL.corpus_head_distances(latest)
+        checkpoints = CP.checkpoint_distances(files) if len(files) > 1 else None
+        sources = [{**provenance_summary(path, f.meta), "num_texts": len(f)}
+                   for path, f in zip(inputs, files, strict=True)]
+    agg = M.aggregate(long)
+    head_clusters = CL.cluster_table(distances, heads, min(clusters, len(heads)))
+    written = tables.write_table(agg, folder, "aggregate")
+    figures = {"Entropy by layer": "entropy_by_layer.png", "Head clusters (MDS of JS distances)": "clusters.png"}
+    written.append(save_drawing(lambda ax: analysis_plots.metric_by_layer(ax, agg, "entropy"),
+                                folder / "entropy_by_layer.png"))
+    written.append(save_drawing(lambda ax: analysis_plots.head_embedding(ax, head_clusters),
+                                folder / "clusters.png", figsize=(7, 6)))
+    if checkpoints is not None:
+        figures["Change across checkpoints"] = "checkpoints.png"
+        written.append(save_drawing(lambda ax: analysis_plots.change_by_checkpoint(ax, checkpoints),
+                                    folder / "checkpoints.png"))
+    text = markdown_report(title, sources, M.layer_summary(long), agg, head_clusters, checkpoints, figures)
+    written.append(tables.write_atomic(folder / "report.md", lambda tmp: tmp.write_text(text, encoding="utf-8")))
+    return _wrote(written)
+
+
+def head_importance(f: AttentionFile) -> tuple[np.ndarray, np.ndarray | None]:
+    """(model layer, model head) mean |d target / d gate| over the texts, and the mean ablation effect
+    (None without --ablate); a JSON file's one text gives its own."""
+    importance = f.corpus_array("head_importance_mean")
+    if importance is None:  # a JSON file: the one text's importance
+        importance = f[0].head_importance
+    ablation = f.corpus_array("head_ablation_mean")
+    if ablation is None and f[0].head_ablation is not None and len(f) == 1:
+        ablation = f[0].head_ablation
+    return importance, ablation
+
+
+def run_relevance(input: Path, output_dir: Path, query: str = "auto", figures: int = 1,
+                  text_id: str | None = None, max_tokens: int | None = None) -> Outcome:
+    """relevance.parquet/.csv, relevance_<i>.png and head_importance.csv/.png (files made with --explain)."""
+    from attnpipe.analyze import relevance as RV
+    from attnpipe.visualize import plots, relevance_plots
+
+    if figures < 0:
+        raise AttnpipeError(f"--figures must be 0 or more, got {figures}")
+    folder = tables.prepare_output_dir(output_dir)
+    written = []
+    with open_attention(input) as f:
+        if len(f) == 0:
+            raise AttnpipeError(f"{input} holds no texts")
+        layers = f.meta.layers
+        table = pd.concat([RV.text_relevance(item, layers, query, f.meta.model_type) for item in f],
+                          ignore_index=True)
+        drawn = [f.index_of(text_id)] if text_id is not None else range(min(figures, len(f)))
+        for index in drawn:
+            item = f[index]
+            fig = relevance_plots.maps_figure(RV.maps(item, layers), item.tokens,
+                                              f"{item.id}: target {f.meta.gradient_target}", max_tokens)
+            path = folder / f"relevance_{index}.png"
+            plots.save_figure(fig, path)
+            written.append(path)
+        importance, ablation = head_importance(f)
+    num_layers, num_heads = importance.shape
+    heads = pd.DataFrame({
+        "layer": np.repeat(np.arange(num_layers), num_heads),
+        "head": np.tile(np.arange(num_heads), num_layers),
+        "importance_mean": importance.ravel(),
+        **({"ablation_mean": ablation.ravel()} if ablation is not None else {}),
+    })
+    written += tables.write_table(table, folder, "relevance")
+    written += tables.write_table(heads, folder, "head_importance")
+    written.append(plots.save_drawing(
+        lambda ax: relevance_plots.head_importance(ax, importance, list(range(num_layers)),
+                                                   "mean |d target / d head gate|"),
+        folder / "head_importance.png", figsize=(7, 4)))
+    return _wrote(written)
+
+
+def run_faithfulness(input: Path, output_dir: Path, model_dir: Path | None = None, max_texts: int | None = None,
+                     no_flow: bool = False, seed: int = 0, device: str = "cpu") -> Outcome:
+    """Token deletion of each method's scores with the model re-run: faithfulness.* and perturbation_curves.*."""
+    from attnpipe.analyze import faithfulness as FF
+    from attnpipe.extract.gradients import build_objective, parse_target
+    from attnpipe.extract.loading import load_model, resolve_device
+    from attnpipe.visualize import relevance_plots
+    from attnpipe.visualize.plots import save_drawing
+
+    _check_at_least_one("--max-texts", max_texts)
+    folder = tables.prepare_output_dir(output_dir)
+    methods = tuple(m for m in FF.METHODS if not (no_flow and m == "flow"))
+    with open_attention(input) as f:
+        if f.meta.gradient_target is None:
+            raise AttnpipeError(f"{input} holds no gradients: extract it with --explain")
+        if len(f) == 0:
+            raise AttnpipeError(f"{input} holds no texts")
+        model_dir = model_dir if model_dir is not None else Path(f.meta.model)
+        torch_device = resolve_device(device)
+        model = load_model(model_dir, torch_device)
+        if model.weights_sha256 != f.meta.weights_sha256:
+            raise AttnpipeError(f"{model_dir} is not the model {input} was extracted with (weights differ)")
+
+        def encode(text):
+            import torch
+
+            return torch.tensor([model.tokenizer(text)["input_ids"]], device=torch_device)
+
+        objective = build_objective(model, parse_target(f.meta.gradient_target), encode)
+        summary, curve = FF.corpus_faithfulness(f, model, objective, methods, max_texts, seed)
+    protocol = summary.attrs["protocol"]
+    written = tables.write_table(summary, folder, "faithfulness")
+    written += tables.write_table(curve, folder, "perturbation_curves")
+    text = (f"Target: {f.meta.gradient_target}; {int(summary['texts'].iloc[0])} text(s); deleted tokens "
+            f"{'replaced by the mask token' if protocol == 'mask' else 'removed'}; fractions "
+            f"{', '.join(map(str, FF.FRACTIONS))}.\n\n" + FF.markdown_table(summary) + "\n")
+    written.append(tables.write_atomic(folder / "faithfulness.md", lambda tmp: tmp.write_text(text, encoding="utf-8")))
+    written.append(save_drawing(lambda ax: relevance_plots.perturbation_curves(ax, curve),
+                                folder / "perturbation_curves.png", figsize=(6, 4)))
+    return Outcome(stdout=text, stderr=_wrote(written).stderr)
+
+
+COMMANDS = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollout, "flow": run_flow,
+            "specialization": run_specialization, "clusters": run_clusters, "compare": run_compare,
+            "report": run_report, "relevance": run_relevance, "faithfulness": run_faithfulness}
+
+
+def run(command: str, **options) -> Outcome:
+    """Run one subcommand by name with its options (the CLI's argparse dests)."""
+    return COMMANDS[command](**options)
+
+
+def print_outcome(outcome: Outcome) -> None:
+    """Print an outcome as the CLI does: the result on stdout, the note on stderr."""
+    if outcome.stdout:
+        print(outcome.stdout)
+    if outcome.stderr:
+        print(outcome.stderr, file=sys.stderr)

@@ -1,0 +1,133 @@
+"""Chunks of attention as bytes: storage dtype conversion, chunk shapes, deflate(+shuffle) coding.
+
+The writer compresses chunks itself (encode_chunk, with the GIL released) and hands HDF5 the
+bytes; the reader inflates whole datasets the same way (read_whole). Either produces or reads
+standard HDF5 gzip chunks, so plain h5py reads the files too (see attnpipe.store.format).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+
+import deflate
+import h5py
+import numpy as np
+from isal import isal_zlib
+
+from attnpipe.store.format import CHUNK_TARGET_BYTES, UINT8_SCALE, Storage, StorageDtype
+
+
+def to_storage(attention: np.ndarray, dtype: StorageDtype) -> np.ndarray:
+    """float32 probabilities -> the stored dtype (uint8: round(p * 255), half to even)."""
+    if dtype == "uint8":
+        return np.round(np.asarray(attention, dtype=np.float32) * np.float32(UINT8_SCALE)).astype(np.uint8)
+    return np.asarray(attention).astype(np.dtype(dtype), copy=False)
+
+
+def decode(stored: np.ndarray) -> np.ndarray:
+    """Stored values -> float32 probabilities (uint8: v / 255)."""
+    if stored.dtype == np.uint8:
+        return stored.astype(np.float32) / np.float32(UINT8_SCALE)
+    return stored.astype(np.float32, copy=False)
+
+
+def _largest_divisor(total: int, unit_bytes: int) -> int:
+    """The largest divisor d of `total` with d * unit_bytes <= CHUNK_TARGET_BYTES (at least 1)."""
+    return max(d for d in range(1, total + 1) if total % d == 0 and (d == 1 or d * unit_bytes <= CHUNK_TARGET_BYTES))
+
+
+def chunk_shape(num_layers: int, num_heads: int, num_rows: int, num_keys: int,
+                itemsize: int) -> tuple[int, int, int, int]:
+    """Chunks of one text's (L, H, r, n) attention, at most ~CHUNK_TARGET_BYTES each.
+
+    Whole layers (several, for short texts: bigger chunks compress better) when one layer fits,
+    else part of one layer's heads; layer and head counts divide L and H, so every chunk is full.
+    """
+    per_head = max(1, num_rows * num_keys * itemsize)
+    if num_heads * per_head <= CHUNK_TARGET_BYTES:
+        return (_largest_divisor(num_layers, num_heads * per_head), num_heads, num_rows, num_keys)
+    return (1, _largest_divisor(num_heads, per_head), num_rows, num_keys)
+
+
+def encode_chunk(chunk: np.ndarray, storage: Storage) -> bytes:
+    """A chunk's bytes as HDF5's filter pipeline would write them (shuffle, then deflate).
+
+    Done outside h5py so that the compression runs with the GIL released (both coders do), in
+    the writer thread, beside the forward pass; the bytes go in with write_direct_chunk. The
+    coder depends on the level (see DEFAULT_GZIP_LEVELS); either writes a standard zlib stream.
+    """
+    chunk = np.ascontiguousarray(chunk)
+    if storage.compression == "none":
+        return chunk.tobytes()
+    assert storage.compression == "gzip", "lzf chunks are compressed by h5py itself"
+    if chunk.itemsize > 1:  # HDF5's shuffle filter: byte k of every element, then byte k + 1, ...
+        raw = chunk.view(np.uint8).reshape(-1, chunk.itemsize).T.tobytes()
+    else:
+        raw = chunk.tobytes()
+    return deflate_bytes(raw, storage.level)
+
+
+# Filter pipelines read_whole inflates itself: what H5Writer writes with gzip.
+_INFLATED_PIPELINES = ((h5py.h5z.FILTER_DEFLATE,), (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE))
+
+
+def read_whole(dataset: h5py.Dataset) -> np.ndarray:
+    """dataset[()], with deflate(+shuffle) chunks inflated by libdeflate outside HDF5.
+
+    The inverse of encode_chunk. HDF5's own filters (zlib, then a byte-by-byte unshuffle) took
+    twice as long on attention files' small chunks, and analyses read every text whole. Anything
+    else (other filters, a chunk stored with a filter skipped, a chunk that will not inflate)
+    goes through h5py, which reads or reports it as before.
+    """
+    chunks, dtype, shape = dataset.chunks, dataset.dtype, dataset.shape  # each a call into HDF5
+    little_endian = dtype.byteorder in "<|" or (dtype.byteorder == "=" and sys.byteorder == "little")
+    if (chunks is None or 0 in shape or dtype.kind not in "biuf" or not little_endian
+            or dtype.itemsize not in (1, 2, 4, 8)):
+        return dataset[()]
+    plist = dataset.id.get_create_plist()
+    pipeline = tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
+    if pipeline not in _INFLATED_PIPELINES:
+        return dataset[()]
+    itemsize = dtype.itemsize
+    chunk_bytes = math.prod(chunks) * itemsize
+    out = None if chunks == shape else np.empty(shape, dtype)
+    try:
+        for offset in itertools.product(*(range(0, size, step) for size, step in zip(shape, chunks))):
+            skipped, raw = dataset.id.read_direct_chunk(offset)
+            if skipped:
+                return dataset[()]
+            data = np.frombuffer(deflate.zlib_decompress(raw, chunk_bytes), np.uint8)
+            if len(pipeline) == 2 and itemsize > 1:
+                data = _unshuffle(data, itemsize)
+            else:
+                data = data.copy()  # writable
+            chunk = data.view(dtype).reshape(chunks)
+            if out is None:
+                return chunk
+            region = tuple(slice(start, min(start + step, size)) for start, step, size in zip(offset, chunks, shape))
+            out[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+    except (OSError, ValueError, KeyError, deflate.DeflateError):
+        return dataset[()]
+    return out
+
+
+def _unshuffle(data: np.ndarray, itemsize: int) -> np.ndarray:
+    """HDF5's shuffle undone: run k of `data` holds byte k (little-endian) of every value.
+
+    Shifts and ors on whole runs: 10x numpy's transposing copy.
+    """
+    runs = data.reshape(itemsize, -1)
+    values = runs[itemsize - 1].astype(f"<u{itemsize}")
+    for k in range(itemsize - 2, -1, -1):
+        values <<= 8
+        values |= runs[k]
+    return values
+
+
+def deflate_bytes(raw: bytes, level: int) -> bytes:
+    """A zlib stream of `raw`: ISA-L at levels 0-3, libdeflate at 4-12 (both faster than zlib)."""
+    if level <= 3:
+        return isal_zlib.compress(raw, level)
+    return deflate.zlib_compress(raw, level)

@@ -1,0 +1,326 @@
+"""The attention file reader: one AttentionFile for HDF5 and JSON, texts read on demand.
+
+Every text returned is validated (attnpipe.store.validate.check_text); HDF5 attention is
+inflated by attnpipe.store.codec.read_whole. The layout read is the spec in attnpipe.store.format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from attnpipe.errors import AttnpipeError
+from attnpipe.store.codec import decode, read_whole
+from attnpipe.store.format import (FORMAT_NAME, ImageInfo, MissingAttribute, Storage,
+                                   TargetAttention, TextAttention, or_none, provenance_from_attrs,
+                                   storage_from_attrs)
+from attnpipe.store.json_file import read_json, text_from_json
+from attnpipe.store.validate import check_meta, check_rows, check_text, check_version, error_reason
+
+# What every text group holds (datasets, then attributes): the reader checks they are there.
+TEXT_DATASETS = ("text", "attention", "token_ids", "tokens", "special_tokens_mask", "offsets", "word_ids")
+TEXT_ATTRS = ("id", "truncated", "num_tokens_untruncated")
+# What AttentionFile.metric_inputs reads (and checks) for the metrics' fast path.
+METRIC_DATASETS = ("attention", "tokens", "special_tokens_mask")
+
+
+class AttentionFile:
+    """Read-only view of an attention file (HDF5 or JSON): `meta`, `ids`, and texts by index or id.
+
+    HDF5 texts are read on demand, so one text of a large corpus file costs only its own bytes.
+    """
+
+    def __init__(self, path: Path | str, *, partial_rows: bool = False):
+        self.path = Path(path)
+        # A file of --rows cls|last holds (L, H, r, n) attention: returned only to a caller that
+        # says it handles it; analyses that need whole matrices get a clear error instead.
+        self.partial_rows = partial_rows
+        self.storage = Storage()
+        if not self.path.is_file():
+            raise AttnpipeError(f"attention file not found: {self.path}")
+        self._h5: h5py.File | None = None
+        self._json: dict | None = None
+        if self.path.suffix == ".json":
+            self._open_json()
+        elif self.path.suffix in (".h5", ".hdf5"):
+            self._open_h5()
+        else:
+            raise AttnpipeError(f"unknown attention file type {self.path.suffix!r}: {self.path}")
+
+    def _open_h5(self) -> None:
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as err:
+            raise AttnpipeError(f"{self.path} is not a readable HDF5 file (truncated?): {err}") from err
+        attrs = self._h5.attrs
+        if attrs.get("format") != FORMAT_NAME:
+            self.close()
+            raise AttnpipeError(f"{self.path} is an HDF5 file but not an attnpipe attention file")
+        try:
+            check_version(self.path, int(attrs.get("schema_version", -1)))
+            missing = [name for name in ("ids", "texts") if name not in self._h5]
+            if missing:
+                raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {', '.join(missing)}")
+            self.meta = provenance_from_attrs(attrs)
+            self.ids = tuple(self._h5["ids"].asstr()[()])
+            check_meta(self.path, self.meta)
+            self.storage = storage_from_attrs(attrs)  # version 1: the defaults (gzip, all rows)
+            self._texts = self._h5["texts"]  # kept: each lookup through the file costs 3x one through it
+            if len(self._texts) != len(self.ids):
+                raise AttnpipeError(f"{self.path} is a damaged attention file: it lists {len(self.ids)} ids "
+                                    f"but holds {len(self._texts)} texts")
+        except MissingAttribute as err:
+            self.close()
+            raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {err.args[0]}") from err
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            self.close()
+            raise AttnpipeError(f"{self.path} is a damaged attention file: {error_reason(err)}") from err
+        except AttnpipeError:
+            self.close()
+            raise
+
+    def _open_json(self) -> None:
+        data, self.meta = read_json(self.path)
+        self._json = data
+        self.ids = (str(data.get("id", "text-0")),)
+        try:
+            self[0]  # one text: check it now, so every command fails at once on a damaged file
+        except (ValueError, TypeError) as err:
+            raise AttnpipeError(f"{self.path} has a damaged field: {error_reason(err)}") from err
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index_of(self, text_id: str) -> int:
+        try:
+            return self.ids.index(text_id)
+        except ValueError as err:
+            raise AttnpipeError(f"text id {text_id!r} is not in {self.path}") from err
+
+    def _position(self, key: int | str) -> int:
+        """A text id or index (negative counts from the end) -> 0-based position."""
+        index = self.index_of(key) if isinstance(key, str) else key
+        if not -len(self) <= index < len(self):
+            raise AttnpipeError(f"text index {index} is out of range: {self.path} has {len(self)} texts")
+        return index % len(self)
+
+    @property
+    def metrics_only(self) -> bool:
+        return self.storage.metrics_only
+
+    def _check_matrices(self) -> None:
+        """Refuse clearly when the caller would get something other than what it expects."""
+        if self.storage.metrics_only:
+            raise AttnpipeError(
+                f"{self.path} holds per-head metrics only (--metrics-only), no attention matrices: "
+                "use 'analyze_attention.py metrics' or AttentionFile.stored_metrics(), or extract again "
+                "without --metrics-only"
+            )
+        if self.storage.rows != "all" and not self.partial_rows:
+            raise AttnpipeError(
+                f"{self.path} stores only the {self.storage.rows!r} query row of each matrix "
+                f"(--rows {self.storage.rows}); this needs whole (query, key) matrices: extract again "
+                "with --rows all (or read the kept rows with open_attention(path, partial_rows=True))"
+            )
+
+    def __getitem__(self, key: int | str) -> TextAttention:
+        index = self._position(key)
+        if self._json is not None:
+            item = text_from_json(self.path, self._json)
+        else:
+            self._check_matrices()
+            try:
+                group = self._texts[f"{index:08d}"]
+                missing = [name for name in TEXT_DATASETS if name not in group] + [
+                    name for name in TEXT_ATTRS if name not in group.attrs]
+                if missing:
+                    raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}")
+
+                def optional(name: str) -> np.ndarray | None:
+                    return group[name][()].astype(np.float32) if name in group else None
+
+                item = TextAttention(
+                    id=group.attrs["id"],
+                    text=group["text"].asstr()[()],
+                    tokens=tuple(group["tokens"].asstr()[()]),
+                    token_ids=group["token_ids"][()],
+                    special_tokens_mask=group["special_tokens_mask"][()],
+                    offsets=group["offsets"][()],
+                    word_ids=group["word_ids"][()],
+                    truncated=bool(group.attrs["truncated"]),
+                    num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
+                    attention=decode(read_whole(group["attention"])),
+                    query_positions=group["query_positions"][()] if "query_positions" in group else None,
+                    target=_target_from_h5(group) if "target" in group else None,
+                    input_kind=str(group.attrs.get("input_kind", "text")),
+                    image=_image_from_attrs(group.attrs),
+                    attention_grad=optional("attention_grad"),
+                    head_gate_grad=optional("head_gate_grad"),
+                    token_grad_input=optional("token_grad_input"),
+                    head_ablation=optional("head_ablation"),
+                    gradient_target_value=or_none(float, group.attrs.get("gradient_target_value")),
+                    gradient_target_label=or_none(int, group.attrs.get("gradient_target_label")),
+                )
+            except (KeyError, ValueError, TypeError, OSError) as err:
+                raise AttnpipeError(f"{self.path}: text {index} is damaged: {error_reason(err)}") from err
+        check_text(self.path, item, self.meta)
+        return item
+
+    def metric_inputs(self, key: int | str, to_float32=None) -> tuple[str, tuple[str, ...], np.ndarray, np.ndarray]:
+        """(id, tokens, special_tokens_mask, attention) of one text: what the metrics read.
+
+        The fast path of attnpipe.analyze.fast_metrics: three datasets instead of a whole TextAttention
+        (about half the reading time on short texts), with the same shape and row-sum checks.
+        `to_float32` replaces `decode` (fast_metrics converts float16 with torch, 5x numpy's speed).
+        """
+        if self._json is not None:
+            item = self[key]
+            return item.id, item.tokens, item.special_tokens_mask, item.attention
+        index = self._position(key)
+        self._check_matrices()
+        try:
+            group = self._texts[f"{index:08d}"]
+            try:
+                text_id = group.attrs["id"]
+                attention_ds, tokens_ds, special_ds = (group[name] for name in METRIC_DATASETS)
+            except KeyError:  # looked up only now: per-name checks cost a fifth of a short text's read
+                missing = [name for name in METRIC_DATASETS if name not in group] + (
+                    [] if "id" in group.attrs else ["id"])
+                if missing:
+                    raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}") from None
+                raise
+            tokens = tuple(tokens_ds.asstr()[()])
+            special = special_ds[()]
+            attention = (to_float32 or decode)(read_whole(attention_ds))
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise AttnpipeError(f"{self.path}: text {index} is damaged: {error_reason(err)}") from err
+        n = len(tokens)
+        expected = (len(self.meta.layers), len(self.meta.heads), n, n)
+        if attention.shape != expected or len(special) != n:
+            raise AttnpipeError(f"{self.path}: text {text_id!r} has attention of shape {attention.shape} and "
+                                f"{len(special)} special_tokens_mask for {n} tokens; expected {expected}")
+        check_rows(self.path, text_id, attention, self.meta.layers, self.meta.heads, self.meta.dtype)
+        return text_id, tokens, special, attention
+
+    def corpus_array(self, name: str) -> np.ndarray | None:
+        """A root dataset such as `head_importance_mean` (HDF5, version 2), or None if absent."""
+        if self._h5 is None or name not in self._h5:
+            return None
+        return self._h5[name][()].astype(np.float32)
+
+    def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
+        """One (query, key) matrix, by *stored* layer and head position, reading only its chunk.
+
+        (n, n) float32; (r, n) for a --rows file opened with partial_rows=True.
+        """
+        if self._json is not None:
+            return self[key].attention[layer, head]
+        index = self._position(key)
+        self._check_matrices()
+        try:
+            group = self._texts[f"{index:08d}"]
+            matrix = decode(group["attention"][layer, head])
+            text_id = group.attrs["id"]
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise AttnpipeError(f"{self.path}: text {index} is damaged: {error_reason(err)}") from err
+        check_rows(self.path, text_id, matrix[None, None], (self.meta.layers[layer],), (self.meta.heads[head],),
+                   self.meta.dtype)
+        return matrix
+
+    def stored_metrics(self, metrics: tuple[str, ...] | None = None):
+        """The per-head metrics of a --metrics-only file as corpus_metrics' long table.
+
+        Columns text_id, layer, head (model indices), metric (categorical), value. The per-text
+        causal flag the metrics were computed with is `stored_causal()`.
+        """
+        if not self.storage.metrics_only:
+            raise AttnpipeError(f"{self.path} holds attention matrices, not stored metrics")
+        group = self._h5["metrics"]
+        values = group["values"][()]  # (N, L, H, M)
+        names = list(group["names"].asstr()[()])
+        wanted = names if metrics is None else list(metrics)
+        missing = [name for name in wanted if name not in names]
+        if missing:
+            raise AttnpipeError(f"{self.path} does not hold the metric(s) {', '.join(missing)}; "
+                                f"it holds {', '.join(names)}")
+        values = values[..., [names.index(name) for name in wanted]]
+        return metrics_table(self.ids, self.meta.layers, self.meta.heads, wanted, values)
+
+    def stored_causal(self) -> np.ndarray:
+        """(N,) bool: whether each text's stored metrics treated queries as seeing earlier keys only."""
+        if not self.storage.metrics_only:
+            raise AttnpipeError(f"{self.path} holds attention matrices, not stored metrics")
+        return self._h5["metrics/causal"][()]
+
+    def __iter__(self) -> Iterator[TextAttention]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self) -> AttentionFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _target_from_h5(group) -> TargetAttention:
+    sub = group["target"]
+    return TargetAttention(
+        text=sub["text"].asstr()[()],
+        tokens=tuple(sub["tokens"].asstr()[()]),
+        token_ids=sub["token_ids"][()],
+        special_tokens_mask=sub["special_tokens_mask"][()],
+        labels=tuple(sub["labels"].asstr()[()]),
+        label_ids=sub["label_ids"][()],
+        truncated=bool(sub.attrs["truncated"]),
+        num_tokens_untruncated=int(sub.attrs["num_tokens_untruncated"]),
+        decoder_attention=decode(group["decoder_attention"][()]),
+        cross_attention=decode(group["cross_attention"][()]),
+    )
+
+
+def _image_from_attrs(attrs) -> ImageInfo | None:
+    if "image_path" not in attrs:
+        return None
+    path = attrs["image_path"]
+    return ImageInfo(
+        path=path.decode() if isinstance(path, bytes) else str(path),
+        size=tuple(int(x) for x in attrs["image_size"]),
+        patch_grid=tuple(int(x) for x in attrs["patch_grid"]),
+        patch_size=int(attrs["patch_size"]),
+    )
+
+
+def metrics_table(ids, layers, heads, names, values: np.ndarray):
+    """(texts, L, H, M) per-head metric values as corpus_metrics' long table: text_id, layer,
+    head (model indices), metric (categorical, in `names` order), value."""
+    import pandas as pd
+
+    names = list(names)
+    num_texts, num_layers, num_heads, num_metrics = values.shape
+    text_idx, layer_idx, head_idx, metric_idx = np.meshgrid(
+        np.arange(num_texts), np.arange(num_layers), np.arange(num_heads), np.arange(num_metrics),
+        indexing="ij")
+    return pd.DataFrame({
+        "text_id": np.asarray(list(ids), dtype=object)[text_idx.ravel()],
+        "layer": np.asarray(layers, dtype=np.int64)[layer_idx.ravel()],
+        "head": np.asarray(heads, dtype=np.int64)[head_idx.ravel()],
+        "metric": pd.Categorical.from_codes(metric_idx.ravel(), categories=names),
+        "value": values.ravel(),
+    })
+
+
+def open_attention(path: Path | str, *, partial_rows: bool = False) -> AttentionFile:
+    """Open an attention file for reading (use in a `with` block).
+
+    partial_rows=True: also return the (L, H, r, n) attention of --rows cls|last files.
+    """
+    return AttentionFile(path, partial_rows=partial_rows)
