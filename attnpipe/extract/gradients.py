@@ -290,23 +290,36 @@ def check_explainable(model) -> None:
                             "--method hf runs transformers' own: drop --method hf")
 
 
+def _own_rows(weights, field: str, ids: torch.Tensor):
+    """(weights, ids, rows): the n rows of table `field` that ids (1, n) use, copied into n new
+    vocabulary rows (ids vocab..vocab+n-1) that are autograd leaves, so a token repeated in the
+    text still gets one gradient per position."""
+    table = getattr(weights, field)  # (vocab, E)
+    rows = table[ids[0]].detach().clone().requires_grad_(True)  # (n, E)
+    extended = torch.cat([table.detach(), rows], dim=0)  # (vocab + n, E)
+    own = table.shape[0] + torch.arange(ids.shape[1], device=ids.device)[None]  # (1, n)
+    return dataclasses.replace(weights, **{field: extended}), own, rows
+
+
 def _differentiable_input(model, batch: dict[str, torch.Tensor]):
     """(weights, batch, leaf): the input rewritten so that `leaf` (n, E) is what gradient × input
-    differentiates (see the module docstring).
+    differentiates (see the module docstring): own rows of the WORD_EMBEDDINGS table for token
+    ids, otherwise the first layer's input, given as `inputs_embeds`.
 
-    Token ids: the n rows of the WORD_EMBEDDINGS table the text uses are copied into n new
-    vocabulary rows (ids vocab..vocab+n-1), so a token repeated in the text still gets one
-    gradient per position. Otherwise the first layer's input, given as `inputs_embeds`.
+    Encoder-decoders get own rows of their DECODER_WORD_EMBEDDINGS table too (not reported):
+    nothing of the source reaches the decoder's first self-attention, which must still be on the
+    autograd path.
     """
     family, weights = model.family, model.weights
     field = family.WORD_EMBEDDINGS
     if field is not None:
-        table = getattr(weights, field)  # (vocab, E)
-        ids = batch["input_ids"]
-        leaf = table[ids[0]].detach().clone().requires_grad_(True)  # (n, E)
-        extended = torch.cat([table.detach(), leaf], dim=0)  # (vocab + n, E)
-        own = table.shape[0] + torch.arange(ids.shape[1], device=ids.device)[None]  # (1, n)
-        return dataclasses.replace(weights, **{field: extended}), {**batch, "input_ids": own}, leaf
+        weights, own, leaf = _own_rows(weights, field, batch["input_ids"])
+        batch = {**batch, "input_ids": own}
+        decoder_field = getattr(family, "DECODER_WORD_EMBEDDINGS", None)
+        if decoder_field is not None:
+            weights, own, _ = _own_rows(weights, decoder_field, batch["decoder_input_ids"])
+            batch["decoder_input_ids"] = own
+        return weights, batch, leaf
     if "inputs_embeds" in batch:  # the torch encoder: the embeddings are the input
         x = batch["inputs_embeds"]
     else:  # ViT: [CLS] + patch embeddings + positions, what its first layer receives

@@ -10,7 +10,8 @@ Every family module (bert, gpt2, llama, t5, bart, vit, torch_encoder, and hf, th
                       causality is carried by `Weights.causal` (use `CAUSAL or weights.causal`)
     KINDS             ("self",), or ("self", "decoder", "cross") for encoder-decoders
     WORD_EMBEDDINGS   the Weights field holding the (vocab, E) table gradient x input
-                      differentiates; None where the inputs are not token ids (vit, torch, hf)
+                      differentiates; None where the inputs are not token ids (vit, torch, hf);
+                      encoder-decoders also name DECODER_WORD_EMBEDDINGS (the decoder's table)
 
     load_weights(model) -> Weights          with num_layers, num_heads (encoder-decoders also
                                             decoder_num_layers, decoder_num_heads)

@@ -36,6 +36,9 @@ INPUT_KIND = "pairs"
 CAUSAL = False  # the encoder is bidirectional; the "decoder" kind is causal by definition
 KINDS = ("self", "decoder", "cross")
 WORD_EMBEDDINGS = "embed"  # Weights.embed: the encoder's (vocab, E) token table, before scale and positions
+# The decoder's (vocab, E) table: gradients make its rows leaves too, so that the decoder's first
+# self-attention (which no source token reaches) is on the autograd path.
+DECODER_WORD_EMBEDDINGS = "decoder_embed"
 POSITION_OFFSET = {"bart": 2, "marian": 0}  # BartLearnedPositionalEmbedding.offset; Marian has none
 
 
