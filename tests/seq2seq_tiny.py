@@ -55,15 +55,25 @@ SPECIALS = {
 }
 
 
-def save_tiny_seq2seq(variant: str, folder: Path, seed: int = 0) -> Path:
-    """Build a random-initialised model and a word-level tokenizer; save both to `folder`."""
+def save_tiny_seq2seq(variant: str, folder: Path, seed: int = 0, lm_head: bool = False) -> Path:
+    """Build a random-initialised model and a word-level tokenizer; save both to `folder`.
+
+    With `lm_head` the ...ForConditionalGeneration model is saved (base weights + LM head); BART's
+    and Marian's final_logits_bias is then drawn at random too, so a head that forgets it shows.
+    """
     import torch
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     torch.manual_seed(seed)
     config = tiny_seq2seq_config(variant)
-    T.AutoModel.from_config(config).save_pretrained(folder)
+    if lm_head:
+        model = T.AutoModelForSeq2SeqLM.from_config(config)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.normal_()
+        model.save_pretrained(folder)
+    else:
+        T.AutoModel.from_config(config).save_pretrained(folder)
 
     specials, template = SPECIALS[{"mt5": "t5"}.get(variant, variant.split("-")[0])]
     vocab = dict(specials)

@@ -52,24 +52,25 @@ def test_gates_at_one_are_bit_identical(tiny_model_dir, model_type):
     model = load_model(tiny_model_dir(model_type), torch.device("cpu"))
     ids = torch.tensor([[2, 7, 8, 9, 10, 11, 3], [2, 12, 13, 14, 3, 0, 0]])
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
-    plain = model.family.forward(model.weights, ids, mask)
-    gated = model.family.forward(model.weights, ids, mask, head_gates=torch.ones(model.num_layers, model.num_heads))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    plain = model.family.forward(model.weights, batch)
+    gated = model.family.forward(model.weights, batch, head_gates={"self": torch.ones(model.num_layers, model.num_heads)})
     assert torch.equal(plain.hidden, gated.hidden)
-    assert all(torch.equal(plain.attentions[l], gated.attentions[l]) for l in plain.attentions)
+    assert all(torch.equal(plain.attentions["self"][l], gated.attentions["self"][l]) for l in plain.attentions["self"])
     # and a gate does act: zeroing one head changes the output
     gates = torch.ones(model.num_layers, model.num_heads)
     gates[0, 1] = 0.0
-    zeroed = model.family.forward(model.weights, ids, mask, head_gates=gates).hidden
+    zeroed = model.family.forward(model.weights, batch, head_gates={"self": gates}).hidden
     assert not torch.equal(plain.hidden, zeroed)
     # per-text gates (L, B, H): text 0 ungated, text 1 with head (0, 1) zeroed, in one batch
     per_text = torch.stack([torch.ones_like(gates), gates], dim=1)  # (L, 2, H)
-    both = model.family.forward(model.weights, ids, mask, head_gates=per_text).hidden
+    both = model.family.forward(model.weights, batch, head_gates={"self": per_text}).hidden
     assert torch.equal(both[0], plain.hidden[0]) and torch.equal(both[1], zeroed[1])
 
 
 def objective_value(model, objective, ids, gates=None, label=None):
     with torch.no_grad():
-        out = G.run(model, ids, gates)
+        out = G.run(model, ids, None if gates is None else {"self": gates})
         label = objective.choose(out.hidden) if label is None else label
         return float(objective.value(out.hidden, label)[0]), label
 
@@ -89,14 +90,14 @@ def test_gate_gradient_matches_finite_differences(tiny_model_dir, classifier_dir
     model, objective = _model_and_objective(tiny_model_dir, classifier_dir, model_type, spec)
     ids = ids_of(model, "the cat sat on the mat and it was red")
     result = G.text_gradients(model, objective, ids)
-    assert result.head_gate_grad.shape == (model.num_layers, model.num_heads)
+    assert result.head_gate_grad["self"].shape == (model.num_layers, model.num_heads)
     for layer, head in [(0, 0), (model.num_layers - 1, model.num_heads - 1), (1, 2)]:
         gates = torch.ones(model.num_layers, model.num_heads, dtype=torch.float64)
         gates[layer, head] += EPS
         up, _ = objective_value(model, objective, ids, gates, result.target_label)
         gates[layer, head] -= 2 * EPS
         down, _ = objective_value(model, objective, ids, gates, result.target_label)
-        assert result.head_gate_grad[layer, head] == pytest.approx((up - down) / (2 * EPS), rel=FD_RTOL, abs=FD_ATOL)
+        assert result.head_gate_grad["self"][layer, head] == pytest.approx((up - down) / (2 * EPS), rel=FD_RTOL, abs=FD_ATOL)
     assert result.target_value == pytest.approx(objective_value(model, objective, ids)[0], abs=1e-12)
 
 
@@ -129,13 +130,13 @@ def test_attention_gradient_matches_finite_differences(tiny_model_dir, classifie
             monkeypatch.setattr(module, "attention_probs", original)
 
     last = model.num_layers - 1
-    causal = module.__name__.endswith(("gpt2", "llama"))
+    causal = module.CAUSAL
     row = n - 1 if causal else 0  # in the last layer only the row the target reads matters (or all)
     entries = [(0, 0, n - 1, 1), (last, 1, row, 2), (0, 3, 2, 1)]
     checked = 0
     for layer, head, q, k in entries:
         fd = (perturbed_value(layer, head, q, k, EPS) - perturbed_value(layer, head, q, k, -EPS)) / (2 * EPS)
-        assert result.attention_grad[layer, head, q, k] == pytest.approx(fd, rel=FD_RTOL, abs=FD_ATOL)
+        assert result.attention_grad["self"][layer, head, q, k] == pytest.approx(fd, rel=FD_RTOL, abs=FD_ATOL)
         checked += abs(fd) > 1e-6
     assert checked >= 2, "the checked entries should carry non-zero gradient"
 
@@ -185,15 +186,15 @@ def test_head_importance_equals_ablation_when_target_is_linear_in_the_gates(tiny
     objective = G.Objective(G.Target("class", "linear"), lambda hidden: -1, lambda hidden, label: hidden[:, 0] @ w)
     ids = ids_of(model, "the cat sat on the mat")
     result = G.text_gradients(model, objective, ids, ablate=True)
-    assert result.head_gate_grad.shape == (1, 4)
-    np.testing.assert_allclose(result.head_ablation, -result.head_gate_grad, rtol=1e-10, atol=1e-12)
-    assert np.abs(result.head_gate_grad).min() > 1e-3  # every head matters: the check is not 0 == 0
+    assert result.head_gate_grad["self"].shape == (1, 4)
+    np.testing.assert_allclose(result.head_ablation["self"], -result.head_gate_grad["self"], rtol=1e-10, atol=1e-12)
+    assert np.abs(result.head_gate_grad["self"]).min() > 1e-3  # every head matters: the check is not 0 == 0
 
 
 def test_ablation_runs_on_a_real_nonlinear_model(classifier_dir):
     model, objective = _model_and_objective(None, classifier_dir, "classifier", "predicted")
     result = G.text_gradients(model, objective, ids_of(model, "the dog ran"), ablate=True)
-    assert result.head_ablation.shape == (2, 4) and np.abs(result.head_ablation).max() > 0
+    assert result.head_ablation["self"].shape == (2, 4) and np.abs(result.head_ablation["self"]).max() > 0
 
 
 def test_parse_target():
@@ -263,3 +264,257 @@ def test_version_1_files_are_still_read(tiny_model_dir, tmp_path):
     with open_attention(path) as f:
         assert f.meta.schema_version == 1 and f.meta.gradient_target is None
         assert f[0].attention_grad is None and f[0].head_importance is None
+
+
+# ---------------------------------------------------------------- encoder-decoders, ViT, torch encoder
+#
+# The same finite-difference checks through the family interface: every kind of attention
+# ("self"; encoder-decoders also "decoder" and "cross"), in float64.
+
+def _call_index(weights, kind: str, layer: int) -> int:
+    """Which attention_probs call of a forward computes (kind, layer): the encoder's (or only)
+    layers first, then each decoder layer's self-attention followed by its cross-attention."""
+    if kind == "self":
+        return layer
+    return weights.num_layers + 2 * layer + (0 if kind == "decoder" else 1)
+
+
+def _value(model, objective, batch, label, gates=None):
+    with torch.no_grad():
+        out = G.run(model, batch, gates)
+        return float(objective.value(objective.states(out), label)[0])
+
+
+def check_gate_gradients(model, objective, batch, result):
+    for kind, (num_layers, num_heads) in G.gate_shapes(model.weights, model.family.KINDS).items():
+        assert result.head_gate_grad[kind].shape == (num_layers, num_heads)
+        for layer, head in [(0, 0), (num_layers - 1, num_heads - 1)]:
+            gates = torch.ones(num_layers, num_heads, dtype=torch.float64)
+            gates[layer, head] += EPS
+            up = _value(model, objective, batch, result.target_label, {kind: gates})
+            gates[layer, head] -= 2 * EPS
+            down = _value(model, objective, batch, result.target_label, {kind: gates})
+            assert result.head_gate_grad[kind][layer, head] == pytest.approx(
+                (up - down) / (2 * EPS), rel=FD_RTOL, abs=FD_ATOL), (kind, layer, head)
+    assert result.target_value == pytest.approx(_value(model, objective, batch, result.target_label), abs=1e-12)
+
+
+def check_attention_gradients(model, objective, batch, result, monkeypatch, entries, nonzero_kinds):
+    """entries: (kind, layer, head, query, key); each kind in nonzero_kinds must carry gradient."""
+    module = model.family
+    original = module.attention_probs
+
+    def perturbed(kind, layer, head, q, k, delta):
+        calls = []
+        wanted = _call_index(model.weights, kind, layer)
+
+        def probs_with_nudge(*args, **kwargs):
+            probs = original(*args, **kwargs)
+            if len(calls) == wanted:
+                probs = probs.clone()
+                probs[0, head, q, k] += delta
+            calls.append(1)
+            return probs
+
+        monkeypatch.setattr(module, "attention_probs", probs_with_nudge)
+        try:
+            return _value(model, objective, batch, result.target_label)
+        finally:
+            monkeypatch.setattr(module, "attention_probs", original)
+
+    carrying = set()
+    for kind, layer, head, q, k in entries:
+        fd = (perturbed(kind, layer, head, q, k, EPS) - perturbed(kind, layer, head, q, k, -EPS)) / (2 * EPS)
+        assert result.attention_grad[kind][layer, head, q, k] == pytest.approx(fd, rel=FD_RTOL, abs=FD_ATOL), (
+            kind, layer, head, q, k)
+        if abs(fd) > 1e-6:
+            carrying.add(kind)
+    assert carrying >= set(nonzero_kinds), f"checked entries of {set(nonzero_kinds) - carrying} carry no gradient"
+
+
+@pytest.fixture(scope="module")
+def seq2seq_lm_dir(tmp_path_factory):
+    from seq2seq_tiny import save_tiny_seq2seq
+
+    cache = {}
+
+    def make(variant):
+        if variant not in cache:
+            cache[variant] = save_tiny_seq2seq(variant, tmp_path_factory.mktemp(variant), lm_head=True)
+        return cache[variant]
+
+    return make
+
+
+SRC = [[7, 12, 9, 30, 41, 8, 55, 1]]  # (1, S) real ids, clear of the special ids
+DEC = [[0, 17, 23, 9, 61, 14]]  # (1, T) start token + target prefix
+
+
+def seq2seq_batch(model):
+    start = model.hf_model.config.decoder_start_token_id
+    src, dec = torch.tensor(SRC), torch.tensor([[start] + DEC[0][1:]])
+    return {"input_ids": src, "attention_mask": torch.ones_like(src),
+            "decoder_input_ids": dec, "decoder_attention_mask": torch.ones_like(dec)}
+
+
+@pytest.mark.parametrize("variant,spec", [("t5", "next-token"), ("bart", "next-token"), ("marian", "next-token"),
+                                          ("t5", "similarity:the dog ran fast"), ("bart", "output-norm")])
+def test_seq2seq_gradients_match_finite_differences(seq2seq_lm_dir, monkeypatch, variant, spec):
+    model = float64(load_model(seq2seq_lm_dir(variant), torch.device("cpu")))
+    objective = G.build_objective(model, G.parse_target(spec), lambda text: ids_of(model, text))
+    batch = seq2seq_batch(model)
+    result = G.text_gradients(model, objective, batch, ablate=True)
+    s, t = batch["input_ids"].shape[1], batch["decoder_input_ids"].shape[1]
+    assert result.attention_grad["self"].shape == (model.num_layers, model.num_heads, s, s)
+    assert result.attention_grad["decoder"].shape[2:] == (t, t)
+    assert result.attention_grad["cross"].shape[2:] == (t, s)
+    assert result.token_grad_input.shape == (s,)  # on the source tokens
+    check_gate_gradients(model, objective, batch, result)
+    enc_last, dec_last = model.num_layers - 1, model.weights.decoder_num_layers - 1
+    entries = [("self", 0, 0, 1, 2), ("self", enc_last, 1, 3, 0),
+               ("decoder", 0, 0, t - 1, 0), ("decoder", dec_last, 1, t - 1, 2),
+               ("cross", 0, 1, 2, 4), ("cross", dec_last, 0, t - 1, 3)]
+    reads_decoder = objective.reads == "hidden"
+    check_attention_gradients(model, objective, batch, result, monkeypatch, entries,
+                              ("self", "decoder", "cross") if reads_decoder else ("self",))
+    if not reads_decoder:  # similarity reads the encoder states: the decoder is off the path
+        assert not result.head_gate_grad["decoder"].any() and not result.attention_grad["cross"].any()
+    for kind in model.family.KINDS:  # ablation: one value per head of each kind, and they act
+        assert result.head_ablation[kind].shape == result.head_gate_grad[kind].shape
+    assert np.abs(result.head_ablation["self"]).max() > 0
+
+
+@pytest.mark.parametrize("variant", ["t5", "bart"])
+def test_seq2seq_next_token_is_the_lm_heads_logit(seq2seq_lm_dir, variant):
+    """Our objective equals transformers' ...ForConditionalGeneration logit at the last decoder
+    position: T5's d_model**-0.5 rescale before its tied head and BART's (here random)
+    final_logits_bias are applied."""
+    import transformers as T
+
+    model = float64(load_model(seq2seq_lm_dir(variant), torch.device("cpu")))
+    objective = G.build_objective(model, G.parse_target("next-token"))
+    batch = seq2seq_batch(model)
+    result = G.text_gradients(model, objective, batch)
+    lm = T.AutoModelForSeq2SeqLM.from_pretrained(seq2seq_lm_dir(variant), attn_implementation="eager",
+                                                 dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = lm(**batch, use_cache=False).logits[0, -1]  # (vocab,)
+    assert result.target_label == int(logits.argmax())
+    # transformers' T5LayerNorm takes the variance in float32 even in a float64 model (ours keeps
+    # float64), so T5 agrees to float32 rounding; a missing rescale would be off by sqrt(d_model).
+    rel = 1e-6 if variant == "t5" else 1e-9
+    assert result.target_value == pytest.approx(float(logits[result.target_label]), rel=rel, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def vit_classifier_dir(tmp_path_factory):
+    """The tiny ViT of conftest with transformers' image-classification head (3 classes)."""
+    import transformers as T
+
+    from conftest import save_tiny_vit
+
+    folder = save_tiny_vit(tmp_path_factory.mktemp("vitclf"))
+    config = T.AutoConfig.from_pretrained(folder)
+    config.num_labels = 3
+    torch.manual_seed(2)
+    T.ViTForImageClassification(config).save_pretrained(folder)  # overwrites config + weights
+    return folder
+
+
+def vit_model(folder):
+    from attnpipe.extract.images import load_vision_model
+    from attnpipe.extract.loading import LoadedModel
+    from attnpipe.models import vit
+
+    loaded = load_vision_model(folder, torch.device("cpu"))
+    hf = loaded.hf_model.double()
+    return LoadedModel(model_dir=folder, model_type="vit", family=vit, hf_model=hf, weights=vit.load_weights(hf),
+                       tokenizer=None, weights_sha256="", weight_files=(), device=torch.device("cpu"),
+                       trust_remote_code=False)
+
+
+@pytest.mark.parametrize("spec", ["predicted", "output-norm"])
+def test_vit_gradients_match_finite_differences(vit_classifier_dir, monkeypatch, spec):
+    import transformers as T
+
+    model = vit_model(vit_classifier_dir)
+    objective = G.build_objective(model, G.parse_target(spec))
+    batch = {"pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3),
+                                         dtype=torch.float64)}
+    result = G.text_gradients(model, objective, batch, ablate=True)
+    assert result.attention_grad["self"].shape == (2, 4, 17, 17) and result.token_grad_input.shape == (17,)
+    check_gate_gradients(model, objective, batch, result)
+    check_attention_gradients(model, objective, batch, result, monkeypatch,
+                              [("self", 0, 0, 5, 1), ("self", 1, 3, 0, 9), ("self", 0, 2, 16, 0)], ("self",))
+    assert result.head_ablation["self"].shape == (2, 4)
+    if spec == "predicted":  # gradient x input on what the first layer receives, against transformers
+        clf = T.AutoModelForImageClassification.from_pretrained(vit_classifier_dir, attn_implementation="eager",
+                                                                dtype=torch.float64).eval()
+        seen = {}
+
+        def keep(module, args, output):
+            seen["x"] = output.detach().requires_grad_(True)
+            return seen["x"]
+
+        handle = clf.vit.embeddings.register_forward_hook(keep)
+        try:
+            logits = clf(pixel_values=batch["pixel_values"]).logits[0]
+            assert result.target_label == int(logits.argmax())
+            logits[result.target_label].backward()
+        finally:
+            handle.remove()
+        expected = (seen["x"].grad * seen["x"]).sum(-1)[0].detach().numpy()
+        # transformers' ViT takes its softmax in float32 even in a float64 model: agreement is to
+        # float32 rounding (a wrong input, e.g. before the position embeddings, is off by far more).
+        np.testing.assert_allclose(result.token_grad_input, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("norm_first,causal", [(False, False), (True, True)], ids=["post-norm", "pre-norm-causal"])
+def test_torch_encoder_gradients_match_finite_differences(monkeypatch, norm_first, causal):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from attnpipe.models import torch_encoder
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.0, batch_first=True,
+                                       norm_first=norm_first)
+    module = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16) if norm_first else None,
+                                   enable_nested_tensor=False).double().eval()
+    model = SimpleNamespace(family=torch_encoder, weights=torch_encoder.load_weights(module, causal=causal))
+    objective = G.build_objective(model, G.parse_target("output-norm"))
+    x = torch.randn(1, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    batch = {"inputs_embeds": x, "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    result = G.text_gradients(model, objective, batch, ablate=True)
+    assert result.attention_grad["self"].shape == (2, 4, 6, 6)
+    if causal:
+        assert not np.triu(result.attention["self"], 1).any()
+    check_gate_gradients(model, objective, batch, result)
+    check_attention_gradients(model, objective, batch, result, monkeypatch,
+                              [("self", 0, 0, 5, 1), ("self", 1, 3, 4, 2), ("self", 0, 2, 3, 3)], ("self",))
+    # gradient x input on the given embeddings, against the module's own forward
+    given = x.clone().requires_grad_(True)
+    mask = nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64) if causal else None
+    module(given, mask=mask, is_causal=causal).mean(1).norm(dim=-1)[0].backward()
+    np.testing.assert_allclose(result.token_grad_input, (given.grad * given).sum(-1)[0].detach().numpy(),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_targets_a_family_lacks_are_refused(tiny_vit_dir):
+    from types import SimpleNamespace
+
+    from attnpipe.errors import AttnpipeError
+    from attnpipe.models import hf, torch_encoder
+
+    torch_model = SimpleNamespace(family=torch_encoder, weights=None)
+    for spec, message in [("predicted", "a --torch-model has none: use --explain output-norm"),
+                          ("next-token", "needs a causal language model"),
+                          ("similarity:a cat", "needs a text model")]:
+        with pytest.raises(AttnpipeError, match=message):
+            G.build_objective(torch_model, G.parse_target(spec), lambda text: None)
+    with pytest.raises(AttnpipeError, match="needs an image-classification head"):
+        G.build_objective(vit_model(tiny_vit_dir), G.parse_target("predicted"))
+    with pytest.raises(AttnpipeError, match="drop --method hf"):
+        G.check_explainable(SimpleNamespace(family=hf))
+    assert G.parse_target("output-norm").kind == "output-norm"

@@ -23,6 +23,7 @@ that are exactly zero are padding: masked as keys (src_key_padding_mask) and not
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -205,8 +206,9 @@ def extract_torch(config: TorchExtractConfig) -> ExtractResult:
             x = torch.from_numpy(array[rows.start:rows.stop]).to(device)  # (B, T, E)
             mask = torch.tensor([[1] * lengths[i] + [0] * (seq - lengths[i]) for i in rows], device=device)
             with torch.inference_mode():
-                out = torch_encoder.forward(weights, x, mask, causal=config.causal, keep_layers=keep)
-                stacked = torch.stack([out.attentions[layer] for layer in layers], dim=1)  # (B, L, H, T, T)
+                out = torch_encoder.forward(dataclasses.replace(weights, causal=config.causal),
+                                            {"inputs_embeds": x, "attention_mask": mask}, keep_layers={"self": keep})
+                stacked = torch.stack([out.attentions["self"][layer] for layer in layers], dim=1)  # (B, L, H, T, T)
                 stacked = stacked.index_select(2, head_index).float().cpu().numpy()
             if not np.isfinite(stacked).all():
                 raise AttnpipeError("the attention holds NaN or inf: check the weights and --data")

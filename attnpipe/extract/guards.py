@@ -27,7 +27,7 @@ from attnpipe.errors import AttnpipeError
 # MiniLM); 1e-4 leaves room for long inputs and still catches a wrong scale, mask or a dropped key.
 ROW_SUM_TOL = 1e-4
 # Families whose queries see only earlier keys (their forward passes add attention.causal_mask).
-CAUSAL_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
+from attnpipe.models import CAUSAL_MODEL_TYPES  # noqa: E402  (derived from the families' CAUSAL)
 
 
 def is_causal(model_type: str) -> bool:

@@ -181,14 +181,14 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
             pixels = pixels.to(device=device, dtype=torch.float32)  # (B, C, H, W)
             with torch.inference_mode():
                 try:
-                    out = vit.forward(weights, pixels, keep_layers=keep)
+                    out = vit.forward(weights, {"pixel_values": pixels}, keep_layers={"self": keep})
                 except ValueError as err:  # image size / channels do not fit the model
                     raise AttnpipeError(f"{config.model_dir}: {err}") from err
                 if config.verify:
                     ref = model.hf_model(pixel_values=pixels, output_attentions=True)
                     if not ref.attentions:
                         raise AttnpipeError("transformers returned no attentions: the model is not on eager attention")
-                    for layer, probs in out.attentions.items():
+                    for layer, probs in out.attentions["self"].items():
                         diff = (ref.attentions[layer] - probs).abs()  # (B, H, T, T), no padding
                         if diff.max().item() > parity:
                             parity = diff.max().item()
@@ -199,7 +199,7 @@ def extract_images(config: ImageExtractConfig) -> ExtractResult:
                                     f"differs from transformers eager by {parity:.3g} (tolerance {config.verify_tol:g})"
                                 )
                     hidden_parity = max(hidden_parity, (ref.last_hidden_state - out.hidden).abs().max().item())
-                stacked = torch.stack([out.attentions[layer] for layer in layers], dim=1)  # (B, L, H, T, T)
+                stacked = torch.stack([out.attentions["self"][layer] for layer in layers], dim=1)  # (B, L, H, T, T)
                 stacked = stacked.index_select(2, head_index).float().cpu().numpy()
             for row, (path, picture) in enumerate(zip(paths, pictures)):
                 i = start + row

@@ -156,9 +156,9 @@ def _reference_diffs(model, batch, src_lengths, tgt_lengths, out) -> _Parity:
     attn, hidden, where = 0.0, 0.0, (0, "encoder", 0, 0)
     for row, (s, t) in enumerate(zip(src_lengths, tgt_lengths)):
         kinds = (
-            ("encoder", out.encoder_attentions, ref.encoder_attentions, s, s),
-            ("decoder", out.decoder_attentions, ref.decoder_attentions, t, t),
-            ("cross", out.cross_attentions, ref.cross_attentions, t, s),
+            ("encoder", out.attentions["self"], ref.encoder_attentions, s, s),
+            ("decoder", out.attentions["decoder"], ref.decoder_attentions, t, t),
+            ("cross", out.attentions["cross"], ref.cross_attentions, t, s),
         )
         for kind, ours, theirs, q, k in kinds:
             for layer, probs in ours.items():
@@ -169,7 +169,7 @@ def _reference_diffs(model, batch, src_lengths, tgt_lengths, out) -> _Parity:
         hidden = max(
             hidden,
             (ref.encoder_last_hidden_state[row, :s] - out.encoder_hidden[row, :s]).abs().max().item(),
-            (ref.last_hidden_state[row, :t] - out.decoder_hidden[row, :t]).abs().max().item(),
+            (ref.last_hidden_state[row, :t] - out.hidden[row, :t]).abs().max().item(),
         )
     return _Parity(attn, hidden, where)
 
@@ -241,9 +241,8 @@ def extract_pairs(config: ExtractConfig) -> ExtractResult:
             b_src = [src_lengths[i] for i in batch_indices]
             b_tgt = [tgt_lengths[i] for i in batch_indices]
             with torch.inference_mode():
-                out = model.family.forward_seq2seq(
-                    weights, batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
-                    batch["decoder_attention_mask"], keep_layers=keep, keep_decoder_layers=keep_dec,
+                out = model.family.forward(
+                    weights, batch, keep_layers={"self": keep, "decoder": keep_dec, "cross": keep_dec},
                 )
                 if config.verify:
                     check = _reference_diffs(model, batch, b_src, b_tgt, out)
@@ -255,9 +254,9 @@ def extract_pairs(config: ExtractConfig) -> ExtractResult:
                             f"layer {layer} head {head} differs from transformers eager by "
                             f"{check.attention:.3g} (tolerance {config.verify_tol:g})"
                         )
-                enc = _stack(out.encoder_attentions, layers, head_index)  # (B, L, H, S, S)
-                dec = _stack(out.decoder_attentions, dec_layers, dec_head_index)  # (B, L', H', T, T)
-                cross = _stack(out.cross_attentions, dec_layers, dec_head_index)  # (B, L', H', T, S)
+                enc = _stack(out.attentions["self"], layers, head_index)  # (B, L, H, S, S)
+                dec = _stack(out.attentions["decoder"], dec_layers, dec_head_index)  # (B, L', H', T, T)
+                cross = _stack(out.attentions["cross"], dec_layers, dec_head_index)  # (B, L', H', T, S)
             for row, i in enumerate(batch_indices):
                 s, t = src_lengths[i], tgt_lengths[i]
                 target = store.TargetAttention(

@@ -52,7 +52,7 @@ DEFAULT_BATCH_ATTENTION_MB = 16.0
 DEFAULT_WRITER_QUEUE_BYTES = 32 << 20
 # Families whose queries see only earlier keys (for --metrics-only; the same answer that
 # attnpipe.analyze.metrics.infer_causal gives on their attention).
-CAUSAL_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
+from attnpipe.models import CAUSAL_MODEL_TYPES  # noqa: E402  (derived from the families' CAUSAL)
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
             model = load_hf_model(model_dir, device, config.trust_remote_code)
         else:
             model = load_model(model_dir, device, config.trust_remote_code)
-        if getattr(model.family, "SEQ2SEQ", False):
+        if model.family.INPUT_KIND == "pairs":
             raise AttnpipeError(
                 f"{model_dir} is an encoder-decoder ({model.model_type}) model: give --source and --target "
                 "(or a .jsonl file with source and target fields) instead of texts"
@@ -517,22 +517,21 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
 
             seen: set[int] = set()
 
-            def checked(layer: int, probs: torch.Tensor) -> None:  # stops a broken pass, then stores
+            def checked(kind: str, layer: int, probs: torch.Tensor) -> None:  # stops a broken pass, then stores
                 guards.check_attention({layer: probs}, batch_lengths, batch_ids, causal=causal)
                 seen.add(layer)
                 sink(layer, probs)
 
             with torch.inference_mode():
                 out = model.family.forward(
-                    model.weights, batch["input_ids"], batch["attention_mask"],
-                    batch.get("token_type_ids"), keep_layers=keep, on_layer=checked if stream else None,
+                    model.weights, batch, keep_layers={"self": keep}, on_layer=checked if stream else None,
                 )
-                missing = [layer for layer in layers if layer not in seen and layer not in out.attentions]
+                missing = [layer for layer in layers if layer not in seen and layer not in out.attentions.get("self", {})]
                 if missing:  # a pass that skipped layers must not be compared or stored as if complete
                     raise AttnpipeError(f"the forward pass returned no attention for texts {batch_ids[:5]} "
                                         f"(layers {missing})")
                 if config.verify:
-                    check = _reference_diffs(model, batch, batch_lengths, out.attentions, out.hidden)
+                    check = _reference_diffs(model, batch, batch_lengths, out.attentions["self"], out.hidden)
                     parity, hidden_parity = max(parity, check.attention), max(hidden_parity, check.hidden)
                     if check.attention > config.verify_tol:
                         row, layer, head = check.where
@@ -543,7 +542,7 @@ def _extract_loaded(config: ExtractConfig, storage: store.Storage, model: Loaded
                         )
                 for layer in layers:  # the in-memory path (or a family that ignores on_layer)
                     if layer not in seen:
-                        checked(layer, out.attentions[layer])
+                        checked("self", layer, out.attentions["self"][layer])
                 del out
             for row, i in enumerate(batch_indices):
                 if writer is not None:
