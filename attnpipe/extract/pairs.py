@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from attnpipe import store
-from attnpipe.extract.corpus import _decoded_lines, check_unique_ids, jsonl_rows
+from attnpipe.extract.corpus import decoded_lines, check_unique_ids, jsonl_rows
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract.runner import (
     ExtractConfig,
@@ -67,7 +67,7 @@ def pairs_from_strings(sources: list[str], targets: list[str]) -> list[Pair]:
 
 
 def _first_row(path: Path) -> object:
-    for line in _decoded_lines(path):
+    for line in decoded_lines(path):
         if line.strip():
             try:
                 return json.loads(line)
