@@ -348,7 +348,7 @@ def test_method_hf_computes_a_bf16_checkpoint_in_float32(tiny_model_dir, tmp_pat
 
 
 def test_method_hf_guards():
-    from attnpipe.extract.hf import check_attentions
+    from attnpipe.models.hf import check_attentions
 
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     good = torch.softmax(torch.randn(2, 4, 3, 3), -1)
