@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                                      max_length=args.max_length, return_tensors="pt")
             with torch.inference_mode():
                 start = time.perf_counter()
-                out = model.family.forward(model.weights, padded["input_ids"], padded["attention_mask"],
-                                           padded.get("token_type_ids"))
+                out = model.family.forward(model.weights, dict(padded))
                 middle = time.perf_counter()
-                guards.check_attention(out.attentions, [lengths[i] for i in batch], [str(i) for i in batch],
+                guards.check_attention(out.attentions["self"], [lengths[i] for i in batch], [str(i) for i in batch],
                                        causal=guards.is_causal(model.model_type))
                 end = time.perf_counter()
             fwd, chk = fwd + middle - start, chk + end - middle

@@ -52,18 +52,19 @@ def test_gates_at_one_are_bit_identical(tiny_model_dir, model_type):
     model = load_model(tiny_model_dir(model_type), torch.device("cpu"))
     ids = torch.tensor([[2, 7, 8, 9, 10, 11, 3], [2, 12, 13, 14, 3, 0, 0]])
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
-    plain = model.family.forward(model.weights, ids, mask)
-    gated = model.family.forward(model.weights, ids, mask, head_gates=torch.ones(model.num_layers, model.num_heads))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    plain = model.family.forward(model.weights, batch)
+    gated = model.family.forward(model.weights, batch, head_gates={"self": torch.ones(model.num_layers, model.num_heads)})
     assert torch.equal(plain.hidden, gated.hidden)
-    assert all(torch.equal(plain.attentions[l], gated.attentions[l]) for l in plain.attentions)
+    assert all(torch.equal(plain.attentions["self"][l], gated.attentions["self"][l]) for l in plain.attentions["self"])
     # and a gate does act: zeroing one head changes the output
     gates = torch.ones(model.num_layers, model.num_heads)
     gates[0, 1] = 0.0
-    zeroed = model.family.forward(model.weights, ids, mask, head_gates=gates).hidden
+    zeroed = model.family.forward(model.weights, batch, head_gates={"self": gates}).hidden
     assert not torch.equal(plain.hidden, zeroed)
     # per-text gates (L, B, H): text 0 ungated, text 1 with head (0, 1) zeroed, in one batch
     per_text = torch.stack([torch.ones_like(gates), gates], dim=1)  # (L, 2, H)
-    both = model.family.forward(model.weights, ids, mask, head_gates=per_text).hidden
+    both = model.family.forward(model.weights, batch, head_gates={"self": per_text}).hidden
     assert torch.equal(both[0], plain.hidden[0]) and torch.equal(both[1], zeroed[1])
 
 

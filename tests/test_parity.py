@@ -6,11 +6,13 @@ every row summing to 1, padded keys exactly 0.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from attnpipe.extract.loading import load_model
-from attnpipe.models import is_seq2seq, supported_model_types
+from attnpipe.models import CAUSAL_MODEL_TYPES, is_seq2seq, supported_model_types
 
 CAUSAL = {"gpt2", "llama", "mistral", "qwen2"}
 WINDOWED = {"mistral", "qwen2"}
@@ -63,10 +65,10 @@ def compare_with_eager(model_dir, texts, max_length=None):
     mask = batch["attention_mask"]
     assert len(set(mask.sum(1).tolist())) > 2, "texts of different lengths must exercise padding"
     with torch.inference_mode():
-        ours = model.family.forward(
-            model.weights, batch["input_ids"], mask, batch.get("token_type_ids")
-        )
+        ours = model.family.forward(model.weights, dict(batch))
         ref = model.hf_model(**batch, output_attentions=True)
+    assert set(ours.attentions) == {"self"}
+    ours = dataclasses.replace(ours, attentions=ours.attentions["self"])  # layer -> (B, H, Q, K)
     assert len(ref.attentions) == model.num_layers > 0, "reference returned no attentions"
     attn_diff = hidden_diff = 0.0
     for row, n in enumerate(mask.sum(1).tolist()):
@@ -100,6 +102,10 @@ def test_tiny_family_matches_transformers_eager(tiny_model_dir, model_type):
     # Non-uniform attention, so the comparison above could have caught a wrong scale or mask.
     longest = int(mask.sum(1).argmax())
     assert ours.attentions[0][longest].max().item() > 3 / mask.shape[1]
+
+
+def test_causal_model_types_come_from_the_families():
+    assert CAUSAL_MODEL_TYPES == CAUSAL  # derived from each family's CAUSAL constant
 
 
 @pytest.mark.slow

@@ -51,7 +51,8 @@ def run_both(model_dir):
     src, src_mask = padded_batch(SRC_LENGTHS, pad, seed=1)
     tgt, tgt_mask = padded_batch(TGT_LENGTHS, pad, seed=2)
     with torch.inference_mode():
-        ours = model.family.forward_seq2seq(model.weights, src, src_mask, tgt, tgt_mask)
+        ours = model.family.forward(model.weights, dict(input_ids=src, attention_mask=src_mask,
+                                                       decoder_input_ids=tgt, decoder_attention_mask=tgt_mask))
         # use_cache=False: with a cache, transformers' decoder keys come out of torch.cat as a
         # contiguous copy and the matmul rounds differently (up to 5e-5 with these saturated
         # tiny models); the math is the same and extraction never uses a cache.
@@ -67,9 +68,9 @@ def max_diffs(ours, ref):
     diffs = dict(encoder=0.0, decoder=0.0, cross=0.0, encoder_hidden=0.0, decoder_hidden=0.0)
     for row, (s, t) in enumerate(zip(SRC_LENGTHS, TGT_LENGTHS)):
         pairs = (
-            ("encoder", ours.encoder_attentions, ref.encoder_attentions, s, s),
-            ("decoder", ours.decoder_attentions, ref.decoder_attentions, t, t),
-            ("cross", ours.cross_attentions, ref.cross_attentions, t, s),
+            ("encoder", ours.attentions["self"], ref.encoder_attentions, s, s),
+            ("decoder", ours.attentions["decoder"], ref.decoder_attentions, t, t),
+            ("cross", ours.attentions["cross"], ref.cross_attentions, t, s),
         )
         for kind, mine, theirs, q, k in pairs:
             for layer in mine:
@@ -78,7 +79,7 @@ def max_diffs(ours, ref):
         diffs["encoder_hidden"] = max(diffs["encoder_hidden"], (
             ours.encoder_hidden[row, :s] - ref.encoder_last_hidden_state[row, :s]).abs().max().item())
         diffs["decoder_hidden"] = max(diffs["decoder_hidden"], (
-            ours.decoder_hidden[row, :t] - ref.last_hidden_state[row, :t]).abs().max().item())
+            ours.hidden[row, :t] - ref.last_hidden_state[row, :t]).abs().max().item())
     return diffs
 
 
@@ -95,20 +96,20 @@ def test_tiny_seq2seq_matches_transformers_eager(tiny_seq2seq, variant):
     for row, (s, t) in enumerate(zip(SRC_LENGTHS, TGT_LENGTHS)):
         future = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
         for layer in range(model.weights.decoder_num_layers):
-            dec = ours.decoder_attentions[layer][row]  # (H, T, T)
-            cross = ours.cross_attentions[layer][row]  # (H, T, S)
+            dec = ours.attentions["decoder"][layer][row]  # (H, T, T)
+            cross = ours.attentions["cross"][layer][row]  # (H, T, S)
             assert cross.shape[-1] == max(SRC_LENGTHS) and dec.shape[-1] == max(TGT_LENGTHS)
             assert torch.all(dec[:, :t, :t][:, future] == 0), "future target keys must get exactly 0"
             assert torch.all(dec[:, :t, t:] == 0) and torch.all(cross[:, :t, s:] == 0), "padded keys: 0"
             for probs in (dec[:, :t, :t], cross[:, :t, :s]):
                 torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]), rtol=0, atol=1e-5)
         for layer in range(model.num_layers):
-            enc = ours.encoder_attentions[layer][row, :, :s, :]
+            enc = ours.attentions["self"][layer][row, :, :s, :]
             assert torch.all(enc[:, :, s:] == 0)
             torch.testing.assert_close(enc.sum(-1), torch.ones_like(enc[..., 0]), rtol=0, atol=1e-5)
     # Non-uniform attention, so the comparison above could catch a wrong scale, bias or mask.
     longest = SRC_LENGTHS.index(max(SRC_LENGTHS))
-    for attentions in (ours.encoder_attentions, ours.cross_attentions):
+    for attentions in (ours.attentions["self"], ours.attentions["cross"]):
         assert attentions[0][longest].max().item() > 3 / max(SRC_LENGTHS)
 
 

@@ -16,12 +16,14 @@ positions at 1e-4. The attention reference never takes the fast path: asking for
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from attnpipe.extract.images import load_vision_model
+from attnpipe.extract.loading import load_model
 from attnpipe.models import torch_encoder, vit
 from conftest import write_test_images
 
@@ -35,16 +37,16 @@ HIDDEN_TOL = 1e-4
 def test_tiny_vit_matches_transformers_eager(tiny_vit_dir, tmp_path):
     from PIL import Image
 
-    model = load_vision_model(tiny_vit_dir, torch.device("cpu"))
+    model = load_model(tiny_vit_dir, torch.device("cpu"), input_kind="image")
     images = [Image.open(p).convert("RGB") for p in write_test_images(tmp_path)]
     pixels = model.processor(images=images, return_tensors="pt")["pixel_values"]  # (3, 3, 32, 32)
     with torch.inference_mode():
-        ours = vit.forward(model.weights, pixels)
+        ours = vit.forward(model.weights, {"pixel_values": pixels})
         ref = model.hf_model(pixel_values=pixels, output_attentions=True)
     assert len(ref.attentions) == model.weights.num_layers == 2, "reference returned no attentions"
     assert model.weights.grid == (4, 4)
     attn_diff = 0.0
-    for layer, probs in ours.attentions.items():
+    for layer, probs in ours.attentions["self"].items():
         assert probs.shape == (3, 4, 17, 17)  # [CLS] + 4x4 patches
         attn_diff = max(attn_diff, (probs - ref.attentions[layer]).abs().max().item())  # per head
         torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 17), rtol=0, atol=1e-5)
@@ -53,7 +55,7 @@ def test_tiny_vit_matches_transformers_eager(tiny_vit_dir, tmp_path):
     assert attn_diff <= ATTN_TOL
     assert hidden_diff <= HIDDEN_TOL
     # Non-uniform attention (uniform would be 1/17), so a wrong scale or patch order would show.
-    assert ours.attentions[0].max().item() > 0.5
+    assert ours.attentions["self"][0].max().item() > 0.5
 
 
 def test_patch_order_matches_the_convolution():
@@ -118,15 +120,16 @@ def test_torch_encoder_matches_multihead_attention(norm_first, batch_first, caus
     real = torch.tensor([[1] * n + [0] * (max(LENGTHS) - n) for n in LENGTHS])  # (B, T)
     causal_mask = nn.Transformer.generate_square_subsequent_mask(max(LENGTHS)) if causal else None
     with torch.inference_mode():
-        ours = torch_encoder.forward(weights, x, real, causal=causal)
+        ours = torch_encoder.forward(dataclasses.replace(weights, causal=causal),
+                                     {"inputs_embeds": x, "attention_mask": real})
         ref_weights, ref_out = module_reference(encoder, x, real == 0, causal_mask)
     attn_diff = hidden_diff = 0.0
     for layer, ref in enumerate(ref_weights):
         for row, n in enumerate(LENGTHS):
-            mine = ours.attentions[layer][row, :, :n, :n]  # (H, Q, K) on real positions
+            mine = ours.attentions["self"][layer][row, :, :n, :n]  # (H, Q, K) on real positions
             assert mine.shape == ref[row, :, :n, :n].shape
             attn_diff = max(attn_diff, (mine - ref[row, :, :n, :n]).abs().max().item())
-            assert torch.all(ours.attentions[layer][row, :, :n, n:] == 0), "padded keys must get 0"
+            assert torch.all(ours.attentions["self"][layer][row, :, :n, n:] == 0), "padded keys must get 0"
             if causal:
                 assert torch.all(torch.triu(mine, diagonal=1) == 0), "future keys must get exactly 0"
     for row, n in enumerate(LENGTHS):
@@ -136,7 +139,7 @@ def test_torch_encoder_matches_multihead_attention(norm_first, batch_first, caus
     assert attn_diff <= ATTN_TOL
     assert hidden_diff <= HIDDEN_TOL
     # Per head, not the head average: heads differ, and the average would not match them.
-    first = ours.attentions[0][0]  # (H, Q, K)
+    first = ours.attentions["self"][0][0]  # (H, Q, K)
     assert (first - first.mean(0)).abs().max().item() > 0.05
     assert first.max().item() > 3 / max(LENGTHS)  # far from uniform
 
@@ -152,7 +155,7 @@ def test_layers_without_an_encoder_are_found_in_order():
     assert weights.final_norm is None
     x = torch.randn(2, 5, 16)
     with torch.inference_mode():
-        ours = torch_encoder.forward(weights, x).hidden
+        ours = torch_encoder.forward(weights, {"inputs_embeds": x}).hidden
         expected = second(first(x))
     assert (ours - expected).abs().max().item() <= HIDDEN_TOL
 
@@ -179,8 +182,8 @@ def test_bias_free_layers_and_an_activation_module():
     encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16, bias=False), enable_nested_tensor=False).eval()
     x = torch.randn(2, 5, 16)
     with torch.inference_mode():
-        ours = torch_encoder.forward(torch_encoder.load_weights(encoder), x)
+        ours = torch_encoder.forward(torch_encoder.load_weights(encoder), {"inputs_embeds": x})
         _, ref = encoder.layers[0].self_attn(x, x, x, need_weights=True, average_attn_weights=False)
         expected = encoder(x)
-    assert (ours.attentions[0] - ref).abs().max().item() <= ATTN_TOL
+    assert (ours.attentions["self"][0] - ref).abs().max().item() <= ATTN_TOL
     assert (ours.hidden - expected).abs().max().item() <= HIDDEN_TOL

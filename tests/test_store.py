@@ -34,8 +34,8 @@ def expected_attention(model_dir: Path, text: str) -> np.ndarray:
     model = load_model(model_dir, torch.device("cpu"))
     enc = model.tokenizer([text], return_tensors="pt")
     with torch.inference_mode():
-        out = model.family.forward(model.weights, enc["input_ids"], enc["attention_mask"])
-    return torch.stack([out.attentions[i][0] for i in range(model.num_layers)]).numpy()
+        out = model.family.forward(model.weights, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return torch.stack([out.attentions["self"][i][0] for i in range(model.num_layers)]).numpy()
 
 
 def test_h5_round_trip_equals_computation(tiny_model_dir, tmp_path):

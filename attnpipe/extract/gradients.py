@@ -192,8 +192,12 @@ def run(model, input_ids: torch.Tensor, head_gates: torch.Tensor | None = None,
     attention_mask = torch.ones_like(input_ids)
     if token_type_ids is None and getattr(model.weights, "token_type", None) is not None:
         token_type_ids = torch.zeros_like(input_ids)
-    return model.family.forward(weights or model.weights, input_ids, attention_mask, token_type_ids,
-                                keep_layers=None, head_gates=head_gates)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        batch["token_type_ids"] = token_type_ids
+    out = model.family.forward(weights or model.weights, batch,
+                               head_gates=None if head_gates is None else {"self": head_gates})
+    return dataclasses.replace(out, attentions=out.attentions["self"])
 
 
 def _word_embeddings(model) -> tuple[str, torch.Tensor]:

@@ -24,15 +24,14 @@ import torch
 
 from attnpipe import faults
 from attnpipe.errors import AttnpipeError
-from attnpipe.models import FAMILIES
+from attnpipe.models import CAUSAL_MODEL_TYPES
 
 # A float32 softmax row of n <= a few thousand terms sums to 1 within ~n·6e-8 (measured ~1e-7 on
 # MiniLM); 1e-4 leaves room for long inputs and still catches a wrong scale, mask or a dropped key.
 ROW_SUM_TOL = 1e-4
 def is_causal(model_type: str) -> bool:
     """Whether a model type's (self-)attention is causal: its family's CAUSAL constant."""
-    family = FAMILIES.get(model_type)
-    return bool(family is not None and family.CAUSAL)
+    return model_type in CAUSAL_MODEL_TYPES
 
 
 # How a message names each attention kind: "text 'x' cross-attention layer 2 head 5 ...".

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from attnpipe import faults  # noqa: E402
 from attnpipe.errors import AttnpipeError  # noqa: E402
-from attnpipe.models import FAMILIES  # noqa: E402
+from attnpipe.models import FAMILIES, supported_model_types  # noqa: E402
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 DEVICES = ("cpu", "cuda", "mps", "auto")
@@ -107,11 +107,6 @@ def check_model_dir(model_dir: Path, input_kind: str | None = None) -> tuple[str
             f"no weight files in {model_dir} (expected model.safetensors or pytorch_model.bin)"
         )
     return model_type, files
-
-
-def supported_model_types() -> list[str]:
-    """The model types attnpipe's own pass handles (images included), sorted."""
-    return sorted(FAMILIES)
 
 
 def checkpoint_dtype(model_dir: Path) -> str | None:

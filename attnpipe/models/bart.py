@@ -17,18 +17,25 @@ vector, cos in the second) read at the position itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from attnpipe.attention import attention_probs, causal_mask, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import LayerNorm, Linear, Seq2SeqOutput, layer_norm, linear
+from attnpipe.attention import (
+    attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
+)
+from attnpipe.models.parts import (
+    LayerNorm, Linear, OnLayer, Output, empty_attentions, hand_over, layer_gates, layer_norm, linear,
+)
 
 MODEL_TYPES = ("bart", "marian")
-SEQ2SEQ = True  # forward_seq2seq(weights, src_ids, src_mask, tgt_ids, tgt_mask) instead of forward
+INPUT_KIND = "pairs"
+CAUSAL = False  # the encoder is bidirectional; the "decoder" kind is causal by definition
+KINDS = ("self", "decoder", "cross")
+WORD_EMBEDDINGS = "embed"  # Weights.embed: the encoder's (vocab, E) token table, before scale and positions
 POSITION_OFFSET = {"bart": 2, "marian": 0}  # BartLearnedPositionalEmbedding.offset; Marian has none
 
 
@@ -54,7 +61,6 @@ class Layer:
 
 @dataclass(frozen=True)
 class Stack:
-    embed: torch.Tensor  # (vocab, hidden)
     positions: torch.Tensor  # (max_positions + offset, hidden)
     embed_norm: LayerNorm | None  # BART's layernorm_embedding; None for Marian
     layers: tuple[Layer, ...]
@@ -63,6 +69,9 @@ class Stack:
 
 @dataclass(frozen=True)
 class Weights:
+    embed: torch.Tensor  # (vocab, hidden) the encoder's token table
+    # Marian's decoder may have its own vocabulary (share_encoder_decoder_embeddings=False).
+    decoder_embed: torch.Tensor  # (vocab', hidden)
     encoder: Stack
     decoder: Stack
     embed_scale: float  # √hidden with config.scale_embedding, else 1
@@ -110,8 +119,6 @@ def _layer(layer) -> Layer:
 def _stack(stack, num_heads: int) -> Stack:
     norm = getattr(stack, "layernorm_embedding", None)
     return Stack(
-        # Marian's decoder may have its own vocabulary (share_encoder_decoder_embeddings=False).
-        embed=stack.embed_tokens.weight.detach(),
         # Marian's sinusoidal table is not saved in checkpoints: transformers rebuilds it at load
         # time (MarianSinusoidalPositionalEmbedding.create_weight), so reading it here is exact.
         positions=stack.embed_positions.weight.detach(),
@@ -125,6 +132,8 @@ def load_weights(model) -> Weights:
     """Read a transformers BartModel or MarianModel (AutoModel of the folder) into `Weights`."""
     config = model.config
     return Weights(
+        embed=model.encoder.embed_tokens.weight.detach(),
+        decoder_embed=model.decoder.embed_tokens.weight.detach(),
         encoder=_stack(model.encoder, config.encoder_attention_heads),
         decoder=_stack(model.decoder, config.decoder_attention_heads),
         embed_scale=model.encoder.embed_scale if config.model_type == "marian"
@@ -134,70 +143,67 @@ def load_weights(model) -> Weights:
     )
 
 
-def embed(weights: Weights, stack: Stack, ids: torch.Tensor) -> torch.Tensor:
+def embed(weights: Weights, table: torch.Tensor, stack: Stack, ids: torch.Tensor) -> torch.Tensor:
     """scale · token + position (+ BART's layernorm_embedding): (B, T, hidden).
 
     Right padding: every text's real tokens start at position 0, so positions are 0..T-1.
     """
     positions = torch.arange(ids.shape[1], device=ids.device) + weights.position_offset
-    x = F.embedding(ids, stack.embed) * weights.embed_scale + F.embedding(positions, stack.positions)[None]
+    x = F.embedding(ids, table) * weights.embed_scale + F.embedding(positions, stack.positions)[None]
     return x if stack.embed_norm is None else stack.embed_norm(x)
 
 
 def _attend(att: Attention, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, num_heads: int):
+    """Queries from `x`, keys and values from `memory`: (B, H, Q, K) probabilities, (B, H, K, D) values."""
     q = split_heads(att.q(x), num_heads)  # (B, H, Q, D)
     k = split_heads(att.k(memory), num_heads)  # (B, H, K, D)
     v = split_heads(att.v(memory), num_heads)  # (B, H, K, D)
-    probs = attention_probs(q, k, att.scale, mask)  # (B, H, Q, K)
-    return att.o(merge_heads(torch.matmul(probs, v))), probs
+    return attention_probs(q, k, att.scale, mask), v  # (B, H, Q, K), (B, H, K, D)
+
+
+def _merge(att: Attention, probs: torch.Tensor, v: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+    """The gated heads' contexts, merged and projected: (B, Q, hidden)."""
+    return att.o(merge_heads(head_context(probs, v, gates)))
 
 
 def _ff(weights: Weights, layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return layer.final_norm(x + layer.fc2(weights.act(layer.fc1(x))))
 
 
-def forward_seq2seq(
+def forward(
     weights: Weights,
-    src_ids: torch.Tensor,  # (B, S), right-padded
-    src_mask: torch.Tensor,  # (B, S), 1 = real token
-    tgt_ids: torch.Tensor,  # (B, T) decoder input ids (start token + target shifted right), right-padded
-    tgt_mask: torch.Tensor,  # (B, T)
-    keep_layers: frozenset[int] | None = None,  # encoder layers whose attention is returned
-    keep_decoder_layers: frozenset[int] | None = None,  # decoder layers (self and cross)
-) -> Seq2SeqOutput:
+    batch: Mapping[str, torch.Tensor],  # input_ids, attention_mask (B, S); decoder_input_ids, decoder_attention_mask (B, T)
+    *,
+    keep_layers: Mapping[str, frozenset[int]] | None = None,  # per kind: "self" (encoder), "decoder", "cross"
+    head_gates: Mapping[str, torch.Tensor] | None = None,  # per kind: (L, H) or (L, B, H) multipliers
+    on_layer: OnLayer | None = None,
+) -> Output:
+    """Encoder over the source, then the decoder (teacher forcing) over decoder_input_ids
+    (start token + target shifted right); both right-padded."""
     enc, dec = weights.encoder, weights.decoder
-    x = embed(weights, enc, src_ids)  # (B, S, hidden)
-    enc_mask = padding_mask(src_mask, x.dtype)  # (B, 1, 1, S)
-    enc_attn: dict[int, torch.Tensor] = {}
+    attentions = empty_attentions(KINDS)
+
+    def sublayer(kind: str, index: int, att: Attention, x, memory, mask, num_heads: int) -> torch.Tensor:
+        probs, v = _attend(att, x, memory, mask, num_heads)  # (B, H, Q, K), (B, H, K, D)
+        hand_over(kind, index, probs, keep_layers, attentions, on_layer)
+        return _merge(att, probs, v, layer_gates(head_gates, kind, index))  # (B, Q, hidden)
+
+    x = embed(weights, weights.embed, enc, batch["input_ids"])  # (B, S, hidden)
+    enc_mask = padding_mask(batch["attention_mask"], x.dtype)  # (B, 1, 1, S)
     for index, layer in enumerate(enc.layers):
-        out, probs = _attend(layer.self_attn, x, x, enc_mask, enc.num_heads)  # (B, H, S, S)
-        if keep_layers is None or index in keep_layers:
-            enc_attn[index] = probs
+        out = sublayer("self", index, layer.self_attn, x, x, enc_mask, enc.num_heads)  # attention (B, H, S, S)
         x = layer.self_norm(x + out)  # post-norm: normalise after the residual sum
         x = _ff(weights, layer, x)
     memory = x  # (B, S, hidden)
 
-    y = embed(weights, dec, tgt_ids)  # (B, T, hidden)
+    y = embed(weights, weights.decoder_embed, dec, batch["decoder_input_ids"])  # (B, T, hidden)
     t = y.shape[1]
-    dec_mask = causal_mask(t, y.dtype, y.device) + padding_mask(tgt_mask, y.dtype)  # (B, 1, T, T)
+    dec_mask = causal_mask(t, y.dtype, y.device) + padding_mask(batch["decoder_attention_mask"], y.dtype)  # (B, 1, T, T)
     dec_mask = dec_mask.clamp(min=torch.finfo(y.dtype).min)  # two blocked terms must not overflow
-    dec_attn: dict[int, torch.Tensor] = {}
-    cross_attn: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(dec.layers):
-        keep = keep_decoder_layers is None or index in keep_decoder_layers
-        out, probs = _attend(layer.self_attn, y, y, dec_mask, dec.num_heads)  # (B, H, T, T)
-        if keep:
-            dec_attn[index] = probs
+        out = sublayer("decoder", index, layer.self_attn, y, y, dec_mask, dec.num_heads)  # attention (B, H, T, T)
         y = layer.self_norm(y + out)
-        out, probs = _attend(layer.cross_attn, y, memory, enc_mask, dec.num_heads)  # (B, H, T, S)
-        if keep:
-            cross_attn[index] = probs
+        out = sublayer("cross", index, layer.cross_attn, y, memory, enc_mask, dec.num_heads)  # (B, H, T, S)
         y = layer.cross_norm(y + out)
         y = _ff(weights, layer, y)
-    return Seq2SeqOutput(
-        encoder_hidden=memory,
-        decoder_hidden=y,
-        encoder_attentions=enc_attn,
-        decoder_attentions=dec_attn,
-        cross_attentions=cross_attn,
-    )
+    return Output(hidden=y, attentions=attentions, encoder_hidden=memory)

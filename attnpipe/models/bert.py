@@ -12,7 +12,7 @@ weight map per model type (`_map_*`) and a single forward pass (`forward`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +20,15 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from attnpipe.attention import attention_probs, head_context, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import LayerNorm, Linear, Output, Packing, hand_over, layer_norm, linear
+from attnpipe.models.parts import (
+    LayerNorm, Linear, OnLayer, Output, Packing, empty_attentions, hand_over, layer_gates, layer_norm, linear,
+)
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert")
+INPUT_KIND = "text"
+CAUSAL = False
+KINDS = ("self",)
+WORD_EMBEDDINGS = "word"  # Weights.word: (vocab, E), before token types, positions and the embedding norm
 
 
 @dataclass(frozen=True)
@@ -197,28 +203,28 @@ def embed(
 
 def forward(
     weights: Weights,
-    input_ids: torch.Tensor,  # (B, T)
-    attention_mask: torch.Tensor,  # (B, T), 1 = real token, 0 = padding
-    token_type_ids: torch.Tensor | None = None,
-    keep_layers: frozenset[int] | None = None,
-    head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
-    on_layer: Callable[[int, torch.Tensor], None] | None = None,
+    batch: Mapping[str, torch.Tensor],  # input_ids (B, T), attention_mask (B, T) [, token_type_ids (B, T)]
+    *,
+    keep_layers: Mapping[str, frozenset[int]] | None = None,
+    head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
+    on_layer: OnLayer | None = None,
 ) -> Output:
     """Run the encoder; return the final hidden state and the attention of the kept layers.
 
     The token-wise parts run on the real tokens only (parts.Packing); attention sees (B, T).
     """
+    attention_mask = batch["attention_mask"]  # (B, T), 1 = real token, 0 = padding
     packing = Packing.of(attention_mask)
-    x = packing.pack(embed(weights, input_ids, token_type_ids))  # (N, hidden), real tokens
+    x = packing.pack(embed(weights, batch["input_ids"], batch.get("token_type_ids")))  # (N, hidden), real tokens
     mask = padding_mask(attention_mask, x.dtype)  # (B, 1, 1, K)
-    attentions: dict[int, torch.Tensor] = {}
+    attentions = empty_attentions(KINDS)
     for index, layer in enumerate(weights.layers):
         q = split_heads(packing.unpack(layer.query(x)), weights.num_heads)  # (B, H, Q, D)
         k = split_heads(packing.unpack(layer.key(x)), weights.num_heads)  # (B, H, K, D)
         v = split_heads(packing.unpack(layer.value(x)), weights.num_heads)  # (B, H, K, D)
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
-        hand_over(index, probs, keep_layers, attentions, on_layer)
-        context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
+        hand_over("self", index, probs, keep_layers, attentions, on_layer)
+        context = head_context(probs, v, layer_gates(head_gates, "self", index))  # (B, H, Q, D)
         context = packing.pack(merge_heads(context))  # (N, H·D)
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = layer.attn_norm(x + layer.out(context))

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +18,15 @@ from transformers.activations import ACT2FN
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
 )
-from attnpipe.models.parts import LayerNorm, Linear, Output, Packing, hand_over, layer_norm
+from attnpipe.models.parts import (
+    LayerNorm, Linear, OnLayer, Output, Packing, empty_attentions, hand_over, layer_gates, layer_norm,
+)
 
 MODEL_TYPES = ("gpt2",)
+INPUT_KIND = "text"
+CAUSAL = True
+KINDS = ("self",)
+WORD_EMBEDDINGS = "wte"  # Weights.wte: (vocab, E), before the position embeddings
 
 
 @dataclass(frozen=True)
@@ -83,26 +89,26 @@ def load_weights(model) -> Weights:
 
 def forward(
     weights: Weights,
-    input_ids: torch.Tensor,  # (B, T), right-padded
-    attention_mask: torch.Tensor,  # (B, T)
-    token_type_ids: torch.Tensor | None = None,
-    keep_layers: frozenset[int] | None = None,
-    head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
-    on_layer: Callable[[int, torch.Tensor], None] | None = None,
+    batch: Mapping[str, torch.Tensor],  # input_ids (B, T), attention_mask (B, T); right-padded
+    *,
+    keep_layers: Mapping[str, frozenset[int]] | None = None,
+    head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
+    on_layer: OnLayer | None = None,
 ) -> Output:
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     b, t = input_ids.shape
     positions = torch.arange(t, device=input_ids.device)  # right padding: real tokens start at 0
     packing = Packing.of(attention_mask)  # token-wise parts on the real tokens only
     x = packing.pack(F.embedding(input_ids, weights.wte) + F.embedding(positions, weights.wpe)[None])  # (N, E)
     mask = causal_mask(t, x.dtype, x.device) + padding_mask(attention_mask, x.dtype)  # (B, 1, Q, K)
     mask = mask.clamp(min=torch.finfo(x.dtype).min)  # two blocked terms must not overflow to -inf
-    attentions: dict[int, torch.Tensor] = {}
+    attentions = empty_attentions(KINDS)
     for index, block in enumerate(weights.layers):
         q, k, v = packing.unpack(block.qkv(block.ln_1(x))).split(x.shape[-1], dim=-1)  # 3 x (B, T, hidden)
         q, k, v = (split_heads(z, weights.num_heads) for z in (q, k, v))  # (B, H, T, D)
         probs = attention_probs(q, k, block.scale, mask)  # (B, H, Q, K)
-        hand_over(index, probs, keep_layers, attentions, on_layer)
-        context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
+        hand_over("self", index, probs, keep_layers, attentions, on_layer)
+        context = head_context(probs, v, layer_gates(head_gates, "self", index))  # (B, H, Q, D)
         x = x + block.proj(packing.pack(merge_heads(context)))
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         x = x + block.fc_proj(weights.act(block.fc(block.ln_2(x))))

@@ -11,7 +11,7 @@ computed and stored per *query* head.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +21,13 @@ from transformers.activations import ACT2FN
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
 )
-from attnpipe.models.parts import Linear, Output, Packing, hand_over, linear
+from attnpipe.models.parts import Linear, OnLayer, Output, Packing, empty_attentions, hand_over, layer_gates, linear
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+INPUT_KIND = "text"
+CAUSAL = True
+KINDS = ("self",)
+WORD_EMBEDDINGS = "embed"  # Weights.embed: (vocab, E); positions enter as RoPE inside attention
 
 
 @dataclass(frozen=True)
@@ -131,13 +135,13 @@ def _rope(weights: Weights, length: int, device, dtype) -> tuple[torch.Tensor, t
 
 def forward(
     weights: Weights,
-    input_ids: torch.Tensor,  # (B, T), right-padded
-    attention_mask: torch.Tensor,  # (B, T)
-    token_type_ids: torch.Tensor | None = None,
-    keep_layers: frozenset[int] | None = None,
-    head_gates: torch.Tensor | None = None,  # (L, H) or (L, B, H) multipliers; None = no gating
-    on_layer: Callable[[int, torch.Tensor], None] | None = None,
+    batch: Mapping[str, torch.Tensor],  # input_ids (B, T), attention_mask (B, T); right-padded
+    *,
+    keep_layers: Mapping[str, frozenset[int]] | None = None,
+    head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
+    on_layer: OnLayer | None = None,
 ) -> Output:
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     t = input_ids.shape[1]
     packing = Packing.of(attention_mask)  # token-wise parts on the real tokens only
     x = packing.pack(F.embedding(input_ids, weights.embed))  # (N, hidden)
@@ -149,7 +153,7 @@ def forward(
         for window in {layer.window for layer in weights.layers}
     }
     group = weights.num_heads // weights.num_kv_heads
-    attentions: dict[int, torch.Tensor] = {}
+    attentions = empty_attentions(KINDS)
     for index, layer in enumerate(weights.layers):
         h = layer.norm_in(x)
         q = split_heads(packing.unpack(layer.q(h)), weights.num_heads)  # (B, H, T, D)
@@ -161,8 +165,8 @@ def forward(
         k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
         v = v.repeat_interleave(group, dim=1)
         probs = attention_probs(q, k, weights.head_dim**-0.5, masks[layer.window])  # (B, H, Q, K)
-        hand_over(index, probs, keep_layers, attentions, on_layer)
-        context = head_context(probs, v, None if head_gates is None else head_gates[index])  # (B, H, Q, D)
+        hand_over("self", index, probs, keep_layers, attentions, on_layer)
+        context = head_context(probs, v, layer_gates(head_gates, "self", index))  # (B, H, Q, D)
         x = x + layer.o(packing.pack(merge_heads(context)))
         del probs  # free this layer's (B, H, T, T) before the next one is computed
         h = layer.norm_post(x)

@@ -1,8 +1,11 @@
-"""Small weight containers shared by the family files (no forward logic lives here)."""
+"""What the family files share: small weight containers, the Output every forward returns, and the
+hand-over of each layer's attention (streaming, kept layers, head gates). No forward logic lives here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +30,6 @@ class LayerNorm:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
-@dataclass(frozen=True)
-class Output:
-    hidden: torch.Tensor  # (B, T, hidden) after the last layer (and final norm, if any)
-    attentions: dict[int, torch.Tensor]  # layer -> (B, H, Q, K) probabilities, kept layers only
-
-
 def linear(module: torch.nn.Module) -> Linear:
     bias = getattr(module, "bias", None)
     return Linear(module.weight.detach(), None if bias is None else bias.detach())
@@ -42,25 +39,51 @@ def layer_norm(module: torch.nn.LayerNorm) -> LayerNorm:
     return LayerNorm(module.weight.detach(), module.bias.detach(), module.eps)
 
 
+Kind = Literal["self", "decoder", "cross"]  # encoder / decoder-only self-attention, decoder self, decoder -> encoder
+OnLayer = Callable[[str, int, torch.Tensor], None]  # on_layer(kind, layer, (B, H, Q, K) probabilities)
+
+
 @dataclass(frozen=True)
-class Seq2SeqOutput:
-    """What an encoder-decoder family's `forward_seq2seq` returns (kept layers only)."""
+class Output:
+    """What every family's `forward` returns."""
 
-    encoder_hidden: torch.Tensor  # (B, S, hidden) after the encoder's last layer (and final norm)
-    decoder_hidden: torch.Tensor  # (B, T, hidden) after the decoder's last layer (and final norm)
-    encoder_attentions: dict[int, torch.Tensor]  # encoder layer -> (B, H, S, S) self-attention
-    decoder_attentions: dict[int, torch.Tensor]  # decoder layer -> (B, H, T, T) causal self-attention
-    cross_attentions: dict[int, torch.Tensor]  # decoder layer -> (B, H, T, S) decoder -> encoder
+    hidden: torch.Tensor  # (B, T, E) after the last stack (the decoder's for encoder-decoders), final norm included
+    attentions: dict[str, dict[int, torch.Tensor]]  # kind -> layer -> (B, H, Q, K): kept layers not handed to on_layer
+    encoder_hidden: torch.Tensor | None = None  # (B, S, E) after the encoder (encoder-decoders only)
 
 
-def hand_over(index: int, probs: torch.Tensor, keep_layers, attentions: dict, on_layer) -> None:
-    """A kept layer's (B, H, Q, K) probabilities go to `on_layer` (streaming) or into `attentions`."""
-    if keep_layers is not None and index not in keep_layers:
+def empty_attentions(kinds: tuple[str, ...]) -> dict[str, dict[int, torch.Tensor]]:
+    return {kind: {} for kind in kinds}
+
+
+def hand_over(
+    kind: str,
+    index: int,
+    probs: torch.Tensor,  # (B, H, Q, K)
+    keep_layers: Mapping[str, frozenset[int]] | None,
+    attentions: dict[str, dict[int, torch.Tensor]],
+    on_layer: OnLayer | None,
+) -> None:
+    """A kept layer's probabilities go to `on_layer` (streaming) or into `attentions[kind]`.
+
+    A kind missing from `keep_layers` (or keep_layers None) keeps every layer.
+    """
+    keep = None if keep_layers is None else keep_layers.get(kind)
+    if keep is not None and index not in keep:
         return
     if on_layer is not None:  # streaming: hand the layer over instead of keeping it
-        on_layer(index, probs)
+        on_layer(kind, index, probs)
     else:
-        attentions[index] = probs
+        attentions[kind][index] = probs
+
+
+def layer_gates(
+    head_gates: Mapping[str, torch.Tensor] | None, kind: str, index: int
+) -> torch.Tensor | None:
+    """Layer `index`'s gates of `kind`: (H,) or per text (B, H) from (L, H) / (L, B, H); None = no gating."""
+    if head_gates is None or kind not in head_gates:
+        return None
+    return head_gates[kind][index]
 
 
 @dataclass(frozen=True)

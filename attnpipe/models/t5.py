@@ -16,18 +16,23 @@ RMS-style (no mean, no bias).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from attnpipe.attention import attention_probs, causal_mask, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import Linear, Seq2SeqOutput, linear
+from attnpipe.attention import (
+    attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
+)
+from attnpipe.models.parts import Linear, OnLayer, Output, empty_attentions, hand_over, layer_gates, linear
 
 MODEL_TYPES = ("t5", "mt5")  # mT5's modules are T5's, copied under other names
-SEQ2SEQ = True  # forward_seq2seq(weights, src_ids, src_mask, tgt_ids, tgt_mask) instead of forward
+INPUT_KIND = "pairs"
+CAUSAL = False  # the encoder is bidirectional; the "decoder" kind is causal by definition
+KINDS = ("self", "decoder", "cross")
+WORD_EMBEDDINGS = "embed"  # Weights.embed: the encoder's (vocab, E) input table (source tokens)
 
 
 @dataclass(frozen=True)
@@ -176,11 +181,16 @@ def position_bias(weights: Weights, stack: Stack, q_len: int, k_len: int, device
 
 
 def _attend(att: Attention, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, num_heads: int):
+    """Queries from `x`, keys and values from `memory`: (B, H, Q, K) probabilities, (B, H, K, D) values."""
     q = split_heads(att.q(x), num_heads)  # (B, H, Q, D)
     k = split_heads(att.k(memory), num_heads)  # (B, H, K, D)
     v = split_heads(att.v(memory), num_heads)  # (B, H, K, D)
-    probs = attention_probs(q, k, 1.0, mask)  # T5: no 1/√d scaling of q·kᵀ
-    return att.o(merge_heads(torch.matmul(probs, v))), probs  # (B, Q, hidden), (B, H, Q, K)
+    return attention_probs(q, k, 1.0, mask), v  # T5: no 1/√d scaling of q·kᵀ
+
+
+def _merge(att: Attention, probs: torch.Tensor, v: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+    """The gated heads' contexts, merged and projected: (B, Q, hidden)."""
+    return att.o(merge_heads(head_context(probs, v, gates)))
 
 
 def _ff(weights: Weights, layer: Layer, x: torch.Tensor) -> torch.Tensor:
@@ -189,56 +199,46 @@ def _ff(weights: Weights, layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return layer.wo(weights.act(layer.wi[0](x)))
 
 
-def forward_seq2seq(
+def forward(
     weights: Weights,
-    src_ids: torch.Tensor,  # (B, S), right-padded
-    src_mask: torch.Tensor,  # (B, S), 1 = real token
-    tgt_ids: torch.Tensor,  # (B, T) decoder input ids (start token + target shifted right), right-padded
-    tgt_mask: torch.Tensor,  # (B, T)
-    keep_layers: frozenset[int] | None = None,  # encoder layers whose attention is returned
-    keep_decoder_layers: frozenset[int] | None = None,  # decoder layers (self and cross)
-) -> Seq2SeqOutput:
+    batch: Mapping[str, torch.Tensor],  # input_ids, attention_mask (B, S); decoder_input_ids, decoder_attention_mask (B, T)
+    *,
+    keep_layers: Mapping[str, frozenset[int]] | None = None,  # per kind: "self" (encoder), "decoder", "cross"
+    head_gates: Mapping[str, torch.Tensor] | None = None,  # per kind: (L, H) or (L, B, H) multipliers
+    on_layer: OnLayer | None = None,
+) -> Output:
+    """Encoder over the source, then the decoder (teacher forcing) over decoder_input_ids
+    (start token + target shifted right); both right-padded."""
     h = weights.num_heads
+    src_mask, tgt_mask = batch["attention_mask"], batch["decoder_attention_mask"]
+    attentions = empty_attentions(KINDS)
+
+    def sublayer(kind: str, index: int, att: Attention, x, memory, mask) -> torch.Tensor:
+        probs, v = _attend(att, x, memory, mask, h)  # (B, H, Q, K), (B, H, K, D)
+        hand_over(kind, index, probs, keep_layers, attentions, on_layer)
+        return _merge(att, probs, v, layer_gates(head_gates, kind, index))  # (B, Q, hidden)
+
     # Encoder: the bias is computed once (first layer's table) and added in every layer; the
     # padding mask is summed into it, as T5Stack does with its shared position_bias.
-    x = F.embedding(src_ids, weights.embed)  # T5 does not scale its embeddings
+    x = F.embedding(batch["input_ids"], weights.embed)  # T5 does not scale its embeddings
     s = x.shape[1]
     enc_mask = padding_mask(src_mask, x.dtype)  # (B, 1, 1, S)
     enc_bias = position_bias(weights, weights.encoder, s, s, x.device) + enc_mask  # (B, H, S, S)
-    enc_attn: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(weights.encoder.layers):
         normed = layer.self_norm(x)  # pre-norm: queries, keys and values all from norm(x)
-        out, probs = _attend(layer.self_attn, normed, normed, enc_bias, h)  # (B, H, S, S)
-        if keep_layers is None or index in keep_layers:
-            enc_attn[index] = probs
-        x = x + out
+        x = x + sublayer("self", index, layer.self_attn, normed, normed, enc_bias)  # attention (B, H, S, S)
         x = x + _ff(weights, layer, layer.ff_norm(x))
     memory = weights.encoder.final_norm(x)  # (B, S, hidden)
 
-    y = F.embedding(tgt_ids, weights.decoder_embed)
+    y = F.embedding(batch["decoder_input_ids"], weights.decoder_embed)
     t = y.shape[1]
     dec_mask = causal_mask(t, y.dtype, y.device) + padding_mask(tgt_mask, y.dtype)  # (B, 1, T, T)
     dec_mask = dec_mask.clamp(min=torch.finfo(y.dtype).min)  # two blocked terms must not overflow
     dec_bias = position_bias(weights, weights.decoder, t, t, y.device) + dec_mask  # (B, H, T, T)
-    dec_attn: dict[int, torch.Tensor] = {}
-    cross_attn: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(weights.decoder.layers):
-        keep = keep_decoder_layers is None or index in keep_decoder_layers
         normed = layer.self_norm(y)
-        out, probs = _attend(layer.self_attn, normed, normed, dec_bias, h)  # (B, H, T, T)
-        if keep:
-            dec_attn[index] = probs
-        y = y + out
+        y = y + sublayer("decoder", index, layer.self_attn, normed, normed, dec_bias)  # attention (B, H, T, T)
         # Cross-attention has no position bias: only the source padding mask.
-        out, probs = _attend(layer.cross_attn, layer.cross_norm(y), memory, enc_mask, h)  # (B, H, T, S)
-        if keep:
-            cross_attn[index] = probs
-        y = y + out
+        y = y + sublayer("cross", index, layer.cross_attn, layer.cross_norm(y), memory, enc_mask)  # (B, H, T, S)
         y = y + _ff(weights, layer, layer.ff_norm(y))
-    return Seq2SeqOutput(
-        encoder_hidden=memory,
-        decoder_hidden=weights.decoder.final_norm(y),
-        encoder_attentions=enc_attn,
-        decoder_attentions=dec_attn,
-        cross_attentions=cross_attn,
-    )
+    return Output(hidden=weights.decoder.final_norm(y), attentions=attentions, encoder_hidden=memory)

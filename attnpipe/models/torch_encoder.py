@@ -19,16 +19,22 @@ takes its input: our pass always works on (B, T, E). Dropout is not applied (inf
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from attnpipe.attention import attention_probs, causal_mask, merge_heads, padding_mask, split_heads
-from attnpipe.models.parts import LayerNorm, Linear, Output, linear
+from attnpipe.attention import (
+    attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
+)
+from attnpipe.models.parts import LayerNorm, Linear, OnLayer, Output, empty_attentions, hand_over, layer_gates, linear
 
 MODEL_TYPES = ("torch",)
+INPUT_KIND = "embeddings"
+CAUSAL = False  # a run's --causal is carried by Weights.causal
+KINDS = ("self",)
+WORD_EMBEDDINGS = None  # the inputs are embeddings already: gradient x input is taken on inputs_embeds
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class Weights:
     num_heads: int
     d_model: int
     batch_first: bool  # how the user's module takes input (recorded; our pass is always (B, T, E))
+    causal: bool = False  # queries see only earlier keys (--causal: the mask the user's model is run with)
     token_type: None = None
 
     @property
@@ -93,7 +100,7 @@ def _layer(layer: nn.TransformerEncoderLayer) -> Layer:
     )
 
 
-def load_weights(module: nn.Module) -> Weights:
+def load_weights(module: nn.Module, *, causal: bool = False) -> Weights:
     """Map the encoder layers of a user's module; ValueError when it has none or mixes sizes."""
     layers, final_norm = find_encoder_layers(module)
     if not layers:
@@ -108,42 +115,47 @@ def load_weights(module: nn.Module) -> Weights:
         num_heads=heads.pop(),
         d_model=dims.pop(),
         batch_first=bool(layers[0].self_attn.batch_first),
+        causal=causal,
     )
 
 
-def _attend(layer: Layer, x: torch.Tensor, num_heads: int, mask: torch.Tensor | None):
-    """Self-attention on (B, T, E): the output (B, T, E) and the (B, H, Q, K) probabilities."""
+def _attend(layer: Layer, x: torch.Tensor, num_heads: int, mask: torch.Tensor | None, gates, index: int,
+            keep_layers, attentions, on_layer) -> torch.Tensor:
+    """Self-attention on (B, T, E): hands the (B, H, Q, K) probabilities over, returns (B, T, E)."""
     q, k, v = layer.qkv(x).chunk(3, dim=-1)  # 3 x (B, T, E): in_proj_weight stacks W_q, W_k, W_v
     q, k, v = (split_heads(z, num_heads) for z in (q, k, v))  # (B, H, T, D)
     probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
-    return layer.out(merge_heads(torch.matmul(probs, v))), probs
+    hand_over("self", index, probs, keep_layers, attentions, on_layer)
+    return layer.out(merge_heads(head_context(probs, v, gates)))
 
 
 def forward(
     weights: Weights,
-    embeddings: torch.Tensor,  # (B, T, E): the input of the first encoder layer
-    attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real, 0 = padding (src_key_padding_mask inverted)
-    causal: bool = False,  # the `is_causal` / square causal `mask` a user passes to nn.TransformerEncoder
-    keep_layers: frozenset[int] | None = None,
+    batch: Mapping[str, torch.Tensor],  # inputs_embeds (B, T, E): the first layer's input; [attention_mask (B, T)]
+    *,
+    keep_layers: Mapping[str, frozenset[int]] | None = None,
+    head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
+    on_layer: OnLayer | None = None,
 ) -> Output:
-    x = embeddings
+    """The encoder on given embeddings; causal when `weights.causal` (a run's --causal, as the
+    `is_causal` / square causal `mask` a user passes to nn.TransformerEncoder)."""
+    x = batch["inputs_embeds"]
+    attention_mask = batch.get("attention_mask")  # 1 = real, 0 = padding (src_key_padding_mask inverted)
     mask = None
     if attention_mask is not None:
         mask = padding_mask(attention_mask, x.dtype)  # (B, 1, 1, K)
-    if causal:
+    if weights.causal:
         blocked = causal_mask(x.shape[1], x.dtype, x.device)  # (1, 1, Q, K)
         mask = blocked if mask is None else (mask + blocked).clamp(min=torch.finfo(x.dtype).min)
-    attentions: dict[int, torch.Tensor] = {}
+    attentions = empty_attentions(KINDS)
+    kept = dict(keep_layers=keep_layers, attentions=attentions, on_layer=on_layer)
     for index, layer in enumerate(weights.layers):
+        gates = layer_gates(head_gates, "self", index)
         if layer.norm_first:
-            attended, probs = _attend(layer, layer.norm1(x), weights.num_heads, mask)
-            x = x + attended
+            x = x + _attend(layer, layer.norm1(x), weights.num_heads, mask, gates, index, **kept)
             x = x + layer.ff_out(layer.act(layer.ff_in(layer.norm2(x))))
         else:
-            attended, probs = _attend(layer, x, weights.num_heads, mask)
-            x = layer.norm1(x + attended)
+            x = layer.norm1(x + _attend(layer, x, weights.num_heads, mask, gates, index, **kept))
             x = layer.norm2(x + layer.ff_out(layer.act(layer.ff_in(x))))
-        if keep_layers is None or index in keep_layers:
-            attentions[index] = probs
     hidden = x if weights.final_norm is None else weights.final_norm(x)
     return Output(hidden=hidden, attentions=attentions)

@@ -13,16 +13,22 @@ model's image size by its processor, so every sequence has 1 + rows·cols tokens
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from transformers.activations import ACT2FN
 
-from attnpipe.attention import attention_probs, merge_heads, split_heads
-from attnpipe.models.parts import LayerNorm, Linear, Output, layer_norm, linear
+from attnpipe.attention import attention_probs, head_context, merge_heads, split_heads
+from attnpipe.models.parts import (
+    LayerNorm, Linear, OnLayer, Output, empty_attentions, hand_over, layer_gates, layer_norm, linear,
+)
 
 MODEL_TYPES = ("vit",)
+INPUT_KIND = "image"
+CAUSAL = False
+KINDS = ("self",)
+WORD_EMBEDDINGS = None  # pixels, not token ids: gradient x input is taken on embed()'s output
 
 
 @dataclass(frozen=True)
@@ -126,20 +132,35 @@ def embed(weights: Weights, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def forward(
     weights: Weights,
-    pixel_values: torch.Tensor,  # (B, C, H, W), as the model's image processor makes them
-    keep_layers: frozenset[int] | None = None,
+    batch: Mapping[str, torch.Tensor],  # pixel_values (B, C, H, W), as the model's image processor makes them
+    *,
+    keep_layers: Mapping[str, frozenset[int]] | None = None,
+    head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
+    on_layer: OnLayer | None = None,
 ) -> Output:
     """Run the encoder; return the final (normed) hidden state and the kept layers' attention."""
-    x = embed(weights, pixel_values)  # (B, T, hidden)
-    attentions: dict[int, torch.Tensor] = {}
+    return forward_embedded(weights, embed(weights, batch["pixel_values"]), keep_layers=keep_layers,
+                            head_gates=head_gates, on_layer=on_layer)
+
+
+def forward_embedded(
+    weights: Weights,
+    x: torch.Tensor,  # (B, T, hidden): [CLS] + patch embeddings + positions, what the first layer receives
+    *,
+    keep_layers: Mapping[str, frozenset[int]] | None = None,
+    head_gates: Mapping[str, torch.Tensor] | None = None,
+    on_layer: OnLayer | None = None,
+) -> Output:
+    """The encoder layers and final norm on given embeddings (gradient x input differentiates `x`)."""
+    attentions = empty_attentions(KINDS)
     for index, layer in enumerate(weights.layers):
         h = layer.norm_before(x)  # pre-norm: attention reads the normalised stream
         q = split_heads(layer.query(h), weights.num_heads)  # (B, H, T, D)
         k = split_heads(layer.key(h), weights.num_heads)  # (B, H, T, D)
         v = split_heads(layer.value(h), weights.num_heads)  # (B, H, T, D)
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T); no padding
-        if keep_layers is None or index in keep_layers:
-            attentions[index] = probs
-        x = x + layer.out(merge_heads(torch.matmul(probs, v)))
+        hand_over("self", index, probs, keep_layers, attentions, on_layer)
+        x = x + layer.out(merge_heads(head_context(probs, v, layer_gates(head_gates, "self", index))))
+        del probs
         x = x + layer.fc2(weights.act(layer.fc1(layer.norm_after(x))))
     return Output(hidden=weights.norm(x), attentions=attentions)
