@@ -87,16 +87,17 @@ def check_model_dir(model_dir: Path, input_kind: str | None = None) -> tuple[str
     config_path = model_dir / "config.json"
     model_type = read_model_config(model_dir).get("model_type")
     family = FAMILIES.get(model_type)
+    images = sorted(t for t, f in FAMILIES.items() if f.INPUT_KIND == "image")
     if family is None:
+        texts = [t for t in supported_model_types() if t not in images]
         raise AttnpipeError(
             f"unsupported architecture {model_type!r} in {config_path}; "
-            f"supported model types: {', '.join(supported_model_types())}, torch (--torch-model); "
+            f"supported model types: {', '.join(texts)}, {', '.join(images)} (images), torch (--torch-model); "
             "or extract with transformers' own eager attention: --method hf"
         )
     if input_kind == "text" and family.INPUT_KIND == "image":
         raise AttnpipeError(f"{model_dir} holds an image model ({model_type}): give --image or --image-dir")
     if input_kind == "image" and family.INPUT_KIND != "image":
-        images = sorted(t for t, f in FAMILIES.items() if f.INPUT_KIND == "image")
         raise AttnpipeError(
             f"--image needs a vision transformer (model_type {', '.join(images)}); "
             f"{config_path} has {model_type!r}"
