@@ -70,7 +70,7 @@ def test_gates_at_one_are_bit_identical(tiny_model_dir, model_type):
 
 def objective_value(model, objective, ids, gates=None, label=None):
     with torch.no_grad():
-        out = G.run(model, ids, gates)
+        out = G.run(model, ids, None if gates is None else {"self": gates})
         label = objective.choose(out.hidden) if label is None else label
         return float(objective.value(out.hidden, label)[0]), label
 
@@ -90,14 +90,14 @@ def test_gate_gradient_matches_finite_differences(tiny_model_dir, classifier_dir
     model, objective = _model_and_objective(tiny_model_dir, classifier_dir, model_type, spec)
     ids = ids_of(model, "the cat sat on the mat and it was red")
     result = G.text_gradients(model, objective, ids)
-    assert result.head_gate_grad.shape == (model.num_layers, model.num_heads)
+    assert result.head_gate_grad["self"].shape == (model.num_layers, model.num_heads)
     for layer, head in [(0, 0), (model.num_layers - 1, model.num_heads - 1), (1, 2)]:
         gates = torch.ones(model.num_layers, model.num_heads, dtype=torch.float64)
         gates[layer, head] += EPS
         up, _ = objective_value(model, objective, ids, gates, result.target_label)
         gates[layer, head] -= 2 * EPS
         down, _ = objective_value(model, objective, ids, gates, result.target_label)
-        assert result.head_gate_grad[layer, head] == pytest.approx((up - down) / (2 * EPS), rel=FD_RTOL, abs=FD_ATOL)
+        assert result.head_gate_grad["self"][layer, head] == pytest.approx((up - down) / (2 * EPS), rel=FD_RTOL, abs=FD_ATOL)
     assert result.target_value == pytest.approx(objective_value(model, objective, ids)[0], abs=1e-12)
 
 
@@ -130,13 +130,13 @@ def test_attention_gradient_matches_finite_differences(tiny_model_dir, classifie
             monkeypatch.setattr(module, "attention_probs", original)
 
     last = model.num_layers - 1
-    causal = module.__name__.endswith(("gpt2", "llama"))
+    causal = module.CAUSAL
     row = n - 1 if causal else 0  # in the last layer only the row the target reads matters (or all)
     entries = [(0, 0, n - 1, 1), (last, 1, row, 2), (0, 3, 2, 1)]
     checked = 0
     for layer, head, q, k in entries:
         fd = (perturbed_value(layer, head, q, k, EPS) - perturbed_value(layer, head, q, k, -EPS)) / (2 * EPS)
-        assert result.attention_grad[layer, head, q, k] == pytest.approx(fd, rel=FD_RTOL, abs=FD_ATOL)
+        assert result.attention_grad["self"][layer, head, q, k] == pytest.approx(fd, rel=FD_RTOL, abs=FD_ATOL)
         checked += abs(fd) > 1e-6
     assert checked >= 2, "the checked entries should carry non-zero gradient"
 
@@ -186,15 +186,15 @@ def test_head_importance_equals_ablation_when_target_is_linear_in_the_gates(tiny
     objective = G.Objective(G.Target("class", "linear"), lambda hidden: -1, lambda hidden, label: hidden[:, 0] @ w)
     ids = ids_of(model, "the cat sat on the mat")
     result = G.text_gradients(model, objective, ids, ablate=True)
-    assert result.head_gate_grad.shape == (1, 4)
-    np.testing.assert_allclose(result.head_ablation, -result.head_gate_grad, rtol=1e-10, atol=1e-12)
-    assert np.abs(result.head_gate_grad).min() > 1e-3  # every head matters: the check is not 0 == 0
+    assert result.head_gate_grad["self"].shape == (1, 4)
+    np.testing.assert_allclose(result.head_ablation["self"], -result.head_gate_grad["self"], rtol=1e-10, atol=1e-12)
+    assert np.abs(result.head_gate_grad["self"]).min() > 1e-3  # every head matters: the check is not 0 == 0
 
 
 def test_ablation_runs_on_a_real_nonlinear_model(classifier_dir):
     model, objective = _model_and_objective(None, classifier_dir, "classifier", "predicted")
     result = G.text_gradients(model, objective, ids_of(model, "the dog ran"), ablate=True)
-    assert result.head_ablation.shape == (2, 4) and np.abs(result.head_ablation).max() > 0
+    assert result.head_ablation["self"].shape == (2, 4) and np.abs(result.head_ablation["self"]).max() > 0
 
 
 def test_parse_target():

@@ -1,36 +1,54 @@
 """Gradients of a target through our own forward pass: ∂target/∂A per head, head importance,
-head ablation and gradient × input.
+head ablation and gradient × input, for every family (attnpipe/models: the family interface).
 
-The family forward runs with autograd on, a gate of 1 on every head (`head_gates`, Michel et
-al. 2019: a multiplier on each head's context `probs @ v` before the heads are merged, where
-transformers' removed `head_mask` acted), and each layer's attention probabilities keep their
-gradient. One scalar is explained per text (the `--explain`):
+The family forward runs with autograd on, a gate of 1 on every head of every kind (`head_gates`,
+Michel et al. 2019: a multiplier on each head's context `probs @ v` before the heads are merged,
+where transformers' removed `head_mask` acted), and each layer's attention probabilities keep
+their gradient. One scalar is explained per input (the `--explain`):
 
-    predicted | <class index>   logit of a sequence-classification head (the checkpoint's own
-                                 pooler/classifier modules from AutoModelForSequenceClassification,
-                                 applied to our final hidden state); `predicted` = the argmax class
+    predicted | <class index>   logit of a classification head, the checkpoint's own modules applied
+                                 to our final hidden state: text encoders and causal LMs
+                                 (AutoModelForSequenceClassification: pooler/classifier, or the score
+                                 on the last position); ViT (ViTForImageClassification: the classifier
+                                 on the final-norm [CLS]); `predicted` = the argmax class
     next-token                   causal LMs: logit of the most likely next token after the text
-                                 (the checkpoint's LM head on our last position)
-    similarity:<other text>      any model: cosine similarity of the mean-pooled final hidden
+                                 (the checkpoint's LM head on our last position); encoder-decoders:
+                                 the same at the last decoder position, i.e. the token after the
+                                 given target prefix (the ...ForConditionalGeneration head: T5
+                                 rescales the decoder output by d_model**-0.5 when its embeddings
+                                 are tied, BART/Marian add final_logits_bias)
+    similarity:<other text>      text models: cosine similarity of the mean-pooled final hidden
                                  states of the text and of <other text> (sentence embeddings, e.g.
-                                 all-MiniLM-L6-v2); the other text's embedding is a constant
+                                 all-MiniLM-L6-v2); encoder-decoders: of the mean-pooled *encoder*
+                                 states of the two sources; the other text's embedding is a constant
+    output-norm                  any family, and the torch encoder's target (it has no head and no
+                                 text): ‖mean over positions of the final hidden state‖₂ (the
+                                 decoder's for encoder-decoders)
 
-Per text this gives (all float32 when stored):
-    attention_grad   (L, H, n, n)  ∂target/∂A[l, h, q, k]
-    head_gate_grad   (L, H)        ∂target/∂gate[l, h] at gates = 1; importance = |·|
-    token_grad_input (n,)          Σ_e x[t, e] · ∂target/∂x[t, e] on the word embeddings x
-                                   (before position embeddings and the embedding norm)
-    head_ablation    (L, H)        target with gate[l, h] = 0 minus target (with --ablate; the
-                                   class / token explained stays the one chosen at gates = 1)
+Per input this gives, per attention kind ("self"; encoder-decoders also "decoder" and "cross"):
+    attention        {kind: (L, H, Q, K)}  probabilities at gates = 1
+    attention_grad   {kind: (L, H, Q, K)}  ∂target/∂A[l, h, q, k]
+    head_gate_grad   {kind: (L, H)}        ∂target/∂gate[l, h] at gates = 1; importance = |·|
+    head_ablation    {kind: (L, H)}        target with gate[l, h] = 0 minus target (with --ablate; the
+                                           class / token explained stays the one chosen at gates = 1)
+and once:
+    token_grad_input (n,)                  Σ_e x[t, e] · ∂target/∂x[t, e] on what is differentiated:
+                                           the word embeddings x of the family's WORD_EMBEDDINGS table
+                                           (before positions and the embedding norm; encoder-decoders:
+                                           the source tokens); where WORD_EMBEDDINGS is None, what the
+                                           first layer receives: ViT's [CLS] + patch + position
+                                           embeddings (n = 1 + patches), the torch encoder's given
+                                           inputs_embeds
 
-Texts run one at a time (no padding enters a gradient).
+Inputs run one at a time (no padding enters a gradient): `batch` is the family's batch dict
+(attnpipe.models) of one unpadded input.
 
 Example::
 
     from attnpipe.extract.gradients import parse_target, build_objective, text_gradients
     objective = build_objective(model, parse_target("predicted"))
-    result = text_gradients(model, objective, input_ids)    # input_ids: (1, n)
-    result.attention_grad.shape                              # (L, H, n, n)
+    result = text_gradients(model, objective, {"input_ids": ids, "attention_mask": ones})  # (1, n)
+    result.attention_grad["self"].shape                      # (L, H, n, n)
 """
 
 from __future__ import annotations
@@ -38,34 +56,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from attnpipe.errors import AttnpipeError
+from attnpipe.models import CAUSAL_MODEL_TYPES, is_seq2seq, supported_model_types
+from attnpipe.models.parts import Output
 
-# Where each family keeps its word-embedding matrix (gradient × input needs it).
-_WORD_EMBEDDING_FIELD = {"bert": "word", "gpt2": "wte", "llama": "embed"}
-CAUSAL_FAMILIES = ("gpt2", "llama")
+TARGETS = "predicted, a class index (0, 1, ...), next-token, similarity:TEXT, output-norm"
 
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "class", "predicted", "next-token" or "similarity"
+    kind: str  # "class", "predicted", "next-token", "similarity" or "output-norm"
     spec: str  # as the user wrote it (recorded in the file)
     class_index: int | None = None
     other_text: str | None = None
 
 
 def parse_target(spec: str) -> Target:
-    """`predicted`, a class index, `next-token` or `similarity:<text>` -> Target."""
+    """`predicted`, a class index, `next-token`, `similarity:<text>` or `output-norm` -> Target."""
     spec = spec.strip()
-    if spec == "predicted":
-        return Target("predicted", spec)
-    if spec == "next-token":
-        return Target("next-token", spec)
+    if spec in ("predicted", "next-token", "output-norm"):
+        return Target(spec, spec)
     if spec.startswith("similarity:"):
         other = spec[len("similarity:"):]
         if not other.strip():
@@ -74,10 +91,7 @@ def parse_target(spec: str) -> Target:
     try:
         index = int(spec)
     except ValueError as err:
-        raise AttnpipeError(
-            f"--explain {spec!r} is not one of: predicted, a class index (0, 1, ...), next-token, "
-            "similarity:TEXT"
-        ) from err
+        raise AttnpipeError(f"--explain {spec!r} is not one of: {TARGETS}") from err
     if index < 0:
         raise AttnpipeError(f"--explain class index must be >= 0, got {index}")
     return Target("class", spec, class_index=index)
@@ -85,33 +99,71 @@ def parse_target(spec: str) -> Target:
 
 @dataclass(frozen=True)
 class Objective:
-    """A scalar to explain: `value(hidden, label)` on our final hidden states (B, n, E) -> (B,).
+    """A scalar to explain: `value(hidden, label)` on one of our Output's states (B, n, E) -> (B,).
 
-    `choose(hidden)` picks the label (class or token id, -1 when there is none) once, at gates =
-    1; ablations explain the same label.
+    `reads` names the Output field given to `value` and `choose`: "hidden" (the final hidden
+    state; the decoder's for encoder-decoders) or "encoder_hidden". `choose(hidden)` picks the
+    label (class or token id, -1 when there is none) once, at gates = 1; ablations explain the
+    same label.
     """
 
     target: Target
     choose: Callable[[torch.Tensor], int]
     value: Callable[[torch.Tensor, int], torch.Tensor]
+    reads: Literal["hidden", "encoder_hidden"] = "hidden"
+
+    def states(self, out: Output) -> torch.Tensor:
+        return getattr(out, self.reads)
 
 
-def _sequence_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The checkpoint's classification head as a function of our final hidden state -> (1, C)."""
+def _kind_of(model) -> str:
+    return getattr(model, "model_type", None) or model.family.__name__
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.hf_model.parameters()).dtype
+
+
+def _checkpoint_dir(model, what: str):
+    if getattr(model, "model_dir", None) is None or getattr(model, "hf_model", None) is None:
+        raise AttnpipeError(f"--explain {what} needs a transformers checkpoint with that head; "
+                            "a --torch-model has none: use --explain output-norm")
+    return model.model_dir
+
+
+def _architectures(model) -> list[str]:
+    return list(getattr(model.hf_model.config, "architectures", None) or [])
+
+
+def _classification_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The checkpoint's classification head as a function of our final hidden state -> (B, C)."""
     import transformers
 
-    config = model.hf_model.config
-    architectures = getattr(config, "architectures", None) or []
+    family = model.family
+    model_dir = _checkpoint_dir(model, "predicted / a class index")
+    architectures = _architectures(model)
+    if family.INPUT_KIND == "image":
+        if not any(name.endswith("ForImageClassification") for name in architectures):
+            raise AttnpipeError(
+                f"--explain predicted / a class index needs an image-classification head, but {model_dir} is a "
+                f"{', '.join(architectures) or _kind_of(model)} checkpoint (config.json 'architectures'); "
+                "use --explain output-norm")
+        clf = transformers.AutoModelForImageClassification.from_pretrained(
+            model_dir, dtype=_dtype(model)).to(model.device).eval()
+        return lambda h: clf.classifier(h[:, 0])  # ViTForImageClassification: the final-norm [CLS]
+    if family.INPUT_KIND != "text":
+        raise AttnpipeError(
+            f"--explain predicted / a class index is not supported for {_kind_of(model)} models; "
+            "use next-token, similarity:TEXT or output-norm")
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise AttnpipeError(
             f"--explain predicted / a class index needs a sequence-classification head, but "
-            f"{model.model_dir} is a {', '.join(architectures) or model.model_type} checkpoint "
+            f"{model_dir} is a {', '.join(architectures) or model.model_type} checkpoint "
             "(config.json 'architectures'); use --explain similarity:TEXT for an embedding model"
-            + (" or next-token for a causal LM" if model.family.__name__.rsplit('.', 1)[-1] in CAUSAL_FAMILIES else "")
+            + (" or next-token for a causal LM" if family.CAUSAL else "")
         )
     clf = transformers.AutoModelForSequenceClassification.from_pretrained(
-        model.model_dir, dtype=next(model.hf_model.parameters()).dtype,
-        trust_remote_code=model.trust_remote_code,
+        model_dir, dtype=_dtype(model), trust_remote_code=model.trust_remote_code,
     ).to(model.device).eval()
     kind = model.model_type
     # Each head is the model's own modules, in the order its forward() applies them (eval: no dropout).
@@ -123,42 +175,76 @@ def _sequence_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda h: clf.classifier(torch.relu(clf.pre_classifier(h[:, 0])))
     if kind == "albert":
         return lambda h: clf.classifier(clf.albert.pooler_activation(clf.albert.pooler(h[:, 0])))
-    if kind in ("gpt2", "llama", "mistral", "qwen2"):
+    if family.CAUSAL:
         return lambda h: clf.score(h[:, -1])  # one unpadded text: its last token is the last position
     raise AttnpipeError(f"--explain with a classification head is not supported for model type {kind!r}")
 
 
 def _lm_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The checkpoint's LM head on our last (decoder) position -> (B, vocab) logits."""
     import transformers
 
-    if model.family.__name__.rsplit(".", 1)[-1] not in CAUSAL_FAMILIES:
+    family = model.family
+    if not (family.CAUSAL or family.INPUT_KIND == "pairs"):
+        seq2seq = [t for t in supported_model_types() if is_seq2seq(t)]
         raise AttnpipeError(
-            f"--explain next-token needs a causal language model (gpt2, llama, mistral, qwen2); "
-            f"{model.model_dir} is a {model.model_type} model"
+            f"--explain next-token needs a causal language model ({', '.join(sorted(CAUSAL_MODEL_TYPES))}) "
+            f"or an encoder-decoder ({', '.join(seq2seq)}); {getattr(model, 'model_dir', None) or 'this model'} "
+            f"is a {_kind_of(model)} model"
         )
-    lm, info = transformers.AutoModelForCausalLM.from_pretrained(
-        model.model_dir, dtype=next(model.hf_model.parameters()).dtype,
-        trust_remote_code=model.trust_remote_code, output_loading_info=True,
+    model_dir = _checkpoint_dir(model, "next-token")
+    auto = transformers.AutoModelForCausalLM if family.CAUSAL else transformers.AutoModelForSeq2SeqLM
+    lm, info = auto.from_pretrained(
+        model_dir, dtype=_dtype(model), trust_remote_code=model.trust_remote_code, output_loading_info=True,
     )
     missing = sorted(key for key in info["missing_keys"] if "lm_head" in key)
     if missing:  # a base-model folder of an untied LM: transformers would use a random head
         raise AttnpipeError(
-            f"--explain next-token needs the LM head's weights, but {model.model_dir} has none "
-            f"({', '.join(missing)} missing): save the ...ForCausalLM model, not the base model"
+            f"--explain next-token needs the LM head's weights, but {model_dir} has none "
+            f"({', '.join(missing)} missing): save the ...For{'CausalLM' if family.CAUSAL else 'ConditionalGeneration'}"
+            " model, not the base model"
         )
     lm = lm.to(model.device).eval()
     head = lm.get_output_embeddings()
-    return lambda h: head(h[:, -1])  # (1, vocab): logits for the token after the text
+    config = lm.config
+    # T5ForConditionalGeneration scales the decoder output by d_model**-0.5 before its tied head
+    # (T5Config.scale_decoder_outputs; other configs have no such field).
+    scale = lm.model_dim**-0.5 if getattr(config, "scale_decoder_outputs", False) else 1.0
+    bias = getattr(lm, "final_logits_bias", None)  # BART / Marian: (1, vocab), added to the logits
+    if bias is None:
+        return lambda h: head(h[:, -1] * scale)  # (B, vocab): logits for the token after the (decoder) input
+    return lambda h: head(h[:, -1] * scale) + bias
 
 
 def _embedding(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden.mean(dim=1)  # (1, E): mean over the real tokens (one unpadded text)
+    return hidden.mean(dim=1)  # (B, E): mean over the real tokens (one unpadded input)
 
 
-def build_objective(model, target: Target, encode: Callable[[str], torch.Tensor] | None = None) -> Objective:
-    """The scalar to explain for a loaded model (attnpipe.extract.loading.LoadedModel)."""
+def as_batch(model, inputs) -> dict[str, torch.Tensor]:
+    """A family batch of one unpadded input: a dict as given, or (1, n) token ids -> a text batch.
+
+    Encoder-decoders without a decoder input get the decoder start token alone.
+    """
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)}
+    batch = dict(inputs)
+    if "decoder" in model.family.KINDS and "decoder_input_ids" not in batch:
+        config = model.hf_model.config
+        start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
+        ids = batch["input_ids"]
+        batch["decoder_input_ids"] = torch.full((ids.shape[0], 1), start or 0, dtype=ids.dtype, device=ids.device)
+        batch["decoder_attention_mask"] = torch.ones_like(batch["decoder_input_ids"])
+    return batch
+
+
+def build_objective(model, target: Target, encode: Callable[[str], object] | None = None) -> Objective:
+    """The scalar to explain for a loaded model (attnpipe.extract.loading.LoadedModel, or any object
+    with `family` and `weights`, plus `model_dir`, `hf_model`, `device`, `trust_remote_code` and
+    `model_type` for the targets that read a checkpoint's head). `encode(text)` gives the other
+    text of a similarity target as (1, n) token ids or a batch dict."""
+    family = model.family
     if target.kind in ("class", "predicted"):
-        head = _sequence_head(model)
+        head = _classification_head(model)
 
         def choose(hidden):
             logits = head(hidden)
@@ -177,118 +263,152 @@ def build_objective(model, target: Target, encode: Callable[[str], torch.Tensor]
         return Objective(target, lambda hidden: int(head(hidden)[0].argmax()),
                          lambda hidden, label: head(hidden)[:, label])
     if target.kind == "similarity":
+        if family.INPUT_KIND not in ("text", "pairs"):
+            raise AttnpipeError(f"--explain similarity:TEXT needs a text model; {_kind_of(model)} inputs are "
+                                f"{family.INPUT_KIND}: use --explain output-norm")
         if encode is None:
             raise ValueError("a similarity target needs `encode` (text -> input ids)")
+        reads = "encoder_hidden" if family.INPUT_KIND == "pairs" else "hidden"
         with torch.no_grad():
-            other = _embedding(run(model, encode(target.other_text)).hidden)  # constant (1, E)
+            other = _embedding(getattr(run(model, encode(target.other_text)), reads))  # constant (1, E)
         return Objective(target, lambda hidden: -1,
-                         lambda hidden, label: torch.cosine_similarity(_embedding(hidden), other))
+                         lambda hidden, label: torch.cosine_similarity(_embedding(hidden), other), reads)
+    if target.kind == "output-norm":
+        return Objective(target, lambda hidden: -1, lambda hidden, label: _embedding(hidden).norm(dim=-1))
     raise ValueError(f"unknown target kind {target.kind!r}")
 
 
-def run(model, input_ids: torch.Tensor, head_gates: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None, weights=None):
-    """Our forward pass on one unpadded text (1, n): every layer kept."""
-    attention_mask = torch.ones_like(input_ids)
-    if token_type_ids is None and getattr(model.weights, "token_type", None) is not None:
-        token_type_ids = torch.zeros_like(input_ids)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        batch["token_type_ids"] = token_type_ids
-    out = model.family.forward(weights or model.weights, batch,
-                               head_gates=None if head_gates is None else {"self": head_gates})
-    return dataclasses.replace(out, attentions=out.attentions["self"])
+def run(model, inputs, head_gates: Mapping[str, torch.Tensor] | None = None, weights=None) -> Output:
+    """Our forward pass on one unpadded input (a batch dict, or (1, n) token ids): every layer kept."""
+    return model.family.forward(weights or model.weights, as_batch(model, inputs), head_gates=head_gates)
 
 
-def _word_embeddings(model) -> tuple[str, torch.Tensor]:
-    family = model.family.__name__.rsplit(".", 1)[-1]
-    field = _WORD_EMBEDDING_FIELD.get(family)
-    if field is None:
-        raise AttnpipeError(
-            f"--explain is not supported for {model.model_type} models yet; it works for "
-            "bert-like encoders, gpt2 and the llama family"
-        )
-    return field, getattr(model.weights, field)  # (vocab, E)
+def check_explainable(model) -> None:
+    """Refuse a family that cannot be explained, before any work (--method hf has no gates)."""
+    if model.family.WORD_EMBEDDINGS is None and model.family.INPUT_KIND == "text":
+        raise AttnpipeError("--explain needs attnpipe's own forward pass (head gates, word embeddings); "
+                            "--method hf runs transformers' own: drop --method hf")
 
 
-def _with_own_embeddings(model, input_ids: torch.Tensor):
-    """Weights whose word embeddings of this text's positions are leaves we can differentiate.
+def _differentiable_input(model, batch: dict[str, torch.Tensor]):
+    """(weights, batch, leaf): the input rewritten so that `leaf` (n, E) is what gradient × input
+    differentiates (see the module docstring).
 
-    The n rows the text uses are copied into n new vocabulary rows (ids vocab..vocab+n-1), so a
-    token repeated in the text still gets one gradient per position. Returns (weights, ids, rows).
+    Token ids: the n rows of the WORD_EMBEDDINGS table the text uses are copied into n new
+    vocabulary rows (ids vocab..vocab+n-1), so a token repeated in the text still gets one
+    gradient per position. Otherwise the first layer's input, given as `inputs_embeds`.
     """
-    field, table = _word_embeddings(model)  # (vocab, E)
-    rows = table[input_ids[0]].detach().clone().requires_grad_(True)  # (n, E)
-    extended = torch.cat([table.detach(), rows], dim=0)  # (vocab + n, E)
-    ids = table.shape[0] + torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, n)
-    return dataclasses.replace(model.weights, **{field: extended}), ids, rows
+    family, weights = model.family, model.weights
+    field = family.WORD_EMBEDDINGS
+    if field is not None:
+        table = getattr(weights, field)  # (vocab, E)
+        ids = batch["input_ids"]
+        leaf = table[ids[0]].detach().clone().requires_grad_(True)  # (n, E)
+        extended = torch.cat([table.detach(), leaf], dim=0)  # (vocab + n, E)
+        own = table.shape[0] + torch.arange(ids.shape[1], device=ids.device)[None]  # (1, n)
+        return dataclasses.replace(weights, **{field: extended}), {**batch, "input_ids": own}, leaf
+    if "inputs_embeds" in batch:  # the torch encoder: the embeddings are the input
+        x = batch["inputs_embeds"]
+    else:  # ViT: [CLS] + patch embeddings + positions, what its first layer receives
+        x = family.embed(weights, batch["pixel_values"])  # (1, n, E)
+    leaf = x[0].detach().clone().requires_grad_(True)  # (n, E)
+    rest = {key: value for key, value in batch.items() if key != "pixel_values"}
+    return weights, {**rest, "inputs_embeds": leaf[None]}, leaf
+
+
+def gate_shapes(weights, kinds: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(L, H) of each kind's gates: the encoder's (or only) stack for "self", the decoder's otherwise."""
+    return {kind: (weights.num_layers, weights.num_heads) if kind == "self"
+            else (weights.decoder_num_layers, weights.decoder_num_heads) for kind in kinds}
 
 
 @dataclass(frozen=True)
 class TextGradients:
-    attention: np.ndarray  # (L, H, n, n) probabilities at gates = 1
-    attention_grad: np.ndarray  # (L, H, n, n)
-    head_gate_grad: np.ndarray  # (L, H)
-    token_grad_input: np.ndarray  # (n,)
+    """One input's gradients, per attention kind (see the module docstring)."""
+
+    attention: dict[str, np.ndarray]  # kind -> (L, H, Q, K) probabilities at gates = 1
+    attention_grad: dict[str, np.ndarray]  # kind -> (L, H, Q, K) ∂target/∂A
+    head_gate_grad: dict[str, np.ndarray]  # kind -> (L, H) ∂target/∂gate
+    token_grad_input: np.ndarray  # (n,) over the differentiated input's positions
     target_value: float
     target_label: int
-    head_ablation: np.ndarray | None = None  # (L, H)
+    head_ablation: dict[str, np.ndarray] | None = None  # kind -> (L, H)
 
 
-def text_gradients(model, objective: Objective, input_ids: torch.Tensor,
-                   token_type_ids: torch.Tensor | None = None, ablate: bool = False) -> TextGradients:
-    """Gradients of the objective for one text (input_ids (1, n), no padding)."""
-    weights, ids, rows = _with_own_embeddings(model, input_ids)
-    dtype = rows.dtype
-    gates = torch.ones(model.num_layers, model.num_heads, dtype=dtype, device=input_ids.device,
-                       requires_grad=True)  # (L, H)
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+def text_gradients(model, objective: Objective, batch, ablate: bool = False) -> TextGradients:
+    """Gradients of the objective for one input (a batch dict of one, or (1, n) ids; no padding)."""
+    batch = as_batch(model, batch)
+    weights, own_batch, leaf = _differentiable_input(model, batch)
+    kinds = model.family.KINDS
+    gates = {kind: torch.ones(*shape, dtype=leaf.dtype, device=leaf.device, requires_grad=True)
+             for kind, shape in gate_shapes(model.weights, kinds).items()}  # kind -> (L, H)
     with torch.enable_grad():
-        out = run(model, ids, gates, token_type_ids, weights)
-        for probs in out.attentions.values():
-            probs.retain_grad()
-        label = objective.choose(out.hidden.detach())
-        value = objective.value(out.hidden, label)[0]
+        out = model.family.forward(weights, own_batch, head_gates=gates)
+        for layers in out.attentions.values():
+            for probs in layers.values():
+                probs.retain_grad()
+        states = objective.states(out)
+        label = objective.choose(states.detach())
+        value = objective.value(states, label)[0]
         value.backward()
-    layers = sorted(out.attentions)
-    attention = torch.cat([out.attentions[l] for l in layers])  # (L, H, n, n)
-    attention_grad = torch.cat([out.attentions[l].grad for l in layers])  # (L, H, n, n)
-    grad_input = (rows.grad * rows.detach()).sum(-1)  # (n,)
+    attention, attention_grad = {}, {}
+    for kind in kinds:
+        layers = sorted(out.attentions[kind])
+        attention[kind] = _numpy(torch.cat([out.attentions[kind][l] for l in layers]))  # (L, H, Q, K)
+        grads = [out.attentions[kind][l].grad for l in layers]
+        attention_grad[kind] = _numpy(torch.cat([torch.zeros_like(out.attentions[kind][l]) if g is None else g
+                                                 for l, g in zip(layers, grads)]))  # unused layer: 0
+    grad_input = (leaf.grad * leaf.detach()).sum(-1)  # (n,)
     ablation = None
     if ablate:
-        ablation = head_ablation(model, objective, input_ids, label, float(value.detach()), token_type_ids)
+        ablation = head_ablation(model, objective, batch, label, float(value.detach()))
     return TextGradients(
-        attention=attention.detach().cpu().numpy(),
-        attention_grad=attention_grad.detach().cpu().numpy(),
-        head_gate_grad=gates.grad.detach().cpu().numpy(),
-        token_grad_input=grad_input.detach().cpu().numpy(),
+        attention=attention,
+        attention_grad=attention_grad,
+        head_gate_grad={kind: _numpy(g.grad if g.grad is not None else torch.zeros_like(g))
+                        for kind, g in gates.items()},
+        token_grad_input=_numpy(grad_input),
         target_value=float(value.detach()),
         target_label=label,
         head_ablation=ablation,
     )
 
 
-ABLATION_BATCH = 32  # ablated copies of a text per forward pass (each with its own gates)
+ABLATION_BATCH = 32  # ablated copies of an input per forward pass (each with its own gates)
 
 
-def head_ablation(model, objective: Objective, input_ids: torch.Tensor, label: int, full: float,
-                  token_type_ids: torch.Tensor | None = None) -> np.ndarray:
-    """(L, H): the target with one head's gate at 0, minus the target with every gate at 1.
+def head_ablation(model, objective: Objective, batch, label: int, full: float) -> dict[str, np.ndarray]:
+    """kind -> (L, H): the target with one head's gate at 0, minus the target with every gate at 1.
 
-    Copies of the text run as a batch, copy r with gates (L, B, H) zeroing head r only.
+    Copies of the input run as a batch, copy r with gates (L, B, H) of one kind zeroing head r only.
     """
-    num_layers, num_heads = model.num_layers, model.num_heads
-    dtype = _word_embeddings(model)[1].dtype
-    values = []
+    batch = as_batch(model, batch)
+    dtype, device = _compute_dtype(model, batch), batch[next(iter(batch))].device
+    result = {}
     with torch.no_grad():
-        for first in range(0, num_layers * num_heads, ABLATION_BATCH):
-            heads = torch.arange(first, min(first + ABLATION_BATCH, num_layers * num_heads))
-            gates = torch.ones(num_layers, len(heads), num_heads, dtype=dtype, device=input_ids.device)
-            gates[heads // num_heads, torch.arange(len(heads)), heads % num_heads] = 0.0  # (L, B, H)
-            ids = input_ids.expand(len(heads), -1)
-            types = None if token_type_ids is None else token_type_ids.expand(len(heads), -1)
-            out = run(model, ids, gates, types)
-            values.append(objective.value(out.hidden, label).double().cpu())
-    return (torch.cat(values).numpy() - full).reshape(num_layers, num_heads)
+        for kind, (num_layers, num_heads) in gate_shapes(model.weights, model.family.KINDS).items():
+            values = []
+            for first in range(0, num_layers * num_heads, ABLATION_BATCH):
+                heads = torch.arange(first, min(first + ABLATION_BATCH, num_layers * num_heads))
+                gates = torch.ones(num_layers, len(heads), num_heads, dtype=dtype, device=device)
+                gates[heads // num_heads, torch.arange(len(heads)), heads % num_heads] = 0.0  # (L, B, H)
+                copies = {key: value.expand(len(heads), *value.shape[1:]) for key, value in batch.items()}
+                out = run(model, copies, {kind: gates})
+                values.append(objective.value(objective.states(out), label).double().cpu())
+            result[kind] = (torch.cat(values).numpy() - full).reshape(num_layers, num_heads)
+    return result
+
+
+def _compute_dtype(model, batch: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the forward computes in: the word-embedding table's, or the (float) input's."""
+    field = model.family.WORD_EMBEDDINGS
+    if field is not None:
+        return getattr(model.weights, field).dtype
+    return next(value.dtype for value in batch.values() if value.is_floating_point())
 
 
 def extract_with_gradients(config, target: Target, ablate: bool = False):
@@ -311,7 +431,7 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
     device = resolve_device(config.device)
     model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
     model = load_model(model_dir, device, config.trust_remote_code)
-    _word_embeddings(model)  # families without head gates / embedding map: a clear error first
+    check_explainable(model)  # --method hf: a clear error first
     layers = X.parse_indices(config.layers, model.num_layers, "--layer", "layers")
     heads = X.parse_indices(config.heads, model.num_heads, "--heads", "heads")
     max_length = X._max_length(model, config.max_length)
@@ -332,15 +452,15 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
         for i, text in enumerate(texts):
             input_ids = torch.tensor([encoded.input_ids[i]], device=device)  # (1, n)
             types = torch.tensor([encoded.token_type_ids[i]], device=device) if use_types else None
-            result = text_gradients(model, objective, input_ids, types, ablate)
+            batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            if types is not None:
+                batch["token_type_ids"] = types
+            result = text_gradients(model, objective, batch, ablate)
             n = input_ids.shape[1]
             if config.verify:
-                batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-                if types is not None:
-                    batch["token_type_ids"] = types
                 with torch.no_grad():
-                    ours = run(model, input_ids, None, types)
-                    check = X._reference_diffs(model, batch, [n], ours.attentions, ours.hidden)
+                    ours = run(model, batch)
+                    check = X._reference_diffs(model, batch, [n], ours.attentions["self"], ours.hidden)
                 parity, hidden_parity = max(parity, check.attention), max(hidden_parity, check.hidden)
                 if check.attention > config.verify_tol:
                     raise AttnpipeError(
@@ -350,11 +470,11 @@ def extract_with_gradients(config, target: Target, ablate: bool = False):
             select = np.ix_(list(layers), list(heads))
             item = X.text_item(
                 text, encoded, i, model.tokenizer,
-                attention=np.ascontiguousarray(result.attention[select]),  # (L', H', n, n)
-                attention_grad=np.ascontiguousarray(result.attention_grad[select]),
-                head_gate_grad=result.head_gate_grad,
+                attention=np.ascontiguousarray(result.attention["self"][select]),  # (L', H', n, n)
+                attention_grad=np.ascontiguousarray(result.attention_grad["self"][select]),
+                head_gate_grad=result.head_gate_grad["self"],
                 token_grad_input=result.token_grad_input,
-                head_ablation=result.head_ablation,
+                head_ablation=None if result.head_ablation is None else result.head_ablation["self"],
                 gradient_target_value=result.target_value,
                 gradient_target_label=result.target_label,
             )

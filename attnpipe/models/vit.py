@@ -28,7 +28,7 @@ MODEL_TYPES = ("vit",)
 INPUT_KIND = "image"
 CAUSAL = False
 KINDS = ("self",)
-WORD_EMBEDDINGS = None  # pixels, not token ids: gradient x input is taken on embed()'s output
+WORD_EMBEDDINGS = None  # pixels, not token ids: gradient x input is taken on embed()'s output (inputs_embeds)
 
 
 @dataclass(frozen=True)
@@ -138,20 +138,12 @@ def forward(
     head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
     on_layer: OnLayer | None = None,
 ) -> Output:
-    """Run the encoder; return the final (normed) hidden state and the kept layers' attention."""
-    return forward_embedded(weights, embed(weights, batch["pixel_values"]), keep_layers=keep_layers,
-                            head_gates=head_gates, on_layer=on_layer)
+    """Run the encoder; return the final (normed) hidden state and the kept layers' attention.
 
-
-def forward_embedded(
-    weights: Weights,
-    x: torch.Tensor,  # (B, T, hidden): [CLS] + patch embeddings + positions, what the first layer receives
-    *,
-    keep_layers: Mapping[str, frozenset[int]] | None = None,
-    head_gates: Mapping[str, torch.Tensor] | None = None,
-    on_layer: OnLayer | None = None,
-) -> Output:
-    """The encoder layers and final norm on given embeddings (gradient x input differentiates `x`)."""
+    `inputs_embeds` (B, T, hidden) in place of pixel_values is what the first layer receives,
+    `embed(weights, pixel_values)` ([CLS] + patches + positions): gradient x input differentiates it.
+    """
+    x = batch["inputs_embeds"] if "inputs_embeds" in batch else embed(weights, batch["pixel_values"])  # (B, T, hidden)
     attentions = empty_attentions(KINDS)
     for index, layer in enumerate(weights.layers):
         h = layer.norm_before(x)  # pre-norm: attention reads the normalised stream
