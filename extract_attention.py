@@ -46,7 +46,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from attnpipe.errors import AttnpipeError, run_cli
+from attnpipe.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,167 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Imported here so that --help answers at once, without loading torch.
-    from attnpipe.extract import corpus
-    from attnpipe.extract import pairs as extract_seq2seq
-    from attnpipe.extract.runner import (
-        DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH, DEFAULT_VERIFY_TOL, ExtractConfig, extract,
-    )
+    from attnpipe.extract import command  # here, so that --help answers at once, without loading torch
 
-    pairs = ()
-    result = _extract_other_inputs(args)
-    if result is not None:
-        _report(args, result)
-        return 0
-    if args.text and args.texts_file:
-        raise AttnpipeError("give --text or --texts-file, not both")
-    if args.target and not args.source and _looks_like_gradient_target(args.target[0]):
-        raise AttnpipeError(f"--target is the target text of an encoder-decoder pair (with --source); "
-                            f"to explain a prediction use --explain {args.target[0]}")
-    if args.source or args.target:
-        if args.text or args.texts_file:
-            raise AttnpipeError("give --source/--target or --text/--texts-file, not both")
-        texts, pairs = [], extract_seq2seq.pairs_from_strings(args.source, args.target)
-    elif args.texts_file is not None and extract_seq2seq.is_pairs_file(args.texts_file):
-        texts, pairs = [], extract_seq2seq.read_pairs_file(args.texts_file)
-    elif args.texts_file is not None:
-        texts = corpus.read_texts_file(args.texts_file, args.text_column, args.id_column)
-    elif args.text:
-        texts = corpus.from_strings(args.text)
-    else:
-        raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
-    if args.ablate and args.explain is None:
-        raise AttnpipeError("--ablate needs --explain")
-    run_extract = extract
-    if args.explain is not None:
-        from attnpipe.extract.gradients import extract_with_gradients, parse_target
-
-        if pairs or args.method != "manual":
-            raise AttnpipeError("--explain runs attnpipe's own pass of a text model (bert-like, gpt2, "
-                                "llama family); not encoder-decoder pairs or --method hf")
-        _refuse_text_only_options(args, "--explain (texts run one at a time with gradients)")
-        target = parse_target(args.explain)
-        run_extract = lambda config: extract_with_gradients(config, target, args.ablate)  # noqa: E731
-    if pairs:
-        _refuse_text_only_options(args, "encoder-decoder pairs")
-    metric_names = None
-    if args.metrics.strip() != "all":
-        metric_names = tuple(name.strip() for name in args.metrics.split(",") if name.strip())
-    config = ExtractConfig(
-        texts=tuple(texts),
-        output=args.output_file,
-        model_dir=args.model_dir,
-        layers=tuple(args.layer),
-        heads=tuple(args.heads),
-        device=args.device,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        dtype=args.dtype,
-        verify=args.verify,
-        verify_tol=DEFAULT_VERIFY_TOL if args.verify_tol is None else args.verify_tol,
-        trust_remote_code=args.trust_remote_code,
-        progress=False if args.quiet else None,
-        pairs=tuple(pairs),
-        method=args.method,
-        max_tokens_per_batch=args.max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH,
-        batch_attention_mb=(DEFAULT_BATCH_ATTENTION_MB if args.batch_attention_mb is None
-                            else args.batch_attention_mb),
-        threads=args.threads,
-        compression=args.compression,
-        compression_level=args.compression_level,
-        rows=args.rows,
-        metrics_only=args.metrics_only,
-        metrics=metric_names,
-    )
-    if args.estimate:
-        from attnpipe.extract.estimate import estimate
-
-        print(estimate(config).describe())
-        return 0
-    result = run_extract(config)
-    _report(args, result)
-    return 0
-
-
-def _refuse_text_only_options(args, what: str) -> None:
-    """--rows, --metrics-only, --compression and --estimate belong to the plain text extraction."""
-    used = [flag for flag, on in (("--rows", args.rows != "all"), ("--metrics-only", args.metrics_only),
-                                  ("--compression", args.compression != "gzip"),
-                                  ("--compression-level", args.compression_level is not None),
-                                  ("--estimate", args.estimate)) if on]
-    if used:
-        raise AttnpipeError(f"{', '.join(used)}: only for the plain extraction of texts, not for {what}")
-
-
-def _looks_like_gradient_target(value: str) -> bool:
-    return value in ("predicted", "next-token") or value.isdigit() or value.startswith("similarity:")
-
-
-def _extract_other_inputs(args):
-    """Images (ViT) or a plain torch model; None when the input is text."""
-    from attnpipe.extract.runner import DEFAULT_VERIFY_TOL
-
-    text_given = bool(args.text) or args.texts_file is not None
-    images_given = bool(args.image) or bool(args.image_dir)
-    torch_given = args.torch_model is not None
-    if sum((text_given, images_given, torch_given)) > 1:
-        raise AttnpipeError("give one kind of input: texts (--text/--texts-file), images "
-                            "(--image/--image-dir) or a torch model (--torch-model with --data)")
-    if not torch_given and (args.weights or args.data or args.mask_zero_rows or args.causal):
-        raise AttnpipeError("--weights, --data, --mask-zero-rows and --causal go with --torch-model")
-    if images_given or torch_given:
-        _refuse_text_only_options(args, "images" if images_given else "--torch-model")
-    if images_given:
-        from attnpipe.extract.images import ImageExtractConfig, collect_images, extract_images
-
-        if args.model_dir is None:
-            raise AttnpipeError("--image needs --model_dir: a ViT folder (config.json, weights, preprocessor_config.json)")
-        if args.method != "manual":
-            raise AttnpipeError("--method hf takes texts; images run through attnpipe's ViT pass")
-        return extract_images(ImageExtractConfig(
-            images=tuple(collect_images(args.image, args.image_dir)), output=args.output_file,
-            model_dir=args.model_dir, layers=tuple(args.layer), heads=tuple(args.heads), device=args.device,
-            batch_size=args.batch_size, dtype=args.dtype, verify=args.verify,
-            verify_tol=DEFAULT_VERIFY_TOL if args.verify_tol is None else args.verify_tol,
-            progress=False if args.quiet else None,
-        ))
-    if torch_given:
-        from attnpipe.extract.embeddings import TorchExtractConfig, extract_torch
-
-        if args.model_dir is not None or args.method != "manual":
-            raise AttnpipeError("--torch-model replaces --model_dir and --method")
-        if args.data is None:
-            raise AttnpipeError("--torch-model needs --data embeddings.npy of shape (batch, seq, dim)")
-        if args.verify:
-            raise AttnpipeError("--verify compares with transformers; a --torch-model has no transformers "
-                                "reference (tests/test_parity_vit_torch.py checks the torch pass)")
-        return extract_torch(TorchExtractConfig(
-            factory=args.torch_model, data=args.data, output=args.output_file, weights=args.weights,
-            layers=tuple(args.layer), heads=tuple(args.heads), device=args.device,
-            batch_size=args.batch_size, dtype=args.dtype, mask_zero_rows=args.mask_zero_rows,
-            causal=args.causal,
-        ))
-    return None
-
-
-def _report(args, result) -> None:
-    if result.truncated_ids:
-        shown = ", ".join(result.truncated_ids[:10]) + (" ..." if len(result.truncated_ids) > 10 else "")
-        print(f"warning: {len(result.truncated_ids)} text(s) longer than --max-length "
-              f"{result.max_length} were truncated (flagged 'truncated' in the file): {shown}",
-              file=sys.stderr)
-    if not args.quiet:
-        summary = (f"wrote {result.num_texts} text(s), {result.num_tokens} tokens, "
-                   f"{len(result.layers)} layer(s) x {len(result.heads)} head(s) to {result.output}")
-        if result.decoder_layers is not None:  # encoder-decoder models
-            summary = (f"wrote {result.num_texts} source/target pair(s), {result.num_tokens} tokens, "
-                       f"{len(result.layers)} encoder layer(s) x {len(result.heads)} head(s) and "
-                       f"{len(result.decoder_layers)} decoder layer(s) x {len(result.decoder_heads)} head(s) "
-                       f"(self- and cross-attention) to {result.output}")
-        if result.parity_max_abs_diff is not None:
-            summary += (f"; verified against transformers eager: max |diff| attention "
-                        f"{result.parity_max_abs_diff:.2e}, hidden {result.parity_hidden_max_abs_diff:.2e}")
-        print(summary, file=sys.stderr)
+    return command.main(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,22 @@
-"""Reading texts files: ids, line numbers and separators inside texts."""
+"""The corpus reader: ids by input kind, line numbers, separators inside texts, workflow shards."""
 
 import json
 
-from attnpipe.extract.corpus import read_texts_file
+import pytest
+
+from attnpipe.errors import AttnpipeError
+from attnpipe.extract.corpus import (
+    duplicate_ids,
+    from_strings,
+    num_shards,
+    pairs_from_strings,
+    read_pairs_file,
+    read_texts,
+    read_texts_file,
+    shard,
+    shard_digest,
+    write_jsonl,
+)
 
 
 def test_only_newline_separates_texts(tmp_path):
@@ -19,3 +33,43 @@ def test_jsonl_keeps_raw_line_separators_inside_strings(tmp_path):
     rows = [{"id": "a", "text": "one\u2028two"}, {"id": "b", "text": "three\u2029"}]
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     assert [(t.id, t.text) for t in read_texts_file(path)] == [("a", "one\u2028two"), ("b", "three\u2029")]
+
+
+def test_ids_by_input_kind(tmp_path):
+    """The one id scheme (module docstring of attnpipe.extract.corpus), for each kind of input."""
+    assert [t.id for t in from_strings(["a", "b"])] == ["text-0", "text-1"]
+    assert [p.id for p in pairs_from_strings(["a", "b"], ["x", "y"])] == ["pair-0", "pair-1"]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n{"id": 7, "text": "two"}\n{"text": "three"}\n', encoding="utf-8")
+    assert [t.id for t in read_texts_file(jsonl)] == ["line-1", "7", "line-4"]
+    table = tmp_path / "t.csv"
+    table.write_text("name,text\nx,one\ny,two\n", encoding="utf-8")
+    assert [t.id for t in read_texts_file(table)] == ["row-1", "row-2"]
+    assert [t.id for t in read_texts_file(table, id_column="name")] == ["x", "y"]
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"source": "a", "target": "b"}\n{"id": "q", "source": "c", "target": "d"}\n')
+    assert [p.id for p in read_pairs_file(pairs)] == ["line-1", "q"]
+
+
+def test_shards_keep_the_ids_and_texts(tmp_path):
+    """A shard written for the workflow reads back with the ids and texts of the corpus file."""
+    path = tmp_path / "t.txt"
+    path.write_text("first\n\nsecond \u2028 half\nthird\r\nfourth\n", encoding="utf-8")
+    texts = read_texts_file(path)
+    assert num_shards(len(texts), 3) == 2
+    back = []
+    for index in range(2):
+        write_jsonl(tmp_path / f"shard_{index}.jsonl", shard(texts, 3, index))
+        back += read_texts_file(tmp_path / f"shard_{index}.jsonl")
+    assert back == texts
+    assert [t.id for t in back] == ["line-1", "line-3", "line-4", "line-5"]
+    assert shard_digest(texts[:3]) != shard_digest(texts[1:4])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard_0.jsonl", "shard_1.jsonl", "t.txt"]
+
+
+def test_duplicate_ids_are_all_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": "x"}) + "\n" for i in "abacba"), encoding="utf-8")
+    assert duplicate_ids(read_texts(path)) == ["a", "b"]
+    with pytest.raises(AttnpipeError, match="text id 'a' occurs more than once"):
+        read_texts_file(path)

@@ -105,3 +105,118 @@ def test_guard_unit_cases():
         guards.check_attention({0: probs}, [0], ["t"], causal=False)
     with pytest.raises(AttnpipeError, match=r"layer 4 attention has shape \(1, 1, 3, 2\)"):
         guards.check_attention({0: probs, 4: probs[..., :2]}, [3], ["t"], causal=False)
+
+
+# ----------------------------------------------------------------------------- every input kind
+# One broken model per input kind, broken the same way: a query projection poisoned with NaN in
+# the checkpoint on disk, so every family (and --method hf, and --explain) computes NaN attention
+# from its own weights. The run must stop with the guard's one line naming text, layer and head,
+# and leave nothing in the output folder.
+
+import shutil  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import extract_attention  # noqa: E402
+from attnpipe.errors import run_cli  # noqa: E402
+from conftest import write_test_images  # noqa: E402
+
+
+def poisoned(folder, tmp_path, key_part: str):
+    """A copy of a model folder whose first weight named like `key_part` is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / f"poisoned-{folder.name}"
+    shutil.copytree(folder, copy)
+    state = load_file(copy / "model.safetensors")
+    key = next(k for k in state if key_part in k and k.endswith("weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+def guard_stops(capsys, out_dir, pattern: str, *argv) -> None:
+    out_dir.mkdir(exist_ok=True)
+    capsys.readouterr()
+    code = run_cli(extract_attention.main, [str(a) for a in argv])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert re.search(pattern, lines[0]), lines[0]
+    assert list(out_dir.iterdir()) == [], "a stopped run must leave nothing"
+
+
+import re  # noqa: E402
+
+NAN = r"^error: attention is NaN or infinite at text '{text}' {kind}layer 0 head 0 query 0: the forward pass is broken$"
+
+
+def test_texts_with_a_poisoned_weight_stop(tiny_model_dir, tmp_path, capsys):
+    model = poisoned(tiny_model_dir("bert"), tmp_path, "layer.0.attention.self.query")
+    out = tmp_path / "out"
+    guard_stops(capsys, out, NAN.format(text="text-0", kind=""), "--model_dir", model, "--text", "the cat sat",
+                "--text", "a dog", "-o", out / "a.h5", "-q")
+
+
+def test_method_hf_with_a_poisoned_weight_stops(tiny_model_dir, tmp_path, capsys):
+    model = poisoned(tiny_model_dir("bert"), tmp_path, "layer.0.attention.self.query")
+    out = tmp_path / "out"
+    guard_stops(capsys, out, NAN.format(text="text-0", kind=""), "--model_dir", model, "--method", "hf",
+                "--text", "the cat sat", "-o", out / "a.json", "-q")
+
+
+def test_explain_with_a_poisoned_weight_stops(tiny_model_dir, tmp_path, capsys):
+    model = poisoned(tiny_model_dir("bert"), tmp_path, "layer.0.attention.self.query")
+    out = tmp_path / "out"
+    guard_stops(capsys, out, NAN.format(text="text-0", kind=""), "--model_dir", model, "--text", "the cat sat",
+                "--explain", "similarity:a dog", "-o", out / "a.h5", "-q")
+
+
+def test_pairs_with_poisoned_cross_attention_stop(tmp_path, capsys):
+    from seq2seq_tiny import save_tiny_seq2seq
+
+    model = poisoned(save_tiny_seq2seq("marian", tmp_path / "marian"), tmp_path, "decoder.layers.0.encoder_attn.q_proj")
+    out = tmp_path / "out"
+    guard_stops(capsys, out, NAN.format(text="pair-0", kind="cross-attention "), "--model_dir", model,
+                "--source", "the cat sat on the mat", "--target", "a cat sat", "-o", out / "a.h5", "-q")
+
+
+def test_images_with_a_poisoned_weight_stop(tiny_vit_dir, tmp_path, capsys):
+    model = poisoned(tiny_vit_dir, tmp_path, "layer.0.attention.attention.query")
+    images = write_test_images(tmp_path / "images")
+    out = tmp_path / "out"
+    guard_stops(capsys, out, NAN.format(text="img0.png", kind=""), "--model_dir", model,
+                "--image", images[0], "--image", images[1], "-o", out / "a.h5", "-q")
+
+
+TORCH_MODULE = '''
+from torch import nn
+
+def build():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+'''
+
+
+def test_embeddings_with_a_poisoned_weight_stop(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    factory = tmp_path / "user_model.py"
+    factory.write_text(TORCH_MODULE)
+    namespace: dict = {}
+    exec(TORCH_MODULE, namespace)  # the same module the CLI builds from the file
+    state = namespace["build"]().state_dict()
+    state["layers.0.self_attn.in_proj_weight"][:8] = float("nan")  # the query rows of layer 0
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    guard_stops(capsys, out, NAN.format(text="sample-0", kind=""), "--torch-model", f"{factory}:build",
+                "--weights", tmp_path / "w.safetensors", "--data", tmp_path / "x.npy", "-o", out / "a.h5", "-q")
+
+
+def test_cross_attention_guard_unit_cases():
+    """Cross-attention: 2 target rows over 3 source keys; a padded source key must get 0."""
+    probs = torch.tensor([[[[0.5, 0.5, 0.0], [0.2, 0.8, 0.0]]]])  # (1, 1, Q=2, K=3), key 2 is padding
+    guards.check_attention({0: probs}, [2], ["p"], causal=False, key_lengths=[2], kind="cross")
+    leaking = torch.tensor([[[[0.5, 0.4, 0.1], [0.2, 0.8, 0.0]]]])
+    with pytest.raises(AttnpipeError, match=r"padded key .* text 'p' cross-attention layer 0 head 0 query 0 key 2"):
+        guards.check_attention({0: leaking}, [2], ["p"], causal=False, key_lengths=[2], kind="cross")

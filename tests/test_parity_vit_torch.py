@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from attnpipe.extract.images import load_vision_model
+from attnpipe.extract.loading import load_model
 from attnpipe.models import torch_encoder, vit
 from conftest import write_test_images
 
@@ -37,7 +37,7 @@ HIDDEN_TOL = 1e-4
 def test_tiny_vit_matches_transformers_eager(tiny_vit_dir, tmp_path):
     from PIL import Image
 
-    model = load_vision_model(tiny_vit_dir, torch.device("cpu"))
+    model = load_model(tiny_vit_dir, torch.device("cpu"), input_kind="image")
     images = [Image.open(p).convert("RGB") for p in write_test_images(tmp_path)]
     pixels = model.processor(images=images, return_tensors="pt")["pixel_values"]  # (3, 3, 32, 32)
     with torch.inference_mode():

@@ -32,7 +32,7 @@ from attnpipe.visualize import plots
 from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract.runner import ExtractConfig, extract
-from attnpipe.extract.loading import load_tensors
+from attnpipe.extract.loading import read_state_dict as load_tensors
 from attnpipe.store import H5Writer, Provenance, TextAttention, open_attention, write_json
 from conftest import ROOT, save_tiny_model
 from test_viewer_browser import browser  # noqa: F401  (the headless chromium fixture)

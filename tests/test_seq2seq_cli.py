@@ -223,7 +223,7 @@ def test_verify_stops_a_seq2seq_run_whose_cross_attention_drifts(seq2seq_dir, tm
     """--verify compares all three attentions: a wrong scale in cross-attention alone is caught."""
     from attnpipe.extract import runner as extraction
     from attnpipe.errors import AttnpipeError
-    from attnpipe.extract.pairs import Pair
+    from attnpipe.extract.corpus import Pair
     from attnpipe.models import bart
 
     real_attend = bart._attend

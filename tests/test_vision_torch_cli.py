@@ -348,7 +348,7 @@ def test_method_hf_computes_a_bf16_checkpoint_in_float32(tiny_model_dir, tmp_pat
 
 
 def test_method_hf_guards():
-    from attnpipe.extract.hf import check_attentions
+    from attnpipe.models.hf import check_attentions
 
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     good = torch.softmax(torch.randn(2, 4, 3, 3), -1)
@@ -370,3 +370,50 @@ def test_method_hf_refuses_verify(tmp_path, capsys):
     in_process_error(capsys, extract_attention.main, ["--verify", "--method hf"],
                      "--model_dir", tmp_path, "--method", "hf", "--verify", "--text", "x",
                      "--output_file", tmp_path / "o.json")
+
+
+# ----------------------------------------------------------------------------- storage options, every kind
+
+
+def test_images_take_rows_metrics_only_and_compression(tiny_vit_dir, tmp_path, capsys):
+    """Images run through the same sink as texts: --rows cls keeps the [CLS] row, --metrics-only
+    stores the per-head table, --compression lzf / uint8 change only the bytes."""
+    from attnpipe import store
+
+    images = write_test_images(tmp_path / "images")
+    args = ["--model_dir", tiny_vit_dir, *[a for p in images for a in ("--image", p)], "-q"]
+    assert cli(extract_attention.main, *args, "-o", tmp_path / "all.h5") == 0
+    assert cli(extract_attention.main, *args, "-o", tmp_path / "cls.h5", "--rows", "cls") == 0
+    assert cli(extract_attention.main, *args, "-o", tmp_path / "lzf.h5", "--compression", "lzf",
+               "--dtype", "uint8") == 0
+    assert cli(extract_attention.main, *args, "-o", tmp_path / "m.h5", "--metrics-only") == 0
+    with store.open_attention(tmp_path / "all.h5") as full, \
+            store.open_attention(tmp_path / "cls.h5", partial_rows=True) as cls, \
+            store.open_attention(tmp_path / "lzf.h5") as lzf:
+        assert cls.storage.rows == "cls" and lzf.storage.compression == "lzf"
+        for want, got, small in zip(full, cls, lzf, strict=True):
+            np.testing.assert_array_equal(got.attention, want.attention[:, :, [0], :])
+            assert np.abs(small.attention - want.attention).max() <= 0.5 / 255 + 1e-7
+    with store.open_attention(tmp_path / "m.h5") as f:
+        assert f.metrics_only and len(f.stored_metrics()) > 0
+
+
+def test_pairs_take_compression_and_refuse_rows_and_metrics_with_a_reason(tmp_path, capsys):
+    from attnpipe import store
+    from seq2seq_tiny import save_tiny_seq2seq
+
+    model = save_tiny_seq2seq("bart", tmp_path / "bart")
+    args = ["--model_dir", model, "--source", "the cat sat on the mat", "--target", "a cat sat",
+            "--source", "a dog", "--target", "the dog ran", "-q"]
+    assert cli(extract_attention.main, *args, "-o", tmp_path / "gz.h5") == 0
+    assert cli(extract_attention.main, *args, "-o", tmp_path / "lzf.h5", "--compression", "lzf") == 0
+    with store.open_attention(tmp_path / "gz.h5") as a, store.open_attention(tmp_path / "lzf.h5") as b:
+        assert b.storage.compression == "lzf"
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x.attention, y.attention)
+            np.testing.assert_array_equal(x.target.cross_attention, y.target.cross_attention)
+    in_process_error(capsys, extract_attention.main, ["--rows cls", "cross-attention", "--rows all"],
+                     *args, "-o", tmp_path / "r.h5", "--rows", "cls")
+    in_process_error(capsys, extract_attention.main, ["--metrics-only", "encoder, decoder, cross"],
+                     *args, "-o", tmp_path / "m.h5", "--metrics-only")
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["gz.h5", "lzf.h5"]

@@ -1,21 +1,49 @@
-"""Reading texts: from the command line, `.txt` (one per line), `.jsonl` (`id`, `text`),
-`.csv` / `.tsv` (named columns). Every text gets a unique string id.
+"""The one corpus reader: texts and source/target pairs from the command line or from a file.
 
-Ids: `--text` values are `text-0`, `text-1`, ...; `.txt` lines are `line-N` (N = 1-based line
-number, blank lines are skipped); `.jsonl` rows use their `id` field (or `line-N` when absent);
-`.csv`/`.tsv` rows use `--id-column` (or `row-N`, N = 1-based data row).
+Used by the CLI (`extract_attention.py --text / --texts-file / --source --target`), the workflow
+(the Snakefile counts and shards a corpus with it, `scripts/split_corpus.py` writes the shards
+with it) and the Python API, so a text has the same id whoever reads the corpus.
+
+Files: `.txt` (one text per line), `.jsonl` (one JSON object per line: `text`, optional `id`;
+pairs: `source`, `target`, optional `id`), `.csv` / `.tsv` (named columns). Files must be UTF-8;
+only "\\n" (or "\\r\\n") ends a line, so U+2028, form feeds and the like stay inside a text.
+Blank lines are skipped; an empty text, a line that is not JSON, a NUL byte or invalid UTF-8 is
+refused with the file and line.
+
+Ids (one scheme everywhere):
+
+| input                       | id                                                     |
+| --------------------------- | ------------------------------------------------------ |
+| `--text` (given in order)   | `text-0`, `text-1`, ... (0-based)                      |
+| `--source` / `--target`     | `pair-0`, `pair-1`, ... (0-based)                      |
+| `.txt` line                 | `line-N`, N = 1-based line number in the file          |
+| `.jsonl` row                | its `id` field (as a string), else `line-N` as above   |
+| `.csv` / `.tsv` row         | the `--id-column` value, else `row-N` (1-based data row)|
+
+A line number counts every line of the file, blank ones too, so an id says where its text is and
+does not change when texts are appended or when the workflow splits the corpus into shards (a
+shard is a `.jsonl` file whose rows carry these ids). Ids must be unique within a file.
+
+Until this reader was shared, the workflow named id-less texts `{corpus}-{i:06d}` (i = 0-based
+line index, or data row for .csv): that id is now `line-{i+1}` (`row-{i+1}` for .csv/.tsv).
+
+    from attnpipe.extract.corpus import read_texts_file
+    texts = read_texts_file(Path("data/demo_corpus.jsonl"))   # [Text(id, text), ...]
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from attnpipe.errors import AttnpipeError
+from attnpipe.store.atomic import atomic_path
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 
@@ -24,6 +52,16 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 class Text:
     id: str
     text: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    source: str
+    target: str
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def from_strings(texts: list[str]) -> list[Text]:
@@ -36,7 +74,26 @@ def from_strings(texts: list[str]) -> list[Text]:
     return out
 
 
-def _decoded_lines(path: Path) -> list[str]:
+def pairs_from_strings(sources: list[str], targets: list[str]) -> list[Pair]:
+    """--source / --target given on the command line, paired in order: ids pair-0, pair-1, ..."""
+    if len(sources) != len(targets):
+        raise AttnpipeError(
+            f"--source was given {len(sources)} time(s) and --target {len(targets)} time(s): "
+            "give one --target for each --source, in the same order"
+        )
+    pairs = []
+    for index, (source, target) in enumerate(zip(sources, targets)):
+        for flag, text in (("--source", source), ("--target", target)):
+            if not text.strip():
+                raise AttnpipeError(f"{flag} number {index + 1} is empty")
+        pairs.append(Pair(f"pair-{index}", source, target))
+    return pairs
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def decoded_lines(path: Path) -> list[str]:
     """The file's lines as text, with errors naming the file and line."""
     try:
         raw = path.read_bytes()
@@ -67,14 +124,14 @@ def _decoded_lines(path: Path) -> list[str]:
 def _read_txt(path: Path) -> list[Text]:
     return [
         Text(f"line-{number}", line)
-        for number, line in enumerate(_decoded_lines(path), start=1)
+        for number, line in enumerate(decoded_lines(path), start=1)
         if line.strip()
     ]
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed value) for each non-blank line of a UTF-8 .jsonl file."""
-    for number, line in enumerate(_decoded_lines(path), start=1):
+    for number, line in enumerate(decoded_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -97,7 +154,7 @@ def _read_jsonl(path: Path) -> list[Text]:
 
 def _read_table(path: Path, text_column: str, id_column: str | None) -> list[Text]:
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO("\n".join(_decoded_lines(path))), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO("\n".join(decoded_lines(path))), delimiter=delimiter)
     columns = reader.fieldnames or []
     for flag, column in (("--text-column", text_column), ("--id-column", id_column)):
         if column is not None and column not in columns:
@@ -113,8 +170,9 @@ def _read_table(path: Path, text_column: str, id_column: str | None) -> list[Tex
     return out
 
 
-def read_texts_file(path: Path, text_column: str = "text", id_column: str | None = None) -> list[Text]:
-    """Read a texts file by its suffix; refuse empty files and duplicate ids."""
+def read_texts(path: Path, text_column: str = "text", id_column: str | None = None) -> list[Text]:
+    """Read a texts file by its suffix and refuse an empty one; ids are not checked for repeats
+    (`read_texts_file` does; the workflow names every repeated id at once with `duplicate_ids`)."""
     if path.suffix not in TEXT_SUFFIXES:
         raise AttnpipeError(
             f"unknown texts file type {path.suffix or '(none)'!r} for {path}; "
@@ -128,13 +186,97 @@ def read_texts_file(path: Path, text_column: str = "text", id_column: str | None
         texts = _read_table(path, text_column, id_column)
     if not texts:
         raise AttnpipeError(f"texts file {path} has no texts")
+    return texts
+
+
+def read_texts_file(path: Path, text_column: str = "text", id_column: str | None = None) -> list[Text]:
+    """Read a texts file by its suffix; refuse empty files and duplicate ids."""
+    texts = read_texts(path, text_column, id_column)
     check_unique_ids(texts)
     return texts
 
 
-def check_unique_ids(texts: list[Text]) -> None:
+def duplicate_ids(items: Sequence[Text | Pair]) -> list[str]:
+    """Ids that occur more than once, sorted (one pass: corpora can be large)."""
+    return sorted(i for i, count in Counter(item.id for item in items).items() if count > 1)
+
+
+def check_unique_ids(items: Sequence[Text | Pair]) -> None:
     seen: set[str] = set()
-    for text in texts:
-        if text.id in seen:
-            raise AttnpipeError(f"text id {text.id!r} occurs more than once")
-        seen.add(text.id)
+    for item in items:
+        if item.id in seen:
+            raise AttnpipeError(f"text id {item.id!r} occurs more than once")
+        seen.add(item.id)
+
+
+# ----------------------------------------------------------------------------- pairs files
+
+
+def _first_row(path: Path) -> object:
+    for line in decoded_lines(path):
+        if line.strip():
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def is_pairs_file(path: Path) -> bool:
+    """A .jsonl file whose first row has a "source" field: a file of source/target pairs."""
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    row = _first_row(path)
+    return isinstance(row, dict) and "source" in row
+
+
+def read_pairs_file(path: Path) -> list[Pair]:
+    """A .jsonl file of {"source": ..., "target": ..., "id": optional}; ids default to line-N."""
+    pairs = []
+    for number, row in jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise AttnpipeError(f"{path} line {number} is not a JSON object")
+        for field in ("source", "target"):
+            if not isinstance(row.get(field), str):
+                raise AttnpipeError(f'{path} line {number} has no string "{field}" field')
+            if not row[field].strip():
+                raise AttnpipeError(f'{path} line {number} has an empty "{field}"')
+        pairs.append(Pair(str(row.get("id", f"line-{number}")), row["source"], row["target"]))
+    if not pairs:
+        raise AttnpipeError(f"texts file {path} has no pairs")
+    check_unique_ids(pairs)
+    return pairs
+
+
+# ----------------------------------------------------------------------------- shards (the workflow)
+
+
+def num_shards(num_texts: int, shard_size: int) -> int:
+    if shard_size < 1:
+        raise AttnpipeError(f"the shard size must be at least 1, got {shard_size}")
+    return (num_texts + shard_size - 1) // shard_size
+
+
+def shard(texts: Sequence[Text], shard_size: int, index: int) -> list[Text]:
+    """Texts [index * shard_size, (index + 1) * shard_size), in file order."""
+    count = num_shards(len(texts), shard_size)
+    if not 0 <= index < count:
+        raise AttnpipeError(f"shard {index} does not exist: {len(texts)} texts make shards 0..{count - 1}")
+    return list(texts[index * shard_size:(index + 1) * shard_size])
+
+
+def shard_digest(texts: Sequence[Text]) -> str:
+    """16 hex digits naming a shard's ids and texts: the workflow redoes a shard when it changes.
+
+    The same digest the workflow has always computed (sha256 of the JSON list of {"id", "text"}),
+    so a result folder whose corpus gives the same ids keeps its shards."""
+    rows = [{"id": t.id, "text": t.text} for t in texts]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def write_jsonl(path: Path, texts: Sequence[Text]) -> None:
+    """A .jsonl corpus of {"id", "text"} rows, complete or absent; read back with the same ids."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"id": t.id, "text": t.text}, ensure_ascii=False) + "\n" for t in texts)
+    with atomic_path(path) as tmp:
+        tmp.write_text(lines, encoding="utf-8")

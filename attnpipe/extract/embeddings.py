@@ -1,4 +1,4 @@
-"""The extraction stage for a plain PyTorch model: the user's factory + state dict + an .npy array.
+"""Input adapter for a plain PyTorch model: the user's factory + state dict + an .npy array.
 
 `--torch-model package.module:build` (or `path/to/file.py:build`) names a function that takes
 no arguments and returns an `nn.Module` holding an `nn.TransformerEncoder` (or
@@ -8,8 +8,8 @@ folder is put on `sys.path` first so a module beside the data can be found. Noth
 theirs runs: only the encoder layers' weights are read, and attnpipe's own pass
 (models/torch_encoder.py) computes every head's attention.
 
-`--weights` is a `.safetensors` file (preferred) or a `.pt`/`.pth`/`.bin` state dict read with
-`torch.load(weights_only=True)`, which refuses pickled code. A checkpoint dict with a
+`--weights` is a `.safetensors` file (preferred) or a `.pt`/`.pth`/`.bin` state dict read by
+attnpipe.extract.loading.read_state_dict (`torch.load(weights_only=True)`), which refuses pickled code. A checkpoint dict with a
 `model_state_dict` or `state_dict` entry (what training loops such as seed 003's save) is
 unwrapped. Without `--weights` the factory's own initialisation is used (recorded as no weights).
 
@@ -22,7 +22,6 @@ that are exactly zero are padding: masked as keys (src_key_padding_mask) and not
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -31,6 +30,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -38,26 +38,10 @@ from torch import nn
 
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract.runner import ExtractResult, parse_indices, run_provenance
-from attnpipe.extract.loading import hash_files, resolve_device
+from attnpipe.extract.batching import mask
+from attnpipe.extract.inputs import Batch
+from attnpipe.extract.loading import hash_files, read_state_dict
 from attnpipe.models import torch_encoder
-
-STATE_DICT_KEYS = ("model_state_dict", "state_dict")  # checkpoint dicts that wrap a state dict
-
-
-@dataclass(frozen=True)
-class TorchExtractConfig:
-    factory: str  # "package.module:build" or "path/to/file.py:build"
-    data: Path
-    output: Path
-    weights: Path | None = None
-    layers: tuple[str, ...] = ("all",)
-    heads: tuple[str, ...] = ("all",)
-    device: str = "cpu"
-    batch_size: int = 32
-    dtype: store.StorageDtype = "float32"
-    mask_zero_rows: bool = False
-    causal: bool = False
 
 
 def import_factory(spec: str):
@@ -87,38 +71,9 @@ def import_factory(spec: str):
     return factory
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or .pt/.pth/.bin through torch.load(weights_only=True)."""
-    if not path.is_file():
-        raise AttnpipeError(f"--weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise AttnpipeError(f"cannot read {path}: {err}") from err
-    if path.suffix not in (".pt", ".pth", ".bin"):
-        raise AttnpipeError(f"--weights must be .safetensors, .pt, .pth or .bin, got {path.name}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AttnpipeError(f"cannot read {path} with torch.load(weights_only=True): {first}") from err
-    if isinstance(state, dict):
-        for key in STATE_DICT_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AttnpipeError(f"{path} holds no state dict (a dict of tensor names to tensors)")
-    return state
-
-
 def build_module(factory_spec: str, weights: Path | None) -> tuple[nn.Module, str | None]:
     """Call the user's factory and load the weights into it; return it and the weights' dtype."""
-    state = read_state_dict(weights) if weights is not None else None  # bad weights fail before user code runs
+    state = read_state_dict(weights, "--weights file") if weights is not None else None  # bad weights fail before user code runs
     factory = import_factory(factory_spec)
     try:
         with warnings.catch_warnings():
@@ -178,72 +133,81 @@ def real_lengths(array: np.ndarray, mask_zero_rows: bool) -> list[int]:
     return lengths
 
 
-def extract_torch(config: TorchExtractConfig) -> ExtractResult:
-    """Run a user's torch encoder on embeddings and write `config.output`."""
-    store.check_output_path(config.output)
-    if config.batch_size < 1:
-        raise AttnpipeError(f"--batch-size must be at least 1, got {config.batch_size}")
-    device = resolve_device(config.device)
-    module, stored_dtype = build_module(config.factory, config.weights)
+@dataclass(frozen=True)
+class TorchModel:
+    """A user's torch encoder, as the runner drives a model: family, weights and provenance."""
+
+    factory: str
+    family: ModuleType
+    weights: object  # torch_encoder.Weights (its `causal` carries --causal)
+    weights_file: Path | None
+    checkpoint_dtype: str | None
+    hf_model: None = None  # no transformers reference: --verify is refused
+    trust_remote_code: bool = True  # the user's own factory code ran, at their request
+
+    @property
+    def num_layers(self) -> int:
+        return self.weights.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.weights.num_heads
+
+    def provenance_fields(self) -> dict:
+        return dict(
+            model=self.factory,
+            model_type="torch",
+            weights_sha256=hash_files([self.weights_file]) if self.weights_file is not None else "",
+            weight_files=(self.weights_file.name,) if self.weights_file is not None else (),
+        )
+
+
+def load_torch_model(factory: str, weights_file: Path | None, device: torch.device, causal: bool) -> TorchModel:
+    """Build the user's module, load its weights, map its encoder layers (torch_encoder)."""
+    module, stored_dtype = build_module(factory, weights_file)
     try:
         weights = torch_encoder.load_weights(module.to(device))
     except ValueError as err:
-        raise AttnpipeError(f"--torch-model {config.factory}: {err}") from err
-    array = read_embeddings(config.data, weights.d_model)
-    if config.output.suffix == ".json" and array.shape[0] > 1:
-        raise AttnpipeError(f"a .json output holds one sample, {config.data} has {array.shape[0]}: write .h5")
-    lengths = real_lengths(array, config.mask_zero_rows)
-    layers = parse_indices(config.layers, weights.num_layers, "--layer", "layers")
-    heads = parse_indices(config.heads, weights.num_heads, "--heads", "heads")
-    keep = frozenset(layers)
-    head_index = torch.tensor(heads, device=device)
-    batch, seq, _ = array.shape
+        raise AttnpipeError(f"--torch-model {factory}: {err}") from err
+    if causal:  # --causal: the run's mask, carried by the weights (models/torch_encoder.py)
+        weights = dataclasses.replace(weights, causal=True)
+    return TorchModel(factory, torch_encoder, weights, weights_file, stored_dtype)
 
-    with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(store.open_writer(config.output, batch, config.dtype))
-        for start in range(0, batch, config.batch_size):
-            rows = range(start, min(start + config.batch_size, batch))
-            x = torch.from_numpy(array[rows.start:rows.stop]).to(device)  # (B, T, E)
-            mask = torch.tensor([[1] * lengths[i] + [0] * (seq - lengths[i]) for i in rows], device=device)
-            with torch.inference_mode():
-                out = torch_encoder.forward(dataclasses.replace(weights, causal=config.causal),
-                                            {"inputs_embeds": x, "attention_mask": mask}, keep_layers={"self": keep})
-                stacked = torch.stack([out.attentions["self"][layer] for layer in layers], dim=1)  # (B, L, H, T, T)
-                stacked = stacked.index_select(2, head_index).float().cpu().numpy()
-            if not np.isfinite(stacked).all():
-                raise AttnpipeError("the attention holds NaN or inf: check the weights and --data")
-            for row, i in enumerate(rows):
-                n = lengths[i]
-                item = store.TextAttention(
-                    id=f"sample-{i}",
-                    text=f"{config.data}[{i}]",
-                    tokens=tuple(str(p) for p in range(n)),  # positions: the array carries no tokens
-                    token_ids=np.arange(n, dtype=np.int64),
-                    special_tokens_mask=np.zeros(n, dtype=bool),
-                    offsets=np.full((n, 2), -1, dtype=np.int64),
-                    word_ids=np.full(n, -1, dtype=np.int64),
-                    truncated=False,
-                    num_tokens_untruncated=n,
-                    attention=np.ascontiguousarray(stacked[row, :, :, :n, :n]),  # real positions only
-                    input_kind="embeddings",
-                )
-                writer.write(i, item)
-        provenance = run_provenance(
-            dtype=config.dtype,
-            model=config.factory,
-            model_type="torch",
-            weights_sha256=hash_files([config.weights]) if config.weights is not None else "",
-            weight_files=(config.weights.name,) if config.weights is not None else (),
-            num_layers=weights.num_layers,
-            num_heads=weights.num_heads,
-            layers=layers,
-            heads=heads,
-            max_length=seq,
-            trust_remote_code=True,  # the user's own factory code ran, at their request
-            checkpoint_dtype=stored_dtype,
-        )
-        writer.finish(provenance)
-    return ExtractResult(
-        output=config.output, num_texts=batch, num_tokens=sum(lengths), layers=layers, heads=heads,
-        truncated_ids=(), max_length=seq, parity_max_abs_diff=None, parity_hidden_max_abs_diff=None,
-    )
+
+class EmbeddingInputs:
+    """(batch, seq, dim) embeddings from an .npy file: sample i is entry "sample-<i>"."""
+
+    label = "text"  # guards and messages name entries as texts ("text 'sample-0' layer ...")
+    input_kind = "embeddings"
+
+    def __init__(self, data: Path, model: TorchModel, mask_zero_rows: bool):
+        self.data = data
+        self.array = read_embeddings(data, model.weights.d_model)
+        self.lengths = real_lengths(self.array, mask_zero_rows)
+        self.ids = [f"sample-{i}" for i in range(self.array.shape[0])]
+        self.max_length = self.array.shape[1]
+        self.widths = [self.max_length] * len(self.ids)  # the array is padded already: all one width
+
+    def prepare(self, indices: list[int], device: torch.device) -> Batch:
+        lengths = [self.lengths[i] for i in indices]
+        x = torch.from_numpy(self.array[indices]).to(device)  # (B, T, E)
+        padded = mask(lengths, device)
+        attention_mask = torch.zeros(len(indices), self.max_length, dtype=padded.dtype, device=device)
+        attention_mask[:, :padded.shape[1]] = padded  # (B, T): the array's full width
+        items = []
+        for i, n in zip(indices, lengths, strict=True):
+            items.append(store.TextAttention(
+                id=self.ids[i],
+                text=f"{self.data}[{i}]",
+                tokens=tuple(str(p) for p in range(n)),  # positions: the array carries no tokens
+                token_ids=np.arange(n, dtype=np.int64),
+                special_tokens_mask=np.zeros(n, dtype=bool),
+                offsets=np.full((n, 2), -1, dtype=np.int64),
+                word_ids=np.full(n, -1, dtype=np.int64),
+                truncated=False,
+                num_tokens_untruncated=n,
+                attention=None,
+                input_kind="embeddings",
+            ))
+        return Batch(indices, {"inputs_embeds": x, "attention_mask": attention_mask}, items,
+                     {"self": (lengths, lengths)})

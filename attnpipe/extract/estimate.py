@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from attnpipe.extract.runner import (
-    ExtractConfig, _check_config, _extract_loaded, _max_length, _torch_threads, batches, parse_indices,
-    token_lengths,
-)
+from attnpipe.errors import AttnpipeError
+from attnpipe.extract.batching import batches
+from attnpipe.extract.inputs import TextInputs
 from attnpipe.extract.loading import default_model_dir, load_model, resolve_device
+from attnpipe.extract.runner import ExtractConfig, check_config, run, selections, torch_threads
 
 CALIBRATION_TEXTS = 16  # texts run for the calibration, spread evenly over the sorted lengths
 
@@ -58,21 +58,24 @@ def _flops(lengths: np.ndarray, num_layers: int, num_heads: int, width: int, con
 
 def estimate(config: ExtractConfig) -> Estimate:
     """Count the values to store, calibrate bytes and seconds on a few texts, scale up."""
-    with _torch_threads(config.threads):
+    with torch_threads(config.threads):
         return _estimate(config)
 
 
 def _estimate(config: ExtractConfig) -> Estimate:
-    storage = _check_config(config)
+    storage = check_config(config)
+    if config.input_kind != "texts" or config.explain is not None:
+        raise AttnpipeError("--estimate calibrates the extraction of texts (one text model, token-budget "
+                            f"batches); it does not model {'--explain' if config.explain else config.input_kind}")
     device = resolve_device(config.device)
     model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
     start = time.perf_counter()
-    model = load_model(model_dir, device, config.trust_remote_code)
+    model = load_model(model_dir, device, config.trust_remote_code, method=config.method, input_kind="text")
     load_seconds = time.perf_counter() - start
-    layers = parse_indices(config.layers, model.num_layers, "--layer", "layers")
-    heads = parse_indices(config.heads, model.num_heads, "--heads", "heads")
-    max_length = _max_length(model, config.max_length)
-    lengths = np.array(token_lengths(model.tokenizer, [t.text for t in config.texts], max_length), dtype=np.int64)
+    chosen = selections(config, model)["self"]
+    layers, heads = chosen.layers, chosen.heads
+    inputs = TextInputs(list(config.texts), model, config.max_length)
+    lengths = np.array(inputs.widths, dtype=np.int64)
     rows = lengths if storage.rows == "all" else np.minimum(lengths, 1)
     per_text = len(layers) * len(heads) * rows * lengths
     values = 0 if storage.metrics_only else int(per_text.sum())
@@ -88,7 +91,7 @@ def _estimate(config: ExtractConfig) -> Estimate:
         sample_config = dataclasses.replace(config, texts=sample, output=Path(tmp) / f"sample{config.output.suffix}",
                                             progress=False, verify=False)
         start = time.perf_counter()
-        _extract_loaded(sample_config, storage, model, model_dir, device)
+        run(sample_config, storage, model, TextInputs(list(sample), model, config.max_length), device)
         sample_seconds = time.perf_counter() - start
         sample_bytes = (Path(tmp) / f"sample{config.output.suffix}").stat().st_size
     sample_values = int(per_text[picks].sum())

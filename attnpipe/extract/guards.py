@@ -1,11 +1,13 @@
 """Runtime guards: every batch's attention is checked before it is written.
 
-After a family's forward pass, each kept layer's (B, H, Q, K) probabilities must, on the real
-query rows of every text:
+After a family's forward pass, each kept layer's (B, H, Q, K) probabilities of every attention
+kind (self, decoder, cross) must, on the real query rows of every text:
 - be finite (no NaN, no ±Inf) and the batch must not be empty;
 - sum to 1 over the keys within `ROW_SUM_TOL`;
 - give exactly 0 to padded keys (the padding mask's fill value makes them exactly 0);
-- give exactly 0 to future keys (key > query) in a causal family.
+- give exactly 0 to future keys (key > query) in a causal family (and in a decoder's self-attention).
+
+Cross-attention has other query lengths (target) than key lengths (source): `key_lengths`.
 
 A violation stops the run with an AttnpipeError naming the text id, layer and head (the
 output is never written: extraction writes atomically). The check is a few element-wise passes
@@ -22,22 +24,24 @@ import torch
 
 from attnpipe import faults
 from attnpipe.errors import AttnpipeError
+from attnpipe.models import CAUSAL_MODEL_TYPES
 
 # A float32 softmax row of n <= a few thousand terms sums to 1 within ~n·6e-8 (measured ~1e-7 on
 # MiniLM); 1e-4 leaves room for long inputs and still catches a wrong scale, mask or a dropped key.
 ROW_SUM_TOL = 1e-4
-# Families whose queries see only earlier keys (their forward passes add attention.causal_mask).
-from attnpipe.models import CAUSAL_MODEL_TYPES  # noqa: E402  (derived from the families' CAUSAL)
-
-
 def is_causal(model_type: str) -> bool:
+    """Whether a model type's (self-)attention is causal: its family's CAUSAL constant."""
     return model_type in CAUSAL_MODEL_TYPES
 
 
-def _where(bad: torch.Tensor, text_ids: Sequence[str], layer: int) -> str:
+# How a message names each attention kind: "text 'x' cross-attention layer 2 head 5 ...".
+KIND_NAMES = {"self": "", "decoder": "decoder self-attention ", "cross": "cross-attention "}
+
+
+def _where(bad: torch.Tensor, text_ids: Sequence[str], layer: int, kind: str = "self") -> str:
     """"text 'x' layer 2 head 5 query 3" for the first True element of a (B, H, Q) mask."""
     row, head, query = (int(v) for v in bad.nonzero()[0])
-    return f"text {text_ids[row]!r} layer {layer} head {head} query {query}"
+    return f"text {text_ids[row]!r} {KIND_NAMES[kind]}layer {layer} head {head} query {query}"
 
 
 def check_attention(
@@ -46,45 +50,53 @@ def check_attention(
     text_ids: Sequence[str],  # id of each batch row, for the message
     causal: bool,
     tol: float = ROW_SUM_TOL,
+    key_lengths: Sequence[int] | None = None,  # real keys of each row when they differ (cross-attention)
+    kind: str = "self",  # named in the messages (see KIND_NAMES)
 ) -> None:
     """Raise AttnpipeError at the first violation of the contract above; return None if all hold."""
     faults.point("batch")
     if not attentions:
         raise AttnpipeError(f"the forward pass returned no attention for texts {list(text_ids)[:5]}")
+    key_lengths = lengths if key_lengths is None else key_lengths
     first = next(iter(attentions.values()))
-    b, _, t, _ = first.shape
-    if b != len(lengths) or b == 0 or t == 0 or min(lengths) < 1:
+    b, _, t, s = first.shape
+    if b != len(lengths) or b == 0 or t == 0 or s == 0 or min(lengths) < 1 or min(key_lengths) < 1:
         raise AttnpipeError(
             f"empty attention {tuple(first.shape)} for texts {list(text_ids)[:5]} (lengths {list(lengths)[:5]})"
         )
+    if key_lengths is lengths and s != t:
+        raise AttnpipeError(f"layer {next(iter(attentions))} attention has shape {tuple(first.shape)}: "
+                            f"expected ({b}, H, {t}, {t})")
     device = first.device
     real = torch.arange(t, device=device)[None, :] < torch.as_tensor(list(lengths), device=device)[:, None]
     real_rows = real[:, None, :]  # (B, 1, Q): the query rows that are stored
+    name = KIND_NAMES[kind]
     for layer, probs in attentions.items():
-        if probs.shape[0] != b or probs.shape[-2:] != (t, t) or probs.shape[1] == 0:
-            raise AttnpipeError(f"layer {layer} attention has shape {tuple(probs.shape)}: expected ({b}, H, {t}, {t})")
+        if probs.shape[0] != b or probs.shape[-2:] != (t, s) or probs.shape[1] == 0:
+            raise AttnpipeError(f"{name}layer {layer} attention has shape {tuple(probs.shape)}: "
+                                f"expected ({b}, H, {t}, {s})")
         # One pass: a row sum is finite only if every weight in the row is (NaN/Inf propagate).
         sums = probs.sum(dim=-1, dtype=torch.float32)  # (B, H, Q)
         broken = ~torch.isfinite(sums) & real_rows
         if bool(broken.any()):
             raise AttnpipeError(
-                f"attention is NaN or infinite at {_where(broken, text_ids, layer)}: the forward pass is broken"
+                f"attention is NaN or infinite at {_where(broken, text_ids, layer, kind)}: the forward pass is broken"
             )
         off = ((sums - 1).abs() > tol) & real_rows
         if bool(off.any()):
             worst = float((sums - 1).abs()[off].max())
             raise AttnpipeError(
-                f"attention rows do not sum to 1 at {_where(off, text_ids, layer)}: off by up to "
+                f"attention rows do not sum to 1 at {_where(off, text_ids, layer, kind)}: off by up to "
                 f"{worst:.3g} (tolerance {tol:g})"
             )
         # Padded keys of real rows: after length-sorted batching a thin slice per text.
-        for row, n in enumerate(lengths):
-            padded = probs[row, :, :n, n:] != 0  # (H, n, T - n)
-            if n < t and bool(padded.any()):
+        for row, (n, k) in enumerate(zip(lengths, key_lengths, strict=True)):
+            padded = probs[row, :, :n, k:] != 0  # (H, n, S - k)
+            if k < s and bool(padded.any()):
                 head, query, key = (int(v) for v in padded.nonzero()[0])
                 raise AttnpipeError(
-                    f"a padded key gets non-zero attention at text {text_ids[row]!r} layer {layer} "
-                    f"head {head} query {query} key {n + key}: the padding mask is broken"
+                    f"a padded key gets non-zero attention at text {text_ids[row]!r} {name}layer {layer} "
+                    f"head {head} query {query} key {k + key}: the padding mask is broken"
                 )
         if causal:  # keys after the query, in real rows
             future = (torch.triu(probs, diagonal=1) != 0).any(dim=-1) & real_rows  # (B, H, Q)
@@ -92,6 +104,6 @@ def check_attention(
                 row, head, query = (int(v) for v in future.nonzero()[0])
                 key = int((probs[row, head, query, query + 1:] != 0).nonzero()[0]) + query + 1
                 raise AttnpipeError(
-                    f"a future key gets non-zero attention at text {text_ids[row]!r} layer {layer} "
+                    f"a future key gets non-zero attention at text {text_ids[row]!r} {name}layer {layer} "
                     f"head {head} query {query} key {key}: the causal mask is broken"
                 )

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from attnpipe import faults  # noqa: E402
 from attnpipe.errors import AttnpipeError  # noqa: E402
-from attnpipe.models import FAMILIES, IMAGE_FAMILIES, supported_model_types  # noqa: E402
+from attnpipe.models import FAMILIES, supported_model_types  # noqa: E402
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 DEVICES = ("cpu", "cuda", "mps", "auto")
@@ -78,18 +78,29 @@ def read_model_config(model_dir: Path) -> dict:
     return config
 
 
-def check_model_dir(model_dir: Path) -> tuple[str, list[Path]]:
-    """Validate a model folder before loading it; return its model_type and weight files."""
+def check_model_dir(model_dir: Path, input_kind: str | None = None) -> tuple[str, list[Path]]:
+    """Validate a model folder before loading it; return its model_type and weight files.
+
+    `input_kind` is what the run was given ("text" covers texts and source/target pairs,
+    "image"); None: whatever the folder holds. `method="hf"` folders skip this (any model type).
+    """
     config_path = model_dir / "config.json"
     model_type = read_model_config(model_dir).get("model_type")
-    if model_type in IMAGE_FAMILIES:
-        raise AttnpipeError(f"{model_dir} holds an image model ({model_type}): give --image or --image-dir")
-    if model_type not in FAMILIES:
+    family = FAMILIES.get(model_type)
+    images = sorted(t for t, f in FAMILIES.items() if f.INPUT_KIND == "image")
+    if family is None:
+        texts = [t for t in supported_model_types() if t not in images]
         raise AttnpipeError(
             f"unsupported architecture {model_type!r} in {config_path}; "
-            f"supported model types: {', '.join(supported_model_types())}, "
-            f"{', '.join(sorted(IMAGE_FAMILIES))} (images), torch (--torch-model); "
+            f"supported model types: {', '.join(texts)}, {', '.join(images)} (images), torch (--torch-model); "
             "or extract with transformers' own eager attention: --method hf"
+        )
+    if input_kind == "text" and family.INPUT_KIND == "image":
+        raise AttnpipeError(f"{model_dir} holds an image model ({model_type}): give --image or --image-dir")
+    if input_kind == "image" and family.INPUT_KIND != "image":
+        raise AttnpipeError(
+            f"--image needs a vision transformer (model_type {', '.join(images)}); "
+            f"{config_path} has {model_type!r}"
         )
     files = weight_files(model_dir)
     if not files:
@@ -107,6 +118,8 @@ def checkpoint_dtype(model_dir: Path) -> str | None:
         return None
     value = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes "dtype"
     return str(value) if value else None
+
+
 def remote_code_requests(model_dir: Path) -> list[str]:
     """What a folder asks to import from its own Python files: `auto_map` entries of its configs."""
     wanted = []
@@ -147,12 +160,21 @@ def _pickle_refusal(err: Exception) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from one weight file: safetensors, or `.bin`/`.pt` through weights_only=True.
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+STATE_DICT_KEYS = ("model_state_dict", "state_dict")  # checkpoint dicts that wrap a state dict
+
+
+def read_state_dict(path: Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """The one state-dict reader: `.safetensors`, or `.pt`/`.pth`/`.bin` through
+    torch.load(weights_only=True).
 
     A pickle that would run code (or build any object but tensors and plain containers) is
-    refused by torch's weights_only unpickler before anything runs.
+    refused by torch's weights_only unpickler before anything runs. A training checkpoint dict
+    with a `model_state_dict` or `state_dict` entry (what training loops save) is unwrapped.
+    `what` names the file in messages (e.g. "--weights file").
     """
+    if not path.is_file():
+        raise AttnpipeError(f"{what} not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -161,15 +183,24 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise AttnpipeError(f"could not read {path}: {err}") from err
+    if path.suffix not in STATE_DICT_SUFFIXES:
+        raise AttnpipeError(f"{what} must be {', '.join(STATE_DICT_SUFFIXES)}, got {path.name}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except pickle.UnpicklingError as err:
         raise AttnpipeError(
             f"refused to load {path}: it holds more than tensors ({_pickle_refusal(err)}); "
-            "only weights_only loading is allowed — convert it to .safetensors from a trusted source"
+            "only weights_only loading is allowed (torch.load(weights_only=True)) — convert it to "
+            ".safetensors from a trusted source"
         ) from err
-    except (OSError, RuntimeError) as err:
-        raise AttnpipeError(f"could not read {path}: {str(err).strip().splitlines()[0]}") from err
+    except (OSError, RuntimeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AttnpipeError(f"could not read {path} with torch.load(weights_only=True): {first}") from err
+    if isinstance(state, dict):
+        for key in STATE_DICT_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AttnpipeError(f"{path} is not a state dict (a mapping of names to tensors)")
     return state
@@ -196,14 +227,16 @@ def resolve_device(name: str) -> torch.device:
 class LoadedModel:
     model_dir: Path
     model_type: str
-    family: ModuleType
+    family: ModuleType  # an attnpipe.models family (models/hf.py for --method hf)
     hf_model: torch.nn.Module  # the transformers model on eager attention: weights and --verify
     weights: object  # the family's Weights
-    tokenizer: object
+    tokenizer: object  # None for image models
     weights_sha256: str
     weight_files: tuple[str, ...]
     device: torch.device
     trust_remote_code: bool
+    checkpoint_dtype: str | None = None  # the dtype config.json says the weights were saved in
+    processor: object = None  # image models: the folder's image processor (PIL backend)
 
     @property
     def num_layers(self) -> int:
@@ -214,22 +247,47 @@ class LoadedModel:
         return self.weights.num_heads
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def load_model(
-    model_dir: Path, device: torch.device, trust_remote_code: bool = False
+    model_dir: Path, device: torch.device, trust_remote_code: bool = False, *,
+    method: str = "manual", input_kind: str | None = None,
 ) -> LoadedModel:
-    """Load a local transformers folder in float32 on `device`, with its tokenizer."""
+    """The one from_pretrained loader: a local transformers folder in float32 on eager attention,
+    with its tokenizer (or, for image models, its image processor), on `device`.
+
+    method "manual": a family attnpipe runs its own pass for (`input_kind` "text" or "image"
+    refuses a folder of the other kind); "hf": any model type, attention from transformers'
+    eager output (attnpipe/models/hf.py). The remote-code check always applies.
+    """
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     faults.point("load")
-    model_type, files = check_model_dir(model_dir)
+    if method == "hf":
+        model_type = read_model_config(model_dir).get("model_type", "unknown")
+        files = weight_files(model_dir)
+        if not files:
+            raise AttnpipeError(f"no weight files in {model_dir} (expected model.safetensors or pytorch_model.bin)")
+        from attnpipe.models import hf as family
+    else:
+        model_type, files = check_model_dir(model_dir, input_kind)
+        family = FAMILIES[model_type]
     if not trust_remote_code:
         check_no_remote_code(model_dir)
+    image = family.INPUT_KIND == "image"
+    if image and not (model_dir / "preprocessor_config.json").is_file():
+        raise AttnpipeError(f"{model_dir} has no preprocessor_config.json: the image processor's "
+                            "settings (size, mean, std) are needed to prepare images")
+    tokenizer = processor = None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            model_dir, trust_remote_code=trust_remote_code
-        )
+        if image:  # the PIL backend needs no torchvision (which this project does not install)
+            processor = transformers.AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+        else:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         hf_model = transformers.AutoModel.from_pretrained(
             model_dir,
             attn_implementation="eager",  # the reference for --verify: the sdpa path returns no attentions
@@ -242,12 +300,15 @@ def load_model(
             f"refused to load {model_dir}: a weight file holds more than tensors "
             f"({_pickle_refusal(err)}); only weights_only loading is allowed"
         ) from err
-    except (OSError, ValueError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AttnpipeError(f"could not load model from {model_dir}: {first_line}") from err
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        raise AttnpipeError(f"could not load model from {model_dir}: {_first_line(err)}") from err
+    if getattr(processor, "do_center_crop", False):
+        # The stored patch grid is mapped onto the whole image (store.ImageInfo); a crop would
+        # make that mapping wrong, so refuse rather than draw attention on the wrong pixels.
+        raise AttnpipeError(f"{model_dir}'s image processor center-crops images; attnpipe maps patches "
+                            "onto the whole image: set do_center_crop to false in preprocessor_config.json")
     faults.point("loaded")
     hf_model = hf_model.to(device).eval()
-    family = FAMILIES[model_type]
     return LoadedModel(
         model_dir=model_dir,
         model_type=model_type,
@@ -259,4 +320,6 @@ def load_model(
         weight_files=tuple(p.name for p in files),
         device=device,
         trust_remote_code=trust_remote_code,
+        checkpoint_dtype=checkpoint_dtype(model_dir),
+        processor=processor,
     )

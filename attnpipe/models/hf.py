@@ -67,8 +67,11 @@ def load_weights(model: torch.nn.Module) -> HFWeights:
     )
 
 
-def check_attentions(attentions, attention_mask: torch.Tensor, num_layers: int, num_heads: int) -> None:
-    """Refuse what transformers returned when it is empty, mis-shaped or not finite on real tokens."""
+def check_attentions(attentions, attention_mask: torch.Tensor, num_layers: int, num_heads: int,
+                     finite: bool = True) -> None:
+    """Refuse what transformers returned when it is empty, mis-shaped or (with `finite`) not finite
+    on real tokens. The runner passes finite=False: its guards check every value and name the
+    text, layer and head."""
     if not attentions:
         raise AttnpipeError("transformers returned no attentions (an empty tuple): the model is not on "
                             "eager attention or does not support output_attentions")
@@ -82,7 +85,7 @@ def check_attentions(attentions, attention_mask: torch.Tensor, num_layers: int, 
         if probs is None or tuple(probs.shape) != (b, num_heads, t, t):
             shape = None if probs is None else tuple(probs.shape)
             raise AttnpipeError(f"layer {index} attention has shape {shape}; expected {(b, num_heads, t, t)}")
-        if not torch.isfinite(probs.masked_fill(~pairs, 0.0)).all():
+        if finite and not torch.isfinite(probs.masked_fill(~pairs, 0.0)).all():
             raise AttnpipeError(f"layer {index} attention holds NaN or inf on real tokens: refusing to store it")
 
 
@@ -99,7 +102,8 @@ def forward(
         raise AttnpipeError("--method hf has no head gates (transformers 5 removed head_mask): "
                             "--explain needs one of attnpipe's own forward passes (drop --method hf)")
     out = weights.model(**batch, output_attentions=True)
-    check_attentions(out.attentions, batch["attention_mask"], weights.num_layers, weights.num_heads)
+    # finite=False: NaN/inf are left to the runner's guards, which name the text, layer and head.
+    check_attentions(out.attentions, batch["attention_mask"], weights.num_layers, weights.num_heads, finite=False)
     attentions = empty_attentions(KINDS)
     # transformers computed every layer already: hand them over in order
     for index, probs in enumerate(out.attentions):

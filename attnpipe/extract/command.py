@@ -1,0 +1,128 @@
+"""What extract_attention.py does with its parsed flags: read the inputs, run, report.
+
+The input-kind dispatch (texts, source/target pairs, images, a torch model's embeddings) lives
+here and in the runner, so the script is argparse and one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from attnpipe.errors import AttnpipeError
+from attnpipe.extract import corpus
+from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH
+from attnpipe.extract.runner import DEFAULT_VERIFY_TOL, ExtractConfig, ExtractResult, extract
+
+
+def looks_like_gradient_target(value: str) -> bool:
+    return value in ("predicted", "next-token") or value.isdigit() or value.startswith("similarity:")
+
+
+def read_inputs(args: argparse.Namespace) -> dict:
+    """The config fields holding the inputs: texts, pairs, images or a torch model's data."""
+    text_given = bool(args.text) or args.texts_file is not None
+    images_given = bool(args.image) or bool(args.image_dir)
+    torch_given = args.torch_model is not None
+    if sum((text_given or bool(args.source or args.target), images_given, torch_given)) > 1:
+        raise AttnpipeError("give one kind of input: texts (--text/--texts-file), images "
+                            "(--image/--image-dir) or a torch model (--torch-model with --data)")
+    if images_given:
+        from attnpipe.extract.images import collect_images
+
+        return {"images": tuple(collect_images(args.image, args.image_dir))}
+    if torch_given:
+        if args.method != "manual":
+            raise AttnpipeError("--torch-model replaces --model_dir and --method")
+        return {"torch_model": args.torch_model}
+    if args.text and args.texts_file:
+        raise AttnpipeError("give --text or --texts-file, not both")
+    if args.target and not args.source and looks_like_gradient_target(args.target[0]):
+        raise AttnpipeError(f"--target is the target text of an encoder-decoder pair (with --source); "
+                            f"to explain a prediction use --explain {args.target[0]}")
+    if args.source or args.target:
+        if args.text or args.texts_file:
+            raise AttnpipeError("give --source/--target or --text/--texts-file, not both")
+        return {"pairs": tuple(corpus.pairs_from_strings(args.source, args.target))}
+    if args.texts_file is not None and corpus.is_pairs_file(args.texts_file):
+        return {"pairs": tuple(corpus.read_pairs_file(args.texts_file))}
+    if args.texts_file is not None:
+        return {"texts": tuple(corpus.read_texts_file(args.texts_file, args.text_column, args.id_column))}
+    if args.text:
+        return {"texts": tuple(corpus.from_strings(args.text))}
+    raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    inputs = read_inputs(args)
+    if args.explain is not None:
+        from attnpipe.extract.gradients import parse_target
+
+        parse_target(args.explain)  # a malformed target fails before any model loads
+    metric_names = None
+    if args.metrics.strip() != "all":
+        metric_names = tuple(name.strip() for name in args.metrics.split(",") if name.strip())
+    return ExtractConfig(
+        **inputs,
+        output=args.output_file,
+        model_dir=args.model_dir,
+        layers=tuple(args.layer),
+        heads=tuple(args.heads),
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        verify=args.verify,
+        verify_tol=DEFAULT_VERIFY_TOL if args.verify_tol is None else args.verify_tol,
+        trust_remote_code=args.trust_remote_code,
+        progress=False if args.quiet else None,
+        method=args.method,
+        max_tokens_per_batch=args.max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH,
+        batch_attention_mb=(DEFAULT_BATCH_ATTENTION_MB if args.batch_attention_mb is None
+                            else args.batch_attention_mb),
+        threads=args.threads,
+        compression=args.compression,
+        compression_level=args.compression_level,
+        rows=args.rows,
+        metrics_only=args.metrics_only,
+        metrics=metric_names,
+        weights=args.weights,
+        data=args.data,
+        mask_zero_rows=args.mask_zero_rows,
+        causal=args.causal,
+        explain=args.explain,
+        ablate=args.ablate,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """extract_attention.py after argparse: extract (or --estimate) and report on stderr."""
+    config = config_from_args(args)
+    if args.estimate:
+        from attnpipe.extract.estimate import estimate
+
+        print(estimate(config).describe())
+        return 0
+    report(extract(config), quiet=args.quiet)
+    return 0
+
+
+def report(result: ExtractResult, quiet: bool = False) -> None:
+    if result.truncated_ids:
+        shown = ", ".join(result.truncated_ids[:10]) + (" ..." if len(result.truncated_ids) > 10 else "")
+        print(f"warning: {len(result.truncated_ids)} text(s) longer than --max-length "
+              f"{result.max_length} were truncated (flagged 'truncated' in the file): {shown}",
+              file=sys.stderr)
+    if quiet:
+        return
+    summary = (f"wrote {result.num_texts} text(s), {result.num_tokens} tokens, "
+               f"{len(result.layers)} layer(s) x {len(result.heads)} head(s) to {result.output}")
+    if result.decoder_layers is not None:  # encoder-decoder models
+        summary = (f"wrote {result.num_texts} source/target pair(s), {result.num_tokens} tokens, "
+                   f"{len(result.layers)} encoder layer(s) x {len(result.heads)} head(s) and "
+                   f"{len(result.decoder_layers)} decoder layer(s) x {len(result.decoder_heads)} head(s) "
+                   f"(self- and cross-attention) to {result.output}")
+    if result.parity_max_abs_diff is not None:
+        summary += (f"; verified against transformers eager: max |diff| attention "
+                    f"{result.parity_max_abs_diff:.2e}, hidden {result.parity_hidden_max_abs_diff:.2e}")
+    print(summary, file=sys.stderr)

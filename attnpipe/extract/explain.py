@@ -1,0 +1,59 @@
+"""--explain inside the runner's loop: one input at a time, gradients beside the attention.
+
+The gradients themselves are attnpipe.extract.gradients' (∂target/∂A per head and kind,
+head-gate gradients, gradient × input, head ablation); this adapter hands the runner, per
+one-input batch, the attention of every kind at gates = 1 (as a family Output, so the same
+guards, sink and writer apply) and the gradient fields to store beside it.
+
+Stored (attnpipe.store, schema version 2): the "self" kind's gradients (the encoder's, for
+encoder-decoders), restricted to the stored layers and heads like `attention`. The decoder and
+cross-attention gradients of encoder-decoders are computed but not yet stored (the store has no
+fields for them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from attnpipe.extract import gradients
+from attnpipe.extract.inputs import Batch
+from attnpipe.models.parts import Output
+
+
+class Explainer:
+    def __init__(self, model, spec: str, ablate: bool, inputs, selection):
+        gradients.check_explainable(model)  # --method hf: a clear error before any work
+        self.model = model
+        self.selection = selection  # the stored "self" layers and heads (sinks.Selection)
+        self.target = gradients.parse_target(spec)
+        self.ablate = ablate
+        limit = getattr(inputs, "max_length", None)
+        tokenizer = getattr(model, "tokenizer", None)
+        device = getattr(model, "device", torch.device("cpu"))
+
+        def encode_other(text: str) -> torch.Tensor:
+            ids = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+            return torch.tensor([ids], device=device)
+
+        self.objective = gradients.build_objective(model, self.target, encode_other if tokenizer else None)
+
+    def __call__(self, batch: Batch) -> tuple[Output, list[dict]]:
+        """(attention at gates = 1 of the one input, as an Output; its gradient fields)."""
+        result = gradients.text_gradients(self.model, self.objective, batch.tensors, self.ablate)
+        attentions = {kind: {layer: torch.from_numpy(values[layer])[None] for layer in range(values.shape[0])}
+                      for kind, values in result.attention.items()}  # kind -> layer -> (1, H, Q, K)
+        select = np.ix_(list(self.selection.layers), list(self.selection.heads))
+        extras = {
+            "attention_grad": np.ascontiguousarray(result.attention_grad["self"][select]),  # (L', H', n, n)
+            "head_gate_grad": result.head_gate_grad["self"],
+            "token_grad_input": result.token_grad_input,
+            "head_ablation": None if result.head_ablation is None else result.head_ablation["self"],
+            "gradient_target_value": result.target_value,
+            "gradient_target_label": result.target_label,
+        }
+        return Output(hidden=None, attentions=attentions), [extras]
+
+    def plain(self, batch: Batch) -> Output:
+        """The same input through the family forward without gradients (for --verify)."""
+        return self.model.family.forward(self.model.weights, batch.tensors)

@@ -1,0 +1,136 @@
+"""Where each checked layer goes: the matrices (all rows or a row subset) or per-head metrics.
+
+The runner hands every kept layer of every kind to `Sink.layer(kind, layer, probs)` after the
+guards passed. Three ways to store it:
+- streaming (HDF5, one attention kind, no gradients): each text's layer is cropped to its real
+  tokens on the torch side, converted to the storage dtype, split into the file's chunks and
+  queued for the writer thread (the text's tokens were `begin`-written first);
+- collecting (JSON, encoder-decoder pairs, --explain): a batch's cropped float32 layers are kept
+  until the batch ends, then each item is written whole (`H5Writer.write` / one JSON document);
+- metrics (--metrics-only): per-head metrics computed per layer in the writer thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from attnpipe import store
+from attnpipe.extract.background import BackgroundWriter
+from attnpipe.extract.inputs import Batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The stored layers and heads of one attention kind (model indices, sorted)."""
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    num_heads: int  # of the model (decoder heads for decoder / cross)
+
+    @property
+    def positions(self) -> dict[int, int]:
+        return {layer: pos for pos, layer in enumerate(self.layers)}
+
+
+def _store_metrics(metrics, probs: torch.Tensor, values: np.ndarray, indices: list[int], pos: int) -> None:
+    """One batch's layer of per-head metrics into values[texts, layer position] (writer thread)."""
+    with torch.inference_mode():
+        values[indices, pos] = metrics.layer(probs)  # (B, H', M)
+
+
+class Sink:
+    def __init__(self, storage: store.Storage, selections: dict[str, Selection], writer: BackgroundWriter | None,
+                 *, stream: bool, metric_values: np.ndarray | None = None):
+        self.storage = storage
+        self.selections = selections
+        self.positions = {kind: sel.positions for kind, sel in selections.items()}
+        self.head_index = {kind: None if len(sel.heads) == sel.num_heads else torch.tensor(sel.heads)
+                           for kind, sel in selections.items()}
+        self.writer = writer
+        self.stream = stream
+        self.metric_values = metric_values
+        self.itemsize = np.dtype(storage.dtype).itemsize
+        self.json_item: store.TextAttention | None = None  # a .json run's one item, once complete
+
+    def begin(self, batch: Batch, metrics=None) -> None:
+        """A new batch: its items' tokens are written first when streaming."""
+        self.batch, self.metrics = batch, metrics
+        self.pending: dict[int, list[np.ndarray]] = {}  # text -> converted layers of an unfinished chunk
+        self.kept: dict[str, list[list[np.ndarray | None]]] = {
+            kind: [[None] * len(sel.layers) for _ in batch.indices] for kind, sel in self.selections.items()
+        }
+        if self.stream or metrics is not None:
+            sel = self.selections["self"]
+            for i, item in zip(batch.indices, batch.items, strict=True):
+                self.writer.submit("begin", i, item, len(sel.layers), len(sel.heads))
+
+    def _convert(self, crop: torch.Tensor) -> np.ndarray:
+        if self.storage.dtype == "uint8":  # the same float32 arithmetic as store.to_storage
+            return (crop * float(store.UINT8_SCALE)).round_().to(torch.uint8).cpu().numpy()
+        out = torch.empty(crop.shape, dtype=getattr(torch, self.storage.dtype))
+        return out.copy_(crop).numpy()  # one pass: crop, convert and make contiguous
+
+    def layer(self, kind: str, layer: int, probs: torch.Tensor) -> None:  # probs (B, H, Q, K)
+        pos = self.positions[kind][layer]
+        index = self.head_index[kind]
+        if index is not None:
+            probs = probs.index_select(1, index.to(probs.device))  # (B, H', Q, K)
+        batch = self.batch
+        if self.metrics is not None:  # computed in the writer thread, on the other core, while the pass runs on
+            self.writer.submit(_store_metrics, self.metrics, probs, self.metric_values, batch.indices, pos,
+                               nbytes=probs.nbytes)
+            return
+        q_lengths, k_lengths = batch.lengths[kind]
+        if not self.stream:
+            for row, (q, k) in enumerate(zip(q_lengths, k_lengths, strict=True)):
+                crop = probs[row, :, :q, :k]  # (H', q, k) real tokens only
+                if self.storage.rows != "all":
+                    first = int(store.query_positions(self.storage.rows, q)[0])
+                    crop = crop[:, first:first + 1]  # (H', 1, k)
+                self.kept[kind][row][pos] = crop.float().cpu().numpy()
+            return
+        heads = probs.shape[1]
+        num_layers = len(self.selections[kind].layers)
+        for row, (i, n) in enumerate(zip(batch.indices, q_lengths, strict=True)):
+            rows = store.query_positions(self.storage.rows, n)
+            layers_per_chunk, step, _, _ = store.chunk_shape(num_layers, heads, len(rows), n, self.itemsize)
+            for head in range(0, heads, step):
+                crop = probs[row, head:head + step, :n, :n]  # (h, n, n) view, real tokens only
+                if self.storage.rows != "all":
+                    crop = crop[:, int(rows[0]):int(rows[0]) + 1]  # (h, 1, n)
+                converted = self._convert(crop)
+                if layers_per_chunk == 1:
+                    self.writer.submit("write_chunk", i, pos, head, converted[None], nbytes=converted.nbytes)
+                    continue
+                # Short texts: several whole layers per chunk (better compression), sent when complete.
+                layers = self.pending.setdefault(i, [])
+                layers.append(converted)
+                if len(layers) == layers_per_chunk:
+                    chunk = np.stack(self.pending.pop(i))  # (l, H, r, n)
+                    self.writer.submit("write_chunk", i, pos - layers_per_chunk + 1, 0, chunk, nbytes=chunk.nbytes)
+
+    def end(self, extras: list[dict] | None = None) -> None:
+        """The batch is complete: streamed items are closed, collected items written whole.
+
+        `extras` adds fields per item (the gradients of --explain)."""
+        batch = self.batch
+        if self.stream or self.metrics is not None:
+            for i in batch.indices:
+                self.writer.submit("end", i)
+            return
+        for row, (i, item) in enumerate(zip(batch.indices, batch.items, strict=True)):
+            fields = {"attention": np.stack(self.kept["self"][row])}  # (L, H, r, n)
+            if item.target is not None:
+                fields["target"] = dataclasses.replace(
+                    item.target, decoder_attention=np.stack(self.kept["decoder"][row]),
+                    cross_attention=np.stack(self.kept["cross"][row]))
+            if extras is not None:
+                fields.update(extras[row])
+            complete = dataclasses.replace(item, **fields)
+            if self.writer is None:
+                self.json_item = complete
+            else:
+                self.writer.submit("write", i, complete, nbytes=complete.attention.nbytes)
