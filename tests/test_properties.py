@@ -3,7 +3,8 @@
 Hypothesis draws the sizes (layers, heads, texts, tokens), causal or not, the storage dtype, how
 peaked the rows are (uniform ... one-hot) and the token strings (any Unicode but NUL, which HDF5
 strings cannot hold: see test_security.py). Every example is written with attnpipe.store's
-writers, read back with its reader, and fed to attnpipe.analyze.metrics; each metric must stay in the range
+writers, read back with its reader, and fed to the metrics (the numpy reference and the torch path
+of attnpipe.analyze.metrics); each metric must stay in the range
 docs/METRICS.md gives it. Runs are deterministic (derandomize=True) and small (max_examples).
 """
 
@@ -132,6 +133,9 @@ def test_write_read_round_trip_and_metrics_in_range(generated):
             read_as_causal, causal, item.num_tokens)
         values = R.head_metrics(stored, item.tokens, item.special_tokens_mask, causal=read_as_causal)
         check_metric_ranges(values, item.num_tokens, read_as_causal, meta.dtype)
+        # what every caller gets (the torch path, float32 rows) stays in the same ranges
+        fast = M.head_metrics(stored, item.tokens, item.special_tokens_mask, causal=read_as_causal)
+        check_metric_ranges(fast, item.num_tokens, read_as_causal, meta.dtype)
         from_file = table[table["text_id"] == item.id]
         for name, array in values.items():
             got = from_file[from_file["metric"] == name]["value"].to_numpy()
