@@ -17,7 +17,6 @@ from attnpipe import store
 from attnpipe.analyze import metric_reference as R
 from attnpipe.analyze import metrics as M
 from attnpipe.errors import AttnpipeError
-from attnpipe.analyze.fast_metrics import texts_values as TEXTS_VALUES
 from test_analyze_cli import PROVENANCE, item
 
 TOKENS4 = ("[CLS]", "cat", ",", "[SEP]")
@@ -180,9 +179,8 @@ def test_every_caller_gets_the_fast_path_and_it_equals_the_reference(tmp_path, w
     from attnpipe.analyze import fast_metrics
 
     monkeypatch.setattr(fast_metrics, "MIN_TEXTS_PER_WORKER", 1)  # two workers even on a small file
-    calls = []
-    monkeypatch.setattr(fast_metrics, "texts_values",
-                        lambda *a, **k: calls.append(1) or TEXTS_VALUES(*a, **k))
+    calls, texts_values = [], fast_metrics.texts_values
+    monkeypatch.setattr(fast_metrics, "texts_values", lambda *a, **k: calls.append(1) or texts_values(*a, **k))
     rng = np.random.default_rng(3)
     lengths = (5, 8, 1, 6, 7, 4, 8, 3)
     items = [(causal_item if i % 2 else item)(rng, f"t{i}", n) for i, n in enumerate(lengths)]

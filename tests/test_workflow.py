@@ -328,6 +328,8 @@ def _bad_state_dict(tmp_path: Path, kind: str) -> str:
         ({"checkpoints": {"ft-10": {"kind": "hf", "path": "default"},
                           "ft": {"kind": "run", "path": "RUN"}}}, "'ft-10' is used twice"),
         ({"corpora": {"dup": {"path": "DUP_IDS"}}}, "corpora.dup.path: duplicate text ids in dup.jsonl: ['a', 'b']"),
+        # the corpus reader's checks (the CLI's), before any job: here a .txt that is not UTF-8
+        ({"corpora": {"bad": {"path": "BAD_UTF8"}}}, "corpora.bad.path: bad.txt line 2 is not valid UTF-8"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, changes, needle):
@@ -347,6 +349,9 @@ def test_bad_config_fails_before_any_job(tmp_path, changes, needle):
             rows = [("a", "one"), ("b", "two"), ("a", "three"), ("c", "four"), ("b", "five"), ("a", "six")]
             (tmp_path / "dup.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
             spec["path"] = "dup.jsonl"
+        elif spec.get("path") == "BAD_UTF8":
+            (tmp_path / "bad.txt").write_bytes(b"fine\ncaf\xe9\n")
+            spec["path"] = "bad.txt"
     config = write_config(tmp_path, **changes)
     run = snakemake(tmp_path, config, "-n")
     assert run.returncode != 0
