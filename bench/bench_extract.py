@@ -195,12 +195,12 @@ def analysis_throughput(path: Path, repeats: int) -> tuple[float, float, float, 
     one process, and the torch port with one worker process per core (analyze_attention.py metrics).
     Medians of `repeats` interleaved rounds (the first round also pays one-off imports and caches)."""
     from attnpipe.analyze import fast_metrics
-    from attnpipe.analyze import metrics as M
+    from attnpipe.analyze import metric_reference as R
 
     values = attention_values(path)
     runs = {
         "read": lambda f: [None for _ in f],
-        "numpy": M.corpus_metrics,
+        "numpy": R.corpus_metrics,
         "torch": lambda f: fast_metrics.corpus_metrics(f, workers=1),
         "parallel": fast_metrics.corpus_metrics,
     }
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nanalysis: the standard metric set ({len(__import__('attnpipe.analyze.metrics').metrics.METRICS)} "
                   f"metrics) read from the float16 file, median of {args.repeats} round(s)")
             print(f"  reading whole texts alone (gunzip, float16 -> float32): {read_rate / 1e6:7.1f} M values/s")
-            print(f"  attnpipe.analyze.metrics.corpus_metrics (numpy float64):         {numpy_rate / 1e6:7.1f} M values/s")
+            print(f"  attnpipe.analyze.metric_reference.corpus_metrics (numpy float64): {numpy_rate / 1e6:7.1f} M values/s")
             print(f"  attnpipe.analyze.fast_metrics.corpus_metrics, 1 process:         {torch_rate / 1e6:7.1f} M values/s")
             print(f"  the same, up to {default_workers()} worker processes (analyze_attention.py metrics): "
                   f"{parallel_rate / 1e6:5.1f} M values/s   (target >= 50)")

@@ -25,6 +25,12 @@ import numpy as np
 import torch
 import transformers
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's attnpipe (not pip-installed)
+
+from attnpipe.errors import AttnpipeError  # noqa: E402
+from attnpipe.extract import checkpoint_fit  # noqa: E402
+from attnpipe.extract.loading import load_tensors  # noqa: E402
+
 
 def seed_all(seed: int) -> None:
     random.seed(seed)
@@ -75,25 +81,11 @@ def make_finetune(base: Path, out: Path, seed: int, labels: Path, steps: int, sa
             tok.save_pretrained(target)
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    return obj
-
-
 def make_from_state_dict(base: Path, state_dict: Path, out: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import wfcheck
-
-    sd = load_state_dict(state_dict)
+    sd = load_tensors(state_dict)  # the library's one state-dict reader (weights_only=True)
     model = transformers.AutoModel.from_pretrained(base)
     target = model.state_dict()
-    pairs, missing, unexpected, _ = wfcheck.align({k: v.shape for k, v in sd.items()},
+    pairs, missing, unexpected, _ = checkpoint_fit.align({k: v.shape for k, v in sd.items()},
                                                   {k: v.shape for k, v in target.items()})
     if missing or unexpected:
         raise ValueError(f"{state_dict} does not fit {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -102,7 +94,7 @@ def make_from_state_dict(base: Path, state_dict: Path, out: Path) -> None:
         if tuple(t.shape) != tuple(target[b].shape):
             raise ValueError(f"{state_dict}: {b} has shape {list(t.shape)}, the base has {list(target[b].shape)}")
     result = model.load_state_dict(renamed, strict=False)
-    left = [k for k in result.missing_keys if not k.endswith(wfcheck.IGNORED)]
+    left = [k for k in result.missing_keys if not k.endswith(checkpoint_fit.IGNORED)]
     if left or result.unexpected_keys:
         raise ValueError(f"{state_dict}: not loaded: {left[:3]} {result.unexpected_keys[:3]}")
     tmp = out.with_name(f".{out.name}.tmp")
@@ -138,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             make_from_state_dict(args.base, args.state_dict, args.out_dir)
-        except (ValueError, RuntimeError, OSError) as exc:
+        except (AttnpipeError, ValueError, RuntimeError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     else:

@@ -1,16 +1,23 @@
 """Metrics on hand-built matrices with answers worked out by hand (seed 004's four patterns,
-uniform attention), for bidirectional and causal rows; then the long table and the aggregates."""
+uniform attention), for bidirectional and causal rows, checked on both implementations: the numpy
+reference (attnpipe.analyze.metric_reference, the oracle) and the torch path every caller uses
+(attnpipe.analyze.metrics); then the fast path against the reference on a whole file, the long
+table and the aggregates."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from attnpipe import store
+from attnpipe.analyze import metric_reference as R
 from attnpipe.analyze import metrics as M
 from attnpipe.errors import AttnpipeError
+from test_analyze_cli import PROVENANCE, item
 
 TOKENS4 = ("[CLS]", "cat", ",", "[SEP]")
 SPECIAL4 = np.array([True, False, False, True])
@@ -23,8 +30,22 @@ def one_head(matrix) -> np.ndarray:
     return m[None, None]
 
 
-def values(matrix, tokens=TOKENS4, special=SPECIAL4, **kw) -> dict[str, float]:
-    return {k: float(v[0, 0]) for k, v in M.head_metrics(one_head(matrix), tokens, special, **kw).items()}
+# The fast path computes each row in float32 (attnpipe.analyze.fast_metrics): 1e-6 relative, not
+# numpy's default 1e-7, where a test compares whole arrays.
+RTOL = {"reference": 1e-7, "fast": 1e-6}
+
+
+@pytest.fixture(params=["reference", "fast"])
+def impl(request) -> str:
+    return request.param
+
+
+def head_metrics(impl: str, *args, **kw) -> dict[str, np.ndarray]:
+    return (R.head_metrics if impl == "reference" else M.head_metrics)(*args, **kw)
+
+
+def values(impl, matrix, tokens=TOKENS4, special=SPECIAL4, **kw) -> dict[str, float]:
+    return {k: float(v[0, 0]) for k, v in head_metrics(impl, one_head(matrix), tokens, special, **kw).items()}
 
 
 def xlogx(x: float) -> float:
@@ -38,9 +59,9 @@ BLOCK = [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
 BOS = [[1.0, 0, 0, 0], [0.8, 0.2, 0, 0], [0.6, 0.2, 0.2, 0], [0.5, 0.2, 0.2, 0.1]]
 
 
-def test_identity_is_pure_self_attention():
+def test_identity_is_pure_self_attention(impl):
     assert M.infer_causal(one_head(np.eye(4)))  # nothing above the diagonal: ambiguous, so say it
-    v = values(np.eye(4), causal=False)
+    v = values(impl, np.eye(4), causal=False)
     assert v["self"] == 1 and v["max_attention"] == 1 and v["entropy"] == 0
     assert v["normalized_entropy"] == 0 and v["mean_distance"] == 0 and v["local_share"] == 1
     assert v["previous_token"] == 0 and v["next_token"] == 0
@@ -48,8 +69,8 @@ def test_identity_is_pure_self_attention():
     assert v["first_token"] == pytest.approx(1 / 4)  # only query 0 looks at key 0
 
 
-def test_seed_004_diagonal_pattern():
-    v = values(DIAGONAL)
+def test_seed_004_diagonal_pattern(impl):
+    v = values(impl, DIAGONAL)
     # rows 0 and 3 are (1, .1)/1.1, rows 1 and 2 are (.1, 1, .1)/1.2
     assert v["self"] == pytest.approx((2 / 1.1 + 2 / 1.2) / 4)
     assert v["max_attention"] == pytest.approx(v["self"])
@@ -64,8 +85,8 @@ def test_seed_004_diagonal_pattern():
     assert v["sparsity"] == pytest.approx((2 / 4 + 1 / 4 + 1 / 4 + 2 / 4) / 4)
 
 
-def test_seed_004_vertical_stripe():
-    v = values(STRIPE)
+def test_seed_004_vertical_stripe(impl):
+    v = values(impl, STRIPE)
     assert v["max_attention"] == pytest.approx(0.8)
     assert v["first_token"] == pytest.approx(0.1)
     assert v["self"] == pytest.approx((0.1 + 0.8 + 0.05 + 0.05) / 4)
@@ -79,8 +100,8 @@ def test_seed_004_vertical_stripe():
     assert v["mean_distance"] == pytest.approx((1.05 + 0.25 + 1.05 + 1.95) / 4)
 
 
-def test_seed_004_block_pattern():
-    v = values(BLOCK)
+def test_seed_004_block_pattern(impl):
+    v = values(impl, BLOCK)
     assert v["entropy"] == pytest.approx(math.log(2))
     assert v["normalized_entropy"] == pytest.approx(0.5)  # ln 2 / ln 4
     assert v["self"] == pytest.approx(0.5) and v["max_attention"] == pytest.approx(0.5)
@@ -90,9 +111,9 @@ def test_seed_004_block_pattern():
     assert v["sparsity"] == pytest.approx(0.5)
 
 
-def test_seed_004_first_token_pattern_is_recognised_as_causal():
+def test_seed_004_first_token_pattern_is_recognised_as_causal(impl):
     assert M.infer_causal(one_head(BOS))
-    v = values(BOS)
+    v = values(impl, BOS)
     assert v["first_token"] == pytest.approx((1 + 0.8 + 0.6 + 0.5) / 4)
     assert v["self"] == pytest.approx((1 + 0.2 + 0.2 + 0.1) / 4)
     assert v["previous_token"] == pytest.approx((0.8 + 0.2 + 0.2) / 3)
@@ -104,27 +125,28 @@ def test_seed_004_first_token_pattern_is_recognised_as_causal():
     assert v["normalized_entropy"] == pytest.approx((h[1] / math.log(2) + h[2] / math.log(3) + h[3] / math.log(4)) / 3)
     # sparsity counts visible keys only: none is below 0.01
     assert v["sparsity"] == 0
-    forced = values(BOS, causal=False)  # the same matrix read as bidirectional
+    forced = values(impl, BOS, causal=False)  # the same matrix read as bidirectional
     assert forced["normalized_entropy"] == pytest.approx(sum(h) / 4 / math.log(4))
     assert forced["sparsity"] == pytest.approx((3 + 2 + 1 + 0) / 4 / 4)
     assert forced["next_token"] == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 17])
-def test_uniform_attention_has_normalised_entropy_one(n):
+def test_uniform_attention_has_normalised_entropy_one(n, impl):
     tokens = tuple(f"t{i}" for i in range(n))
-    bi = M.head_metrics(np.full((2, 3, n, n), 1 / n), tokens)
+    bi = head_metrics(impl, np.full((2, 3, n, n), 1 / n), tokens)
     if n == 1:
         assert np.isnan(bi["normalized_entropy"]).all()  # one key: undefined, documented
         assert np.allclose(bi["entropy"], 0)
         return
-    np.testing.assert_allclose(bi["normalized_entropy"], 1.0)
-    np.testing.assert_allclose(bi["entropy"], math.log(n))
-    np.testing.assert_allclose(bi["max_attention"], 1 / n)
+    rtol = RTOL[impl]
+    np.testing.assert_allclose(bi["normalized_entropy"], 1.0, rtol=rtol)
+    np.testing.assert_allclose(bi["entropy"], math.log(n), rtol=rtol)
+    np.testing.assert_allclose(bi["max_attention"], 1 / n, rtol=rtol)
     causal = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]
-    ca = M.head_metrics(np.broadcast_to(causal, (2, 3, n, n)), tokens)
-    np.testing.assert_allclose(ca["normalized_entropy"], 1.0)
-    np.testing.assert_allclose(ca["entropy"], np.mean(np.log(np.arange(1, n + 1))))
+    ca = head_metrics(impl, np.broadcast_to(causal, (2, 3, n, n)), tokens)
+    np.testing.assert_allclose(ca["normalized_entropy"], 1.0, rtol=rtol)
+    np.testing.assert_allclose(ca["entropy"], np.mean(np.log(np.arange(1, n + 1))), rtol=rtol)
 
 
 def test_token_classes():
@@ -135,18 +157,55 @@ def test_token_classes():
     np.testing.assert_array_equal(M.sep_eos_keys(("a", "b", "c"), np.array([True, False, True])), [False, False, True])
 
 
-def test_unknown_metric_and_bad_shapes():
+def test_unknown_metric_and_bad_shapes(impl):
     with pytest.raises(AttnpipeError, match="unknown metric.*nope.*entropy"):
-        M.head_metrics(one_head(BLOCK), TOKENS4, metrics=["entropy", "nope"])
+        head_metrics(impl, one_head(BLOCK), TOKENS4, metrics=["entropy", "nope"])
     with pytest.raises(AttnpipeError, match="3 tokens"):
-        M.head_metrics(one_head(BLOCK), TOKENS4[:3])
+        head_metrics(impl, one_head(BLOCK), TOKENS4[:3])
 
 
-def test_long_table_uses_model_indices_and_any_size():
+def causal_item(rng, text_id: str, n: int) -> store.TextAttention:
+    """A text whose every head is causal: weights above the diagonal exactly 0."""
+    base = item(rng, text_id, n)
+    probs = np.tril(base.attention.astype(np.float64) + 0.01)
+    return dataclasses.replace(base, attention=(probs / probs.sum(-1, keepdims=True)).astype(np.float32))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_caller_gets_the_fast_path_and_it_equals_the_reference(tmp_path, workers, monkeypatch):
+    """metrics.corpus_metrics (what every subcommand and compare/report call) is the torch path,
+    and on a file of mixed lengths (padded batches), causal and bidirectional texts and a one-token
+    text it gives the reference's table to float32 precision."""
+    from attnpipe.analyze import fast_metrics
+
+    monkeypatch.setattr(fast_metrics, "MIN_TEXTS_PER_WORKER", 1)  # two workers even on a small file
+    calls, texts_values = [], fast_metrics.texts_values
+    monkeypatch.setattr(fast_metrics, "texts_values", lambda *a, **k: calls.append(1) or texts_values(*a, **k))
+    rng = np.random.default_rng(3)
+    lengths = (5, 8, 1, 6, 7, 4, 8, 3)
+    items = [(causal_item if i % 2 else item)(rng, f"t{i}", n) for i, n in enumerate(lengths)]
+    path = tmp_path / "mixed.h5"
+    with store.H5Writer(path, num_texts=len(items), dtype="float32") as writer:
+        for index, it in enumerate(items):
+            writer.write(index, it)
+        writer.finish(PROVENANCE)
+    with store.open_attention(path) as f:
+        want = R.corpus_metrics(f)
+        got = M.corpus_metrics(f, workers=workers)
+    assert workers > 1 or calls  # computed by fast_metrics (with workers, in the child processes)
+    keys = ["text_id", "layer", "head", "metric"]
+    assert list(got.columns) == list(want.columns) and got[keys].astype(str).equals(want[keys].astype(str))
+    np.testing.assert_allclose(got["value"], want["value"], rtol=2e-5, atol=2e-6)  # float32 rows
+    assert (got["value"].isna() == want["value"].isna()).all()
+    nan_rows = got[(got.text_id == "t2") & (got.metric == "normalized_entropy")]  # one token: undefined
+    assert nan_rows["value"].isna().all()
+
+
+def test_long_table_uses_model_indices_and_any_size(impl):
     rng = np.random.default_rng(0)
     att = rng.random((3, 5, 6, 6))
     att /= att.sum(-1, keepdims=True)
-    values_ = M.head_metrics(att, tuple("abcdef"), metrics=["entropy", "self"])
+    values_ = head_metrics(impl, att, tuple("abcdef"), metrics=["entropy", "self"])
     table = M.long_table("t1", values_, layers=[0, 4, 7], heads=[1, 2, 3, 8, 9])
     assert list(table.columns) == list(M.LONG_COLUMNS)
     assert len(table) == 3 * 5 * 2
@@ -180,10 +239,10 @@ def test_aggregate_mean_std_and_seeded_bootstrap():
     assert nxt.ci_low == nxt.ci_high == 0.25
 
 
-def test_positional_label_and_layer_summary():
+def test_positional_label_and_layer_summary(impl):
     n = 20  # uniform over 20 keys puts (5n - 6) / n^2 = 0.235 within LOCAL_WINDOW = 2
     att = np.stack([np.eye(n), np.full((n, n), 1 / n)])[None]  # (1, 2, n, n)
-    long = M.long_table("t", M.head_metrics(att, tuple("x" * n)), layers=[3], heads=[0, 1])
+    long = M.long_table("t", head_metrics(impl, att, tuple("x" * n)), layers=[3], heads=[0, 1])
     agg = M.aggregate(long)
     labels = agg[agg.metric == "local_share"].set_index("head").label
     assert labels[0] == "local" and labels[1] == "global"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attnpipe.analyze import metrics as M
+from attnpipe.analyze import metric_reference as R  # the numpy oracle
 from attnpipe import store
 from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
@@ -118,7 +119,7 @@ def test_metrics_only_equals_metrics_of_the_full_file(tiny_model_dir, tmp_path, 
     full = run(model_dir, tmp_path / "full.h5", max_tokens_per_batch=40)
     only = run(model_dir, tmp_path / "only.h5", metrics_only=True, max_tokens_per_batch=40)
     with store.open_attention(full) as f:
-        want = M.corpus_metrics(f)
+        want = R.corpus_metrics(f)
     with store.open_attention(only) as f:
         assert f.metrics_only
         got = f.stored_metrics()
@@ -155,7 +156,7 @@ def test_fast_metrics_match_numpy_on_a_padded_batch():
         got = BatchMetrics(tuple(M.METRICS), lengths, tokens, special, causal=causal).layer(probs)
         for row, n in enumerate(lengths):
             a = probs[row, :, :n, :n].numpy()[None]  # (1, H, n, n)
-            want = M.head_metrics(a, tokens[row], special[row], causal=causal)
+            want = R.head_metrics(a, tokens[row], special[row], causal=causal)
             for m, name in enumerate(M.METRICS):
                 np.testing.assert_allclose(got[row, :, m], want[name][0], rtol=1e-5, atol=1e-6,
                                            err_msg=f"{name} causal={causal} n={n}")
@@ -247,7 +248,7 @@ def test_parallel_corpus_metrics_equal_the_numpy_definition(tiny_model_dir, tmp_
     texts = tuple(Text(f"{t.id}-{i}", t.text) for i in range(8) for t in TEXTS)  # 40 texts: 2 workers
     path = run(tiny_model_dir(model_type), tmp_path / "c.h5", texts=texts, dtype="float16")
     with store.open_attention(path) as f:
-        want = M.corpus_metrics(f)
+        want = R.corpus_metrics(f)
         for workers in (1, 2):
             got = fast_metrics.corpus_metrics(f, workers=workers)
             assert list(got.columns) == list(want.columns)
@@ -270,7 +271,7 @@ def test_corpus_metrics_on_padded_batches_of_mixed_lengths(tiny_model_dir, tmp_p
                         lambda batch, *a: widths.append({t.n for t in batch}) or batch_values(batch, *a))
     path = run(tiny_model_dir(model_type), tmp_path / "c.h5", texts=TEXTS, dtype="float16")
     with store.open_attention(path) as f:
-        want = M.corpus_metrics(f)
+        want = R.corpus_metrics(f)
         got = fast_metrics.corpus_metrics(f, workers=1)
     assert len(widths) == 1 and len(widths[0]) >= 3, widths  # one batch, padded
     np.testing.assert_allclose(got["value"], want["value"], rtol=2e-5, atol=2e-6)

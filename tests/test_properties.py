@@ -3,7 +3,8 @@
 Hypothesis draws the sizes (layers, heads, texts, tokens), causal or not, the storage dtype, how
 peaked the rows are (uniform ... one-hot) and the token strings (any Unicode but NUL, which HDF5
 strings cannot hold: see test_security.py). Every example is written with attnpipe.store's
-writers, read back with its reader, and fed to attnpipe.analyze.metrics; each metric must stay in the range
+writers, read back with its reader, and fed to the metrics (the numpy reference and the torch path
+of attnpipe.analyze.metrics); each metric must stay in the range
 docs/METRICS.md gives it. Runs are deterministic (derandomize=True) and small (max_examples).
 """
 
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnpipe.analyze import metrics as M
+from attnpipe.analyze import metric_reference as R  # the numpy oracle
 from attnpipe.store import ROW_SUM_TOL, H5Writer, Provenance, TextAttention, open_attention, write_json
 
 FAST = settings(max_examples=30, derandomize=True, deadline=None, print_blob=True,
@@ -118,7 +120,7 @@ def test_write_read_round_trip_and_metrics_in_range(generated):
             assert f.meta == meta and f.ids == tuple(item.id for item in items)
             for want, got in zip(items, f, strict=True):
                 assert_same_text(got, want, meta.dtype)
-            table = M.corpus_metrics(f)  # the file's causal-ness is inferred from the stored zeros
+            table = R.corpus_metrics(f)  # the file's causal-ness is inferred from the stored zeros
         with open_attention(js) as f:
             assert f.meta == meta
             assert_same_text(f[0], items[0], meta.dtype)
@@ -129,8 +131,11 @@ def test_write_read_round_trip_and_metrics_in_range(generated):
         read_as_causal = M.infer_causal(stored)  # what corpus_metrics did: a causal file has zeros above
         assert read_as_causal == (causal and item.num_tokens > 1) or not np.any(np.triu(stored, 1)), (
             read_as_causal, causal, item.num_tokens)
-        values = M.head_metrics(stored, item.tokens, item.special_tokens_mask, causal=read_as_causal)
+        values = R.head_metrics(stored, item.tokens, item.special_tokens_mask, causal=read_as_causal)
         check_metric_ranges(values, item.num_tokens, read_as_causal, meta.dtype)
+        # what every caller gets (the torch path, float32 rows) stays in the same ranges
+        fast = M.head_metrics(stored, item.tokens, item.special_tokens_mask, causal=read_as_causal)
+        check_metric_ranges(fast, item.num_tokens, read_as_causal, meta.dtype)
         from_file = table[table["text_id"] == item.id]
         for name, array in values.items():
             got = from_file[from_file["metric"] == name]["value"].to_numpy()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from attnpipe import store
 from attnpipe.extract.loading import default_model_dir
 from workflow_support import (
     RESULTS,
@@ -58,8 +59,8 @@ def test_tiny_run_outputs_and_second_run_does_nothing(reference):
             assert (out / "attention" / "tiny" / ckpt / f"shard_{shard}.h5").is_file()
         assert (out / "attention" / "tiny" / f"{ckpt}.h5").is_file()
         assert (out / "metrics" / "tiny" / f"{ckpt}.csv").is_file()
-        assert (out / "figures" / "tiny" / ckpt / "tiny-000001.heads.png").is_file()
-        assert (out / "figures" / "tiny" / ckpt / "tiny-000001.prepared.json").is_file()
+        assert (out / "figures" / "tiny" / ckpt / "line-2.heads.png").is_file()
+        assert (out / "figures" / "tiny" / ckpt / "line-2.prepared.json").is_file()
     assert (out / "compare" / "tiny" / "checkpoint_distances.csv").is_file()
     report = (out / "report.md").read_text()
     assert "`random`, `minilm`" in report
@@ -67,7 +68,7 @@ def test_tiny_run_outputs_and_second_run_does_nothing(reference):
 
     with h5py.File(out / "attention" / "tiny" / "minilm.h5") as f:
         ids = list(f["ids"].asstr()[()])
-    assert ids == [f"tiny-{i:06d}" for i in range(40)]
+    assert ids == [f"line-{i}" for i in range(1, 41)]  # attnpipe.extract.corpus: line numbers
 
     again = snakemake(reference, reference / "config.yaml", "-n")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -82,7 +83,7 @@ def test_moved_checkout_reruns_nothing(reference, tmp_path):
     code.mkdir()
     for name in ("Snakefile", "extract_attention.py", "visualize_attention.py", "analyze_attention.py"):
         shutil.copy(ROOT / name, code / name)
-    for name in ("scripts", "configs", "attnpipe"):
+    for name in ("scripts", "configs", "workflow", "attnpipe"):
         shutil.copytree(ROOT / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
     run = snakemake(reference, reference / "config.yaml", "-n", snakefile=code / "Snakefile")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -94,7 +95,7 @@ def test_workflow_file_equals_the_cli_run_by_hand(reference, tmp_path):
     """extract_attention.py typed by hand with the flags of configs/test.yaml gives the same arrays."""
     shard = reference / RESULTS / "shards" / "tiny" / "shard_001.jsonl"
     by_hand = tmp_path / "by_hand.h5"
-    cmd = [str(Path(env()["PATH"].split(os.pathsep)[0]) / "python"), str(ROOT / "extract_attention.py"),
+    cmd = [cli_python(), str(ROOT / "extract_attention.py"),
            "--texts-file", str(shard), "--model_dir", str(reference / RESULTS / "models" / "random"),
            "--max-length", "32", "--dtype", "float32", "--batch-size", "20", "--device", "cpu",
            "--output_file", str(by_hand)]
@@ -102,9 +103,40 @@ def test_workflow_file_equals_the_cli_run_by_hand(reference, tmp_path):
     assert run.returncode == 0, run.stderr
     ours = attention_arrays(reference / RESULTS / "attention" / "tiny" / "random" / "shard_001.h5")
     hand = attention_arrays(by_hand)
-    assert list(ours) == list(hand) == [f"tiny-{i:06d}" for i in range(20, 40)]
+    assert list(ours) == list(hand) == [f"line-{i}" for i in range(21, 41)]
     for text_id in ours:
         np.testing.assert_array_equal(ours[text_id], hand[text_id])
+
+
+def cli_python() -> str:
+    return str(Path(env()["PATH"].split(os.pathsep)[0]) / "python")
+
+
+@pytest.mark.slow
+def test_corpus_file_gives_the_same_ids_and_arrays_through_the_cli_and_the_workflow(tmp_path):
+    """One corpus file, read by extract_attention.py and by the workflow (split into shards by
+    scripts/split_corpus.py, extracted, merged): the same ids and the same arrays. A .txt file with
+    a blank line and a U+2028 inside a text: line numbers and line breaks are the corpus reader's."""
+    (tmp_path / "small.txt").write_text("The cat sat.\n\nA dog\u2028barked twice.\nBirds sing.\n",
+                                        encoding="utf-8")
+    config = write_config(tmp_path, corpora={"small": {"path": "small.txt"}},
+                          checkpoints={"minilm": {"kind": "hf", "path": "default"}},
+                          figures={"texts": ["line-3"], "layer": -1})
+    target = "results/test/attention/small/minilm.h5"
+    run = snakemake(tmp_path, config, target)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    by_hand = tmp_path / "by_hand.h5"
+    cmd = [cli_python(), str(ROOT / "extract_attention.py"), "--texts-file", str(tmp_path / "small.txt"),
+           "--max-length", "32", "--dtype", "float32", "--batch-size", "20", "--device", "cpu",
+           "--output_file", str(by_hand)]
+    cli = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
+    assert cli.returncode == 0, cli.stderr
+    ours, hand = attention_arrays(tmp_path / target), attention_arrays(by_hand)
+    assert list(ours) == list(hand) == ["line-1", "line-3", "line-4"]
+    for text_id in ours:
+        np.testing.assert_array_equal(ours[text_id], hand[text_id])
+    with store.open_attention(tmp_path / target) as f, store.open_attention(by_hand) as g:
+        assert [t.text for t in f] == [t.text for t in g] == ["The cat sat.", "A dog\u2028barked twice.", "Birds sing."]
 
 
 @pytest.mark.slow
@@ -296,6 +328,8 @@ def _bad_state_dict(tmp_path: Path, kind: str) -> str:
         ({"checkpoints": {"ft-10": {"kind": "hf", "path": "default"},
                           "ft": {"kind": "run", "path": "RUN"}}}, "'ft-10' is used twice"),
         ({"corpora": {"dup": {"path": "DUP_IDS"}}}, "corpora.dup.path: duplicate text ids in dup.jsonl: ['a', 'b']"),
+        # the corpus reader's checks (the CLI's), before any job: here a .txt that is not UTF-8
+        ({"corpora": {"bad": {"path": "BAD_UTF8"}}}, "corpora.bad.path: bad.txt line 2 is not valid UTF-8"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, changes, needle):
@@ -315,6 +349,9 @@ def test_bad_config_fails_before_any_job(tmp_path, changes, needle):
             rows = [("a", "one"), ("b", "two"), ("a", "three"), ("c", "four"), ("b", "five"), ("a", "six")]
             (tmp_path / "dup.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
             spec["path"] = "dup.jsonl"
+        elif spec.get("path") == "BAD_UTF8":
+            (tmp_path / "bad.txt").write_bytes(b"fine\ncaf\xe9\n")
+            spec["path"] = "bad.txt"
     config = write_config(tmp_path, **changes)
     run = snakemake(tmp_path, config, "-n")
     assert run.returncode != 0

@@ -1,20 +1,22 @@
-"""The per-head metrics of attnpipe.analyze.metrics, in torch, on a padded batch, during extraction.
+"""The one implementation of the per-head metrics, in torch, on padded batches: used during
+extraction (`--metrics-only`) and, through attnpipe.analyze.metrics, by every subcommand.
 
-`extract_attention.py --metrics-only` stores metrics instead of matrices; computing them one
-text at a time in numpy would cost more than the forward pass, so this module computes the
-*same definitions* (attnpipe.analyze.metrics.row_metrics, then the mean over the rows where a metric is
-defined) for a whole length-sorted batch and one layer at a time. Per-row values are computed
+Computing metrics one text at a time in numpy would cost more than the forward pass, so this
+module computes the definitions of attnpipe.analyze.metric_reference (its `row_metrics`, then the
+mean over the rows where a metric is defined; that module is the test oracle) for a whole
+length-sorted batch and one layer at a time. Per-row values are computed
 in float32 (the probabilities' own precision; float64 costs 4x here) and averaged over rows in
 float64, so results agree with the numpy float64 version to ~1e-6 relative. Padded query rows
 are never counted and padded keys carry weight exactly 0 (they are masked before softmax).
-tests/test_perf.py checks agreement with attnpipe.analyze.metrics.
+tests/test_perf.py and tests/test_metrics.py check agreement with attnpipe.analyze.metric_reference.
 
     bm = BatchMetrics(names, lengths, tokens, special_masks, causal=False)
     values = bm.layer(probs)        # probs (B, H, T, T) -> (B, H, M) float64 numpy
 
-`corpus_metrics` is the same port for files on disk (analyze_attention.py metrics and summary):
-attnpipe.analyze.metrics.corpus_metrics' long table, with each text's layers as the batch, in worker
-processes that each read and compute a contiguous share of the texts.
+`corpus_metrics` is the same for files on disk (attnpipe.analyze.metrics.corpus_metrics, so every
+subcommand): the long table, with each text's layers as the batch, in worker processes that each
+read and compute a contiguous share of the texts. `text_values` is one text's array in memory
+(attnpipe.analyze.metrics.head_metrics).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnpipe.analyze import metrics as M
+from attnpipe.analyze import metric_reference as M  # the names, thresholds and key rules
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
 
@@ -156,6 +158,36 @@ class BatchMetrics:
         return torch.stack(out, dim=-1).cpu().numpy()  # (B, H, M)
 
 
+def text_values(
+    attention: np.ndarray,
+    tokens: Sequence[str],
+    special_tokens_mask: np.ndarray | None,
+    *,
+    causal: bool | None,
+    names: Sequence[str],
+) -> np.ndarray:
+    """One text's (L, H, n, n) probabilities -> (L, H, M) float64 metric values (its layers as the batch).
+
+    causal None: inferred from the data (metric_reference.infer_causal). No tokens: NaN, as the
+    reference's mean over no rows."""
+    a = np.asarray(attention)
+    n = a.shape[-1] if a.ndim else 0
+    if a.ndim != 4 or a.shape[-2] != n:
+        raise AttnpipeError(f"attention has shape {a.shape}; expected (layer, head, n, n)")
+    if len(tokens) != n:
+        raise AttnpipeError(f"{len(tokens)} tokens but attention is {n} x {n}")
+    num_layers = a.shape[0]
+    if n == 0 or num_layers == 0:
+        return np.full((*a.shape[:2], len(names)), np.nan)
+    causal = M.infer_causal(a) if causal is None else causal
+    tokens = tuple(tokens)
+    probs = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # (L, H, n, n)
+    metrics = BatchMetrics(names, [n] * num_layers, [tokens] * num_layers, [special_tokens_mask] * num_layers,
+                           causal=causal)
+    with torch.inference_mode():
+        return metrics.layer(probs)  # (L, H, M)
+
+
 def _to_float32(stored: np.ndarray) -> np.ndarray:
     """store.decode, with float16 converted by torch (vectorised; numpy's float16 cast is not)."""
     if stored.dtype == np.float16:
@@ -244,7 +276,7 @@ def default_workers() -> int:
 
 def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Sequence[str] | None = None,
                    workers: int | None = None):
-    """attnpipe.analyze.metrics.corpus_metrics' long table from the torch port, `workers` processes at once.
+    """The long table of attnpipe.analyze.metrics.corpus_metrics, `workers` processes at once.
 
     Values agree with the numpy float64 definition to ~1e-6 relative (per-row float32, see the
     module docstring); tests/test_perf.py checks it. workers None: one per available core, fewer

@@ -1,65 +1,66 @@
-"""Checks the Snakefile runs on the config before any job starts (imported by the Snakefile and
-by make_checkpoint.py; not a script).
+"""Does a raw state dict fit a base model? Checked by the workflow before any job starts (a
+`state_dict` checkpoint in the config) and by `scripts/make_checkpoint.py state-dict`.
 
-A raw state dict must fit its base model: same parameter names (up to one common leading prefix
-such as ``bert.``, and ignoring the ``position_ids`` buffer) and the same shapes. Shapes are read
-from safetensors headers without loading any tensor; a ``.pt`` file is opened with
-``torch.load(weights_only=True, mmap=True)`` only.
+A state dict fits when it has the base's parameter names (up to one common leading prefix such as
+``bert.``, and ignoring the ``position_ids`` buffer) with the base's shapes. Shapes of a
+``.safetensors`` file are read from its header, without loading any tensor; a ``.pt``/``.pth``/
+``.bin`` file is read with the library's one state-dict reader,
+`attnpipe.extract.loading.load_tensors` (``torch.load(weights_only=True)`` only).
+
+    problems = state_dict_problems(Path("run/step_500.safetensors"), default_model_dir())
+    # [] when it fits, else one line per problem
 """
+
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
 
+from attnpipe.errors import AttnpipeError
+from attnpipe.extract.loading import load_tensors
+
 IGNORED = ("position_ids",)  # a buffer some checkpoints save and others do not
+MAX_HEADER_BYTES = 100_000_000  # a larger safetensors header length means the file is not one
+
+Shapes = dict[str, tuple[int, ...]]
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape, from a .safetensors header (8-byte length + JSON)."""
+def safetensors_shapes(path: Path) -> Shapes:
+    """Parameter name -> shape, from a .safetensors header (8-byte little-endian length + JSON)."""
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
+            raise AttnpipeError(f"{path} is not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n})")
+        if n > MAX_HEADER_BYTES:
+            raise AttnpipeError(f"{path} is not a safetensors file (header length {n})")
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not a safetensors file ({exc})") from None
+            raise AttnpipeError(f"{path} is not a safetensors file ({exc})") from None
     return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
-def pt_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape, from a torch .pt/.bin state dict (weights_only=True, memory-mapped)."""
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # weights_only refuses pickled code: report it, never fall back
-        raise ValueError(f"{path} cannot be loaded with torch.load(weights_only=True): {exc}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
-    return {k: tuple(v.shape) for k, v in obj.items()}
-
-
-def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def file_shapes(path: Path) -> Shapes:
+    """Parameter name -> shape of one weight file."""
     if path.suffix == ".safetensors":
         return safetensors_shapes(path)
     if path.suffix in (".pt", ".pth", ".bin"):
-        return pt_shapes(path)
-    raise ValueError(f"{path}: a state dict must be .safetensors or .pt/.pth/.bin")
+        try:
+            tensors = load_tensors(path)
+        except AttnpipeError as exc:  # refused pickled code, or not a state dict: say which loader
+            raise AttnpipeError(f"{path} cannot be loaded with torch.load(weights_only=True): {exc}") from None
+        return {k: tuple(v.shape) for k, v in tensors.items()}
+    raise AttnpipeError(f"{path}: a state dict must be .safetensors or .pt/.pth/.bin")
 
 
-def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+def folder_shapes(folder: Path) -> Shapes:
     """Parameter shapes of a transformers model folder's weight files."""
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
-        raise ValueError(f"{folder} has no weight files")
-    shapes: dict[str, tuple[int, ...]] = {}
+        raise AttnpipeError(f"{folder} has no weight files")
+    shapes: Shapes = {}
     for f in files:
         shapes.update(file_shapes(f))
     return shapes

