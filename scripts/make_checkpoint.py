@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's a
 
 from attnpipe.errors import AttnpipeError  # noqa: E402
 from attnpipe.extract import checkpoint_fit  # noqa: E402
-from attnpipe.extract.loading import load_tensors  # noqa: E402
+from attnpipe.extract.loading import read_state_dict  # noqa: E402
 
 
 def seed_all(seed: int) -> None:
@@ -82,7 +82,7 @@ def make_finetune(base: Path, out: Path, seed: int, labels: Path, steps: int, sa
 
 
 def make_from_state_dict(base: Path, state_dict: Path, out: Path) -> None:
-    sd = load_tensors(state_dict)  # the library's one state-dict reader (weights_only=True)
+    sd = read_state_dict(state_dict, "--state-dict file")  # the library's one state-dict reader (weights_only=True)
     model = transformers.AutoModel.from_pretrained(base)
     target = model.state_dict()
     pairs, missing, unexpected, _ = checkpoint_fit.align({k: v.shape for k, v in sd.items()},

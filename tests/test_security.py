@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -32,7 +31,7 @@ from attnpipe.visualize import plots
 from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract.runner import ExtractConfig, extract
-from attnpipe.extract.loading import read_state_dict as load_tensors
+from attnpipe.extract.loading import read_state_dict
 from attnpipe.store import H5Writer, Provenance, TextAttention, open_attention, write_json
 from conftest import ROOT, save_tiny_model
 from test_viewer_browser import browser  # noqa: F401  (the headless chromium fixture)
@@ -76,13 +75,13 @@ def test_pt_file_loads_as_tensors_only(tmp_path):
     weights = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
     torch.save(weights, plain)
     with pytest.raises(AttnpipeError, match=r"refused to load .*evil\.pt: it holds more than tensors"):
-        load_tensors(evil)
+        read_state_dict(evil)
     assert not marker.exists(), "the pickle's code ran"
-    loaded = load_tensors(plain)
+    loaded = read_state_dict(plain)
     assert set(loaded) == {"w", "b"} and all(torch.equal(loaded[k], weights[k]) for k in weights)
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(AttnpipeError, match="not a state dict"):
-        load_tensors(tmp_path / "list.pt")
+        read_state_dict(tmp_path / "list.pt")
 
 
 def test_malicious_pt_beside_safetensors_is_never_unpickled(tmp_path):

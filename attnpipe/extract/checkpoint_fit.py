@@ -5,7 +5,7 @@ A state dict fits when it has the base's parameter names (up to one common leadi
 ``bert.``, and ignoring the ``position_ids`` buffer) with the base's shapes. Shapes of a
 ``.safetensors`` file are read from its header, without loading any tensor; a ``.pt``/``.pth``/
 ``.bin`` file is read with the library's one state-dict reader,
-`attnpipe.extract.loading.load_tensors` (``torch.load(weights_only=True)`` only).
+`attnpipe.extract.loading.read_state_dict` (``torch.load(weights_only=True, mmap=True)`` only).
 
     problems = state_dict_problems(Path("run/step_500.safetensors"), default_model_dir())
     # [] when it fits, else one line per problem
@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract.loading import load_tensors
+from attnpipe.extract.loading import read_state_dict
 
 IGNORED = ("position_ids",)  # a buffer some checkpoints save and others do not
 MAX_HEADER_BYTES = 100_000_000  # a larger safetensors header length means the file is not one
@@ -48,7 +48,7 @@ def file_shapes(path: Path) -> Shapes:
         return safetensors_shapes(path)
     if path.suffix in (".pt", ".pth", ".bin"):
         try:
-            tensors = load_tensors(path)
+            tensors = read_state_dict(path, "state dict", mmap=True)
         except AttnpipeError as exc:  # refused pickled code, or not a state dict: say which loader
             raise AttnpipeError(f"{path} cannot be loaded with torch.load(weights_only=True): {exc}") from None
         return {k: tuple(v.shape) for k, v in tensors.items()}

@@ -53,9 +53,7 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -422,90 +420,3 @@ def _compute_dtype(model, batch: Mapping[str, torch.Tensor]) -> torch.dtype:
     if field is not None:
         return getattr(model.weights, field).dtype
     return next(value.dtype for value in batch.values() if value.is_floating_point())
-
-
-def extract_with_gradients(config, target: Target, ablate: bool = False):
-    """The extraction stage with gradients (extract_attention.py --explain): one text at a time,
-    attention and its gradients written together. `config` is an attnpipe.extract.runner.ExtractConfig;
-    returns its ExtractResult."""
-    from tqdm import tqdm
-
-    from attnpipe.extract import runner as X
-    from attnpipe import store
-    from attnpipe.extract.loading import default_model_dir, load_model, resolve_device
-
-    store.check_output_path(config.output)
-    if not config.texts:
-        raise AttnpipeError("no texts given: use --text or --texts-file")
-    if config.output.suffix == ".json" and len(config.texts) > 1:
-        raise AttnpipeError(
-            f"a .json output holds one text, got {len(config.texts)}: write .h5 for several texts"
-        )
-    device = resolve_device(config.device)
-    model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
-    model = load_model(model_dir, device, config.trust_remote_code)
-    check_explainable(model)  # --method hf: a clear error first
-    layers = X.parse_indices(config.layers, model.num_layers, "--layer", "layers")
-    heads = X.parse_indices(config.heads, model.num_heads, "--heads", "heads")
-    max_length = X._max_length(model, config.max_length)
-    texts = list(config.texts)
-    encoded = X._encode(model.tokenizer, [t.text for t in texts], max_length)
-
-    def encode_other(text: str) -> torch.Tensor:
-        ids = model.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-        return torch.tensor([ids], device=device)
-
-    objective = build_objective(model, target, encode_other)
-    use_types = encoded.token_type_ids is not None and model.weights.token_type is not None
-    parity = hidden_parity = 0.0
-    with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(store.open_writer(config.output, len(texts), config.dtype))
-        bar = stack.enter_context(tqdm(total=len(texts), unit="text", file=sys.stderr,
-                                       disable=None if config.progress is None else not config.progress))
-        for i, text in enumerate(texts):
-            input_ids = torch.tensor([encoded.input_ids[i]], device=device)  # (1, n)
-            types = torch.tensor([encoded.token_type_ids[i]], device=device) if use_types else None
-            batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-            if types is not None:
-                batch["token_type_ids"] = types
-            result = text_gradients(model, objective, batch, ablate)
-            n = input_ids.shape[1]
-            if config.verify:
-                with torch.no_grad():
-                    ours = run(model, batch)
-                    check = X._reference_diffs(model, batch, [n], ours.attentions["self"], ours.hidden)
-                parity, hidden_parity = max(parity, check.attention), max(hidden_parity, check.hidden)
-                if check.attention > config.verify_tol:
-                    raise AttnpipeError(
-                        f"--verify failed: text {text.id!r} layer {check.where[1]} head {check.where[2]} "
-                        f"differs from transformers eager by {check.attention:.3g} (tolerance {config.verify_tol:g})"
-                    )
-            select = np.ix_(list(layers), list(heads))
-            item = X.text_item(
-                text, encoded, i, model.tokenizer,
-                attention=np.ascontiguousarray(result.attention["self"][select]),  # (L', H', n, n)
-                attention_grad=np.ascontiguousarray(result.attention_grad["self"][select]),
-                head_gate_grad=result.head_gate_grad["self"],
-                token_grad_input=result.token_grad_input,
-                head_ablation=None if result.head_ablation is None else result.head_ablation["self"],
-                gradient_target_value=result.target_value,
-                gradient_target_label=result.target_label,
-            )
-            writer.write(i, item)
-            bar.update(1)
-        provenance = X.run_provenance(
-            dtype=config.dtype, verify=config.verify, parity=parity, hidden_parity=hidden_parity,
-            model=str(model_dir), model_type=model.model_type, weights_sha256=model.weights_sha256,
-            weight_files=model.weight_files, num_layers=model.num_layers, num_heads=model.num_heads,
-            layers=layers, heads=heads, max_length=max_length, trust_remote_code=config.trust_remote_code,
-            gradient_target=target.spec,
-        )
-        writer.finish(provenance)
-    lengths = [len(ids) for ids in encoded.input_ids]
-    return X.ExtractResult(
-        output=config.output, num_texts=len(texts), num_tokens=sum(lengths), layers=layers, heads=heads,
-        truncated_ids=tuple(t.id for t, full, n in zip(texts, encoded.untruncated_lengths, lengths) if full > n),
-        max_length=max_length,
-        parity_max_abs_diff=parity if config.verify else None,
-        parity_hidden_max_abs_diff=hidden_parity if config.verify else None,
-    )

@@ -164,14 +164,15 @@ STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 STATE_DICT_KEYS = ("model_state_dict", "state_dict")  # checkpoint dicts that wrap a state dict
 
 
-def read_state_dict(path: Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, what: str = "weights file", *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The one state-dict reader: `.safetensors`, or `.pt`/`.pth`/`.bin` through
     torch.load(weights_only=True).
 
     A pickle that would run code (or build any object but tensors and plain containers) is
     refused by torch's weights_only unpickler before anything runs. A training checkpoint dict
     with a `model_state_dict` or `state_dict` entry (what training loops save) is unwrapped.
-    `what` names the file in messages (e.g. "--weights file").
+    `what` names the file in messages (e.g. "--weights file"). `mmap` maps a `.pt` file instead
+    of reading it (shape checks of large checkpoints before a workflow starts).
     """
     if not path.is_file():
         raise AttnpipeError(f"{what} not found: {path}")
@@ -186,7 +187,7 @@ def read_state_dict(path: Path, what: str = "weights file") -> dict[str, torch.T
     if path.suffix not in STATE_DICT_SUFFIXES:
         raise AttnpipeError(f"{what} must be {', '.join(STATE_DICT_SUFFIXES)}, got {path.name}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # never unpickles code
     except pickle.UnpicklingError as err:
         raise AttnpipeError(
             f"refused to load {path}: it holds more than tensors ({_pickle_refusal(err)}); "

@@ -18,7 +18,6 @@ provenance (`run_provenance`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import platform
 import sys
 from collections.abc import Iterator
