@@ -16,7 +16,7 @@ from attnpipe.extract.runner import DEFAULT_VERIFY_TOL, ExtractConfig, ExtractRe
 
 
 def looks_like_gradient_target(value: str) -> bool:
-    return value in ("predicted", "next-token") or value.isdigit() or value.startswith("similarity:")
+    return value in ("predicted", "next-token", "output-norm") or value.isdigit() or value.startswith("similarity:")
 
 
 def read_inputs(args: argparse.Namespace) -> dict:
