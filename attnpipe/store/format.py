@@ -67,7 +67,7 @@ Files extracted with --explain (attnpipe/extract/gradients.py; version 2) also h
     /texts/<i>
         attrs              gradient_target_value (float64: the explained scalar at gates = 1),
                            gradient_target_label (int64: the class index or next-token id explained; -1
-                           for a similarity target)
+                           for a similarity or output-norm target)
         attention_grad     (L, H, n, n) float32: d target / d attention probability, same stored
                            layers and heads as `attention` (always float32: gradients span many
                            orders of magnitude); attribute dims = "layer,head,query,key"
@@ -105,7 +105,7 @@ parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from tran
 eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
 trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
 JSON-encoded string in HDF5, an object in JSON), gradient_target (version 2: the --explain target,
-e.g. "predicted", "2", "next-token", "similarity:<text>"; "" in HDF5 / null in JSON without one).
+e.g. "predicted", "2", "next-token", "similarity:<text>", "output-norm"; "" in HDF5 / null in JSON without one).
 `layers`/`heads` are sorted, without repeats.
 Encoder-decoder files only (version 2): decoder_num_layers / decoder_num_heads (of the model's
 decoder) and decoder_layers / decoder_heads (stored decoder indices, for decoder_attention and
