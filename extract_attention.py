@@ -151,15 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "difference in the file, and fail if it exceeds --verify-tol")
     run.add_argument("--verify-tol", type=float, default=None, metavar="X",
                      help="tolerance for --verify (default: 1e-5)")
-    grad = parser.add_argument_group("gradients (attnpipe/extract/gradients.py; texts run one at a time)")
+    grad = parser.add_argument_group("gradients (attnpipe/extract/gradients.py; inputs run one at a time)")
     grad.add_argument("--explain", "--grad-target", default=None, metavar="T",
-                      help="also store d target / d attention, head-gate gradients and gradient x input "
-                      "for this target: 'predicted' or a class index (sequence-classification "
-                      "checkpoints), 'next-token' (causal LMs), 'similarity:OTHER TEXT' (cosine of "
-                      "mean-pooled embeddings, any model)")
+                      help="also store d target / d attention (for pairs: encoder, decoder and cross), "
+                      "head-gate gradients and gradient x input for this target. By input kind: "
+                      "'predicted' or a class index: texts (a ...ForSequenceClassification checkpoint) "
+                      "and images (ViT ...ForImageClassification); 'next-token': texts of causal LMs, "
+                      "and pairs (the likeliest token at the last decoder position); 'similarity:OTHER TEXT': "
+                      "texts and pairs (cosine of mean-pooled (encoder) states); 'output-norm': every kind, "
+                      "the only one for --torch-model (norm of the mean final hidden state)")
     grad.add_argument("--ablate", action="store_true",
                       help="with --explain: also re-run with each head's gate at 0 and store the change "
-                      "in the target (L x H ablated copies of each text, run in batches)")
+                      "in the target (L x H ablated copies of each input, run in batches)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     return parser
 

@@ -27,7 +27,8 @@ import extract_attention
 import visualize_attention
 from attnpipe.errors import run_cli
 from attnpipe.store import H5Writer, write_json
-from conftest import ROOT, run_script, save_tiny_model
+from conftest import ROOT, run_script, save_tiny_model, write_test_images
+from seq2seq_tiny import save_tiny_seq2seq
 from test_corrupt_inputs import META, h5_edit, json_nan, ragged, replace_attention, rows_scaled, truncate, valid_item
 from test_security import evil_state_dict, remote_code_folder
 
@@ -62,7 +63,7 @@ def test_catalogue_is_complete_and_numbered():
 
 
 @pytest.fixture(scope="module")
-def files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+def files(tiny_model_dir, tiny_vit_dir, tmp_path_factory) -> dict[str, Path]:
     """Every placeholder of the catalogue."""
     d = tmp_path_factory.mktemp("catalogue")
     f: dict[str, Path] = {"model": tiny_model_dir("bert")}
@@ -133,8 +134,24 @@ def files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     data = json.loads(f["json"].read_text())
     del data["attention_matrices"]
     f["nokeys_json"].write_text(json.dumps(data))
+    # The other input kinds (the rows of the runner and of --explain).
+    f["t5"] = save_tiny_seq2seq("t5", d / "t5")
+    f["vit"] = tiny_vit_dir
+    (f["image"],) = write_test_images(d / "images", sizes=((32, 32),))
+    (d / "encoders.py").write_text(TORCH_FACTORY)
+    f["torch_factory"] = f"{d / 'encoders.py'}:build"
+    f["embeddings"] = d / "embeddings.npy"
+    np.save(f["embeddings"], np.random.default_rng(0).standard_normal((1, 3, 8)).astype(np.float32))
     f["marker"] = d / "PWNED"
     return f
+
+
+TORCH_FACTORY = """from torch import nn
+
+
+def build():
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True), 1)
+"""
 
 
 def fill(args: str, files: dict[str, Path], out: Path) -> list[str]:

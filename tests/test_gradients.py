@@ -422,15 +422,7 @@ def vit_classifier_dir(tmp_path_factory):
 
 
 def vit_model(folder):
-    from attnpipe.extract.images import load_vision_model
-    from attnpipe.extract.loading import LoadedModel
-    from attnpipe.models import vit
-
-    loaded = load_vision_model(folder, torch.device("cpu"))
-    hf = loaded.hf_model.double()
-    return LoadedModel(model_dir=folder, model_type="vit", family=vit, hf_model=hf, weights=vit.load_weights(hf),
-                       tokenizer=None, weights_sha256="", weight_files=(), device=torch.device("cpu"),
-                       trust_remote_code=False)
+    return float64(load_model(folder, torch.device("cpu")))  # the one loader reads image models too
 
 
 @pytest.mark.parametrize("spec", ["predicted", "output-norm"])

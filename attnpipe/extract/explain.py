@@ -5,10 +5,11 @@ head-gate gradients, gradient × input, head ablation); this adapter hands the r
 one-input batch, the attention of every kind at gates = 1 (as a family Output, so the same
 guards, sink and writer apply) and the gradient fields to store beside it.
 
-Stored (attnpipe.store, schema version 2): the "self" kind's gradients (the encoder's, for
-encoder-decoders), restricted to the stored layers and heads like `attention`. The decoder and
-cross-attention gradients of encoder-decoders are computed but not yet stored (the store has no
-fields for them).
+Stored (attnpipe.store, schema version 2), every kind's: the "self" kind's gradients (the
+encoder's, for encoder-decoders) as the text's attention_grad / head_gate_grad / head_ablation,
+and for encoder-decoders the "decoder" and "cross" kinds' as the target's
+decoder_* / cross_* fields (TargetAttention). Attention gradients are restricted to the stored
+layers and heads of their kind, like the attention; gate gradients and ablations cover every head.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from attnpipe.models.parts import Output
 
 
 class Explainer:
-    def __init__(self, model, spec: str, ablate: bool, inputs, selection):
+    def __init__(self, model, spec: str, ablate: bool, inputs, selections):
         gradients.check_explainable(model)  # --method hf: a clear error before any work
         self.model = model
-        self.selection = selection  # the stored "self" layers and heads (sinks.Selection)
+        self.selections = selections  # kind -> the stored layers and heads (sinks.Selection)
         self.target = gradients.parse_target(spec)
         self.ablate = ablate
         limit = getattr(inputs, "max_length", None)
@@ -39,19 +40,32 @@ class Explainer:
         self.objective = gradients.build_objective(model, self.target, encode_other if tokenizer else None)
 
     def __call__(self, batch: Batch) -> tuple[Output, list[dict]]:
-        """(attention at gates = 1 of the one input, as an Output; its gradient fields)."""
+        """(attention at gates = 1 of the one input, as an Output; its gradient fields).
+
+        The fields are TextAttention's; for encoder-decoders "target" holds TargetAttention's
+        gradient fields, which the sink adds to the pair's target."""
         result = gradients.text_gradients(self.model, self.objective, batch.tensors, self.ablate)
         attentions = {kind: {layer: torch.from_numpy(values[layer])[None] for layer in range(values.shape[0])}
                       for kind, values in result.attention.items()}  # kind -> layer -> (1, H, Q, K)
-        select = np.ix_(list(self.selection.layers), list(self.selection.heads))
+        ablation = result.head_ablation or {}
+
+        def stored_grad(kind: str) -> np.ndarray:  # (L', H', Q, K): the stored layers and heads
+            selection = self.selections[kind]
+            return np.ascontiguousarray(result.attention_grad[kind][np.ix_(selection.layers, selection.heads)])
+
         extras = {
-            "attention_grad": np.ascontiguousarray(result.attention_grad["self"][select]),  # (L', H', n, n)
+            "attention_grad": stored_grad("self"),  # (L', H', n, n)
             "head_gate_grad": result.head_gate_grad["self"],
             "token_grad_input": result.token_grad_input,
-            "head_ablation": None if result.head_ablation is None else result.head_ablation["self"],
+            "head_ablation": ablation.get("self"),
             "gradient_target_value": result.target_value,
             "gradient_target_label": result.target_label,
         }
+        if "cross" in result.attention_grad:  # encoder-decoders: the decoder side's kinds
+            extras["target"] = {
+                f"{kind}_{name}": value for kind in ("decoder", "cross") for name, value in (
+                    ("attention_grad", stored_grad(kind)), ("head_gate_grad", result.head_gate_grad[kind]),
+                    ("head_ablation", ablation.get(kind)))}
         return Output(hidden=None, attentions=attentions), [extras]
 
     def plain(self, batch: Batch) -> Output:

@@ -115,7 +115,8 @@ class Objective:
 
 
 def _kind_of(model) -> str:
-    return getattr(model, "model_type", None) or model.family.__name__
+    """The model type for messages: "bert", "vit", ...; a --torch-model's family: "torch_encoder"."""
+    return getattr(model, "model_type", None) or model.family.__name__.rsplit(".", 1)[-1]
 
 
 def _dtype(model) -> torch.dtype:

@@ -367,7 +367,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     if config.explain is not None:
         from attnpipe.extract.explain import Explainer
 
-        explainer = Explainer(model, config.explain, config.ablate, inputs, chosen["self"])
+        explainer = Explainer(model, config.explain, config.ablate, inputs, chosen)
     metric_names: tuple[str, ...] = ()
     metric_values = None
     if config.metrics_only:

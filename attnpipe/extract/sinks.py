@@ -115,20 +115,21 @@ class Sink:
     def end(self, extras: list[dict] | None = None) -> None:
         """The batch is complete: streamed items are closed, collected items written whole.
 
-        `extras` adds fields per item (the gradients of --explain)."""
+        `extras` adds fields per item (the gradients of --explain; under "target", fields of the
+        item's target)."""
         batch = self.batch
         if self.stream or self.metrics is not None:
             for i in batch.indices:
                 self.writer.submit("end", i)
             return
         for row, (i, item) in enumerate(zip(batch.indices, batch.items, strict=True)):
+            extra = {} if extras is None else dict(extras[row])
             fields = {"attention": np.stack(self.kept["self"][row])}  # (L, H, r, n)
             if item.target is not None:
                 fields["target"] = dataclasses.replace(
                     item.target, decoder_attention=np.stack(self.kept["decoder"][row]),
-                    cross_attention=np.stack(self.kept["cross"][row]))
-            if extras is not None:
-                fields.update(extras[row])
+                    cross_attention=np.stack(self.kept["cross"][row]), **extra.pop("target", {}))
+            fields.update(extra)
             complete = dataclasses.replace(item, **fields)
             if self.writer is None:
                 self.json_item = complete

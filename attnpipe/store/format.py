@@ -67,7 +67,7 @@ Files extracted with --explain (attnpipe/extract/gradients.py; version 2) also h
     /texts/<i>
         attrs              gradient_target_value (float64: the explained scalar at gates = 1),
                            gradient_target_label (int64: the class index or next-token id explained; -1
-                           for a similarity target)
+                           for a similarity or output-norm target)
         attention_grad     (L, H, n, n) float32: d target / d attention probability, same stored
                            layers and heads as `attention` (always float32: gradients span many
                            orders of magnitude); attribute dims = "layer,head,query,key"
@@ -81,6 +81,22 @@ Files extracted with --explain (attnpipe/extract/gradients.py; version 2) also h
     /head_importance_mean  (num_layers, num_heads) float32: mean of head_importance over texts
     /head_ablation_mean    (num_layers, num_heads) float32, only with --ablate
 
+Encoder-decoder files extracted with --explain (version 2): the fields above are the *encoder*'s
+(token_grad_input: on the source tokens); the decoder's and the cross-attention's are stored
+beside decoder_attention and cross_attention, with <kind> = decoder | cross (the gradients with
+respect to the decoder self-attention and the cross-attention heads' gates: two gates per decoder
+layer and head)::
+
+    /texts/<i>
+        decoder_attention_grad   (L', H', t, t) float32: d target / d decoder_attention, same stored
+                                 decoder layers and heads; attribute dims = "layer,head,query,key"
+        cross_attention_grad     (L', H', t, s) float32: d target / d cross_attention, likewise
+        <kind>_head_gate_grad    (decoder_num_layers, decoder_num_heads) float32: d target / d gate
+                                 of every decoder head of that kind at gates = 1
+        <kind>_head_importance   (decoder_num_layers, decoder_num_heads) float32: |<kind>_head_gate_grad|
+        <kind>_head_ablation     (decoder_num_layers, decoder_num_heads) float32, only with --ablate
+    /<kind>_head_importance_mean, /<kind>_head_ablation_mean (the latter with --ablate): their means
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
@@ -89,7 +105,7 @@ parity_max_abs_diff and parity_hidden_max_abs_diff (largest difference from tran
 eager attention measured by --verify; NaN in HDF5 / null in JSON when not verified),
 trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
 JSON-encoded string in HDF5, an object in JSON), gradient_target (version 2: the --explain target,
-e.g. "predicted", "2", "next-token", "similarity:<text>"; "" in HDF5 / null in JSON without one).
+e.g. "predicted", "2", "next-token", "similarity:<text>", "output-norm"; "" in HDF5 / null in JSON without one).
 `layers`/`heads` are sorted, without repeats.
 Encoder-decoder files only (version 2): decoder_num_layers / decoder_num_heads (of the model's
 decoder) and decoder_layers / decoder_heads (stored decoder indices, for decoder_attention and
@@ -131,7 +147,11 @@ Encoder-decoder files add (version 2) "decoder_attention_matrices" [layer][head]
 
 With --explain (version 2) the JSON also has `attention_grad` [layer][head][query][key],
 `head_gate_grad`, `head_importance` (and `head_ablation` with --ablate) as [layer][head],
-`token_grad_input` [token], `gradient_target_value` and `gradient_target_label`, as in HDF5.
+`token_grad_input` [token], `gradient_target_value` and `gradient_target_label`, as in HDF5;
+encoder-decoder files add `decoder_attention_grad` [layer][head][target][target],
+`cross_attention_grad` [layer][head][target][source] and, as [layer][head],
+`decoder_head_gate_grad`, `decoder_head_importance`, `cross_head_gate_grad`,
+`cross_head_importance` (and `decoder_head_ablation`, `cross_head_ablation` with --ablate).
 
 `tokens` and `attention_matrices` hold real tokens only (seed 001 kept [PAD] entries in
 `tokens`; a single text needs no padding, so there is none to flag).
@@ -240,10 +260,33 @@ class TargetAttention:
     num_tokens_untruncated: int
     decoder_attention: np.ndarray  # (L', H', t, t) float32, causal
     cross_attention: np.ndarray  # (L', H', t, s) float32: rows = target, columns = source
+    # Version 2, only with --explain (attnpipe/extract/gradients.py); None otherwise. The attention
+    # gradients have decoder_attention's / cross_attention's stored layers and heads; the gate
+    # gradients and ablations cover every decoder head, (decoder_num_layers, decoder_num_heads).
+    decoder_attention_grad: np.ndarray | None = None  # (L', H', t, t) d target / d decoder attention
+    cross_attention_grad: np.ndarray | None = None  # (L', H', t, s) d target / d cross-attention
+    decoder_head_gate_grad: np.ndarray | None = None  # d target / d gate of each decoder self-attention head
+    cross_head_gate_grad: np.ndarray | None = None  # d target / d gate of each cross-attention head
+    decoder_head_ablation: np.ndarray | None = None  # target change with that head's gate at 0 (--ablate)
+    cross_head_ablation: np.ndarray | None = None
+
+    @property
+    def decoder_head_importance(self) -> np.ndarray | None:
+        return None if self.decoder_head_gate_grad is None else np.abs(self.decoder_head_gate_grad)
+
+    @property
+    def cross_head_importance(self) -> np.ndarray | None:
+        return None if self.cross_head_gate_grad is None else np.abs(self.cross_head_gate_grad)
 
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+
+# TargetAttention's gradient fields: stored under these names beside `decoder_attention` (HDF5:
+# datasets of the text group; JSON: top-level keys), with `<kind>_head_importance` = |gate grad|.
+TARGET_GRADIENTS = ("decoder_attention_grad", "cross_attention_grad", "decoder_head_gate_grad",
+                    "cross_head_gate_grad", "decoder_head_ablation", "cross_head_ablation")
 
 
 InputKind = Literal["text", "image", "embeddings"]
@@ -274,7 +317,7 @@ class TextAttention:
     target: TargetAttention | None = None  # encoder-decoder models: then `attention` is the encoder's
     input_kind: InputKind = "text"  # version 2
     image: ImageInfo | None = None  # version 2, input_kind "image" only
-    # Version 2, only with --target (attnpipe/extract/gradients.py); None otherwise.
+    # Version 2, only with --explain (attnpipe/extract/gradients.py); None otherwise.
     attention_grad: np.ndarray | None = None  # (L, H, n, n) d target / d attention
     head_gate_grad: np.ndarray | None = None  # (num_layers, num_heads) d target / d head gate
     token_grad_input: np.ndarray | None = None  # (n,) gradient x input on word embeddings

@@ -15,8 +15,8 @@ import numpy as np
 from attnpipe import faults
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import atomic_path, write_errors
-from attnpipe.store.format import (DECODER_FIELDS, DIMS, FORMAT_NAME, ImageInfo, Provenance,
-                                   TargetAttention, TextAttention, or_none)
+from attnpipe.store.format import (DECODER_FIELDS, DIMS, FORMAT_NAME, TARGET_GRADIENTS, ImageInfo,
+                                   Provenance, TargetAttention, TextAttention, or_none)
 from attnpipe.store.validate import check_meta, check_version, error_reason
 
 
@@ -72,6 +72,12 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
 
 def _target_payload(target: TargetAttention, provenance: Provenance) -> dict:
     dtype = np.dtype(provenance.dtype)
+    gradients = {name: getattr(target, name).astype(np.float32).tolist()  # --explain: float32 always
+                 for name in TARGET_GRADIENTS if getattr(target, name) is not None}
+    for kind in ("decoder", "cross"):
+        importance = getattr(target, f"{kind}_head_importance")
+        if importance is not None:
+            gradients[f"{kind}_head_importance"] = importance.astype(np.float32).tolist()
     return {
         "decoder_attention_matrices": target.decoder_attention.astype(dtype).tolist(),
         "cross_attention_matrices": target.cross_attention.astype(dtype).tolist(),
@@ -87,6 +93,7 @@ def _target_payload(target: TargetAttention, provenance: Provenance) -> dict:
             "truncated": bool(target.truncated),
             "num_tokens_untruncated": int(target.num_tokens_untruncated),
         },
+        **gradients,
     }
 
 
@@ -233,6 +240,7 @@ def _target_from_json(data: dict, n: int) -> TargetAttention | None:
                                ("cross_attention_matrices", cross, (t, n))):
         if array.ndim != 4 or array.shape[2:] != shape:
             raise AttnpipeError(f"{name} has shape {array.shape}; expected (layer, head, {shape[0]}, {shape[1]})")
+    gradients = {name: np.asarray(data[name], dtype=np.float32) for name in TARGET_GRADIENTS if name in data}
     return TargetAttention(
         text=target["text"],
         tokens=tuple(target["tokens"]),
@@ -244,6 +252,7 @@ def _target_from_json(data: dict, n: int) -> TargetAttention | None:
         num_tokens_untruncated=int(target["num_tokens_untruncated"]),
         decoder_attention=decoder,
         cross_attention=cross,
+        **gradients,  # --explain
     )
 
 

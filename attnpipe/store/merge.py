@@ -24,7 +24,8 @@ PARITY_ATTR = "parity_max_abs_diff"
 # Root attributes every shard must share (those a shard may lack, such as storage attributes of
 # version-1 files, are compared only when present).
 SAME = ("model", "weights_sha256", "layers", "heads", "dtype", "max_length", "rows", "metrics_only")
-CORPUS_MEANS = ("head_importance_mean", "head_ablation_mean")
+CORPUS_MEANS = ("head_importance_mean", "head_ablation_mean", "decoder_head_importance_mean",
+                "decoder_head_ablation_mean", "cross_head_importance_mean", "cross_head_ablation_mean")
 
 
 def merge_shards(shards: Sequence[Path], output: Path) -> int:

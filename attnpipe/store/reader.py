@@ -14,7 +14,7 @@ import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.codec import decode, read_whole
-from attnpipe.store.format import (FORMAT_NAME, ImageInfo, MissingAttribute, Storage,
+from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, ImageInfo, MissingAttribute, Storage,
                                    TargetAttention, TextAttention, or_none, provenance_from_attrs,
                                    storage_from_attrs)
 from attnpipe.store.json_file import read_json, text_from_json
@@ -284,6 +284,7 @@ def _target_from_h5(group) -> TargetAttention:
         num_tokens_untruncated=int(sub.attrs["num_tokens_untruncated"]),
         decoder_attention=decode(group["decoder_attention"][()]),
         cross_attention=decode(group["cross_attention"][()]),
+        **{name: group[name][()].astype(np.float32) for name in TARGET_GRADIENTS if name in group},  # --explain
     )
 
 

@@ -75,6 +75,26 @@ def check_text(path: Path, item: TextAttention, meta: Provenance) -> None:
     if item.target is not None:  # encoder-decoder: the decoder's and the cross-attention's rows too
         for attention in (item.target.decoder_attention, item.target.cross_attention):
             check_rows(path, item.id, attention, meta.decoder_layers, meta.decoder_heads, meta.dtype)
+    check_gradient_shapes(path, item, meta)
+
+
+def check_gradient_shapes(path: Path, item: TextAttention, meta: Provenance) -> None:
+    """--explain fields, where present: each attention gradient has its attention's shape, each
+    head score one value per model head of its kind, gradient x input one value per token."""
+    heads = (meta.num_layers, meta.num_heads)
+    checks = [("attention_grad", item.attention_grad, item.attention.shape),
+              ("head_gate_grad", item.head_gate_grad, heads), ("head_ablation", item.head_ablation, heads),
+              ("token_grad_input", item.token_grad_input, (item.num_tokens,))]
+    target = item.target
+    if target is not None:
+        decoder_heads = (meta.decoder_num_layers, meta.decoder_num_heads)
+        checks += [("decoder_attention_grad", target.decoder_attention_grad, target.decoder_attention.shape),
+                   ("cross_attention_grad", target.cross_attention_grad, target.cross_attention.shape)]
+        checks += [(f"{kind}_head_{score}", getattr(target, f"{kind}_head_{score}"), decoder_heads)
+                   for kind in ("decoder", "cross") for score in ("gate_grad", "ablation")]
+    for name, array, shape in checks:
+        if array is not None and array.shape != tuple(shape):
+            raise AttnpipeError(f"{path}: text {item.id!r} has {name} of shape {array.shape}; expected {tuple(shape)}")
 
 
 def check_no_nul(item: TextAttention) -> None:

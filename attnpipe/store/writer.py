@@ -18,9 +18,9 @@ from attnpipe import faults
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import AtomicFile, check_writable, write_errors
 from attnpipe.store.codec import chunk_shape, encode_chunk, to_storage
-from attnpipe.store.format import (DIMS, FORMAT_NAME, OUTPUT_SUFFIXES, UINT8_SCALE, Provenance, Storage,
-                                   StorageDtype, TargetAttention, TextAttention, provenance_attrs,
-                                   query_positions)
+from attnpipe.store.format import (DIMS, FORMAT_NAME, OUTPUT_SUFFIXES, TARGET_GRADIENTS, UINT8_SCALE,
+                                   Provenance, Storage, StorageDtype, TargetAttention, TextAttention,
+                                   provenance_attrs, query_positions)
 from attnpipe.store.json_file import JSONWriter
 from attnpipe.store.validate import check_no_nul
 
@@ -44,6 +44,7 @@ def _extra_arrays(item: TextAttention) -> list[np.ndarray]:
               if a is not None]
     if item.target is not None:
         arrays += [item.target.decoder_attention, item.target.cross_attention]
+        arrays += [a for a in (getattr(item.target, name) for name in TARGET_GRADIENTS) if a is not None]
     return arrays
 
 
@@ -100,7 +101,9 @@ class H5Writer:
         self._texts = self._file.create_group("texts")
         self._attention: dict[int, h5py.Dataset] = {}
         self._finished = False
-        self._sums: dict[str, list[np.ndarray]] = {"head_importance_mean": [], "head_ablation_mean": []}
+        self._sums: dict[str, list[np.ndarray]] = {  # corpus means of the per-text head scores
+            f"{prefix}head_{score}_mean": [] for prefix in ("", "decoder_", "cross_")
+            for score in ("importance", "ablation")}
 
     def begin(self, index: int, item: TextAttention, num_layers: int, num_heads: int) -> None:
         """Store text `index`'s tokens (and any target, image or gradient fields) and an empty
@@ -240,24 +243,41 @@ class H5Writer:
         sub.create_dataset("special_tokens_mask", data=target.special_tokens_mask.astype(bool))
         sub.create_dataset("labels", data=list(target.labels), dtype=h5py.string_dtype())
         sub.create_dataset("label_ids", data=target.label_ids.astype(np.int64))
+        if target.decoder_attention_grad is not None:
+            self._write_target_gradients(group, target)
 
     def _write_gradients(self, group, item: TextAttention) -> None:
         """Version 2's optional gradient datasets (see the module docstring)."""
         group.attrs["gradient_target_value"] = float(item.gradient_target_value)
         group.attrs["gradient_target_label"] = int(item.gradient_target_label)
-        layers, heads, n, _ = item.attention_grad.shape
+        self._gradient_datasets(group, "", item.attention_grad, item.head_gate_grad, item.head_ablation)
+        group.create_dataset("token_grad_input", data=item.token_grad_input.astype(np.float32))
+
+    def _write_target_gradients(self, group, target: TargetAttention) -> None:
+        """An encoder-decoder's decoder and cross-attention gradients, beside decoder_attention."""
+        self._gradient_datasets(group, "decoder_", target.decoder_attention_grad, target.decoder_head_gate_grad,
+                                target.decoder_head_ablation)
+        self._gradient_datasets(group, "cross_", target.cross_attention_grad, target.cross_head_gate_grad,
+                                target.cross_head_ablation)
+
+    def _gradient_datasets(self, group, prefix: str, attention_grad: np.ndarray, gate_grad: np.ndarray,
+                           ablation: np.ndarray | None) -> None:
+        """<prefix>attention_grad (L, H, q, k), <prefix>head_gate_grad / _importance / _ablation (L, H):
+        float32, whatever the storage dtype; the head scores also go into the corpus means."""
+        heads, rows, cols = attention_grad.shape[1:]
         grad = group.create_dataset(
-            "attention_grad", data=item.attention_grad.astype(np.float32),
-            chunks=(1, heads, n, n) if n else None, compression="gzip" if n else None, shuffle=bool(n),
+            f"{prefix}attention_grad", data=attention_grad.astype(np.float32),
+            chunks=(1, heads, rows, cols) if rows and cols else None,
+            compression="gzip" if rows and cols else None, shuffle=bool(rows and cols),
         )
         grad.attrs["dims"] = ",".join(DIMS)
-        group.create_dataset("head_gate_grad", data=item.head_gate_grad.astype(np.float32))
-        group.create_dataset("head_importance", data=item.head_importance.astype(np.float32))
-        group.create_dataset("token_grad_input", data=item.token_grad_input.astype(np.float32))
-        self._sums["head_importance_mean"].append(item.head_importance.astype(np.float64))
-        if item.head_ablation is not None:
-            group.create_dataset("head_ablation", data=item.head_ablation.astype(np.float32))
-            self._sums["head_ablation_mean"].append(item.head_ablation.astype(np.float64))
+        importance = np.abs(gate_grad)
+        group.create_dataset(f"{prefix}head_gate_grad", data=gate_grad.astype(np.float32))
+        group.create_dataset(f"{prefix}head_importance", data=importance.astype(np.float32))
+        self._sums[f"{prefix}head_importance_mean"].append(importance.astype(np.float64))
+        if ablation is not None:
+            group.create_dataset(f"{prefix}head_ablation", data=ablation.astype(np.float32))
+            self._sums[f"{prefix}head_ablation_mean"].append(ablation.astype(np.float64))
 
     def finish(self, provenance: Provenance) -> None:
         missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
@@ -266,7 +286,7 @@ class H5Writer:
         self._check_room(sum(len(i.encode()) + 16 for i in self._ids))
         with write_errors(self.path):
             self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
-            for name, values in self._sums.items():  # corpus means of the per-text head scores
+            for name, values in self._sums.items():
                 if values:
                     self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32))
             faults.point("finish")
