@@ -44,6 +44,7 @@ from attnpipe.extract import corpus  # noqa: E402
 from attnpipe.extract.corpus import Text  # noqa: E402
 from attnpipe.extract.runner import ExtractConfig, extract, length_sorted_batches  # noqa: E402
 from attnpipe.extract.loading import default_model_dir  # noqa: E402
+from attnpipe.analyze.metrics import METRICS  # noqa: E402
 
 
 def hf_forward(model, tokenizer, texts: list[str], batch_size: int, max_length: int, attentions: bool) -> None:
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             from attnpipe.analyze.fast_metrics import default_workers
 
             read_rate, numpy_rate, torch_rate, parallel_rate = analysis_throughput(tmp / "float16.h5", args.repeats)
-            print(f"\nanalysis: the standard metric set ({len(__import__('attnpipe.analyze.metrics').metrics.METRICS)} "
+            print(f"\nanalysis: the standard metric set ({len(METRICS)} "
                   f"metrics) read from the float16 file, median of {args.repeats} round(s)")
             print(f"  reading whole texts alone (gunzip, float16 -> float32): {read_rate / 1e6:7.1f} M values/s")
             print(f"  attnpipe.analyze.metric_reference.corpus_metrics (numpy float64): {numpy_rate / 1e6:7.1f} M values/s")

@@ -42,7 +42,6 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.analyze.rollout import rollout, start_position, token_pair_table
 
 METHODS: tuple[str, ...] = ("raw", "rollout", "flow", "gradweight", "chefer")
-CAUSAL_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 
 
 def _check(attention: np.ndarray, grad: np.ndarray) -> None:
@@ -80,7 +79,9 @@ def chefer_relevance(attention: np.ndarray, grad: np.ndarray, start: int = 0) ->
 
 def default_query_row(model_type: str, n: int) -> int:
     """[CLS] (0) for encoders, the last token for causal LMs (what they predict from)."""
-    return n - 1 if model_type in CAUSAL_MODEL_TYPES else 0
+    from attnpipe.models import is_causal  # the one list of causal model types (the families' CAUSAL)
+
+    return n - 1 if is_causal(model_type) else 0
 
 
 def token_scores(item, layers: Sequence[int], row: int, methods: Sequence[str] = METHODS) -> dict[str, np.ndarray]:
