@@ -202,3 +202,20 @@ def test_read_whole_inflates_like_hdf5(tmp_path, monkeypatch):
             store.read_whole(f["broken"])
     # The deflate layouts were inflated by read_whole itself; the rest and the odd chunks by h5py.
     assert read_by_h5py == ["/lzf", "/no filters", "/contiguous", "/shuffle skipped", "/broken"]
+
+
+def test_a_gradient_that_does_not_fit_its_attention_is_never_written(tmp_path):
+    """The writers refuse an --explain item whose attention_grad has another shape than its
+    attention (a padded gradient once reached a file this way and was refused only on read)."""
+    import dataclasses
+
+    from attnpipe.errors import AttnpipeError
+
+    item = random_item(np.random.default_rng(0), "a", 4)  # attention (2, 3, 4, 4)
+    bad = dataclasses.replace(item, attention_grad=np.zeros((2, 3, 6, 6), dtype=np.float32))
+    with pytest.raises(AttnpipeError, match=r"attention_grad of shape \(2, 3, 6, 6\); expected \(2, 3, 4, 4\)"):
+        with store.H5Writer(tmp_path / "bad.h5", 1, "float32") as writer:
+            writer.write(0, bad)
+    with pytest.raises(AttnpipeError, match="attention_grad of shape"):
+        store.write_json(tmp_path / "bad.json", bad, PROVENANCE)
+    assert not list(tmp_path.iterdir())

@@ -417,3 +417,63 @@ def test_pairs_take_compression_and_refuse_rows_and_metrics_with_a_reason(tmp_pa
     in_process_error(capsys, extract_attention.main, ["--metrics-only", "encoder, decoder, cross"],
                      *args, "-o", tmp_path / "m.h5", "--metrics-only")
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["gz.h5", "lzf.h5"]
+
+
+# ----------------------------------------------------------------------------- --explain on images and torch
+
+
+def test_explain_images_stores_what_the_library_computes(tiny_vit_dir, tmp_path):
+    """--explain output-norm through a ViT, with --verify and a head subset: the file holds the
+    attention, d target / d attention of the stored heads and the gate gradients of every head,
+    exactly what attnpipe.extract.gradients computes for the same pixels."""
+    from attnpipe.extract import gradients
+    from attnpipe.extract.images import ImageInputs
+    from attnpipe.extract.loading import load_model
+
+    images = write_test_images(tmp_path / "images")[:2]
+    out = tmp_path / "vit_grad.h5"
+    assert cli(extract_attention.main, "--model_dir", tiny_vit_dir, *[a for p in images for a in ("--image", p)],
+               "--explain", "output-norm", "--ablate", "--heads", "0,2", "--verify", "-q", "-o", out) == 0
+    model = load_model(tiny_vit_dir, torch.device("cpu"), input_kind="image")
+    inputs = ImageInputs(images, model)
+    objective = gradients.build_objective(model, gradients.parse_target("output-norm"))
+    with open_attention(out) as f:
+        assert f.meta.gradient_target == "output-norm" and f.meta.parity_max_abs_diff <= 1e-5
+        assert f.meta.heads == (0, 2)
+        for i, item in enumerate(f):
+            want = gradients.text_gradients(model, objective, inputs.prepare([i], torch.device("cpu")).tensors,
+                                            ablate=True)
+            assert item.attention_grad.shape == item.attention.shape == (model.num_layers, 2, 17, 17)
+            np.testing.assert_allclose(item.attention_grad, want.attention_grad["self"][:, [0, 2]], rtol=1e-5,
+                                       atol=1e-7)
+            np.testing.assert_allclose(item.head_gate_grad, want.head_gate_grad["self"], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(item.head_ablation, want.head_ablation["self"], rtol=1e-4, atol=1e-6)
+            assert item.token_grad_input.shape == (17,) and np.abs(item.head_gate_grad).max() > 0
+
+
+@pytest.mark.slow
+def test_explain_torch_model_stores_gradients_on_real_positions(torch_run):
+    """--explain output-norm through a user's torch encoder, one padded sample among them: the
+    stored gradients cover the real positions only and match the library's on that sample."""
+    from attnpipe.extract import gradients
+    from attnpipe.extract.embeddings import load_torch_model
+
+    folder, _, embeddings, _ = torch_run
+    out = folder / "torch_grad.h5"
+    proc = run_script("extract_attention.py", "--torch-model", "user_encoders:build", "--weights",
+                      "weights.safetensors", "--data", "embeddings.npy", "--mask-zero-rows",
+                      "--explain", "output-norm", "--output_file", out, cwd=folder)
+    ok(proc)
+    sys.path.insert(0, str(folder))
+    try:
+        model = load_torch_model("user_encoders:build", folder / "weights.safetensors", torch.device("cpu"), False)
+    finally:
+        sys.path.remove(str(folder))
+    objective = gradients.build_objective(model, gradients.parse_target("output-norm"))
+    with open_attention(out) as f:
+        items = list(f)
+    assert [item.num_tokens for item in items] == [6, 4, 6]
+    x = torch.from_numpy(embeddings[1:2, :4])  # sample 1's real positions
+    want = gradients.text_gradients(model, objective, {"inputs_embeds": x, "attention_mask": torch.ones(1, 4)})
+    np.testing.assert_allclose(items[1].attention_grad, want.attention_grad["self"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(items[1].token_grad_input, want.token_grad_input, rtol=1e-5, atol=1e-7)

@@ -190,10 +190,11 @@ class EmbeddingInputs:
 
     def prepare(self, indices: list[int], device: torch.device) -> Batch:
         lengths = [self.lengths[i] for i in indices]
-        x = torch.from_numpy(self.array[indices]).to(device)  # (B, T, E)
-        padded = mask(lengths, device)
-        attention_mask = torch.zeros(len(indices), self.max_length, dtype=padded.dtype, device=device)
-        attention_mask[:, :padded.shape[1]] = padded  # (B, T): the array's full width
+        # Cropped to the batch's longest real sample: the positions after it are padding of every
+        # row (masked keys, never stored), and one sample alone (--explain) then has none at all,
+        # so no padding enters a gradient.
+        x = torch.from_numpy(self.array[indices, :max(lengths)]).to(device)  # (B, T, E)
+        attention_mask = mask(lengths, device)  # (B, T)
         items = []
         for i, n in zip(indices, lengths, strict=True):
             items.append(store.TextAttention(

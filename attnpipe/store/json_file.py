@@ -17,7 +17,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import atomic_path, write_errors
 from attnpipe.store.format import (DECODER_FIELDS, DIMS, FORMAT_NAME, TARGET_GRADIENTS, ImageInfo,
                                    Provenance, TargetAttention, TextAttention, or_none)
-from attnpipe.store.validate import check_meta, check_version, error_reason
+from attnpipe.store.validate import check_gradient_shapes, check_meta, check_version, error_reason
 
 
 def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
@@ -101,6 +101,7 @@ def write_json(path: Path, item: TextAttention, provenance: Provenance) -> None:
     """Write one text in seed 001's JSON format (plus provenance), atomically."""
     if provenance.dtype not in ("float32", "float16"):
         raise AttnpipeError(f"--dtype {provenance.dtype} is for .h5 output; a .json file holds float32 or float16")
+    check_gradient_shapes(path, item, provenance)  # a gradient that does not fit its attention is never stored
     payload = _json_payload(item, provenance)
     with write_errors(path), atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         json.dump(payload, handle, ensure_ascii=False, allow_nan=False)

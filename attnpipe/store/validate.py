@@ -78,23 +78,33 @@ def check_text(path: Path, item: TextAttention, meta: Provenance) -> None:
     check_gradient_shapes(path, item, meta)
 
 
-def check_gradient_shapes(path: Path, item: TextAttention, meta: Provenance) -> None:
-    """--explain fields, where present: each attention gradient has its attention's shape, each
-    head score one value per model head of its kind, gradient x input one value per token."""
-    heads = (meta.num_layers, meta.num_heads)
+def gradient_shape_errors(item: TextAttention, meta: Provenance | None = None) -> list[str]:
+    """--explain fields, where present: each attention gradient has its attention's shape,
+    gradient x input one value per token and, given the file's provenance, each head score one
+    value per model head of its kind. Returns one message per field that does not fit."""
     checks = [("attention_grad", item.attention_grad, item.attention.shape),
-              ("head_gate_grad", item.head_gate_grad, heads), ("head_ablation", item.head_ablation, heads),
               ("token_grad_input", item.token_grad_input, (item.num_tokens,))]
     target = item.target
     if target is not None:
-        decoder_heads = (meta.decoder_num_layers, meta.decoder_num_heads)
         checks += [("decoder_attention_grad", target.decoder_attention_grad, target.decoder_attention.shape),
                    ("cross_attention_grad", target.cross_attention_grad, target.cross_attention.shape)]
-        checks += [(f"{kind}_head_{score}", getattr(target, f"{kind}_head_{score}"), decoder_heads)
-                   for kind in ("decoder", "cross") for score in ("gate_grad", "ablation")]
-    for name, array, shape in checks:
-        if array is not None and array.shape != tuple(shape):
-            raise AttnpipeError(f"{path}: text {item.id!r} has {name} of shape {array.shape}; expected {tuple(shape)}")
+    if meta is not None:
+        heads = (meta.num_layers, meta.num_heads)
+        checks += [("head_gate_grad", item.head_gate_grad, heads), ("head_ablation", item.head_ablation, heads)]
+        if target is not None:
+            decoder_heads = (meta.decoder_num_layers, meta.decoder_num_heads)
+            checks += [(f"{kind}_head_{score}", getattr(target, f"{kind}_head_{score}"), decoder_heads)
+                       for kind in ("decoder", "cross") for score in ("gate_grad", "ablation")]
+    return [f"text {item.id!r} has {name} of shape {array.shape}; expected {tuple(shape)}"
+            for name, array, shape in checks if array is not None and array.shape != tuple(shape)]
+
+
+def check_gradient_shapes(path: Path, item: TextAttention, meta: Provenance | None = None) -> None:
+    """Refuse an item whose --explain fields do not fit its attention (gradient_shape_errors):
+    on read (`path` is the file) and before a writer stores it (no meta yet)."""
+    errors = gradient_shape_errors(item, meta)
+    if errors:
+        raise AttnpipeError(f"{path}: {errors[0]}")
 
 
 def check_no_nul(item: TextAttention) -> None:

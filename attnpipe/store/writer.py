@@ -22,7 +22,7 @@ from attnpipe.store.format import (DIMS, FORMAT_NAME, OUTPUT_SUFFIXES, TARGET_GR
                                    Provenance, Storage, StorageDtype, TargetAttention, TextAttention,
                                    provenance_attrs, query_positions)
 from attnpipe.store.json_file import JSONWriter
-from attnpipe.store.validate import check_no_nul
+from attnpipe.store.validate import check_gradient_shapes, check_no_nul
 
 # Room kept free for HDF5's own structures (B-trees, heaps, attributes) beyond a text's data.
 WRITE_MARGIN_BYTES = 1 << 16
@@ -204,6 +204,7 @@ class H5Writer:
 
         `item.attention` holds float32 probabilities (L, H, r, n); they are converted here.
         """
+        check_gradient_shapes(self.path, item)  # a gradient that does not fit its attention is never stored
         num_layers, num_heads = item.attention.shape[:2]
         self.begin(index, item, num_layers, num_heads)
         chunks = self._attention[index].chunks if index in self._attention else None
