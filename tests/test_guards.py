@@ -1,19 +1,27 @@
 """Runtime guards: a forward pass that breaks the attention contract stops the run, naming where.
 
 Each test breaks one family's pass by monkeypatching the function it calls (like
-test_parity.py's --verify test), runs the real extraction and expects one clear error and no file.
+test_parity.py's --verify test), or poisons a checkpoint's weight on disk (one per input kind),
+runs the real extraction and expects one clear error and no file.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
+import extract_attention
+from attnpipe.errors import run_cli
 from attnpipe.extract import runner as extraction
 from attnpipe.extract import guards
 from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
 from attnpipe.models import bert, gpt2
+from conftest import write_test_images
 
 # Different lengths, so the batch is padded and padded keys exist.
 TEXTS = (Text("long-one", "the cat sat on the mat and it was red"), Text("short", "a dog"))
@@ -113,14 +121,6 @@ def test_guard_unit_cases():
 # from its own weights. The run must stop with the guard's one line naming text, layer and head,
 # and leave nothing in the output folder.
 
-import shutil  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import extract_attention  # noqa: E402
-from attnpipe.errors import run_cli  # noqa: E402
-from conftest import write_test_images  # noqa: E402
-
 
 def poisoned(folder, tmp_path, key_part: str):
     """A copy of a model folder whose first weight named like `key_part` is NaN."""
@@ -144,8 +144,6 @@ def guard_stops(capsys, out_dir, pattern: str, *argv) -> None:
     assert re.search(pattern, lines[0]), lines[0]
     assert list(out_dir.iterdir()) == [], "a stopped run must leave nothing"
 
-
-import re  # noqa: E402
 
 NAN = r"^error: attention is NaN or infinite at text '{text}' {kind}layer 0 head 0 query 0: the forward pass is broken$"
 
