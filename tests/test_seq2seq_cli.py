@@ -242,3 +242,30 @@ def test_verify_stops_a_seq2seq_run_whose_cross_attention_drifts(seq2seq_dir, tm
     with pytest.raises(AttnpipeError, match=r"--verify failed: pair 'p' cross attention layer \d head \d"):
         extraction.extract(config)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pairs_are_tokenized_per_batch_and_batching_changes_nothing(seq2seq_dir, pairs_file, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Pairs go through the runner's token-budget batches and each batch is tokenized on its own
+    (the corpus's encodings are never all held at once): one pair per batch or all in one, the
+    file holds the same arrays in the user's order, and no tokenizer call sees more texts than
+    one batch (plus the windowed length pass)."""
+    from attnpipe.extract import inputs
+
+    model_dir = seq2seq_dir("bart")
+    ok(capsys, extract_attention.main, "--model_dir", model_dir, "--texts-file", pairs_file, "-o", tmp_path / "all.h5",
+       "-q")
+    sizes = []
+    real_encode = inputs.encode
+    monkeypatch.setattr("attnpipe.extract.pairs.encode",
+                        lambda tokenizer, texts, n: sizes.append(len(texts)) or real_encode(tokenizer, texts, n))
+    ok(capsys, extract_attention.main, "--model_dir", model_dir, "--texts-file", pairs_file, "-o", tmp_path / "one.h5",
+       "--batch-size", "1", "-q")
+    assert sizes == [1] * 2 * len(PAIRS)  # source and target of each one-pair batch
+    with open_attention(tmp_path / "all.h5") as together, open_attention(tmp_path / "one.h5") as alone:
+        assert together.ids == alone.ids == ("short", "long", "mid")
+        for a, b in zip(together, alone, strict=True):
+            np.testing.assert_allclose(b.attention, a.attention, atol=1e-6)
+            np.testing.assert_allclose(b.target.decoder_attention, a.target.decoder_attention, atol=1e-6)
+            np.testing.assert_allclose(b.target.cross_attention, a.target.cross_attention, atol=1e-6)
+            assert b.target.tokens == a.target.tokens and b.tokens == a.tokens

@@ -21,7 +21,7 @@ from attnpipe import store
 from attnpipe.extract.corpus import Pair
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract.batching import mask, pad
-from attnpipe.extract.inputs import Batch, encode, max_length
+from attnpipe.extract.inputs import Batch, encode, max_length, token_lengths
 
 # T5 has relative positions and so no position table to bound the length: its pre-training length.
 T5_DEFAULT_MAX_LENGTH = 512
@@ -75,59 +75,64 @@ class PairInputs:
         self.pairs = pairs
         self.ids = [p.id for p in pairs]
         self.tokenizer = model.tokenizer
+        self.target_side = _TargetSide(self.tokenizer)
         self.max_length = seq2seq_max_length(model, requested_max_length)
-        start = decoder_start_token_id(model)
-        special_ids = set(self.tokenizer.all_special_ids)
-        # Pairs are tokenized at once: the decoder input is built from every label list.
-        self.src = encode(self.tokenizer, [p.source for p in pairs], self.max_length)
-        self.tgt = encode(_TargetSide(self.tokenizer), [p.target for p in pairs], self.max_length)
-        labels = self.tgt.input_ids
-        # Teacher forcing: decoder input = start token + labels shifted right (transformers' shift_tokens_right).
-        self.dec_ids = [[start] + row[:-1] for row in labels]
-        self.dec_special = [[start in special_ids] + [bool(x) for x in row[:-1]]
-                            for row in self.tgt.special_tokens_mask]
-        self.src_lengths = [len(ids) for ids in self.src.input_ids]
-        self.tgt_lengths = [len(ids) for ids in self.dec_ids]
+        self.start = decoder_start_token_id(model)
+        self.special_ids = set(self.tokenizer.all_special_ids)
+        # Only the lengths now (for the batching); each batch is tokenized in full on its own, so a
+        # corpus's encodings are never all held at once. The decoder input (start token + labels
+        # shifted right) has as many tokens as the labels.
+        self.src_lengths = token_lengths(self.tokenizer, [p.source for p in pairs], self.max_length)
+        self.tgt_lengths = token_lengths(self.target_side, [p.target for p in pairs], self.max_length)
         self.widths = [s + t for s, t in zip(self.src_lengths, self.tgt_lengths, strict=True)]
         pad_id = model.hf_model.config.pad_token_id
         self.pad_id = pad_id if pad_id is not None else 0
 
     def prepare(self, indices: list[int], device: torch.device) -> Batch:
+        src_enc = encode(self.tokenizer, [self.pairs[i].source for i in indices], self.max_length)
+        tgt_enc = encode(self.target_side, [self.pairs[i].target for i in indices], self.max_length)
         src = [self.src_lengths[i] for i in indices]
         tgt = [self.tgt_lengths[i] for i in indices]
+        if [len(ids) for ids in src_enc.input_ids] != src or [len(ids) for ids in tgt_enc.input_ids] != tgt:
+            raise AttnpipeError(f"the tokenizer gave pairs {[self.ids[i] for i in indices][:5]} "
+                                "different lengths on a second call; it must be deterministic")
+        # Teacher forcing: decoder input = start token + labels shifted right (transformers' shift_tokens_right).
+        dec_ids = [[self.start] + row[:-1] for row in tgt_enc.input_ids]
+        dec_special = [[self.start in self.special_ids] + [bool(x) for x in row[:-1]]
+                       for row in tgt_enc.special_tokens_mask]
         tensors = {
-            "input_ids": pad([self.src.input_ids[i] for i in indices], self.pad_id, device),
+            "input_ids": pad(src_enc.input_ids, self.pad_id, device),
             "attention_mask": mask(src, device),
-            "decoder_input_ids": pad([self.dec_ids[i] for i in indices], self.pad_id, device),
+            "decoder_input_ids": pad(dec_ids, self.pad_id, device),
             "decoder_attention_mask": mask(tgt, device),
         }
         tok = self.tokenizer
         items = []
-        for i in indices:
-            s, t = self.src_lengths[i], self.tgt_lengths[i]
+        for row, i in enumerate(indices):
+            s, t = src[row], tgt[row]
             target = store.TargetAttention(
                 text=self.pairs[i].target,
-                tokens=tuple(tok.convert_ids_to_tokens(self.dec_ids[i])),
-                token_ids=np.asarray(self.dec_ids[i], dtype=np.int64),
-                special_tokens_mask=np.asarray(self.dec_special[i], dtype=bool),
-                labels=tuple(tok.convert_ids_to_tokens(self.tgt.input_ids[i])),
-                label_ids=np.asarray(self.tgt.input_ids[i], dtype=np.int64),
-                truncated=self.tgt.untruncated_lengths[i] > t,
-                num_tokens_untruncated=self.tgt.untruncated_lengths[i],
+                tokens=tuple(tok.convert_ids_to_tokens(dec_ids[row])),
+                token_ids=np.asarray(dec_ids[row], dtype=np.int64),
+                special_tokens_mask=np.asarray(dec_special[row], dtype=bool),
+                labels=tuple(tok.convert_ids_to_tokens(tgt_enc.input_ids[row])),
+                label_ids=np.asarray(tgt_enc.input_ids[row], dtype=np.int64),
+                truncated=tgt_enc.untruncated_lengths[row] > t,
+                num_tokens_untruncated=tgt_enc.untruncated_lengths[row],
                 decoder_attention=None,  # filled by the runner's sink
                 cross_attention=None,
             )
             items.append(store.TextAttention(
                 id=self.ids[i],
                 text=self.pairs[i].source,
-                tokens=tuple(tok.convert_ids_to_tokens(self.src.input_ids[i])),
-                token_ids=np.asarray(self.src.input_ids[i], dtype=np.int64),
-                special_tokens_mask=np.asarray(self.src.special_tokens_mask[i], dtype=bool),
-                offsets=self.src.offsets[i],
-                word_ids=self.src.word_ids[i],
+                tokens=tuple(tok.convert_ids_to_tokens(src_enc.input_ids[row])),
+                token_ids=np.asarray(src_enc.input_ids[row], dtype=np.int64),
+                special_tokens_mask=np.asarray(src_enc.special_tokens_mask[row], dtype=bool),
+                offsets=src_enc.offsets[row],
+                word_ids=src_enc.word_ids[row],
                 # a pair is truncated when either side was cut (reported once, by its id)
-                truncated=self.src.untruncated_lengths[i] > s,
-                num_tokens_untruncated=self.src.untruncated_lengths[i],
+                truncated=src_enc.untruncated_lengths[row] > s,
+                num_tokens_untruncated=src_enc.untruncated_lengths[row],
                 attention=None,
                 target=target,
             ))
