@@ -101,6 +101,27 @@ def test_gate_gradient_matches_finite_differences(tiny_model_dir, classifier_dir
     assert result.target_value == pytest.approx(objective_value(model, objective, ids)[0], abs=1e-12)
 
 
+def nudged(monkeypatch, module, call: int, where: tuple[int, int, int], delta: float, evaluate):
+    """evaluate() with `delta` added to probability [head, query, key] of text 0 in the `call`-th
+    attention_probs call of a forward (the rest of the row left as it is, as autograd sees it)."""
+    original = module.attention_probs
+    calls = []
+
+    def probs_with_nudge(*args, **kwargs):
+        probs = original(*args, **kwargs)
+        if len(calls) == call:
+            probs = probs.clone()
+            probs[(0, *where)] += delta
+        calls.append(1)
+        return probs
+
+    monkeypatch.setattr(module, "attention_probs", probs_with_nudge)
+    try:
+        return evaluate()
+    finally:
+        monkeypatch.setattr(module, "attention_probs", original)
+
+
 @pytest.mark.parametrize("model_type,spec", CASES + [("classifier", "predicted")])
 def test_attention_gradient_matches_finite_differences(tiny_model_dir, classifier_dir, monkeypatch, model_type, spec):
     """∂target/∂A[l, h, q, k]: add ε to that one probability inside the forward (a wrapped
@@ -110,24 +131,10 @@ def test_attention_gradient_matches_finite_differences(tiny_model_dir, classifie
     result = G.text_gradients(model, objective, ids)
     n = ids.shape[1]
     module = model.family
-    original = module.attention_probs
 
     def perturbed_value(layer, head, q, k, delta):
-        calls = []
-
-        def probs_with_nudge(*args, **kwargs):
-            probs = original(*args, **kwargs)
-            if len(calls) == layer:
-                probs = probs.clone()
-                probs[0, head, q, k] += delta
-            calls.append(1)
-            return probs
-
-        monkeypatch.setattr(module, "attention_probs", probs_with_nudge)
-        try:
-            return objective_value(model, objective, ids, None, result.target_label)[0]
-        finally:
-            monkeypatch.setattr(module, "attention_probs", original)
+        return nudged(monkeypatch, module, layer, (head, q, k), delta,
+                      lambda: objective_value(model, objective, ids, None, result.target_label)[0])
 
     last = model.num_layers - 1
     causal = module.CAUSAL
@@ -301,26 +308,9 @@ def check_gate_gradients(model, objective, batch, result):
 
 def check_attention_gradients(model, objective, batch, result, monkeypatch, entries, nonzero_kinds):
     """entries: (kind, layer, head, query, key); each kind in nonzero_kinds must carry gradient."""
-    module = model.family
-    original = module.attention_probs
-
     def perturbed(kind, layer, head, q, k, delta):
-        calls = []
-        wanted = _call_index(model.weights, kind, layer)
-
-        def probs_with_nudge(*args, **kwargs):
-            probs = original(*args, **kwargs)
-            if len(calls) == wanted:
-                probs = probs.clone()
-                probs[0, head, q, k] += delta
-            calls.append(1)
-            return probs
-
-        monkeypatch.setattr(module, "attention_probs", probs_with_nudge)
-        try:
-            return _value(model, objective, batch, result.target_label)
-        finally:
-            monkeypatch.setattr(module, "attention_probs", original)
+        return nudged(monkeypatch, model.family, _call_index(model.weights, kind, layer), (head, q, k), delta,
+                      lambda: _value(model, objective, batch, result.target_label))
 
     carrying = set()
     for kind, layer, head, q, k in entries:
