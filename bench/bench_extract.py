@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from attnpipe import store
 from attnpipe.extract import corpus  # noqa: E402
 from attnpipe.extract.corpus import Text  # noqa: E402
-from attnpipe.extract.runner import ExtractConfig, extract, length_sorted_batches  # noqa: E402
+from attnpipe.extract.batching import length_sorted_batches  # noqa: E402
+from attnpipe.extract.runner import ExtractConfig, extract  # noqa: E402
 from attnpipe.extract.loading import default_model_dir  # noqa: E402
 from attnpipe.analyze.metrics import METRICS  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from attnpipe.extract import corpus
 from attnpipe.extract import guards  # noqa: E402
-from attnpipe.extract.runner import length_sorted_batches  # noqa: E402
+from attnpipe.extract.batching import length_sorted_batches  # noqa: E402
 from attnpipe.extract.loading import default_model_dir, load_model  # noqa: E402
 
 

@@ -16,7 +16,8 @@ from attnpipe.analyze import metric_reference as R  # the numpy oracle
 from attnpipe import store
 from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
-from attnpipe.extract.runner import ExtractConfig, batches, extract, token_budget_batches
+from attnpipe.extract.batching import batches, token_budget_batches
+from attnpipe.extract.runner import ExtractConfig, extract
 from attnpipe.analyze.fast_metrics import BatchMetrics
 from conftest import run_script
 

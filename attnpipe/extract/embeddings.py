@@ -159,6 +159,8 @@ class TorchModel:
             model_type="torch",
             weights_sha256=hash_files([self.weights_file]) if self.weights_file is not None else "",
             weight_files=(self.weights_file.name,) if self.weights_file is not None else (),
+            trust_remote_code=self.trust_remote_code,
+            checkpoint_dtype=self.checkpoint_dtype,
         )
 
 

@@ -247,6 +247,12 @@ class LoadedModel:
     def num_heads(self) -> int:
         return self.weights.num_heads
 
+    def provenance_fields(self) -> dict:
+        """The provenance that names the model (the run's own fields are runner.run_provenance's)."""
+        return dict(model=str(self.model_dir), model_type=self.model_type, weights_sha256=self.weights_sha256,
+                    weight_files=self.weight_files, trust_remote_code=self.trust_remote_code,
+                    checkpoint_dtype=self.checkpoint_dtype)
+
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

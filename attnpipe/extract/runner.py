@@ -33,12 +33,12 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.extract import guards
 from attnpipe.extract.background import BackgroundWriter
 from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH, batches
-from attnpipe.extract.batching import length_sorted_batches, token_budget_batches  # noqa: F401 (public here too)
 from attnpipe.extract.corpus import Text
 from attnpipe.extract.inputs import Batch, TextInputs
 from attnpipe.extract.loading import default_model_dir, load_model, resolve_device
 from attnpipe.extract.sinks import Selection, Sink
 from attnpipe.extract.verify import reference_diffs
+from attnpipe.models import FAMILIES
 
 # Probabilities are float32 sums of n terms: 1e-5 bounds the float32 rounding we have measured
 # against transformers' eager attention (~1e-7 on MiniLM), with room for long inputs.
@@ -270,7 +270,7 @@ def open_run(config: ExtractConfig, device: torch.device):
         from attnpipe.extract.pairs import PairInputs
 
         if not seq2seq:
-            pair_types = sorted(t for t, f in _families().items() if "cross" in f.KINDS)
+            pair_types = sorted(t for t, f in FAMILIES.items() if "cross" in f.KINDS)
             raise AttnpipeError(
                 f"{model_dir} is a {model.model_type!r} model, not an encoder-decoder: source/target pairs "
                 f"need one of {', '.join(pair_types)}; give --text for this model"
@@ -282,12 +282,6 @@ def open_run(config: ExtractConfig, device: torch.device):
             "(or a .jsonl file with source and target fields) instead of texts"
         )
     return model, TextInputs(list(config.texts), model, config.max_length)
-
-
-def _families():
-    from attnpipe.models import FAMILIES
-
-    return FAMILIES
 
 
 def selections(config: ExtractConfig, model) -> dict[str, Selection]:
@@ -309,18 +303,6 @@ def selections(config: ExtractConfig, model) -> dict[str, Selection]:
 def is_causal(model) -> bool:
     """Whether the model's (self-)attention is causal: its family's trait, or the run's --causal."""
     return bool(model.family.CAUSAL or getattr(model.weights, "causal", False))
-
-
-def model_fields(model, config: ExtractConfig) -> dict:
-    """Provenance that names the model (the run's fields are run_provenance's)."""
-    if hasattr(model, "provenance_fields"):  # a user's torch encoder
-        fields = model.provenance_fields()
-    else:
-        fields = dict(model=str(model.model_dir), model_type=model.model_type,
-                      weights_sha256=model.weights_sha256, weight_files=model.weight_files)
-    fields.update(trust_remote_code=model.trust_remote_code if hasattr(model, "provenance_fields")
-                  else config.trust_remote_code, checkpoint_dtype=model.checkpoint_dtype)
-    return fields
 
 
 def extract(config: ExtractConfig) -> ExtractResult:
@@ -442,7 +424,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
             bar.update(len(indices))
         self_sel = chosen["self"]
         fields = dict(num_layers=model.num_layers, num_heads=model.num_heads, layers=self_sel.layers,
-                      heads=self_sel.heads, max_length=inputs.max_length, **model_fields(model, config))
+                      heads=self_sel.heads, max_length=inputs.max_length, **model.provenance_fields())
         if "decoder" in chosen:
             fields.update(decoder_num_layers=model.weights.decoder_num_layers,
                           decoder_num_heads=model.weights.decoder_num_heads,
@@ -463,7 +445,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     return ExtractResult(
         output=config.output,
         num_texts=count,
-        num_tokens=sum(sum(batch_len) for batch_len in _token_counts(inputs)),
+        num_tokens=sum(getattr(inputs, "lengths", inputs.widths)),  # embeddings: real rows, not the array's width
         layers=self_sel.layers,
         heads=self_sel.heads,
         truncated_ids=tuple(sorted(truncated, key=order_ids.__getitem__)),
@@ -474,8 +456,3 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
         decoder_heads=None if decoder is None else decoder.heads,
         input_kind=config.input_kind,
     )
-
-
-def _token_counts(inputs) -> list[list[int]]:
-    """Real tokens per item (source + target for pairs; real rows for embeddings)."""
-    return [list(getattr(inputs, "lengths", inputs.widths))]
