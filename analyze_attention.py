@@ -33,6 +33,9 @@ Examples:
     python analyze_attention.py circuits run-0.h5 run-250.h5 run-500.h5 --output-dir out \
         --in-context-loss results/induction/models/run/in_context_loss.csv
 
+    # Clark et al. 2019's own conventions (previous token / n, smoothed entropy, summed JS in nats)
+    python analyze_attention.py clark results/demo/attention.h5 --output-dir out/clark
+
     # a Markdown report with figures (several files: checkpoints of the same texts, in order)
     python analyze_attention.py report results/demo/attention.h5 --output-dir results/demo/report
 
@@ -193,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     circuits.add_argument("--max-offset", type=int, default=64, metavar="D",
                           help="largest relative offset profiled (default: 64)")
     circuits.add_argument("--title", default="Circuits over training", help="the report's heading")
+
+    clark = commands.add_parser(
+        "clark", help="Clark et al. 2019's numbers exactly (their conventions, not ours)",
+        description="Write clark_heads.parquet/.csv (per layer and head, averaged over texts: attention "
+        "to self, left, right, [CLS], [SEP] and '.'/',' keys divided by n, and their smoothed entropy) and "
+        "clark_distances.parquet/.csv (their smoothed JS divergence in nats between every two heads, "
+        "summed over rows and texts). docs/METRICS.md lists how each departs from ours.")
+    add_common(clark, causal=False)
+    clark.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                       help="folder for the tables (created if missing)")
     add_gradient_commands(commands)
     return parser
 

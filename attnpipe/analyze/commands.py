@@ -376,6 +376,20 @@ def run_circuits(inputs: Sequence[Path], output_dir: Path, steps: str | None = N
     return Outcome(stdout="\n".join(words), stderr=_wrote(written).stderr)
 
 
+def run_clark(input: Path, output_dir: Path) -> Outcome:
+    """clark_heads.parquet/.csv and clark_distances.parquet/.csv: Clark et al. 2019's numbers exactly."""
+    from attnpipe.analyze import clark
+
+    folder = tables.prepare_output_dir(output_dir)
+    with open_attention(input) as f:
+        if len(f) == 0:
+            raise AttnpipeError(f"{input} holds no texts")
+        per_head, distances = clark.corpus_tables(f)
+    written = tables.write_table(per_head, folder, "clark_heads")
+    written += tables.write_table(distances, folder, "clark_distances")
+    return _wrote(written)
+
+
 def head_importance(f: AttentionFile) -> tuple[np.ndarray, np.ndarray | None]:
     """(model layer, model head) mean |d target / d gate| over the texts, and the mean ablation effect
     (None without --ablate); a JSON file's one text gives its own."""
@@ -473,7 +487,7 @@ def run_faithfulness(input: Path, output_dir: Path, model_dir: Path | None = Non
 
 COMMANDS = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollout, "flow": run_flow,
             "specialization": run_specialization, "clusters": run_clusters, "compare": run_compare,
-            "report": run_report, "circuits": run_circuits, "relevance": run_relevance, "faithfulness": run_faithfulness}
+            "report": run_report, "circuits": run_circuits, "clark": run_clark, "relevance": run_relevance, "faithfulness": run_faithfulness}
 
 
 def run(command: str, **options) -> Outcome:
