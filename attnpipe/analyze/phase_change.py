@@ -87,6 +87,8 @@ def corpus_chance(f) -> dict[str, dict[str, float]]:
 def read_loss_table(path: Path) -> pd.DataFrame:
     """A run's in_context_loss.csv (scripts/train_induction.py): step, loss_first, loss_repeat,
     in_context_loss; one row per saved checkpoint."""
+    if not Path(path).is_file():
+        raise AttnpipeError(f"--in-context-loss {path}: file not found")
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as err:
