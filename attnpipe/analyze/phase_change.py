@@ -173,8 +173,10 @@ def describe(change: PhaseChange, names: Sequence[str], heads: pd.DataFrame, off
         lines.append(f"In-context loss (loss on the repeated half minus the first half) was {icl[0]:+.2f} nats at "
                      f"{names[0]} and {icl[-1]:+.2f} at {names[-1]}. It fell most between {before} and {after}: "
                      f"from {change.start:+.2f} to {change.end:+.2f} nats ({change.end - change.start:+.2f}); "
-                     f"the loss on the repeated half went from {loss['loss_repeat'].iloc[change.before]:.2f} to "
-                     f"{loss['loss_repeat'].iloc[change.after]:.2f} nats.")
+                     f"over the same interval the loss on the repeated half went from "
+                     f"{loss['loss_repeat'].iloc[change.before]:.2f} to {loss['loss_repeat'].iloc[change.after]:.2f} "
+                     f"nats and on the first half from {loss['loss_first'].iloc[change.before]:.2f} to "
+                     f"{loss['loss_first'].iloc[change.after]:.2f}.")
     else:
         lines.append(f"Without a loss table, the phase change is taken where the highest induction score of any "
                      f"head rose most: between {before} and {after}, from {change.start:.2f} to {change.end:.2f}.")
