@@ -172,3 +172,40 @@ def test_probe_corpus_is_reproducible_and_round_trips(tmp_path):
         assert ids[1 + prefix: 1 + prefix + length] == ids[1 + prefix + length:]
         assert 10 <= length <= 40 and 0 <= prefix <= 10
     assert probe_records(tokenizer, ProbeSpec(num_texts=3, seed=2)) != committed[:3]
+
+
+def test_commands_on_a_tiny_gpt2_file(tiny_model_dir, tmp_path, capsys):
+    """Probe corpus through another tokenizer, extraction, then circuits / metrics --detectors / clark
+    in-process: the detector rows of the metrics table are the circuits table's."""
+    import pandas as pd
+    import transformers
+
+    import analyze_attention
+    import extract_attention
+    from attnpipe.errors import run_cli
+    from attnpipe.extract.probes import ProbeSpec, probe_records
+
+    model = tiny_model_dir("gpt2")
+    records = probe_records(transformers.AutoTokenizer.from_pretrained(model),
+                            ProbeSpec(num_texts=3, seed=0, min_length=4, max_length=8, max_prefix=2))
+    corpus = tmp_path / "probes.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    h5 = tmp_path / "a.h5"
+    assert run_cli(extract_attention.main, ["--model_dir", str(model), "--texts-file", str(corpus),
+                                            "--dtype", "float32", "--output_file", str(h5)]) == 0
+    assert run_cli(analyze_attention.main, ["circuits", str(h5), "--output-dir", str(tmp_path / "c")]) == 0
+    assert run_cli(analyze_attention.main, ["metrics", str(h5), "--output-dir", str(tmp_path / "m"),
+                                            "--metrics", "entropy", "--detectors", "--bootstrap", "10"]) == 0
+    assert run_cli(analyze_attention.main, ["clark", str(h5), "--output-dir", str(tmp_path / "k")]) == 0
+    capsys.readouterr()
+    circuits = pd.read_csv(tmp_path / "c" / "detectors.csv")
+    metrics = pd.read_csv(tmp_path / "m" / "metrics.csv")
+    assert set(metrics["metric"]) == {"entropy", *C.DETECTORS}
+    merged = circuits.merge(metrics, on=["text_id", "layer", "head", "metric"], suffixes=("_c", "_m"))
+    assert len(merged) == 3 * 2 * 4 * 3  # texts x layers x heads x detectors
+    np.testing.assert_allclose(merged["value_c"], merged["value_m"], rtol=1e-12)
+    sidecar = json.loads((tmp_path / "m" / "metrics.columns.json").read_text())
+    assert "induction" in sidecar["metrics"]
+    assert (tmp_path / "c" / "circuits.md").read_text().startswith("# Circuits over training")
+    heads = pd.read_csv(tmp_path / "k" / "clark_heads.csv")
+    assert list(heads.columns) == ["layer", "head", *clark.KINDS, "entropy"] and len(heads) == 8
