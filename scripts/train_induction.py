@@ -37,7 +37,6 @@ from attnpipe.errors import AttnpipeError, run_cli  # noqa: E402
 from attnpipe.extract.probes import ProbeSpec, draw_sequence, usable_vocab  # noqa: E402
 
 IGNORE = -100  # cross_entropy's ignore_index: positions whose loss does not count
-POSITIONS = 128  # learned positions, at least: room for the workflow's --max-length 128
 
 
 def batch(rng: np.random.Generator, vocab: np.ndarray, spec: ProbeSpec, size: int, bos: int, pad: int):
@@ -84,9 +83,11 @@ def train(tokenizer_dir: Path, probe_corpus: Path, out: Path, steps: int, save_e
         raise AttnpipeError(f"{probe_corpus} is not a probe corpus (scripts/make_probe_corpus.py): every "
                             "line needs text, prefix and length")
     spec = ProbeSpec()  # the training distribution: A 10-40 tokens, prefix 0-10
-    longest = max(spec.max_prefix + 2 * spec.max_length, max(len(tokenizer(p["text"])["input_ids"]) for p in probes))
+    # learned positions for the longest sequence, BOS included: training's or a probe text's
+    longest = max(1 + spec.max_prefix + 2 * spec.max_length,
+                  max(len(tokenizer(p["text"])["input_ids"]) for p in probes))
     config = transformers.GPT2Config(
-        vocab_size=len(tokenizer), n_positions=max(POSITIONS, 1 + longest), n_embd=width, n_layer=layers, n_head=heads,
+        vocab_size=len(tokenizer), n_positions=longest, n_embd=width, n_layer=layers, n_head=heads,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: a deterministic, small run
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = transformers.GPT2LMHeadModel(config)
