@@ -183,7 +183,8 @@ def describe(change: PhaseChange, names: Sequence[str], heads: pd.DataFrame, off
     top_induction = summary[(summary["metric"] == "induction") & (summary["checkpoint"] == names[-1])]
     best = top_induction.loc[top_induction["mean"].idxmax()]
     lines.append(f"At {names[-1]} the strongest induction score is {C.head_name(best['layer'], best['head'])}'s, "
-                 f"{best['mean']:.2f} (a uniform head scores {best['chance']:.2f} on these texts).")
+                 f"{best['mean']:.2f}, {best['mean'] / best['chance']:.1f} times what a uniform head scores on "
+                 f"these texts ({best['chance']:.2f}); a perfect induction head scores 1.")
     for row in heads.itertuples(index=False):
         moves = [(m, getattr(row, f"{m}_before"), getattr(row, f"{m}_after")) for m in C.DETECTORS]
         metric, start, end = max(moves, key=lambda m: abs(m[2] - m[1]))
