@@ -487,7 +487,8 @@ def run_faithfulness(input: Path, output_dir: Path, model_dir: Path | None = Non
 
 COMMANDS = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollout, "flow": run_flow,
             "specialization": run_specialization, "clusters": run_clusters, "compare": run_compare,
-            "report": run_report, "circuits": run_circuits, "clark": run_clark, "relevance": run_relevance, "faithfulness": run_faithfulness}
+            "report": run_report, "relevance": run_relevance, "faithfulness": run_faithfulness,
+            "circuits": run_circuits, "clark": run_clark}
 
 
 def run(command: str, **options) -> Outcome:
