@@ -38,7 +38,8 @@ def read_inputs(args: argparse.Namespace) -> dict:
         return {"torch_model": args.torch_model}
     if args.file is not None:  # seed 003: source sentences whose targets the model generates
         if args.text or args.texts_file or args.source or args.target:
-            raise AttnpipeError("--file gives the source sentences: not with --text, --texts-file, --source or --target")
+            raise AttnpipeError("--file gives the source sentences: not with --text, --texts-file, --source "
+                                "or --target")
         if corpus.is_pairs_file(args.file):
             return {"pairs": tuple(corpus.read_pairs_file(args.file))}
         texts = corpus.read_texts_file(args.file, args.text_column, args.id_column)
@@ -104,7 +105,8 @@ def generation_from_args(args: argparse.Namespace, inputs: dict) -> GenerationSe
         return None
     if args.seed is not None and not args.sample:
         raise AttnpipeError("--seed seeds --sample; greedy decoding and beam search are deterministic")
-    return GenerationSettings(kind=kind, max_new_tokens=count, num_beams=1 if args.num_beams is None else args.num_beams,
+    return GenerationSettings(kind=kind, max_new_tokens=count,
+                              num_beams=1 if args.num_beams is None else args.num_beams,
                               do_sample=args.sample, seed=0 if args.seed is None else args.seed)
 
 
@@ -183,6 +185,10 @@ def report(result: ExtractResult, quiet: bool = False) -> None:
                    f"{len(result.layers)} encoder layer(s) x {len(result.heads)} head(s) and "
                    f"{len(result.decoder_layers)} decoder layer(s) x {len(result.decoder_heads)} head(s) "
                    f"(self- and cross-attention) to {result.output}")
+    if result.generation is not None:
+        what = "continuation" if result.generation["kind"] == "continuation" else "target"
+        summary += (f"; the model generated {result.generated_tokens} {what} token(s) "
+                    f"({result.generation['strategy']}, at most {result.generation['max_new_tokens']} each)")
     if result.parity_max_abs_diff is not None:
         summary += (f"; verified against transformers eager: max |diff| attention "
                     f"{result.parity_max_abs_diff:.2e}, hidden {result.parity_hidden_max_abs_diff:.2e}")

@@ -135,7 +135,8 @@ class Generator:
         return self.settings.provenance(self.config)
 
 
-def generate_targets(model, sources: list[str], settings: GenerationSettings, limit: int) -> tuple[list[list[int]], dict]:
+def generate_targets(model, sources: list[str], settings: GenerationSettings,
+                     limit: int) -> tuple[list[list[int]], dict]:
     """Encoder-decoders: each source's generated target as label ids (the decoder start token
     that generate puts first is dropped: the labels are what the decoder predicts), and the
     generation provenance. `limit`: the run's max length, which the sources are truncated to."""
@@ -191,8 +192,8 @@ class ContinuationInputs:
                 text=text.text,  # the prompt as given: the prompt tokens' offsets point into it
                 tokens=tuple(self.tokenizer.convert_ids_to_tokens(ids)),
                 token_ids=np.asarray(ids, dtype=np.int64),
-                special_tokens_mask=np.asarray(list(encoded.special_tokens_mask[0]) + [i in special for i in continuation],
-                                               dtype=bool),
+                special_tokens_mask=np.asarray(
+                    list(encoded.special_tokens_mask[0]) + [i in special for i in continuation], dtype=bool),
                 offsets=np.concatenate([encoded.offsets[0], np.full((g, 2), -1, dtype=np.int64)]),  # not in `text`
                 word_ids=np.concatenate([encoded.word_ids[0], np.full(g, -1, dtype=np.int64)]),
                 truncated=encoded.untruncated_lengths[0] > p,
@@ -202,6 +203,7 @@ class ContinuationInputs:
                 generated_text=self.tokenizer.decode(continuation, skip_special_tokens=True),
             ))
         self.widths = [item.num_tokens for item in self.items]
+        self.generated_tokens = sum(int(item.generated.sum()) for item in self.items)
         self.generation = generator.provenance()
 
     def prepare(self, indices: list[int], device: torch.device) -> Batch:

@@ -92,6 +92,7 @@ class PairInputs:
             self.tgt_lengths = token_lengths(self.target_side, [p.target for p in pairs], self.max_length)
         else:
             self.tgt_lengths = [len(labels) for labels in generated_labels]
+        self.generated_tokens = sum(self.tgt_lengths) if generated_labels is not None else 0
         self.widths = [s + t for s, t in zip(self.src_lengths, self.tgt_lengths, strict=True)]
         pad_id = model.hf_model.config.pad_token_id
         self.pad_id = pad_id if pad_id is not None else 0

@@ -115,6 +115,8 @@ class ExtractResult:
     decoder_layers: tuple[int, ...] | None = None  # encoder-decoder models: stored decoder layers
     decoder_heads: tuple[int, ...] | None = None
     input_kind: str = "texts"
+    generation: dict | None = None  # generated text: the settings (store.Provenance.generation)
+    generated_tokens: int = 0  # tokens the model generated, over all inputs
 
 
 def parse_indices(values: tuple[str, ...], count: int, flag: str, noun: str) -> tuple[int, ...]:
@@ -510,4 +512,6 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
         decoder_layers=None if decoder is None else decoder.layers,
         decoder_heads=None if decoder is None else decoder.heads,
         input_kind=config.input_kind,
+        generation=getattr(inputs, "generation", None),
+        generated_tokens=getattr(inputs, "generated_tokens", 0),
     )
