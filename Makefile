@@ -74,7 +74,7 @@ docs-images-generation: $(STAMP)
 	cp $(GEN)/cross_attention_layer1.png $(IMG)/generation_cross.png
 	cp $(GEN)/cross_attention_multihead_layer1.png $(IMG)/generation_cross_heads.png
 	cp $(GEN)/self_attention_layer1.png $(IMG)/generation_self.png
-	$(PY) extract_attention.py --model_dir results/generators/lm --text "the big dog" --generate 8 \
+	$(PY) extract_attention.py --model_dir results/generators/lm --text "the big dog sleeps on" --generate 8 \
 		-q --verify --output_file $(GEN)/lm.json
 	$(PY) visualize_attention.py --input_file $(GEN)/lm.json --mode average --layer -1 --dpi 70 \
 		--output_file $(IMG)/generation_lm.png

@@ -75,6 +75,8 @@ def train(model, batches, steps: int, lr: float) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step % 250 == 0:
+            print(f"  step {step}: loss {float(loss):.3f}", file=sys.stderr, flush=True)
     model.eval()
     return float(loss)
 
@@ -82,13 +84,16 @@ def train(model, batches, steps: int, lr: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, required=True, help="folder for translator/ and lm/")
-    ap.add_argument("--steps", type=int, default=400, help="optimiser steps per model (default: 400)")
+    ap.add_argument("--steps", type=int, default=2000, help="optimiser steps of the translator (default: 2000)")
+    ap.add_argument("--lm-steps", type=int, default=2000, help="optimiser steps of the LM (default: 2000)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = ap.parse_args(argv)
 
     import transformers as T
 
     T.utils.logging.set_verbosity_error()
+    T.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)  # models this small: more threads only wait on each other (10x slower on a busy machine)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     words = sorted({w for table in (DETERMINERS, NOUNS, ADJECTIVES, VERBS, PREPOSITIONS) for pair in table.items()
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = tok([fr for _, fr in chunk], padding=True, return_tensors="pt")["input_ids"]
         return dict(**enc, labels=labels.masked_fill(labels == pad, -100))
 
-    loss = train(translator, pair_batch, args.steps, 3e-3)
+    loss = train(translator, pair_batch, args.steps, 1e-3)
     folder = args.out_dir / "translator"
     translator.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         enc = lm_tok(chunk, padding=True, return_tensors="pt")
         return dict(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100))
 
-    loss = train(lm, text_batch, args.steps, 3e-3)
+    loss = train(lm, text_batch, args.lm_steps, 1e-3)
     folder = args.out_dir / "lm"
     lm.save_pretrained(folder)
     lm_tok.save_pretrained(folder)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import h5py
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,7 @@ import extract_attention
 import visualize_attention
 from attnpipe.errors import run_cli
 from attnpipe.store import open_attention
-from conftest import save_tiny_model, tiny_config
+from conftest import ROOT, save_tiny_model, tiny_config
 from seq2seq_tiny import save_tiny_seq2seq
 
 SOURCES = ["the cat sat on the mat", "a dog ran"]
@@ -63,13 +64,10 @@ def extract(capsys, *argv) -> str:
     return err
 
 
-def reference_generate(model_dir: Path, causal: bool, input_ids: list[int], settings: dict) -> list[int]:
-    """What a user gets from transformers for one input with the same settings."""
-    import transformers as T
+def reference_generate(lm, input_ids: list[int], settings: dict) -> list[int]:
+    """What a user gets from transformers' `lm.generate` for one input with the same settings."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    auto = T.AutoModelForCausalLM if causal else T.AutoModelForSeq2SeqLM
-    lm = auto.from_pretrained(model_dir, attn_implementation="eager").eval()
     kwargs = dict(max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"],
                   do_sample=settings["do_sample"])
     if lm.generation_config.pad_token_id is None:
@@ -84,17 +82,14 @@ def reference_generate(model_dir: Path, causal: bool, input_ids: list[int], sett
         return lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0].tolist()
 
 
-def eager_attention(model_dir: Path, item, causal: bool) -> dict[str, tuple]:
+def eager_attention(hf, item, causal: bool) -> dict[str, tuple]:
     """transformers' eager attention on the stored (generated) sequence, per kind: (layer, head, q, k)."""
-    import transformers as T
-
-    hf = T.AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         if causal:
-            out = hf(input_ids=torch.tensor([item.token_ids]), output_attentions=True)
+            out = hf(input_ids=torch.tensor(item.token_ids[None]), output_attentions=True)
             return {"self": out.attentions}
-        out = hf(input_ids=torch.tensor([item.token_ids]), decoder_input_ids=torch.tensor([item.target.token_ids]),
-                 output_attentions=True)
+        out = hf(input_ids=torch.tensor(item.token_ids[None]),
+                 decoder_input_ids=torch.tensor(item.target.token_ids[None]), output_attentions=True)
     return {"self": out.encoder_attentions, "decoder": out.decoder_attentions, "cross": out.cross_attentions}
 
 
@@ -126,9 +121,12 @@ def test_generated_ids_equal_generate_and_attention_equals_eager(variant, causal
     import transformers as T
 
     tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
+    auto = T.AutoModelForCausalLM if causal else T.AutoModelForSeq2SeqLM
+    lm = auto.from_pretrained(model_dir, attn_implementation="eager").eval()
+    hf = T.AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     for source, item in zip(SOURCES, items):
         prompt = tokenizer(source)["input_ids"]
-        expected = reference_generate(model_dir, causal, prompt, settings)
+        expected = reference_generate(lm, prompt, settings)
         if causal:
             assert item.token_ids.tolist() == expected  # prompt + continuation, exactly
             assert item.generated.tolist() == [False] * len(prompt) + [True] * (len(expected) - len(prompt))
@@ -141,7 +139,7 @@ def test_generated_ids_equal_generate_and_attention_equals_eager(variant, causal
             assert item.target.token_ids.tolist() == expected[:-1]
             assert item.target.generated.tolist() == [False] + [True] * (len(expected) - 2)
             assert item.token_ids.tolist() == prompt and item.generated is None
-        reference = eager_attention(model_dir, item, causal)
+        reference = eager_attention(hf, item, causal)
         stored = {"self": (item.attention, meta.layers, meta.heads)}
         if not causal:
             stored["decoder"] = (item.target.decoder_attention, meta.decoder_layers, meta.decoder_heads)
@@ -202,7 +200,9 @@ def test_figures_show_the_boundary_and_seed003_figures_of_a_generated_translatio
 
     prepared = tmp_path / "prepared.json"
     assert run_cli(visualize_attention.main, ["-i", str(gen), "--mode", "prepare", "-o", str(prepared)]) == 0
-    assert json.loads(prepared.read_text())["generated"] == [False] * 5 + [True] * 4
+    payload = json.loads(prepared.read_text())
+    assert payload["generated"] == [False] * 5 + [True] * 4
+    jsonschema.validate(payload, json.loads((ROOT / "docs" / "prepared.schema.json").read_text()))
     page = tmp_path / "page.html"
     assert run_cli(visualize_attention.main, ["-i", str(gen), "--mode", "html", "-o", str(page)]) == 0
     assert '"generated":[false,false,false,false,false,true,true,true,true]' in page.read_text()
