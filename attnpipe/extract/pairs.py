@@ -70,13 +70,14 @@ class PairInputs:
 
     label = "pair"
     input_kind = "text"
-    generation: dict | None = None  # the generation provenance, when the targets were generated
 
     def __init__(self, pairs: list[Pair], model, requested_max_length: int | None,
-                 generated_labels: list[list[int]] | None = None):
+                 generated_labels: list[list[int]] | None = None, generation: dict | None = None):
         """`generated_labels`: per pair, the label ids of a target the model generated
-        (attnpipe/extract/generate.py), used instead of tokenizing `pair.target`."""
+        (attnpipe/extract/generate.py), used instead of tokenizing `pair.target`; `generation`:
+        how (the file's generation provenance)."""
         self.pairs = pairs
+        self.generation = generation
         self.ids = [p.id for p in pairs]
         self.tokenizer = model.tokenizer
         self.target_side = _TargetSide(self.tokenizer)

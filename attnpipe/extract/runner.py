@@ -11,8 +11,10 @@ thread that compresses and writes it while the next layer and batch run, or per-
 also runs through transformers' eager attention (verify.py) and the largest difference is
 recorded in the file (and fails the run above the tolerance); verify keeps a batch's layers in
 memory to compare them. With `explain`, texts run one at a time with gradients
-(attnpipe.extract.gradients) through the same guards, sink and writer. Every path records one
-provenance (`run_provenance`).
+(attnpipe.extract.gradients) through the same guards, sink and writer. With `generation`, the
+model first writes the text (generate.py: a causal LM's continuation, an encoder-decoder's
+target) and the loop then runs on the generated tokens like on any others. Every path records
+one provenance (`run_provenance`).
 """
 
 from __future__ import annotations
@@ -305,16 +307,15 @@ def open_run(config: ExtractConfig, device: torch.device):
                 f"need one of {', '.join(pair_types)}; give --text for this model"
                 + (" (with --generate N to continue it)" if model.family.CAUSAL else "")
             )
-        labels = None
+        labels = generation = None
         if config.generation is not None:  # sources without targets: the model writes them
             from attnpipe.extract.generate import generate_targets
             from attnpipe.extract.pairs import seq2seq_max_length
 
             labels, generation = generate_targets(model, [p.source for p in config.pairs], config.generation,
                                                   seq2seq_max_length(model, config.max_length))
-        inputs = PairInputs(list(config.pairs), model, config.max_length, generated_labels=labels)
-        inputs.generation = None if labels is None else generation
-        return model, inputs
+        return model, PairInputs(list(config.pairs), model, config.max_length, generated_labels=labels,
+                                 generation=generation)
     if seq2seq and config.generation is not None:
         raise AttnpipeError(
             f"{model_dir} is an encoder-decoder ({model.model_type}) model: it generates the target of each "
