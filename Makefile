@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := results/demo
 
-.PHONY: demo demo-extract test test-fast browser docs-images clean
+.PHONY: demo demo-extract test test-fast browser docs-images docs-images-generation clean
 # The viewer's browser test runs Debian's chromium; root installs it directly, others via sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -61,6 +61,23 @@ docs-images: $(STAMP)
 		--dpi 70 --output_file $(IMG)/layers.png
 	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode average --layer all \
 		--dpi 85 --output_file $(IMG)/average.png
+
+# The README's generation pictures: two tiny models trained on a toy language (a minute on CPU),
+# a translation the model writes itself (seed 003's figures) and a causal LM's continuation.
+GEN := results/generation
+docs-images-generation: $(STAMP)
+	mkdir -p $(IMG) $(GEN)
+	$(PY) scripts/make_generators.py --out-dir results/generators
+	$(PY) extract_attention.py --model_dir results/generators/translator --input "the red cat sleeps on the old mat" \
+		-q --verify --output_file $(GEN)/translation.json
+	$(PY) visualize_attention.py --input_file $(GEN)/translation.json --mode seq2seq --output-dir $(GEN) --dpi 70
+	cp $(GEN)/cross_attention_layer1.png $(IMG)/generation_cross.png
+	cp $(GEN)/cross_attention_multihead_layer1.png $(IMG)/generation_cross_heads.png
+	cp $(GEN)/self_attention_layer1.png $(IMG)/generation_self.png
+	$(PY) extract_attention.py --model_dir results/generators/lm --text "the big dog sleeps on" --generate 8 \
+		-q --verify --output_file $(GEN)/lm.json
+	$(PY) visualize_attention.py --input_file $(GEN)/lm.json --mode average --layer -1 --dpi 70 \
+		--output_file $(IMG)/generation_lm.png
 
 clean:
 	rm -rf $(VENV) results

@@ -26,6 +26,11 @@ Examples:
     python extract_attention.py --model_dir ./opus-mt-ko-en --source "안녕하세요" --target "Hello" -o pair.json
     python extract_attention.py --model_dir ./opus-mt-ko-en --texts-file pairs.jsonl -o pairs.h5 --verify
 
+    # generation: the model writes the translation (seed 003: --input / --file), or continues a
+    # text by 20 tokens (causal LMs); our pass then runs on what it wrote, checked by --verify
+    python extract_attention.py --model_dir ./opus-mt-ko-en --input "안녕하세요" -o translation.json --verify
+    python extract_attention.py --model_dir ./gpt2 --text "Once upon a time" --generate 20 -o story.json
+
     # images through a ViT folder (config.json, weights, preprocessor_config.json)
     python extract_attention.py --model_dir ./vit --image cat.png --image-dir photos/ --output_file vit.h5
 
@@ -67,13 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="column holding the text in a .csv/.tsv file (default: text)")
     source.add_argument("--id-column", default=None,
                         help="column holding a unique id in a .csv/.tsv file (default: row-N)")
-    source.add_argument("--source", action="append", default=[], metavar="TEXT",
+    source.add_argument("--source", "--input", action="append", default=[], metavar="TEXT",
                         help="encoder-decoder models: a source text; repeat for several, each paired "
-                        "with the --target at the same position. A --texts-file .jsonl whose rows have "
-                        "source and target fields (and an optional id) gives pairs too")
+                        "with the --target at the same position, or give no --target and the model "
+                        "generates each target. A --texts-file .jsonl whose rows have source and "
+                        "target fields (and an optional id; no target: generated) gives pairs too")
     source.add_argument("--target", action="append", default=[], metavar="TEXT",
                         help="encoder-decoder models: the target text of the matching --source, run with "
                         "teacher forcing (decoder input = the model's start token + the target shifted right)")
+    source.add_argument("--file", type=Path, default=None, metavar="FILE",
+                        help="encoder-decoder models (seed 003): a file of source sentences (.txt one per "
+                        "line, or .jsonl/.csv like --texts-file) whose targets the model generates")
+    source.add_argument("--num-examples", type=int, default=None, metavar="N",
+                        help="use only the first N inputs (texts, sources or pairs) (default: all)")
+    gen = parser.add_argument_group("generation (attnpipe/extract/generate.py): the model writes the text, "
+                                    "then attnpipe's own pass runs on it")
+    gen.add_argument("--generate", type=int, default=None, metavar="N",
+                     help="causal LMs: continue each text by up to N tokens with transformers' generate, "
+                     "then store the attention of prompt + continuation (generated tokens are marked)")
+    gen.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                     help="encoder-decoders given --source without --target: the longest target "
+                     "generated, in tokens (default: 64, or the decoder's limit if smaller)")
+    gen.add_argument("--num-beams", type=int, default=None, metavar="B",
+                     help="beam search with B beams (default: 1, greedy)")
+    gen.add_argument("--sample", action="store_true",
+                     help="sample instead of greedy decoding, after torch.manual_seed(--seed) for each input")
+    gen.add_argument("--seed", type=int, default=None, metavar="S",
+                     help="with --sample: the random seed, set before each input's generation (default: 0)")
     images = parser.add_argument_group("input images (a ViT --model_dir)")
     images.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
                         help="an image file; repeat the flag for several images")

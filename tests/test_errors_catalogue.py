@@ -137,6 +137,7 @@ def files(tiny_model_dir, tiny_vit_dir, tmp_path_factory) -> dict[str, Path]:
     f["nokeys_json"].write_text(json.dumps(data))
     # The other input kinds (the rows of the runner and of --explain).
     f["t5"] = save_tiny_seq2seq("t5", d / "t5")
+    f["gpt2"] = tiny_model_dir("gpt2")
     f["vit"] = tiny_vit_dir
     (f["image"],) = write_test_images(d / "images", sizes=((32, 32),))
     (d / "encoders.py").write_text(TORCH_FACTORY)

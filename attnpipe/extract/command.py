@@ -12,6 +12,7 @@ import sys
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import corpus
 from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH
+from attnpipe.extract.generate import GenerationSettings
 from attnpipe.extract.runner import DEFAULT_VERIFY_TOL, ExtractConfig, ExtractResult, extract
 
 
@@ -35,6 +36,14 @@ def read_inputs(args: argparse.Namespace) -> dict:
         if args.method != "manual":
             raise AttnpipeError("--torch-model replaces --model_dir and --method")
         return {"torch_model": args.torch_model}
+    if args.file is not None:  # seed 003: source sentences whose targets the model generates
+        if args.text or args.texts_file or args.source or args.target:
+            raise AttnpipeError("--file gives the source sentences: not with --text, --texts-file, --source "
+                                "or --target")
+        if corpus.is_pairs_file(args.file):
+            return {"pairs": tuple(corpus.read_pairs_file(args.file))}
+        texts = corpus.read_texts_file(args.file, args.text_column, args.id_column)
+        return {"pairs": tuple(corpus.Pair(t.id, t.text, None) for t in texts)}
     if args.text and args.texts_file:
         raise AttnpipeError("give --text or --texts-file, not both")
     if args.target and not args.source and looks_like_gradient_target(args.target[0]):
@@ -53,8 +62,57 @@ def read_inputs(args: argparse.Namespace) -> dict:
     raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
 
 
+def first_inputs(inputs: dict, count: int | None) -> dict:
+    """--num-examples N: the first N of the inputs (texts, pairs or images)."""
+    if count is None:
+        return inputs
+    if count < 1:
+        raise AttnpipeError(f"--num-examples must be at least 1, got {count}")
+    if "torch_model" in inputs:
+        raise AttnpipeError("--num-examples takes the first texts, pairs or images; a --torch-model's --data "
+                            "is used whole")
+    return {name: value[:count] for name, value in inputs.items()}
+
+
+def generation_from_args(args: argparse.Namespace, inputs: dict) -> GenerationSettings | None:
+    """The generation settings of the flags, or None; refuses generation flags that cannot apply."""
+    pairs = inputs.get("pairs", ())
+    untargeted = bool(pairs) and all(pair.target is None for pair in pairs)
+    given = [flag for flag, on in (("--max-new-tokens", args.max_new_tokens is not None),
+                                   ("--num-beams", args.num_beams is not None), ("--sample", args.sample),
+                                   ("--seed", args.seed is not None)) if on]
+    if args.generate is not None:
+        if pairs:
+            raise AttnpipeError("--generate N continues texts with a causal language model; an encoder-decoder "
+                                "generates the target of each --source given without --target (its length: "
+                                "--max-new-tokens N)")
+        if "texts" not in inputs:
+            raise AttnpipeError("--generate N continues texts (--text/--texts-file) with a causal language model")
+        if args.max_new_tokens is not None:
+            raise AttnpipeError("--generate N already says how many tokens to add; --max-new-tokens is for "
+                                "encoder-decoder targets")
+        kind, count = "continuation", args.generate
+    elif untargeted:
+        kind = "target"
+        count = args.max_new_tokens  # None: DEFAULT_MAX_NEW_TOKENS, within the decoder's limit
+    elif given:
+        if pairs:
+            raise AttnpipeError(f"{given[0]} is for generating the target, but --target gives it: give one of "
+                                "them (without --target the model writes the target)")
+        raise AttnpipeError(f"{given[0]} sets how text is generated: add --generate N (causal LMs) or give "
+                            "--source without --target (encoder-decoders)")
+    else:
+        return None
+    if args.seed is not None and not args.sample:
+        raise AttnpipeError("--seed seeds --sample; greedy decoding and beam search are deterministic")
+    return GenerationSettings(kind=kind, max_new_tokens=count,
+                              num_beams=1 if args.num_beams is None else args.num_beams,
+                              do_sample=args.sample, seed=0 if args.seed is None else args.seed)
+
+
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
-    inputs = read_inputs(args)
+    inputs = first_inputs(read_inputs(args), args.num_examples)
+    generation = generation_from_args(args, inputs)
     if args.explain is not None:
         from attnpipe.extract.gradients import parse_target
 
@@ -92,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         causal=args.causal,
         explain=args.explain,
         ablate=args.ablate,
+        generation=generation,
     )
 
 
@@ -100,6 +159,10 @@ def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.estimate:
         from attnpipe.extract.estimate import estimate
+
+        if config.generation is not None:
+            raise AttnpipeError("--estimate calibrates the extraction alone; it does not model generation: "
+                                "time a run on a few inputs (--num-examples N) instead")
 
         print(estimate(config).describe())
         return 0
@@ -122,6 +185,10 @@ def report(result: ExtractResult, quiet: bool = False) -> None:
                    f"{len(result.layers)} encoder layer(s) x {len(result.heads)} head(s) and "
                    f"{len(result.decoder_layers)} decoder layer(s) x {len(result.decoder_heads)} head(s) "
                    f"(self- and cross-attention) to {result.output}")
+    if result.generation is not None:
+        what = "continuation" if result.generation["kind"] == "continuation" else "target"
+        summary += (f"; the model generated {result.generated_tokens} {what} token(s) "
+                    f"({result.generation['strategy']}, at most {result.generation['max_new_tokens']} each)")
     if result.parity_max_abs_diff is not None:
         summary += (f"; verified against transformers eager: max |diff| attention "
                     f"{result.parity_max_abs_diff:.2e}, hidden {result.parity_hidden_max_abs_diff:.2e}")

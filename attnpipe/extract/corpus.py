@@ -5,7 +5,8 @@ Used by the CLI (`extract_attention.py --text / --texts-file / --source --target
 with it) and the Python API, so a text has the same id whoever reads the corpus.
 
 Files: `.txt` (one text per line), `.jsonl` (one JSON object per line: `text`, optional `id`;
-pairs: `source`, `target`, optional `id`), `.csv` / `.tsv` (named columns). Files must be UTF-8;
+pairs: `source`, `target`, optional `id`; without `target` in every row the model generates the
+targets), `.csv` / `.tsv` (named columns). Files must be UTF-8;
 only "\\n" (or "\\r\\n") ends a line, so U+2028, form feeds and the like stay inside a text.
 Blank lines are skipped; an empty text, a line that is not JSON, a NUL byte or invalid UTF-8 is
 refused with the file and line.
@@ -58,7 +59,7 @@ class Text:
 class Pair:
     id: str
     source: str
-    target: str
+    target: str | None  # None: the encoder-decoder generates it (attnpipe/extract/generate.py)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -75,7 +76,14 @@ def from_strings(texts: list[str]) -> list[Text]:
 
 
 def pairs_from_strings(sources: list[str], targets: list[str]) -> list[Pair]:
-    """--source / --target given on the command line, paired in order: ids pair-0, pair-1, ..."""
+    """--source / --target given on the command line, paired in order: ids pair-0, pair-1, ...
+
+    No --target at all: pairs whose targets the model generates (target None)."""
+    if not targets:
+        for index, source in enumerate(sources):
+            if not source.strip():
+                raise AttnpipeError(f"--source number {index + 1} is empty")
+        return [Pair(f"pair-{index}", source, None) for index, source in enumerate(sources)]
     if len(sources) != len(targets):
         raise AttnpipeError(
             f"--source was given {len(sources)} time(s) and --target {len(targets)} time(s): "
@@ -231,17 +239,26 @@ def is_pairs_file(path: Path) -> bool:
 
 
 def read_pairs_file(path: Path) -> list[Pair]:
-    """A .jsonl file of {"source": ..., "target": ..., "id": optional}; ids default to line-N."""
+    """A .jsonl file of {"source": ..., "target": ..., "id": optional}; ids default to line-N.
+
+    Rows without "target" (all of them, or none) are sources whose targets the model generates."""
     pairs = []
+    with_target = None  # whether the first row has a target: every row must then agree
     for number, row in jsonl_rows(path):
         if not isinstance(row, dict):
             raise AttnpipeError(f"{path} line {number} is not a JSON object")
-        for field in ("source", "target"):
+        if with_target is None:
+            with_target, first_line = "target" in row, number
+        fields = ("source", "target") if with_target else ("source",)
+        if not with_target and "target" in row:
+            raise AttnpipeError(f'{path} line {number} has a "target" field but line {first_line} has none: '
+                                "give every pair a target, or none (the model then generates them)")
+        for field in fields:
             if not isinstance(row.get(field), str):
                 raise AttnpipeError(f'{path} line {number} has no string "{field}" field')
             if not row[field].strip():
                 raise AttnpipeError(f'{path} line {number} has an empty "{field}"')
-        pairs.append(Pair(str(row.get("id", f"line-{number}")), row["source"], row["target"]))
+        pairs.append(Pair(str(row.get("id", f"line-{number}")), row["source"], row.get("target")))
     if not pairs:
         raise AttnpipeError(f"texts file {path} has no pairs")
     check_unique_ids(pairs)

@@ -21,7 +21,7 @@ from attnpipe import store
 from attnpipe.extract.corpus import Pair
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract.batching import mask, pad
-from attnpipe.extract.inputs import Batch, encode, max_length, token_lengths
+from attnpipe.extract.inputs import Batch, Encoded, encode, max_length, token_lengths
 
 # T5 has relative positions and so no position table to bound the length: its pre-training length.
 T5_DEFAULT_MAX_LENGTH = 512
@@ -71,8 +71,13 @@ class PairInputs:
     label = "pair"
     input_kind = "text"
 
-    def __init__(self, pairs: list[Pair], model, requested_max_length: int | None):
+    def __init__(self, pairs: list[Pair], model, requested_max_length: int | None,
+                 generated_labels: list[list[int]] | None = None, generation: dict | None = None):
+        """`generated_labels`: per pair, the label ids of a target the model generated
+        (attnpipe/extract/generate.py), used instead of tokenizing `pair.target`; `generation`:
+        how (the file's generation provenance)."""
         self.pairs = pairs
+        self.generation = generation
         self.ids = [p.id for p in pairs]
         self.tokenizer = model.tokenizer
         self.target_side = _TargetSide(self.tokenizer)
@@ -83,14 +88,19 @@ class PairInputs:
         # corpus's encodings are never all held at once. The decoder input (start token + labels
         # shifted right) has as many tokens as the labels.
         self.src_lengths = token_lengths(self.tokenizer, [p.source for p in pairs], self.max_length)
-        self.tgt_lengths = token_lengths(self.target_side, [p.target for p in pairs], self.max_length)
+        self.generated_labels = generated_labels
+        if generated_labels is None:
+            self.tgt_lengths = token_lengths(self.target_side, [p.target for p in pairs], self.max_length)
+        else:
+            self.tgt_lengths = [len(labels) for labels in generated_labels]
+        self.generated_tokens = sum(self.tgt_lengths) if generated_labels is not None else 0
         self.widths = [s + t for s, t in zip(self.src_lengths, self.tgt_lengths, strict=True)]
         pad_id = model.hf_model.config.pad_token_id
         self.pad_id = pad_id if pad_id is not None else 0
 
     def prepare(self, indices: list[int], device: torch.device) -> Batch:
         src_enc = encode(self.tokenizer, [self.pairs[i].source for i in indices], self.max_length)
-        tgt_enc = encode(self.target_side, [self.pairs[i].target for i in indices], self.max_length)
+        tgt_enc = self._targets(indices)
         src = [self.src_lengths[i] for i in indices]
         tgt = [self.tgt_lengths[i] for i in indices]
         if [len(ids) for ids in src_enc.input_ids] != src or [len(ids) for ids in tgt_enc.input_ids] != tgt:
@@ -110,8 +120,11 @@ class PairInputs:
         items = []
         for row, i in enumerate(indices):
             s, t = src[row], tgt[row]
+            generated = self.generated_labels is not None
             target = store.TargetAttention(
-                text=self.pairs[i].target,
+                # a generated target's text is its labels decoded (special tokens skipped)
+                text=self.tokenizer.decode(tgt_enc.input_ids[row], skip_special_tokens=True) if generated
+                else self.pairs[i].target,
                 tokens=tuple(tok.convert_ids_to_tokens(dec_ids[row])),
                 token_ids=np.asarray(dec_ids[row], dtype=np.int64),
                 special_tokens_mask=np.asarray(dec_special[row], dtype=bool),
@@ -121,6 +134,8 @@ class PairInputs:
                 num_tokens_untruncated=tgt_enc.untruncated_lengths[row],
                 decoder_attention=None,  # filled by the runner's sink
                 cross_attention=None,
+                # every decoder input token but the start token was written by generate
+                generated=np.asarray([False] + [True] * (t - 1), dtype=bool) if generated else None,
             )
             items.append(store.TextAttention(
                 id=self.ids[i],
@@ -137,3 +152,12 @@ class PairInputs:
                 target=target,
             ))
         return Batch(indices, tensors, items, {"self": (src, src), "decoder": (tgt, tgt), "cross": (tgt, src)})
+
+    def _targets(self, indices: list[int]) -> Encoded:
+        """The batch's labels: the targets tokenized as labels, or the generated label ids."""
+        if self.generated_labels is None:
+            return encode(self.target_side, [self.pairs[i].target for i in indices], self.max_length)
+        rows = [self.generated_labels[i] for i in indices]
+        return Encoded(input_ids=rows, token_type_ids=None,
+                       special_tokens_mask=[[int(x in self.special_ids) for x in row] for row in rows],
+                       offsets=[], word_ids=[], untruncated_lengths=[len(row) for row in rows])

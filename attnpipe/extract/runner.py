@@ -11,8 +11,10 @@ thread that compresses and writes it while the next layer and batch run, or per-
 also runs through transformers' eager attention (verify.py) and the largest difference is
 recorded in the file (and fails the run above the tolerance); verify keeps a batch's layers in
 memory to compare them. With `explain`, texts run one at a time with gradients
-(attnpipe.extract.gradients) through the same guards, sink and writer. Every path records one
-provenance (`run_provenance`).
+(attnpipe.extract.gradients) through the same guards, sink and writer. With `generation`, the
+model first writes the text (generate.py: a causal LM's continuation, an encoder-decoder's
+target) and the loop then runs on the generated tokens like on any others. Every path records
+one provenance (`run_provenance`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from attnpipe.extract import guards
 from attnpipe.extract.background import BackgroundWriter
 from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH, batches
 from attnpipe.extract.corpus import Text
+from attnpipe.extract.generate import GenerationSettings
 from attnpipe.extract.inputs import Batch, TextInputs
 from attnpipe.extract.loading import default_model_dir, load_model, resolve_device
 from attnpipe.extract.sinks import Selection, Sink
@@ -86,6 +89,9 @@ class ExtractConfig:
     causal: bool = False  # torch_model: a causal mask in its encoder
     explain: str | None = None  # --explain target: gradients stored beside the attention
     ablate: bool = False  # with explain: head ablations too
+    # Generation first (attnpipe/extract/generate.py): causal LMs continue each text (settings kind
+    # "continuation", --generate N); encoder-decoders write the target of pairs given without one.
+    generation: GenerationSettings | None = None
 
     @property
     def input_kind(self) -> str:
@@ -111,6 +117,8 @@ class ExtractResult:
     decoder_layers: tuple[int, ...] | None = None  # encoder-decoder models: stored decoder layers
     decoder_heads: tuple[int, ...] | None = None
     input_kind: str = "texts"
+    generation: dict | None = None  # generated text: the settings (store.Provenance.generation)
+    generated_tokens: int = 0  # tokens the model generated, over all inputs
 
 
 def parse_indices(values: tuple[str, ...], count: int, flag: str, noun: str) -> tuple[int, ...]:
@@ -208,6 +216,7 @@ def check_config(config: ExtractConfig) -> store.Storage:
             raise AttnpipeError("--metrics-only stores one (text, layer, head) metrics table; encoder-decoder "
                                 "pairs have three attentions (encoder, decoder, cross) per text: store the "
                                 "matrices and run analyze_attention.py metrics on them")
+    check_generation(config, kind)
     if config.ablate and config.explain is None:
         raise AttnpipeError("--ablate needs --explain")
     if config.explain is not None:
@@ -231,6 +240,28 @@ def check_config(config: ExtractConfig) -> store.Storage:
     return store.Storage(dtype=config.dtype, compression=config.compression,
                          compression_level=config.compression_level, rows=config.rows,
                          metrics_only=config.metrics_only)
+
+
+def check_generation(config: ExtractConfig, kind: str) -> None:
+    """Generation fits the inputs: --generate N continues texts, pairs without targets get them
+    generated, and a pair with a target is never generated over."""
+    settings = config.generation
+    untargeted = [p.id for p in config.pairs if p.target is None]
+    if kind == "pairs":
+        if untargeted and len(untargeted) < len(config.pairs):
+            raise AttnpipeError(f"pairs {untargeted[:5]} have no target while others have one: give every "
+                                "pair a target, or none (the model then generates them)")
+        if untargeted and (settings is None or settings.kind != "target"):
+            raise AttnpipeError("pairs without a target need generation settings (kind 'target')")
+        if not untargeted and settings is not None:
+            raise AttnpipeError("the pairs have targets: generation writes a target only for a source given "
+                                "without one")
+    elif settings is not None and (kind != "texts" or settings.kind != "continuation"):
+        raise AttnpipeError(f"--generate continues texts with a causal language model; {kind} are not generated")
+    if settings is None:
+        return
+    if config.method != "manual":
+        raise AttnpipeError("--generate and generated targets run attnpipe's own pass; --method hf does not generate")
 
 
 @contextlib.contextmanager
@@ -274,13 +305,38 @@ def open_run(config: ExtractConfig, device: torch.device):
             raise AttnpipeError(
                 f"{model_dir} is a {model.model_type!r} model, not an encoder-decoder: source/target pairs "
                 f"need one of {', '.join(pair_types)}; give --text for this model"
+                + (" (with --generate N to continue it)" if model.family.CAUSAL else "")
             )
-        return model, PairInputs(list(config.pairs), model, config.max_length)
+        labels = generation = None
+        if config.generation is not None:  # sources without targets: the model writes them
+            from attnpipe.extract.generate import generate_targets
+            from attnpipe.extract.pairs import seq2seq_max_length
+
+            labels, generation = generate_targets(model, [p.source for p in config.pairs], config.generation,
+                                                  seq2seq_max_length(model, config.max_length))
+        return model, PairInputs(list(config.pairs), model, config.max_length, generated_labels=labels,
+                                 generation=generation)
+    if seq2seq and config.generation is not None:
+        raise AttnpipeError(
+            f"{model_dir} is an encoder-decoder ({model.model_type}) model: it generates the target of each "
+            "--source given without --target (length: --max-new-tokens N); --generate N continues texts "
+            "with a causal language model"
+        )
     if seq2seq:
         raise AttnpipeError(
             f"{model_dir} is an encoder-decoder ({model.model_type}) model: give --source and --target "
             "(or a .jsonl file with source and target fields) instead of texts"
         )
+    if config.generation is not None:
+        from attnpipe.extract.generate import ContinuationInputs
+
+        if not model.family.CAUSAL:
+            causal_types = sorted(t for t, f in FAMILIES.items() if f.CAUSAL and "cross" not in f.KINDS)
+            raise AttnpipeError(
+                f"--generate continues texts with a causal language model ({', '.join(causal_types)}); "
+                f"{model_dir} is a {model.model_type!r} model, an encoder that does not generate"
+            )
+        return model, ContinuationInputs(list(config.texts), model, config.max_length, config.generation)
     return model, TextInputs(list(config.texts), model, config.max_length)
 
 
@@ -431,6 +487,8 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
                           decoder_layers=chosen["decoder"].layers, decoder_heads=chosen["decoder"].heads)
         if explainer is not None:
             fields.update(gradient_target=explainer.target.spec)
+        if getattr(inputs, "generation", None) is not None:
+            fields.update(generation=inputs.generation)
         provenance = run_provenance(dtype=config.dtype, verify=config.verify, parity=parity,
                                     hidden_parity=hidden_parity, method=config.method, **fields)
         if writer is not None:
@@ -455,4 +513,6 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
         decoder_layers=None if decoder is None else decoder.layers,
         decoder_heads=None if decoder is None else decoder.heads,
         input_kind=config.input_kind,
+        generation=getattr(inputs, "generation", None),
+        generated_tokens=getattr(inputs, "generated_tokens", 0),
     )

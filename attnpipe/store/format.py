@@ -97,6 +97,18 @@ layer and head)::
         <kind>_head_ablation     (decoder_num_layers, decoder_num_heads) float32, only with --ablate
     /<kind>_head_importance_mean, /<kind>_head_ablation_mean (the latter with --ablate): their means
 
+Files of generated text (extract_attention.py --generate N on a causal LM, or an encoder-decoder
+given --source without --target; version 2, absent otherwise and read back as None)::
+
+    /texts/<i>
+        generated          (n,) bool: token i was written by the model (`generate`), not given:
+                           causal LMs: False for the prompt, True for its continuation
+        generated_text     scalar utf-8 string, causal LMs only: the continuation decoded (special
+                           tokens skipped); `text` stays the prompt as given, and the generated
+                           tokens have offsets (-1, -1) and word_ids -1 (they are not in `text`)
+        target/generated   (t,) bool, encoder-decoders: decoder input token i was generated (all but
+                           the start token); `target/text` is then the generated target decoded
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
@@ -106,6 +118,10 @@ eager attention measured by --verify; NaN in HDF5 / null in JSON when not verifi
 trust_remote_code, library_versions (python, torch, transformers, numpy, h5py, attnpipe: a
 JSON-encoded string in HDF5, an object in JSON), gradient_target (version 2: the --explain target,
 e.g. "predicted", "2", "next-token", "similarity:<text>", "output-norm"; "" in HDF5 / null in JSON without one).
+generation (version 2: the settings text was generated with, as an object: kind "continuation" |
+"target", strategy "greedy" | "beam" | "sample", max_new_tokens, num_beams, do_sample, seed, and
+generation_config, the checkpoint's own generate settings that differ from transformers' defaults;
+a JSON-encoded string in HDF5, "" / null without generation).
 `layers`/`heads` are sorted, without repeats.
 Encoder-decoder files only (version 2): decoder_num_layers / decoder_num_heads (of the model's
 decoder) and decoder_layers / decoder_heads (stored decoder indices, for decoder_attention and
@@ -237,6 +253,7 @@ class Provenance:
     decoder_heads: tuple[int, ...] | None = None
     checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
     gradient_target: str | None = None  # version 2: what gradients explain (--explain), None without
+    generation: dict | None = None  # version 2: generation settings (--generate, pairs without target)
 
     @property
     def is_seq2seq(self) -> bool:
@@ -269,6 +286,7 @@ class TargetAttention:
     cross_head_gate_grad: np.ndarray | None = None  # d target / d gate of each cross-attention head
     decoder_head_ablation: np.ndarray | None = None  # target change with that head's gate at 0 (--ablate)
     cross_head_ablation: np.ndarray | None = None
+    generated: np.ndarray | None = None  # (t,) bool: decoder input token written by `generate` (version 2)
 
     @property
     def decoder_head_importance(self) -> np.ndarray | None:
@@ -324,6 +342,9 @@ class TextAttention:
     head_ablation: np.ndarray | None = None  # (num_layers, num_heads) target change, head zeroed
     gradient_target_value: float | None = None
     gradient_target_label: int | None = None
+    # Version 2, only for generated text (attnpipe/extract/generate.py); None otherwise.
+    generated: np.ndarray | None = None  # (n,) bool: token written by the model's `generate`
+    generated_text: str | None = None  # causal LMs: the continuation, decoded
 
     @property
     def head_importance(self) -> np.ndarray | None:
@@ -393,6 +414,7 @@ def provenance_attrs(prov: Provenance) -> dict:
     for key in ("parity_max_abs_diff", "parity_hidden_max_abs_diff"):
         attrs[key] = math.nan if attrs[key] is None else float(attrs[key])
     attrs["gradient_target"] = "" if prov.gradient_target is None else prov.gradient_target
+    attrs["generation"] = "" if prov.generation is None else json.dumps(prov.generation, sort_keys=True)
     attrs["layers"] = np.asarray(prov.layers, dtype=np.int64)
     attrs["heads"] = np.asarray(prov.heads, dtype=np.int64)
     for key in DECODER_FIELDS:  # written only for encoder-decoder models
@@ -442,6 +464,7 @@ def provenance_from_attrs(attrs) -> Provenance:
         decoder_heads=tuple(int(x) for x in get("decoder_heads")) if "decoder_heads" in attrs else None,
         checkpoint_dtype=(get("checkpoint_dtype") or None) if "checkpoint_dtype" in attrs else None,
         gradient_target=(get("gradient_target") or None) if "gradient_target" in attrs else None,
+        generation=json.loads(get("generation")) if attrs.get("generation") else None,
     )
 
 

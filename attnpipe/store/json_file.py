@@ -65,6 +65,10 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
         },
         **gradients,
     }
+    if item.generated is not None:  # generated text (version 2)
+        payload["generated"] = np.asarray(item.generated).astype(bool).tolist()
+    if item.generated_text is not None:
+        payload["generated_text"] = item.generated_text
     if item.target is not None:
         payload.update(_target_payload(item.target, provenance))
     return payload
@@ -92,6 +96,7 @@ def _target_payload(target: TargetAttention, provenance: Provenance) -> dict:
             "label_ids": target.label_ids.tolist(),
             "truncated": bool(target.truncated),
             "num_tokens_untruncated": int(target.num_tokens_untruncated),
+            **({} if target.generated is None else {"generated": np.asarray(target.generated).astype(bool).tolist()}),
         },
         **gradients,
     }
@@ -226,6 +231,8 @@ def text_from_json(path: Path, data: dict) -> TextAttention:
         head_ablation=optional("head_ablation"),
         gradient_target_value=or_none(float, data.get("gradient_target_value")),
         gradient_target_label=or_none(int, data.get("gradient_target_label")),
+        generated=or_none(lambda v: np.asarray(v, dtype=bool), data.get("generated")),
+        generated_text=or_none(str, data.get("generated_text")),
     )
 
 
@@ -253,6 +260,7 @@ def _target_from_json(data: dict, n: int) -> TargetAttention | None:
         num_tokens_untruncated=int(target["num_tokens_untruncated"]),
         decoder_attention=decoder,
         cross_attention=cross,
+        generated=or_none(lambda v: np.asarray(v, dtype=bool), target.get("generated")),
         **gradients,  # --explain
     )
 

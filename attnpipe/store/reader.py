@@ -163,6 +163,8 @@ class AttentionFile:
                     head_ablation=optional("head_ablation"),
                     gradient_target_value=or_none(float, group.attrs.get("gradient_target_value")),
                     gradient_target_label=or_none(int, group.attrs.get("gradient_target_label")),
+                    generated=group["generated"][()].astype(bool) if "generated" in group else None,
+                    generated_text=group["generated_text"].asstr()[()] if "generated_text" in group else None,
                 )
             except (KeyError, ValueError, TypeError, OSError) as err:
                 raise AttnpipeError(f"{self.path}: text {index} is damaged: {error_reason(err)}") from err
@@ -284,6 +286,7 @@ def _target_from_h5(group) -> TargetAttention:
         num_tokens_untruncated=int(sub.attrs["num_tokens_untruncated"]),
         decoder_attention=decode(group["decoder_attention"][()]),
         cross_attention=decode(group["cross_attention"][()]),
+        generated=sub["generated"][()].astype(bool) if "generated" in sub else None,
         **{name: group[name][()].astype(np.float32) for name in TARGET_GRADIENTS if name in group},  # --explain
     )
 

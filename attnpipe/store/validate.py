@@ -68,9 +68,15 @@ def check_text(path: Path, item: TextAttention, meta: Provenance) -> None:
             f"{path}: text {item.id!r} has attention of shape {shape}; expected {expected} "
             "(stored layers x stored heads x query rows x tokens)"
         )
-    for name in ("token_ids", "special_tokens_mask", "word_ids"):
-        if len(getattr(item, name)) != n:
-            raise AttnpipeError(f"{path}: text {item.id!r} has {len(getattr(item, name))} {name} for {n} tokens")
+    for name in ("token_ids", "special_tokens_mask", "word_ids", "generated"):
+        values = getattr(item, name)
+        if values is not None and (np.ndim(values) != 1 or len(values) != n):
+            raise AttnpipeError(f"{path}: text {item.id!r} has {np.size(values)} {name} for {n} tokens")
+    if item.target is not None and item.target.generated is not None:
+        t, flags = item.target.num_tokens, item.target.generated
+        if np.ndim(flags) != 1 or len(flags) != t:
+            raise AttnpipeError(f"{path}: text {item.id!r} has {np.size(flags)} target generated flags "
+                                f"for {t} target tokens")
     check_rows(path, item.id, item.attention, meta.layers, meta.heads, meta.dtype)
     if item.target is not None:  # encoder-decoder: the decoder's and the cross-attention's rows too
         for attention in (item.target.decoder_attention, item.target.cross_attention):

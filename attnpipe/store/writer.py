@@ -172,6 +172,10 @@ class H5Writer:
         group.create_dataset("special_tokens_mask", data=np.asarray(item.special_tokens_mask).astype(bool))
         group.create_dataset("offsets", data=np.asarray(item.offsets).astype(np.int64).reshape(-1, 2))
         group.create_dataset("word_ids", data=np.asarray(item.word_ids).astype(np.int64))
+        if item.generated is not None:  # generated text (version 2): which tokens the model wrote
+            group.create_dataset("generated", data=np.asarray(item.generated).astype(bool))
+        if item.generated_text is not None:
+            group.create_dataset("generated_text", data=item.generated_text, dtype=h5py.string_dtype())
         if item.target is not None:
             self._write_target(group, item.target)
         group.attrs["input_kind"] = item.input_kind
@@ -244,6 +248,8 @@ class H5Writer:
         sub.create_dataset("special_tokens_mask", data=target.special_tokens_mask.astype(bool))
         sub.create_dataset("labels", data=list(target.labels), dtype=h5py.string_dtype())
         sub.create_dataset("label_ids", data=target.label_ids.astype(np.int64))
+        if target.generated is not None:
+            sub.create_dataset("generated", data=np.asarray(target.generated).astype(bool))
         if target.decoder_attention_grad is not None:
             self._write_target_gradients(group, target)
 

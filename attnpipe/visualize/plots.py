@@ -247,3 +247,39 @@ def save_drawing(draw: Callable[[Axes], object], path: Path, *, figsize: tuple[f
     draw(fig.subplots())
     save_figure(fig, path, dpi=dpi)
     return path
+
+
+# ----------------------------------------------------------------------------- generated text
+
+GENERATED_COLOR = "#ff1f1f"  # the prompt/continuation boundary: a red that none of the usual colormaps has
+GENERATED_NOTE = "red: generated tokens; dashes: end of the prompt"
+
+
+def first_generated(generated) -> int | None:
+    """Position of the first token the model generated, or None (a file without generated tokens)."""
+    if generated is None:
+        return None
+    flags = np.asarray(generated, dtype=bool)
+    return int(np.argmax(flags)) if flags.any() else None
+
+
+def mark_generated(fig: Figure, generated, view: View) -> Figure:
+    """Draw the prompt/continuation boundary on every (query, key) panel of a square self-attention
+    figure: a dashed line before the first generated token across the rows and the columns, and the
+    generated tokens' labels in the same colour. `generated`: (n,) bool per token (store `generated`)."""
+    first = first_generated(generated)
+    if first is None:
+        return fig
+    for ax in fig.axes:
+        if not ax.images:  # colour bars
+            continue
+        if first < len(view.tokens):  # the boundary lies inside the shown token window
+            for line in (ax.axhline, ax.axvline):
+                line(first - 0.5, color=GENERATED_COLOR, linewidth=1.2, linestyle="--")
+        for ticks, labels in ((ax.get_yticks(), ax.get_yticklabels()), (ax.get_xticks(), ax.get_xticklabels())):
+            for tick, text in zip(ticks, labels):
+                if tick >= first:
+                    text.set_color(GENERATED_COLOR)
+    title = fig.get_suptitle()
+    fig.suptitle(f"{title}\n{GENERATED_NOTE}" if title else GENERATED_NOTE, fontsize=10)
+    return fig

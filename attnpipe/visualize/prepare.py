@@ -64,6 +64,8 @@ def prepare(item: TextAttention, layer_ids: Sequence[int], head_ids: Sequence[in
         raise AttnpipeError(f"--decimals {decimals} is out of range: use 0-10")
     n = real_token_count(item)
     envelope = {"tokens": list(item.tokens[:n]), "text": item.text, "layers": []}
+    if item.generated is not None:  # generated text: which tokens the model wrote (the viewer marks them)
+        envelope["generated"] = [bool(flag) for flag in item.generated[:n]]
     size = len(dumps(envelope).encode())
     pieces: list[tuple[int, int, list, int]] = []  # (layer_idx, head_idx, matrix, bytes)
     for lp in layer_pos:

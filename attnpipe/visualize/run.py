@@ -184,6 +184,9 @@ def run(req: Request) -> Iterator[str]:
             figures = [plots.layer_average_figure(means, view, layer_ids,
                                                   f"{name} · mean over {len(heads)} heads", cmap=req.cmap,
                                                   col_view=col_view)]
+    if columns is None:  # square self-attention of generated text: where the model took over
+        for fig in figures:
+            plots.mark_generated(fig, item.generated, view)
     for fig, path in zip(figures, paths):
         plots.save_figure(fig, path, dpi=req.dpi)
         yield f"wrote {path}"

@@ -71,11 +71,22 @@ def select(kind: AttentionKind, mode: str, meta: Provenance, item: TextAttention
         word_ids=np.full(t, -1, dtype=np.int64),
         truncated=target.truncated, num_tokens_untruncated=target.num_tokens_untruncated,
         attention=target.decoder_attention if kind == "decoder" else target.cross_attention,
-        target=None,
+        target=None, generated=target.generated, generated_text=None,
     )
     if kind == "decoder":
         return decoder_meta, decoder_item, None, "decoder self-attention"
     return decoder_meta, decoder_item, item.tokens, "cross-attention (rows: target, columns: source)"
+
+
+def generation_label(meta: Provenance) -> str:
+    """How the text was generated, for titles: 'greedy', 'beam search, 4 beams', 'sampled, seed 0'."""
+    settings = meta.generation or {}
+    strategy = settings.get("strategy", "generated")
+    if strategy == "beam":
+        return f"beam search, {settings.get('num_beams')} beams"
+    if strategy == "sample":
+        return f"sampled, seed {settings.get('seed')}"
+    return strategy
 
 
 def seed003_figures(req, meta: Provenance, item: TextAttention, model_name: str) -> Iterator[str]:
@@ -108,6 +119,8 @@ def seed003_figures(req, meta: Provenance, item: TextAttention, model_name: str)
     rows = plots.make_view(target.tokens, req.max_tokens)  # target (decoder input) tokens
     cols = plots.make_view(item.tokens, req.max_tokens)  # source tokens
     heads = list(meta.decoder_heads)
+    if target.generated is not None:  # a translation the model wrote itself (seed 003's case)
+        model_name = f"{model_name} · generated target ({generation_label(meta)})"
     for lp, key, path in jobs:
         layer = f"decoder layer {layers[lp]}"
         if key == "cross_mean":
