@@ -92,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         causal=args.causal,
         explain=args.explain,
         ablate=args.ablate,
+        **({} if args.schema_version is None else {"schema_version": args.schema_version}),
     )
 
 

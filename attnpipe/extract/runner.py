@@ -86,6 +86,7 @@ class ExtractConfig:
     causal: bool = False  # torch_model: a causal mask in its encoder
     explain: str | None = None  # --explain target: gradients stored beside the attention
     ablate: bool = False  # with explain: head ablations too
+    schema_version: int = store.SCHEMA_VERSION  # HDF5 layout: 2 (a group per text) or 3 (packed)
 
     @property
     def input_kind(self) -> str:
@@ -230,7 +231,7 @@ def check_config(config: ExtractConfig) -> store.Storage:
         check_metric_names(config.metrics)
     return store.Storage(dtype=config.dtype, compression=config.compression,
                          compression_level=config.compression_level, rows=config.rows,
-                         metrics_only=config.metrics_only)
+                         metrics_only=config.metrics_only, schema_version=config.schema_version)
 
 
 @contextlib.contextmanager
@@ -366,7 +367,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     with contextlib.ExitStack() as stack:
         h5 = writer = None
         if not is_json:
-            h5 = stack.enter_context(store.H5Writer(config.output, count, config.dtype, storage))
+            h5 = stack.enter_context(store.h5_writer(config.output, count, config.dtype, storage))
             writer = BackgroundWriter(h5, config.writer_queue_bytes)
             stack.callback(writer.abort)  # on an error: stop the thread before the file is dropped
         sink = Sink(storage, chosen, writer, stream=stream, metric_values=metric_values)
