@@ -219,8 +219,8 @@ def texts_values(attention_file, indices: Sequence[int], names: Sequence[str], c
     out = np.full((len(indices), len(meta.layers), len(meta.heads), len(names)), np.nan)
     window: list[_Text] = []
     window_values = 0
-    for pos, index in enumerate(indices):
-        _, tokens, special, attention = attention_file.metric_inputs(index, _to_float32)
+    # In the order the file holds them (version 3: blocks of texts per read); `pos` keeps the caller's order.
+    for pos, _, tokens, special, attention in attention_file.iter_metric_inputs(indices, _to_float32):
         if attention.shape[-1] == 0:  # no tokens: numpy's definition gives NaN everywhere (already in `out`)
             continue
         is_causal = M.infer_causal(attention) if causal is None else causal

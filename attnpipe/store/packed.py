@@ -51,8 +51,19 @@ from attnpipe import faults
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import AtomicFile, write_errors
 from attnpipe.store.codec import decode, encode_chunk, to_storage
-from attnpipe.store.format import (DIMS, FORMAT_NAME, UINT8_SCALE, ImageInfo, Provenance, Storage, StorageDtype,
-                                   TargetAttention, TextAttention, provenance_attrs, query_positions)
+from attnpipe.store.format import (
+    DIMS,
+    FORMAT_NAME,
+    UINT8_SCALE,
+    ImageInfo,
+    Provenance,
+    Storage,
+    StorageDtype,
+    TargetAttention,
+    TextAttention,
+    provenance_attrs,
+    query_positions,
+)
 from attnpipe.store.validate import check_gradient_shapes, check_no_nul, error_reason
 
 PACKED_SCHEMA_VERSION = 3
@@ -722,7 +733,7 @@ class PackedReader:
 def merge_packed(shards: Sequence[Path], out: h5py.File) -> list[str]:
     """Concatenate version-3 shards into `out` (an open, empty file): each packed field's values
     and shapes are appended, offsets shifted, slots renumbered; returns the ids in order.
-    Values are copied as stored (no re-encoding of probabilities)."""
+    Values keep their stored dtype (recompressed, never re-rounded)."""
     ids: list[str] = []
     sources = [h5py.File(path, "r") for path in shards]
     try:
