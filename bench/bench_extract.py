@@ -446,7 +446,8 @@ def scale_main(args) -> int:
                   f"peak RSS {row['rss_mb']:.0f} MB")
         values = packed_values(big)
         median_ms, p95_ms, open_ms = read_latency(big, 500)
-        print(f"  largest file: {rows[-1][0]:,} texts, {values:,} values, {big.stat().st_size / values:.3f} bytes/value")
+        print(f"  largest file: {rows[-1][0]:,} texts, {values:,} values, "
+              f"{big.stat().st_size / values:.3f} bytes/value")
         print(f"  open {open_ms:.1f} ms (target <= 100); one matrix median {median_ms:.3f} ms, p95 {p95_ms:.3f} ms "
               "(targets <= 1, <= 5)")
         from attnpipe.analyze import fast_metrics
