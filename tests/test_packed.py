@@ -312,3 +312,16 @@ def test_a_killed_version_3_writer_leaves_no_file(tiny_model_dir, tmp_path):
     assert proc.returncode == -9, proc.stderr
     assert not out.exists()
     assert all(p.name.startswith(".out.h5.") and p.suffix == ".tmp" for p in tmp_path.glob("*out.h5*"))
+
+
+def test_metrics_in_worker_processes_read_version_3_in_file_order(tmp_path):
+    """Workers take shares of the texts as the file holds them; the table keeps the user's order."""
+    import pandas as pd
+
+    rng = np.random.default_rng(7)
+    items = [synthetic(rng, n, i) for i, n in enumerate(rng.integers(1, 30, 40))]
+    v2, v3 = write_both(tmp_path, items, store.Storage(), order=rng.permutation(len(items)).tolist())
+    with store.open_attention(v2) as a, store.open_attention(v3) as b:
+        assert sorted(b.storage_order().tolist()) == list(range(len(items)))
+        pd.testing.assert_frame_equal(corpus_metrics(a, workers=2), corpus_metrics(b, workers=2))
+        pd.testing.assert_frame_equal(corpus_metrics(a, workers=1), corpus_metrics(b, workers=2))

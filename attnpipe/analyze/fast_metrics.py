@@ -263,11 +263,11 @@ def _batch_values(batch: list[_Text], names: Sequence[str], out: np.ndarray) -> 
     out[[text.pos for text in batch]] = values.reshape(len(batch), num_layers, *values.shape[1:])
 
 
-def _share(path: Path, start: int, stop: int, names: tuple[str, ...], causal: bool | None) -> np.ndarray:
-    """Texts [start, stop) of the file: (k, L, H, M). Runs in a worker process, on one torch thread."""
+def _share(path: Path, indices: Sequence[int], names: tuple[str, ...], causal: bool | None) -> np.ndarray:
+    """The given texts of the file: (k, L, H, M). Runs in a worker process, on one torch thread."""
     torch.set_num_threads(1)
     with torch.inference_mode(), store.open_attention(path) as f:
-        return texts_values(f, range(start, stop), names, causal)
+        return texts_values(f, indices, names, causal)
 
 
 def default_workers() -> int:
@@ -297,11 +297,16 @@ def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Seque
         # differ in length (cost ~ n²), so equal counts would leave one worker waiting for another.
         shares = min(count, workers * SHARES_PER_WORKER)
         bounds = np.linspace(0, count, shares + 1).astype(int)
+        # Shares of the texts as the file holds them (version 3: in written order), so each worker
+        # reads runs of neighbouring texts; values go back to the user's order below.
+        order = attention_file.storage_order()
         # fork: the children start at once, without importing torch again (spawn costs seconds);
         # each opens the file itself and runs torch on one thread.
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            parts = pool.map(_share, [attention_file.path] * shares, bounds[:-1], bounds[1:],
+            parts = pool.map(_share, [attention_file.path] * shares,
+                             [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
                              [names] * shares, [causal] * shares)
-            values = np.concatenate(list(parts))
+            values = np.empty((count, len(meta.layers), len(meta.heads), len(names)))
+            values[order] = np.concatenate(list(parts))
     return store.metrics_table(attention_file.ids, meta.layers, meta.heads, names, values)

@@ -232,6 +232,13 @@ class AttentionFile:
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise AttnpipeError(f"{self.path} is damaged: {error_reason(err)}") from err
 
+    def storage_order(self) -> np.ndarray:
+        """The user's indices in the order the file holds their texts (version 3: written order,
+        length-sorted batches; otherwise 0..N-1): reading in this order reads the file front to back."""
+        if self._packed is not None:
+            return np.argsort(self._packed.all_slots(), kind="stable")
+        return np.arange(len(self))
+
     def _checked_metric_inputs(self, text_id, tokens, special, attention):
         n = len(tokens)
         expected = (len(self.meta.layers), len(self.meta.heads), n, n)
