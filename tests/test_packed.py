@@ -189,13 +189,13 @@ def test_layout_is_packed_checked_and_one_matrix_spans_at_most_two_chunks(tmp_pa
 
     monkeypatch.setattr(packed, "FLUSH_SLOTS", 16)  # small fields go to the file many times
     rng = np.random.default_rng(4)
-    items = [synthetic(rng, n, i) for i, n in enumerate(rng.integers(1, 120, 200))]
+    items = [synthetic(rng, n, i) for i, n in enumerate(rng.integers(1, 120, 80))]
     v2, v3 = write_both(tmp_path, items, store.Storage(), order=rng.permutation(len(items)).tolist())
     assert_same_files(v2, v3)
     with h5py.File(v3) as f:
         datasets = []
         f.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
-        assert len(datasets) < 45  # 200 texts, the same few datasets as one
+        assert len(datasets) < 45  # 80 texts, the same few datasets as one
         for dataset in datasets:
             assert dataset.fletcher32, dataset.name
             assert dataset.dtype.kind != "O", dataset.name  # no variable-length strings (no checksum)
