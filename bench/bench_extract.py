@@ -330,8 +330,8 @@ def child_scale(args) -> int:
     extract(ExtractConfig(texts=texts, output=args.scale_output, model_dir=args.model_dir, dtype="float16",
                           progress=False, schema_version=3))
     seconds = time.perf_counter() - start
-    tenth = max(1, len(ends) // 10)
-    first = tenth / (ends[tenth - 1] - start)
+    tenth = max(2, len(ends) // 10)
+    first = (tenth - 1) / (ends[tenth - 1] - ends[0])  # from the first text written: loading is not writing
     last = tenth / (ends[-1] - ends[-tenth - 1])
     print(json.dumps({"rss_mb": peak_rss_mb(), "seconds": seconds, "first_rate": first, "last_rate": last}))
     return 0
