@@ -481,9 +481,15 @@ class PackedWriter:
             self.end(index)
 
     def write_metrics(self, values: np.ndarray, names: tuple[str, ...], causal: np.ndarray) -> None:
-        from attnpipe.store.writer import write_metrics_group
-
-        write_metrics_group(self._file, values, names, causal)
+        """Version 2's /metrics group, its arrays with fletcher32 (the names stay a short string
+        list, read as in version 2)."""
+        group = self._file.create_group("metrics")
+        for name, data in (("values", np.asarray(values, dtype=np.float64)), ("causal", np.asarray(causal, bool))):
+            dataset = group.create_dataset(name, data=data, fletcher32=bool(data.size),
+                                           **(_META_STORAGE.h5_filters(data.itemsize) if data.size else {}))
+            if name == "values":
+                dataset.attrs["dims"] = "text,layer,head,metric"
+        group.create_dataset("names", data=list(names), dtype=h5py.string_dtype())
 
     def finish(self, provenance: Provenance) -> None:
         if self._next_slot != self.num_texts:
@@ -503,7 +509,7 @@ class PackedWriter:
                                  if len(self._slot_of) else None, fletcher32=bool(len(self._slot_of)),
                                  **(_META_STORAGE.h5_filters(8) if len(self._slot_of) else {}))
             for name, values in self._sums.items():
-                self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32))
+                self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32), fletcher32=True)
             faults.point("finish")
             if self.storage.metrics_only and "metrics" not in self._file:
                 raise RuntimeError("a metrics-only file needs write_metrics before finish")
