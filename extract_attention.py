@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--rows", default="all", choices=["all", "cls", "last"],
                         help="query rows stored: all (default), cls (position 0) or last (last token); "
                         "cls/last store (layer, head, 1, n) for long inputs (.h5 only)")
+    select.add_argument("--schema-version", type=int, default=None, choices=[2, 3],
+                        help="HDF5 layout: 2 (one group per text) or 3 (packed: a text costs its bytes, "
+                        "no HDF5 objects; docs/FORMAT.md); default 2")
     select.add_argument("--metrics-only", action="store_true",
                         help="store the per-head metrics of analyze_attention.py (docs/METRICS.md) "
                         "instead of the matrices, for corpora too big to keep (.h5 only)")

@@ -237,6 +237,230 @@ def entropy_profile(path: Path) -> tuple[float, float, float]:
     return bits(counts8), bits(hi), bits(lo)
 
 
+# ----------------------------------------------------------------------------- corpus scale (--scale)
+# Issue 22: schema version 3 (packed) against version 2 and HF eager, at corpus scale, with a small
+# model where storage, not the matrix products, sets the pace.
+
+SMALL_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+WORDS = ("the a of and to in is was it for on with as at by from this that they we you he she "
+         "cat dog house city river music water light paper table story voice road field night").split()
+
+
+def save_small_bert(folder: Path) -> Path:
+    """A random 2-layer, 4-head, 64-wide BERT with MiniLM's (real WordPiece) tokenizer."""
+    import shutil
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(vocab_size=30522, max_position_embeddings=512, **SMALL_BERT)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (default_model_dir() / name).exists():
+            shutil.copy(default_model_dir() / name, folder / name)
+    return folder
+
+
+def short_texts(count: int, words: int | None = None, seed: int = 0) -> list[Text]:
+    """`count` short texts: sentences of the demo corpus cycled (words=None), or `words` random
+    common words each (all texts the same length: a write rate that does not drift with length)."""
+    if words is None:
+        sentences = [part.strip() for t in corpus.read_texts_file(ROOT / "data" / "demo_corpus.jsonl")
+                     for part in t.text.replace("? ", ". ").replace("! ", ". ").split(". ") if len(part.split()) > 2]
+        return [Text(f"s{i}", sentences[i % len(sentences)]) for i in range(count)]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(WORDS), (count, words))
+    return [Text(f"w{i}", " ".join(WORDS[k] for k in row)) for i, row in enumerate(picks.tolist())]
+
+
+def write_jsonl(texts: list[Text], path: Path) -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for t in texts:
+            handle.write(json.dumps({"id": t.id, "text": t.text}) + "\n")
+    return path
+
+
+def hf_eager_crop(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> None:
+    """HF eager with attentions, length-sorted batches, each text's layers cropped to its real tokens."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    with torch.inference_mode():
+        for batch in length_sorted_batches(lengths, batch_size):
+            enc = tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            attentions = torch.stack(model(**enc, output_attentions=True).attentions, dim=1)  # (B, L, H, T, T)
+            for row, i in enumerate(batch):
+                n = lengths[i]
+                attentions[row, :, :, :n, :n].contiguous().numpy()
+
+
+def process_seconds(*args: str, env: dict | None = None) -> tuple[float, int]:
+    """Wall time of a whole extract_attention.py process (start-up included) and its exit status."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "extract_attention.py"), *args, "-q"], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode not in (0, -9):
+        raise RuntimeError(f"extract_attention.py {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return seconds, proc.returncode
+
+
+def first_batch_seconds(model_dir: Path, texts_file: Path, out: Path, *flags: str) -> float:
+    """Process start to the first batch's forward pass done: the run kills itself there
+    (attnpipe/faults.py, ATTNPIPE_FAULT_AT=batch:1), so the wall time is exactly that."""
+    seconds, code = process_seconds("--model_dir", str(model_dir), "--texts-file", str(texts_file),
+                                    "--output_file", str(out), *flags, env={"ATTNPIPE_FAULT_AT": "batch:1"})
+    assert code == -9, "the run did not reach its first batch"
+    return seconds
+
+
+def child_scale(args) -> int:
+    """Extract args.count equal-length texts to a version-3 float16 file in this process, timing each
+    text's end; print the write rates of the first and last 10 % of texts, peak RSS and the file."""
+    from attnpipe.store import packed
+
+    ends: list[float] = []
+    original = packed.PackedWriter.end
+
+    def timed_end(self, index):
+        original(self, index)
+        ends.append(time.perf_counter())
+
+    packed.PackedWriter.end = timed_end
+    texts = tuple(short_texts(args.count, words=12))
+    start = time.perf_counter()
+    extract(ExtractConfig(texts=texts, output=args.scale_output, model_dir=args.model_dir, dtype="float16",
+                          progress=False, schema_version=3))
+    seconds = time.perf_counter() - start
+    tenth = max(2, len(ends) // 10)
+    first = (tenth - 1) / (ends[tenth - 1] - ends[0])  # from the first text written: loading is not writing
+    last = tenth / (ends[-1] - ends[-tenth - 1])
+    print(json.dumps({"rss_mb": peak_rss_mb(), "seconds": seconds, "first_rate": first, "last_rate": last}))
+    return 0
+
+
+def packed_values(path: Path) -> int:
+    """Attention values stored in a file of either layout."""
+    with h5py_file(path) as f:
+        if int(f.attrs["schema_version"]) == 3:
+            return len(f["attention/values"])
+        return sum(int(np.prod(f[f"texts/{name}/attention"].shape)) for name in f["texts"])
+
+
+def h5py_file(path: Path):
+    import h5py
+
+    return h5py.File(path, "r")
+
+
+def scale_main(args) -> int:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    load = os.getloadavg()[0]
+    print(f"corpus scale: {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average "
+          f"{load:.1f} at start; ratios are medians over {args.repeats} interleaved round(s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small = save_small_bert(tmp / "small-bert")
+        minilm = args.model_dir or default_model_dir()
+        texts = short_texts(args.scale_texts)
+        texts_file = write_jsonl(texts, tmp / "short.jsonl")
+        strings = [t.text for t in texts]
+        mini_texts = corpus_of(list(corpus.read_texts_file(ROOT / "data" / "demo_corpus.jsonl")), args.minilm_texts)
+        mini_file = write_jsonl(list(mini_texts), tmp / "minilm.jsonl")
+        mini_strings = [t.text for t in mini_texts]
+        models = {}
+        for name, folder in (("small", small), ("minilm", minilm)):
+            models[name] = (transformers.AutoTokenizer.from_pretrained(folder),
+                            transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval())
+        default_threads = torch.get_num_threads()
+
+        def hf(name, strings_, threads):
+            def run():
+                torch.set_num_threads(threads)
+                try:
+                    hf_eager_crop(models[name][1], models[name][0], strings_, 32, 128)
+                finally:
+                    torch.set_num_threads(default_threads)
+            return run
+
+        def ours(folder, file, version, *flags):
+            return lambda: process_seconds("--model_dir", str(folder), "--texts-file", str(file), "--output_file",
+                                           str(tmp / f"v{version}.h5"), "--schema-version", str(version), *flags)[0]
+
+        runs = {
+            "hf-small": ("small BERT: HF eager + crop, in process", hf("small", strings, default_threads)),
+            "v3-small": ("small BERT: attnpipe v3, whole process", ours(small, texts_file, 3)),
+            "v2-small": ("small BERT: attnpipe v2, whole process", ours(small, texts_file, 2)),
+            "hf-mini": ("MiniLM: HF eager + crop, in process", hf("minilm", mini_strings, default_threads)),
+            "v3-mini": ("MiniLM: attnpipe v3, whole process", ours(minilm, mini_file, 3)),
+            "hf-mini-1": ("MiniLM, 1 thread: HF eager + crop", hf("minilm", mini_strings, 1)),
+            "v3-mini-1": ("MiniLM, 1 thread: attnpipe v3, whole process", ours(minilm, mini_file, 3, "--threads", "1")),
+            "v2-mini-1": ("MiniLM, 1 thread: attnpipe v2, whole process", ours(minilm, mini_file, 2, "--threads", "1")),
+        }
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for _ in range(args.repeats):
+            for key, (_, run) in runs.items():
+                start = time.perf_counter()
+                seconds = run()
+                times[key].append(seconds if isinstance(seconds, float) else time.perf_counter() - start)
+        print(f"\nend to end ({len(texts):,} short texts for the small BERT, {len(mini_texts)} demo texts for "
+              "MiniLM; attnpipe: float32 gzip HDF5, the whole process; HF: after loading)")
+        for key, (label, _) in runs.items():
+            print(f"  {label:48s} median {statistics.median(times[key]):8.2f} s")
+
+        def ratio(ours_key: str, hf_key: str) -> float:
+            return statistics.median(h / o for o, h in zip(times[ours_key], times[hf_key], strict=True))
+
+        print(f"  small BERT v3 / HF eager+crop:  {ratio('v3-small', 'hf-small'):5.2f}  (v2: "
+              f"{ratio('v2-small', 'hf-small'):5.2f}; target >= 0.9)")
+        print(f"  MiniLM default threads v3 / HF: {ratio('v3-mini', 'hf-mini'):5.2f}  (target >= 1.0)")
+        print(f"  MiniLM 1 thread v3 / HF:        {ratio('v3-mini-1', 'hf-mini-1'):5.2f}  (v2: "
+              f"{ratio('v2-mini-1', 'hf-mini-1'):5.2f}; target >= 1.14)")
+
+        firsts = [first_batch_seconds(minilm, mini_file, tmp / "first.h5") for _ in range(args.repeats)]
+        print(f"\nstart-up: process start to the first batch's forward pass, MiniLM: median "
+              f"{statistics.median(firsts):.2f} s ({', '.join(f'{s:.2f}' for s in firsts)}; aim <= 1.5 s)")
+
+        for dtype in ("float16", "uint8"):
+            sizes = {}
+            for version in (2, 3):
+                path = tmp / f"bytes-v{version}.h5"
+                process_seconds("--model_dir", str(minilm), "--texts-file", str(mini_file), "--output_file",
+                                str(path), "--schema-version", str(version), "--dtype", dtype)
+                sizes[version] = path.stat().st_size / packed_values(path)
+            print(f"  bytes per value, MiniLM {dtype}: v2 {sizes[2]:.3f}, v3 {sizes[3]:.3f} (whole file)")
+
+        big = tmp / "scale.h5"
+        rows = []
+        for count in args.scale_counts:
+            out = subprocess.run([sys.executable, __file__, "--child", "scale", "--count", str(count), "--model_dir",
+                                  str(small), "--scale-output", str(big), *CHILD_FLAGS],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-2000:])
+            rows.append((count, json.loads(out.stdout.strip().splitlines()[-1])))
+        print("\nscale: equal-length 12-word texts, small BERT, version 3 float16, in one process each")
+        for count, row in rows:
+            print(f"  {count:9,d} texts: {row['seconds']:7.1f} s, write rate first 10 % {row['first_rate']:7.0f} "
+                  f"texts/s, last 10 % {row['last_rate']:7.0f} (ratio {row['last_rate'] / row['first_rate']:.2f}), "
+                  f"peak RSS {row['rss_mb']:.0f} MB")
+        values = packed_values(big)
+        median_ms, p95_ms, open_ms = read_latency(big, 500)
+        print(f"  largest file: {rows[-1][0]:,} texts, {values:,} values, "
+              f"{big.stat().st_size / values:.3f} bytes/value")
+        print(f"  open {open_ms:.1f} ms (target <= 100); one matrix median {median_ms:.3f} ms, p95 {p95_ms:.3f} ms "
+              "(targets <= 1, <= 5)")
+        from attnpipe.analyze import fast_metrics
+
+        start = time.perf_counter()
+        with store.open_attention(big) as f:
+            fast_metrics.corpus_metrics(f, workers=1)
+        rate = values / (time.perf_counter() - start)
+        print(f"  analyze metrics over the whole file, 1 process: {rate / 1e6:.1f} M values/s (target >= 50)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--texts-file", type=Path, default=ROOT / "data" / "demo_corpus.jsonl",
@@ -261,7 +485,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="parts to leave out: speed, storage, read, rss, analysis, long")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, 1 round: proves the script runs (well under a minute)")
-    parser.add_argument("--child", choices=["rss", "long"], help=argparse.SUPPRESS)
+    parser.add_argument("--scale", action="store_true",
+                        help="corpus scale (schema version 3): small BERT and MiniLM end to end against HF eager, "
+                        "start-up, bytes per value, write rate / open / one-matrix / metrics on a big file")
+    parser.add_argument("--scale-texts", type=int, default=20_000, help="--scale: short texts for the small BERT")
+    parser.add_argument("--minilm-texts", type=int, default=512, help="--scale: demo texts for MiniLM")
+    parser.add_argument("--scale-counts", type=lambda v: [int(x) for x in v.split(",")], default=[20_000, 200_000],
+                        help="--scale: corpus sizes of the scale runs (the last one is read back)")
+    parser.add_argument("--scale-output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["rss", "long", "scale"], help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
@@ -272,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         return child_rss(args)
     if args.child == "long":
         return child_long(args)
+    if args.child == "scale":
+        return child_scale(args)
+    if args.scale:
+        if args.smoke:
+            args.repeats, args.scale_texts, args.minilm_texts, args.scale_counts = 1, 200, 16, [200, 400]
+        if args.threads:
+            CHILD_FLAGS.extend(["--threads", str(args.threads)])
+        return scale_main(args)
     if args.smoke:
         args.limit, args.repeats, args.read_file_mb, args.max_length = 4, 1, 2, 32
         args.rss_counts, args.rss_repeats, args.long_tokens, args.long_layers = "4,16", 1, 128, 2

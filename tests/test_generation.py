@@ -157,11 +157,15 @@ def test_generated_flags_round_trip_and_old_files_read(lm_dir, tmp_path, capsys)
     extract(capsys, "--model_dir", model_dir, "--text", "the cat", "--generate", 3, "-q", "-o", h5_out)
     extract(capsys, "--model_dir", model_dir, "--text", "the cat", "--generate", 3, "-q", "-o", json_out)
     extract(capsys, "--model_dir", model_dir, "--text", "the cat", "-q", "-o", plain)
-    with open_attention(h5_out) as a, open_attention(json_out) as b:
-        assert a.meta.generation == b.meta.generation
-        x, y = a[0], b[0]
-        assert x.generated.tolist() == y.generated.tolist() == [False] * 4 + [True] * 3
-        assert x.generated_text == y.generated_text and x.tokens == y.tokens
+    packed = tmp_path / "g3.h5"  # schema version 3 carries the same fields
+    extract(capsys, "--model_dir", model_dir, "--text", "the cat", "--generate", 3, "-q", "-o", packed,
+            "--schema-version", 3)
+    for path in (h5_out, packed):
+        with open_attention(path) as a, open_attention(json_out) as b:
+            assert a.meta.generation == b.meta.generation
+            x, y = a[0], b[0]
+            assert x.generated.tolist() == y.generated.tolist() == [False] * 4 + [True] * 3
+            assert x.generated_text == y.generated_text and x.tokens == y.tokens
     with h5py.File(h5_out, "r") as f:  # plain h5py: what docs/FORMAT.md says
         assert f["texts/00000000/generated"].dtype == bool
         assert json.loads(f.attrs["generation"])["strategy"] == "greedy"

@@ -219,8 +219,8 @@ def texts_values(attention_file, indices: Sequence[int], names: Sequence[str], c
     out = np.full((len(indices), len(meta.layers), len(meta.heads), len(names)), np.nan)
     window: list[_Text] = []
     window_values = 0
-    for pos, index in enumerate(indices):
-        _, tokens, special, attention = attention_file.metric_inputs(index, _to_float32)
+    # In the order the file holds them (version 3: blocks of texts per read); `pos` keeps the caller's order.
+    for pos, _, tokens, special, attention in attention_file.iter_metric_inputs(indices, _to_float32):
         if attention.shape[-1] == 0:  # no tokens: numpy's definition gives NaN everywhere (already in `out`)
             continue
         is_causal = M.infer_causal(attention) if causal is None else causal
@@ -263,11 +263,11 @@ def _batch_values(batch: list[_Text], names: Sequence[str], out: np.ndarray) -> 
     out[[text.pos for text in batch]] = values.reshape(len(batch), num_layers, *values.shape[1:])
 
 
-def _share(path: Path, start: int, stop: int, names: tuple[str, ...], causal: bool | None) -> np.ndarray:
-    """Texts [start, stop) of the file: (k, L, H, M). Runs in a worker process, on one torch thread."""
+def _share(path: Path, indices: Sequence[int], names: tuple[str, ...], causal: bool | None) -> np.ndarray:
+    """The given texts of the file: (k, L, H, M). Runs in a worker process, on one torch thread."""
     torch.set_num_threads(1)
     with torch.inference_mode(), store.open_attention(path) as f:
-        return texts_values(f, range(start, stop), names, causal)
+        return texts_values(f, indices, names, causal)
 
 
 def default_workers() -> int:
@@ -297,11 +297,16 @@ def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Seque
         # differ in length (cost ~ n²), so equal counts would leave one worker waiting for another.
         shares = min(count, workers * SHARES_PER_WORKER)
         bounds = np.linspace(0, count, shares + 1).astype(int)
+        # Shares of the texts as the file holds them (version 3: in written order), so each worker
+        # reads runs of neighbouring texts; values go back to the user's order below.
+        order = attention_file.storage_order()
         # fork: the children start at once, without importing torch again (spawn costs seconds);
         # each opens the file itself and runs torch on one thread.
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            parts = pool.map(_share, [attention_file.path] * shares, bounds[:-1], bounds[1:],
+            parts = pool.map(_share, [attention_file.path] * shares,
+                             [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
                              [names] * shares, [causal] * shares)
-            values = np.concatenate(list(parts))
+            values = np.empty((count, len(meta.layers), len(meta.heads), len(names)))
+            values[order] = np.concatenate(list(parts))
     return store.metrics_table(attention_file.ids, meta.layers, meta.heads, names, values)

@@ -151,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         explain=args.explain,
         ablate=args.ablate,
         generation=generation,
+        **({} if args.schema_version is None else {"schema_version": args.schema_version}),
     )
 
 

@@ -92,6 +92,7 @@ class ExtractConfig:
     # Generation first (attnpipe/extract/generate.py): causal LMs continue each text (settings kind
     # "continuation", --generate N); encoder-decoders write the target of pairs given without one.
     generation: GenerationSettings | None = None
+    schema_version: int = store.SCHEMA_VERSION  # HDF5 layout: 2 (a group per text) or 3 (packed)
 
     @property
     def input_kind(self) -> str:
@@ -239,7 +240,7 @@ def check_config(config: ExtractConfig) -> store.Storage:
         check_metric_names(config.metrics)
     return store.Storage(dtype=config.dtype, compression=config.compression,
                          compression_level=config.compression_level, rows=config.rows,
-                         metrics_only=config.metrics_only)
+                         metrics_only=config.metrics_only, schema_version=config.schema_version)
 
 
 def check_generation(config: ExtractConfig, kind: str) -> None:
@@ -422,7 +423,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     with contextlib.ExitStack() as stack:
         h5 = writer = None
         if not is_json:
-            h5 = stack.enter_context(store.H5Writer(config.output, count, config.dtype, storage))
+            h5 = stack.enter_context(store.h5_writer(config.output, count, config.dtype, storage))
             writer = BackgroundWriter(h5, config.writer_queue_bytes)
             stack.callback(writer.abort)  # on an error: stop the thread before the file is dropped
         sink = Sink(storage, chosen, writer, stream=stream, metric_values=metric_values)

@@ -50,6 +50,7 @@ from attnpipe.store.writer import (
     WRITE_MARGIN_BYTES,
     H5Writer,
     check_output_path,
+    h5_writer,
     open_writer,
     write_metrics_group,
 )
@@ -61,7 +62,7 @@ __all__ = [
     "TEXT_DATASETS", "UINT8_ROW_SLACK", "UINT8_SCALE", "WRITE_MARGIN_BYTES",
     "AttentionFile", "Compression", "H5Writer", "ImageInfo", "InputKind", "JSONWriter", "Provenance",
     "RowSelection", "Storage", "StorageDtype", "TargetAttention", "TextAttention",
-    "check_output_path", "check_rows", "check_text", "chunk_shape", "decode", "deflate_bytes",
+    "check_output_path", "check_rows", "h5_writer", "check_text", "chunk_shape", "decode", "deflate_bytes",
     "encode_chunk", "metrics_table", "open_attention", "open_writer", "query_positions", "read_whole",
     "to_storage", "write_json", "write_metrics_group",
 ]

@@ -194,7 +194,8 @@ import numpy as np
 from attnpipe.errors import AttnpipeError
 
 SCHEMA_VERSION = 2  # 2: encoder-decoder, image, embedding and gradient fields; storage options
-READABLE_VERSIONS = (1, 2)  # version 1 lacks only the fields added in 2
+READABLE_VERSIONS = (1, 2, 3)  # version 1 lacks only the fields added in 2; 3: packed (store/packed.py)
+WRITABLE_VERSIONS = (2, 3)  # HDF5 layouts a writer can make: 2 one group per text, 3 packed
 FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
@@ -368,8 +369,12 @@ class Storage:
     compression_level: int | None = None  # gzip only: 0-12, None = DEFAULT_GZIP_LEVELS[dtype]
     rows: RowSelection = "all"
     metrics_only: bool = False
+    schema_version: int = SCHEMA_VERSION  # HDF5 layout: 2 (a group per text) or 3 (packed, store/packed.py)
 
     def __post_init__(self) -> None:
+        if self.schema_version not in WRITABLE_VERSIONS:
+            raise AttnpipeError(f"--schema-version {self.schema_version} is not one of "
+                                f"{', '.join(map(str, WRITABLE_VERSIONS))}")
         if self.dtype not in STORAGE_DTYPES:
             raise AttnpipeError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
         if self.compression not in COMPRESSIONS:
@@ -481,6 +486,7 @@ def storage_from_attrs(attrs) -> Storage:
         compression_level=level if compression == "gzip" else None,
         rows=str(get("rows", "all")),
         metrics_only=bool(get("metrics_only", False)),
+        schema_version=3 if int(get("schema_version", SCHEMA_VERSION)) == 3 else SCHEMA_VERSION,
     )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import atomic_path
+from attnpipe.store.packed import PACKED_SCHEMA_VERSION, merge_packed
 from attnpipe.store.writer import write_metrics_group
 
 # Parity figures are per shard: the merged file keeps the largest (NaN when none was verified).
@@ -35,11 +36,19 @@ def merge_shards(shards: Sequence[Path], output: Path) -> int:
     in any of SAME, or store different metrics, are refused with one AttnpipeError; nothing is written.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
+    versions = set()
+    for shard in shards:
+        with _open_shard(shard) as src:
+            versions.add(int(src.attrs.get("schema_version", 1)) == PACKED_SCHEMA_VERSION)
+    if len(versions) > 1:
+        raise AttnpipeError(f"{', '.join(map(str, shards))} mix schema version 3 (packed) with older layouts: "
+                            "extract every shard with the same --schema-version")
+    packed = versions == {True}
     ids: list[str] = []
     parity = []
     names, values, causal = None, [], []  # /metrics of --metrics-only shards
     with atomic_path(output) as tmp, h5py.File(tmp, "w", track_order=True) as out:
-        texts = out.create_group("texts")
+        texts = None if packed else out.create_group("texts")
         first_attrs = None
         for shard in shards:
             with _open_shard(shard) as src:
@@ -62,10 +71,15 @@ def merge_shards(shards: Sequence[Path], output: Path) -> int:
                     values.append(src["metrics/values"][()])
                     causal.append(src["metrics/causal"][()])
                 parity.append(float(attrs.get(PARITY_ATTR, np.nan)))
+                if packed:
+                    continue
                 for name in src["texts"]:
                     src.copy(src["texts"][name], texts, name=f"{len(ids):08d}")
                     ids.append(src["texts"][name].attrs["id"])
-        out.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
+        if packed:  # version 3: every field's arrays concatenated (attnpipe.store.packed)
+            ids = merge_packed(shards, out)
+        else:
+            out.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
         if values:
             write_metrics_group(out, np.concatenate(values), names, np.concatenate(causal))
         for key, value in first_attrs.items():

@@ -18,6 +18,7 @@ from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, ImageInfo, Mis
                                    TargetAttention, TextAttention, or_none, provenance_from_attrs,
                                    storage_from_attrs)
 from attnpipe.store.json_file import read_json, text_from_json
+from attnpipe.store.packed import PACKED_SCHEMA_VERSION, PackedReader
 from attnpipe.store.validate import check_meta, check_rows, check_text, check_version, error_reason
 
 # What every text group holds (datasets, then attributes): the reader checks they are there.
@@ -42,6 +43,7 @@ class AttentionFile:
         if not self.path.is_file():
             raise AttnpipeError(f"attention file not found: {self.path}")
         self._h5: h5py.File | None = None
+        self._packed: PackedReader | None = None
         self._json: dict | None = None
         if self.path.suffix == ".json":
             self._open_json()
@@ -60,7 +62,15 @@ class AttentionFile:
             self.close()
             raise AttnpipeError(f"{self.path} is an HDF5 file but not an attnpipe attention file")
         try:
-            check_version(self.path, int(attrs.get("schema_version", -1)))
+            version = int(attrs.get("schema_version", -1))
+            check_version(self.path, version)
+            if version == PACKED_SCHEMA_VERSION:  # one dispatch: version 3 lives in attnpipe.store.packed
+                self.meta = provenance_from_attrs(attrs)
+                check_meta(self.path, self.meta)
+                self.storage = storage_from_attrs(attrs)
+                self._packed = PackedReader(self._h5, self.path)
+                self.ids = self._packed.ids
+                return
             missing = [name for name in ("ids", "texts") if name not in self._h5]
             if missing:
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {', '.join(missing)}")
@@ -133,6 +143,10 @@ class AttentionFile:
         else:
             self._check_matrices()
             try:
+                if self._packed is not None:
+                    item = self._packed.text(index)
+                    check_text(self.path, item, self.meta)
+                    return item
                 group = self._texts[f"{index:08d}"]
                 missing = [name for name in TEXT_DATASETS if name not in group] + [
                     name for name in TEXT_ATTRS if name not in group.attrs]
@@ -184,6 +198,9 @@ class AttentionFile:
         index = self._position(key)
         self._check_matrices()
         try:
+            if self._packed is not None:
+                [(_, text_id, tokens, special, stored)] = next(self._packed.metric_blocks([index], 1))
+                return self._checked_metric_inputs(text_id, tokens, special, (to_float32 or decode)(stored))
             group = self._texts[f"{index:08d}"]
             try:
                 text_id = group.attrs["id"]
@@ -199,6 +216,32 @@ class AttentionFile:
             attention = (to_float32 or decode)(read_whole(attention_ds))
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise AttnpipeError(f"{self.path}: text {index} is damaged: {error_reason(err)}") from err
+        return self._checked_metric_inputs(text_id, tokens, special, attention)
+
+    def iter_metric_inputs(self, indices, to_float32=None, max_values: int = 1 << 24):
+        """(position in `indices`, id, tokens, special_tokens_mask, attention) of each text, in an
+        order that reads the file front to back (version 3: blocks of texts per read; else one
+        text at a time, in the order given). Checked as metric_inputs checks."""
+        if self._packed is None:
+            for pos, index in enumerate(indices):
+                yield (pos, *self.metric_inputs(index, to_float32))
+            return
+        self._check_matrices()
+        try:
+            for block in self._packed.metric_blocks(list(indices), max_values):
+                for pos, text_id, tokens, special, stored in block:
+                    yield pos, *self._checked_metric_inputs(text_id, tokens, special, (to_float32 or decode)(stored))
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise AttnpipeError(f"{self.path} is damaged: {error_reason(err)}") from err
+
+    def storage_order(self) -> np.ndarray:
+        """The user's indices in the order the file holds their texts (version 3: written order,
+        length-sorted batches; otherwise 0..N-1): reading in this order reads the file front to back."""
+        if self._packed is not None:
+            return np.argsort(self._packed.all_slots(), kind="stable")
+        return np.arange(len(self))
+
+    def _checked_metric_inputs(self, text_id, tokens, special, attention):
         n = len(tokens)
         expected = (len(self.meta.layers), len(self.meta.heads), n, n)
         if attention.shape != expected or len(special) != n:
@@ -223,9 +266,12 @@ class AttentionFile:
         index = self._position(key)
         self._check_matrices()
         try:
-            group = self._texts[f"{index:08d}"]
-            matrix = decode(group["attention"][layer, head])
-            text_id = group.attrs["id"]
+            if self._packed is not None:
+                matrix, text_id = self._packed.head(index, layer, head), self.ids[index]
+            else:
+                group = self._texts[f"{index:08d}"]
+                matrix = decode(group["attention"][layer, head])
+                text_id = group.attrs["id"]
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise AttnpipeError(f"{self.path}: text {index} is damaged: {error_reason(err)}") from err
         check_rows(self.path, text_id, matrix[None, None], (self.meta.layers[layer],), (self.meta.heads[head],),

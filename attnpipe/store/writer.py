@@ -342,6 +342,15 @@ class H5Writer:
             self._atomic.discard()
 
 
+def h5_writer(path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None):
+    """The HDF5 writer of `storage.schema_version`: H5Writer (2) or store.packed.PackedWriter (3)."""
+    if storage is not None and storage.schema_version == 3:
+        from attnpipe.store.packed import PackedWriter
+
+        return PackedWriter(path, num_texts, dtype, storage)
+    return H5Writer(path, num_texts, dtype, storage)
+
+
 def open_writer(path: Path, num_texts: int, dtype: StorageDtype) -> H5Writer | JSONWriter:
     """The writer for `path`'s format: HDF5 streams texts, JSON holds its one text (use in `with`)."""
     return JSONWriter(path) if path.suffix == ".json" else H5Writer(path, num_texts, dtype)
