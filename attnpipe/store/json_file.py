@@ -17,7 +17,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import atomic_path, write_errors
 from attnpipe.store.format import (DECODER_FIELDS, DIMS, FORMAT_NAME, TARGET_GRADIENTS, ImageInfo,
                                    Provenance, TargetAttention, TextAttention, or_none)
-from attnpipe.store.validate import check_gradient_shapes, check_meta, check_version, error_reason
+from attnpipe.store.validate import check_gradient_shapes, check_meta, check_version_value, error_reason
 
 
 def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
@@ -160,7 +160,7 @@ def read_json(path: Path) -> tuple[dict, Provenance]:
         if not isinstance(raw, dict):
             raise AttnpipeError(f"{path}: 'metadata' must be an object")
         try:
-            check_version(path, int(raw.get("schema_version", -1)))
+            check_version_value(path, raw.get("schema_version", -1))
             fields = {k: v for k, v in raw.items() if k not in ("format", "dims")}
             for key in ("weight_files", "layers", "heads", "decoder_layers", "decoder_heads"):
                 if fields.get(key) is not None:
