@@ -374,8 +374,18 @@ COMMANDS = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollo
 
 
 def run(command: str, **options) -> Outcome:
-    """Run one subcommand by name with its options (the CLI's argparse dests)."""
-    return COMMANDS[command](**options)
+    """Run one subcommand by name with its options (the CLI's argparse dests).
+
+    A command that writes into --output-dir writes its whole set of files into a hidden folder
+    there first, renamed into place only when every file is complete (tables.staged_output_dir).
+    """
+    if options.get("output_dir") is None:
+        return COMMANDS[command](**options)
+    folder = Path(options["output_dir"])
+    with tables.staged_output_dir(folder) as stage:
+        outcome = COMMANDS[command](**{**options, "output_dir": stage})
+    return Outcome(stdout=outcome.stdout.replace(str(stage), str(folder)),
+                   stderr=outcome.stderr.replace(str(stage), str(folder)))
 
 
 def print_outcome(outcome: Outcome) -> None:

@@ -20,7 +20,8 @@ from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, ImageInfo, Mis
 from attnpipe.store.json_file import read_json, text_from_json
 from attnpipe.store.validate import (check_attrs_crc, check_bool, check_chunks_written, check_hard_links,
                                      check_ids, check_local_data, check_meta, check_rows, check_strings_crc,
-                                     check_text, check_text_id, check_version_value, error_reason)
+                                     check_text, check_text_id, check_version_value, error_reason,
+                                     file_identity)
 
 # What every text group holds (datasets, then attributes): the reader checks they are there.
 TEXT_DATASETS = ("text", "attention", "token_ids", "tokens", "special_tokens_mask", "offsets", "word_ids")
@@ -98,6 +99,14 @@ class AttentionFile:
             self[0]  # one text: check it now, so every command fails at once on a damaged file
         except (ValueError, TypeError) as err:
             raise AttnpipeError(f"{self.path} has a damaged field: {error_reason(err)}") from err
+
+    @property
+    def identity(self) -> tuple[int, int, int, int] | None:
+        """(device, inode, size, mtime) of the HDF5 file this object has open (None for JSON, which
+        is read whole at open): a process that reopens the path compares it (check_same_version)."""
+        if self._h5 is None:
+            return None
+        return file_identity(self._h5.id.get_vfd_handle())
 
     def __len__(self) -> int:
         return len(self.ids)

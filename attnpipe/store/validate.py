@@ -258,3 +258,22 @@ def check_bool(path: Path, dataset, where: str) -> None:
     """A mask the format says is bool is stored as HDF5's bool (h5py's enum of FALSE/TRUE)."""
     if dataset.dtype != np.bool_:
         raise AttnpipeError(f"{path} is a damaged attention file: {where} is {dataset.dtype}, not bool")
+
+
+# ----------------------------------------------------------------------------- one snapshot per run
+
+
+def file_identity(fd: int) -> tuple[int, int, int, int]:
+    """What identifies one version of an open file: (device, inode, size, mtime in ns)."""
+    import os
+
+    stat = os.fstat(fd)
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def check_same_version(path: Path, opened: tuple, expected: tuple) -> None:
+    """A worker process that opened `path` again must have the version the command started with:
+    a file replaced or rewritten meanwhile would mix two files' texts under one provenance."""
+    if opened != expected:
+        raise AttnpipeError(f"{path} changed while it was being read (replaced or rewritten: inode, size or "
+                            "modification time differ); nothing was written: run the command again")
