@@ -53,7 +53,25 @@ def read_inputs(args: argparse.Namespace) -> dict:
     raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
 
 
+def check_output_is_not_an_input(args: argparse.Namespace) -> None:
+    """--output_file must not be an input of the run, nor inside the model folder it reads."""
+    from attnpipe.store.atomic import check_not_an_input
+
+    model_dirs = [args.model_dir]
+    if args.model_dir is None and args.torch_model is None:
+        from attnpipe.extract.loading import default_model_dir
+
+        try:
+            model_dirs.append(default_model_dir())
+        except AttnpipeError:  # the package is missing: said when the model loads
+            pass
+    inputs = [args.texts_file, getattr(args, "data", None), getattr(args, "weights", None),
+              *(args.image or ()), getattr(args, "image_dir", None)]
+    check_not_an_input(args.output_file, inputs, model_dirs)
+
+
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    check_output_is_not_an_input(args)
     inputs = read_inputs(args)
     if args.explain is not None:
         from attnpipe.extract.gradients import parse_target
