@@ -72,8 +72,8 @@ class AttentionFile:
             ids = self._h5["ids"]
             check_local_data(self.path, ids, "/ids")
             self.ids = tuple(ids.asstr()[()])
-            check_strings_crc(self.path, ids, self.ids, "/ids")
             check_ids(self.path, self.ids)
+            check_strings_crc(self.path, ids, self.ids, "/ids")
             check_meta(self.path, self.meta)
             check_attrs_crc(self.path, self._h5, "the file's root")  # after the named checks: a clearer message
             self.storage = storage_from_attrs(attrs)  # version 1: the defaults (gzip, all rows)
