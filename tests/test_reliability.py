@@ -54,6 +54,7 @@ CASES = [(name, False) for name in sorted(EXPECTED)] + [("noquery", True), ("lay
 @pytest.mark.parametrize(("name", "verify"), CASES, ids=[f"{n}{'-verify' if v else ''}" for n, v in CASES])
 def test_a_model_that_does_not_fit_its_config_is_refused(name, verify, misfits, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["extract_attention.py"])
+    capsys.readouterr()  # the fixture's own output
     out = tmp_path / "a.json"
     args = ["--model_dir", str(misfits[name]), "--text", "the cat sat", "--output_file", str(out)]
     status = run_cli(extract_attention.main, args + (["--verify"] if verify else []))
@@ -230,3 +231,56 @@ def test_sigterm_removes_the_temporary_file_and_exits_143(tiny_model_dir, tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and err.strip().splitlines() == ["error: terminated (SIGTERM)"], err
     assert list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+
+HOSTILE = {  # file name -> (contents, what the one error line must say)
+    "quote.csv": ('id,text\n1,"the cat\n2,a dog\n3,it ran\n', "data row 1 is not valid CSV: unexpected end of data"),
+    "huge.csv": ("id,text\n1," + "a" * 140_000 + "\n", "field larger than field limit"),
+    "dupcols.csv": ("text,text\nthe cat,a dog\n", "names the column(s) 'text' more than once"),
+    "extra.csv": ("id,text\n1,the cat,surplus\n", "data row 1 has 3 cells for 2 columns"),
+    "surrogate.jsonl": ('{"id": "a", "text": "the \\ud800 cat"}\n', "line 1 holds a lone surrogate ('\\ud800')"),
+    "deep.jsonl": ("[" * 50_000 + "]" * 50_000 + "\n", "line 1 is JSON nested too deeply"),
+    "nullid.jsonl": ('{"id": null, "text": "the cat"}\n', 'line 1 has an "id" that is not a string or an integer: null'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_texts_file_is_one_error_line(name, tiny_model_dir, tmp_path, capsys):
+    contents, needle = HOSTILE[name]
+    model = tiny_model_dir("bert")
+    capsys.readouterr()  # the fixture's own output
+    path = tmp_path / name
+    path.write_text(contents, encoding="utf-8")
+    out = tmp_path / "a.h5"
+    status = run_cli(extract_attention.main, ["--model_dir", str(model), "--texts-file", str(path),
+                                              "--output_file", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_a_fifo_texts_file_is_refused_without_waiting(tmp_path, capsys):
+    fifo = tmp_path / "texts.txt"
+    os.mkfifo(fifo)
+    status = run_cli(extract_attention.main, ["--texts-file", str(fifo), "--output_file", str(tmp_path / "a.h5")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == [f"error: texts file {fifo} is not a regular file (a FIFO, device or socket): "
+                                   "give a file on disk"], err
+
+
+def test_a_special_token_typed_in_a_text_is_text(tiny_model_dir, tmp_path):
+    """'[CLS]' inside a text became the [CLS] id with special_tokens_mask False; now it is the
+    characters it is, and only the tokenizer's own [CLS]/[SEP] are special."""
+    from attnpipe.store import open_attention
+
+    out = tmp_path / "a.json"
+    assert run_cli(extract_attention.main, ["--model_dir", str(tiny_model_dir("bert")), "--text", "the [CLS] cat [SEP]",
+                                            "--output_file", str(out)]) == 0
+    with open_attention(out) as f:
+        item = f[0]
+    special = [t for t, s in zip(item.tokens, item.special_tokens_mask, strict=True) if s]
+    assert special == ["[CLS]", "[SEP]"]
+    assert item.tokens.count("[CLS]") == 1 and item.tokens.count("[SEP]") == 1, item.tokens

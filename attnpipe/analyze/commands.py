@@ -299,6 +299,10 @@ def run_relevance(input: Path, output_dir: Path, query: str = "auto", figures: i
         if len(f) == 0:
             raise AttnpipeError(f"{input} holds no texts")
         layers = f.meta.layers
+        if tuple(layers) != tuple(range(f.meta.num_layers)):  # docs/METRICS.md: Chefer relevance
+            raise AttnpipeError(
+                f"{input} stores layers {list(layers)} of {f.meta.num_layers}; relevance (Chefer et al.) "
+                "multiplies every layer's attention from the first to the last: extract with --layer all")
         table = pd.concat([RV.text_relevance(item, layers, query, f.meta.model_type) for item in f],
                           ignore_index=True)
         drawn = [f.index_of(text_id)] if text_id is not None else range(min(figures, len(f)))
@@ -352,7 +356,10 @@ def run_faithfulness(input: Path, output_dir: Path, model_dir: Path | None = Non
         def encode(text):
             import torch
 
-            return torch.tensor([model.tokenizer(text)["input_ids"]], device=torch_device)
+            from attnpipe.extract.inputs import SPLIT_SPECIAL_TOKENS  # as the extraction tokenized
+
+            ids = model.tokenizer(text, split_special_tokens=SPLIT_SPECIAL_TOKENS)["input_ids"]
+            return torch.tensor([ids], device=torch_device)
 
         objective = build_objective(model, parse_target(f.meta.gradient_target), encode)
         summary, curve = FF.corpus_faithfulness(f, model, objective, methods, max_texts, seed)
