@@ -284,3 +284,22 @@ def test_a_special_token_typed_in_a_text_is_text(tiny_model_dir, tmp_path):
     special = [t for t, s in zip(item.tokens, item.special_tokens_mask, strict=True) if s]
     assert special == ["[CLS]", "[SEP]"]
     assert item.tokens.count("[CLS]") == 1 and item.tokens.count("[SEP]") == 1, item.tokens
+
+
+@pytest.mark.parametrize(("name", "edit", "needle"), [
+    ("duplicate-key", lambda text: text.replace('"text":', '"text": "x", "text":', 1), "the key 'text' occurs twice"),
+    ("bool-values", lambda text: text.replace('"attention_matrices": [[[[', '"attention_matrices": [[[[true, ', 1),
+     "holds true/false where probabilities belong"),
+    ("deep", lambda text: "[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    ("huge-number", lambda text: text.replace('"attention_matrices": [[[[', '"attention_matrices": [[[[1' + "0" * 400 + ", ", 1),
+     "attention_matrices is ragged or not numeric"),
+])
+def test_a_hostile_json_attention_file_is_one_error_line(name, edit, needle, tmp_path, capsys):
+    from attnpipe.store import write_json
+
+    path = tmp_path / "a.json"
+    write_json(path, valid_item("a", 4, 0), META)
+    path.write_text(edit(path.read_text(encoding="utf-8")), encoding="utf-8")
+    status = run_cli(analyze_attention.main, ["summary", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and needle in err[0], err
