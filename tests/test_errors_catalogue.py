@@ -11,6 +11,7 @@ Three rows also run as real command lines.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -157,6 +158,10 @@ def files(tiny_model_dir, tiny_vit_dir, tmp_path_factory) -> dict[str, Path]:
     # Issue 16 (reliability): models whose weights do not fit their config, files that break the
     # format's rules.
     f.update({f"model_{name}": folder for name, folder in misfit_folders(f["model"], d).items()})
+    f["quote_csv"] = text_file("quote.csv", 'id,text\n1,"the cat\n2,a dog\n')
+    f["fifo_txt"] = d / "fifo.txt"
+    os.mkfifo(f["fifo_txt"])
+    f["dupkey_json"] = text_file("dupkey.json", f["json"].read_text().replace('"text":', '"text": "x", "text":', 1))
     for name, breakage in DAMAGED.items():
         f[name] = d / f"{name}.h5"
         shutil.copy(f["h5"], f[name])

@@ -34,7 +34,8 @@ EXPECTED = {  # broken folder -> what the one error line must say
     "ddp": "37 parameter(s) of the architecture are not in the weights (embeddings.LayerNorm.bias, "
            "embeddings.LayerNorm.weight, embeddings.position_embeddings.weight and 34 more) (every weight name "
            "starts with 'module.'",
-    "noquery": "1 parameter(s) of the architecture are not in the weights (encoder.layer.0.attention.self.query.weight)",
+    "noquery": "1 parameter(s) of the architecture are not in the weights "
+               "(encoder.layer.0.attention.self.query.weight)",
     "nowords": "(embeddings.word_embeddings.weight)",
     "shape": "encoder.layer.0.attention.self.query.weight has shape [32, 30] in the weights, the config makes [32, 32]",
     "layers3": "parameter(s) of the architecture are not in the weights (encoder.layer.2.",
@@ -170,11 +171,11 @@ def test_an_output_that_is_an_input_or_inside_the_model_is_refused(tiny_model_di
     model = tiny_model_dir("bert")
     config = (model / "config.json").read_bytes()
     good = tmp_path / "a.json"
-    assert run_cli(extract_attention.main, ["--model_dir", str(model), "--text", "the cat", "--output_file", str(good)]) == 0
+    extract = ["--model_dir", str(model), "--text", "the cat", "--output_file"]
+    assert run_cli(extract_attention.main, [*extract, str(good)]) == 0
     before = good.read_bytes()
     cases = [
-        (extract_attention.main, ["--model_dir", str(model), "--text", "the cat", "--output_file", str(model / "config.json")],
-         "is inside the model folder"),
+        (extract_attention.main, [*extract, str(model / "config.json")], "is inside the model folder"),
         (extract_attention.main, ["--model_dir", str(model), "--texts-file", str(good), "--output_file", str(good)],
          "is the input"),
         (visualize_attention.main, ["-i", str(good), "--mode", "prepare", "-o", str(good)], "is the input"),
@@ -220,7 +221,8 @@ def test_sigterm_removes_the_temporary_file_and_exits_143(tiny_model_dir, tmp_pa
     texts.write_text("\n".join(f"the cat sat on the mat {i} and it was big" for i in range(3000)))
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "extract_attention.py"), "--model_dir", str(tiny_model_dir("bert")),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "extract_attention.py"),
+                             "--model_dir", str(tiny_model_dir("bert")),
                              "--texts-file", str(texts), "--output_file", str(out / "a.h5")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -243,7 +245,8 @@ HOSTILE = {  # file name -> (contents, what the one error line must say)
     "extra.csv": ("id,text\n1,the cat,surplus\n", "data row 1 has 3 cells for 2 columns"),
     "surrogate.jsonl": ('{"id": "a", "text": "the \\ud800 cat"}\n', "line 1 holds a lone surrogate ('\\ud800')"),
     "deep.jsonl": ("[" * 50_000 + "]" * 50_000 + "\n", "line 1 is JSON nested too deeply"),
-    "nullid.jsonl": ('{"id": null, "text": "the cat"}\n', 'line 1 has an "id" that is not a string or an integer: null'),
+    "nullid.jsonl": ('{"id": null, "text": "the cat"}\n',
+                     'line 1 has an "id" that is not a string or an integer: null'),
 }
 
 
@@ -291,7 +294,8 @@ def test_a_special_token_typed_in_a_text_is_text(tiny_model_dir, tmp_path):
     ("bool-values", lambda text: text.replace('"attention_matrices": [[[[', '"attention_matrices": [[[[true, ', 1),
      "holds true/false where probabilities belong"),
     ("deep", lambda text: "[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
-    ("huge-number", lambda text: text.replace('"attention_matrices": [[[[', '"attention_matrices": [[[[1' + "0" * 400 + ", ", 1),
+    ("huge-number",
+     lambda text: text.replace('"attention_matrices": [[[[', '"attention_matrices": [[[[1' + "0" * 400 + ", ", 1),
      "attention_matrices is ragged or not numeric"),
 ])
 def test_a_hostile_json_attention_file_is_one_error_line(name, edit, needle, tmp_path, capsys):
@@ -303,3 +307,22 @@ def test_a_hostile_json_attention_file_is_one_error_line(name, edit, needle, tmp
     status = run_cli(analyze_attention.main, ["summary", str(path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.slow
+def test_snakemake_dry_run_refuses_a_checkpoint_folder_that_does_not_fit(misfits, tiny_model_dir, tmp_path):
+    """The loader's check, made by `snakemake -n` for every checkpoint kind (here hf, and the base
+    of a random_init) before any job runs."""
+    from workflow_support import snakemake, write_config
+
+    for spec, where in (({"kind": "hf", "path": str(misfits["layers3"])}, "checkpoints.bad.path"),
+                        ({"kind": "random_init", "base": str(misfits["noquery"]), "seed": 0}, "checkpoints.bad.base")):
+        config = write_config(tmp_path, checkpoints={"bad": spec})
+        run = snakemake(tmp_path, config, "-n")
+        output = run.stdout + run.stderr
+        assert run.returncode != 0 and f"config error: {where}: " in output, output[-2000:]
+        assert "the weights do not fit config.json" in output
+    good = write_config(tmp_path, checkpoints={"tiny": {"kind": "hf", "path": str(tiny_model_dir("bert"))}})
+    run = snakemake(tmp_path, good, "-n")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-2000:]
+    assert not (tmp_path / "results").exists()
