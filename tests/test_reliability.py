@@ -326,3 +326,15 @@ def test_snakemake_dry_run_refuses_a_checkpoint_folder_that_does_not_fit(misfits
     run = snakemake(tmp_path, good, "-n")
     assert run.returncode == 0, (run.stdout + run.stderr)[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_relevance_refuses_a_file_without_every_layer(tiny_model_dir, tmp_path, capsys):
+    """docs/METRICS.md: Chefer relevance multiplies every layer; a file of layer 1 alone was used silently."""
+    path = tmp_path / "a.h5"
+    assert run_cli(extract_attention.main, ["--model_dir", str(tiny_model_dir("bert")), "--text", "the cat sat",
+                                            "--explain", "output-norm", "--layer", "1", "--output_file", str(path)]) == 0
+    capsys.readouterr()
+    status = run_cli(analyze_attention.main, ["relevance", str(path), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "stores layers [1] of 2; relevance (Chefer et al.)" in err[0], err
+    assert not list((tmp_path / "out").iterdir())
