@@ -331,8 +331,9 @@ def test_snakemake_dry_run_refuses_a_checkpoint_folder_that_does_not_fit(misfits
 def test_relevance_refuses_a_file_without_every_layer(tiny_model_dir, tmp_path, capsys):
     """docs/METRICS.md: Chefer relevance multiplies every layer; a file of layer 1 alone was used silently."""
     path = tmp_path / "a.h5"
-    assert run_cli(extract_attention.main, ["--model_dir", str(tiny_model_dir("bert")), "--text", "the cat sat",
-                                            "--explain", "output-norm", "--layer", "1", "--output_file", str(path)]) == 0
+    argv = ["--model_dir", str(tiny_model_dir("bert")), "--text", "the cat sat", "--explain", "output-norm",
+            "--layer", "1", "--output_file", str(path)]
+    assert run_cli(extract_attention.main, argv) == 0
     capsys.readouterr()
     status = run_cli(analyze_attention.main, ["relevance", str(path), "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
