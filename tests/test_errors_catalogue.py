@@ -11,6 +11,7 @@ Three rows also run as real command lines.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -31,6 +32,17 @@ from conftest import ROOT, run_script, save_tiny_model, write_test_images
 from seq2seq_tiny import save_tiny_seq2seq
 from test_corrupt_inputs import META, h5_edit, json_nan, ragged, replace_attention, rows_scaled, truncate, valid_item
 from test_security import evil_state_dict, remote_code_folder
+from damaged_files import edit, external_link, replace_dataset, set_attr, soft_link
+from reliability_support import misfit_folders
+
+DAMAGED = {  # placeholders of issue 16's rows: the valid {h5} broken one way each
+    "h5_layers_unsorted": edit(set_attr("/", "layers", np.array([1, 0]))),
+    "h5_ids_repeated": edit(replace_dataset("ids", lambda v: v[[0, 0]], dtype=h5py.string_dtype())),
+    "h5_soft_link": edit(soft_link("texts/00000001", "/texts/00000000")),
+    "h5_external_link": edit(external_link("texts/00000001/tokens", "/dev/stdin", "/x")),
+    "h5_version_string": edit(set_attr("/", "schema_version", "2")),
+    "h5_heap_flip": lambda path: path.write_bytes(path.read_bytes().replace(b"[CLS]", b"[BLS]", 1)),
+}
 
 CATALOGUE = ROOT / "docs" / "ERRORS.md"
 MAINS = {"extract_attention.py": extract_attention.main, "visualize_attention.py": visualize_attention.main,
@@ -145,6 +157,17 @@ def files(tiny_model_dir, tiny_vit_dir, tmp_path_factory) -> dict[str, Path]:
     f["embeddings"] = d / "embeddings.npy"
     np.save(f["embeddings"], np.random.default_rng(0).standard_normal((1, 3, 8)).astype(np.float32))
     f["marker"] = d / "PWNED"
+    # Issue 16 (reliability): models whose weights do not fit their config, files that break the
+    # format's rules.
+    f.update({f"model_{name}": folder for name, folder in misfit_folders(f["model"], d).items()})
+    f["quote_csv"] = text_file("quote.csv", 'id,text\n1,"the cat\n2,a dog\n')
+    f["fifo_txt"] = d / "fifo.txt"
+    os.mkfifo(f["fifo_txt"])
+    f["dupkey_json"] = text_file("dupkey.json", f["json"].read_text().replace('"text":', '"text": "x", "text":', 1))
+    for name, breakage in DAMAGED.items():
+        f[name] = d / f"{name}.h5"
+        shutil.copy(f["h5"], f[name])
+        breakage(f[name])
     return f
 
 

@@ -416,6 +416,10 @@ def run_relevance(input: Path, output_dir: Path, query: str = "auto", figures: i
         if len(f) == 0:
             raise AttnpipeError(f"{input} holds no texts")
         layers = f.meta.layers
+        if tuple(layers) != tuple(range(f.meta.num_layers)):  # docs/METRICS.md: Chefer relevance
+            raise AttnpipeError(
+                f"{input} stores layers {list(layers)} of {f.meta.num_layers}; relevance (Chefer et al.) "
+                "multiplies every layer's attention from the first to the last: extract with --layer all")
         table = pd.concat([RV.text_relevance(item, layers, query, f.meta.model_type) for item in f],
                           ignore_index=True)
         drawn = [f.index_of(text_id)] if text_id is not None else range(min(figures, len(f)))
@@ -469,7 +473,10 @@ def run_faithfulness(input: Path, output_dir: Path, model_dir: Path | None = Non
         def encode(text):
             import torch
 
-            return torch.tensor([model.tokenizer(text)["input_ids"]], device=torch_device)
+            from attnpipe.extract.inputs import SPLIT_SPECIAL_TOKENS  # as the extraction tokenized
+
+            ids = model.tokenizer(text, split_special_tokens=SPLIT_SPECIAL_TOKENS)["input_ids"]
+            return torch.tensor([ids], device=torch_device)
 
         objective = build_objective(model, parse_target(f.meta.gradient_target), encode)
         summary, curve = FF.corpus_faithfulness(f, model, objective, methods, max_texts, seed)
@@ -492,8 +499,18 @@ COMMANDS = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollo
 
 
 def run(command: str, **options) -> Outcome:
-    """Run one subcommand by name with its options (the CLI's argparse dests)."""
-    return COMMANDS[command](**options)
+    """Run one subcommand by name with its options (the CLI's argparse dests).
+
+    A command that writes into --output-dir writes its whole set of files into a hidden folder
+    there first, renamed into place only when every file is complete (tables.staged_output_dir).
+    """
+    if options.get("output_dir") is None:
+        return COMMANDS[command](**options)
+    folder = Path(options["output_dir"])
+    with tables.staged_output_dir(folder) as stage:
+        outcome = COMMANDS[command](**{**options, "output_dir": stage})
+    return Outcome(stdout=outcome.stdout.replace(str(stage), str(folder)),
+                   stderr=outcome.stderr.replace(str(stage), str(folder)))
 
 
 def print_outcome(outcome: Outcome) -> None:

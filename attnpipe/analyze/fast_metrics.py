@@ -34,6 +34,7 @@ import torch
 from attnpipe.analyze import metric_reference as M  # the names, thresholds and key rules
 from attnpipe import store
 from attnpipe.errors import AttnpipeError
+from attnpipe.store.validate import check_same_version
 
 # Texts per worker below which forking costs more than it saves.
 MIN_TEXTS_PER_WORKER = 16
@@ -263,10 +264,16 @@ def _batch_values(batch: list[_Text], names: Sequence[str], out: np.ndarray) -> 
     out[[text.pos for text in batch]] = values.reshape(len(batch), num_layers, *values.shape[1:])
 
 
-def _share(path: Path, indices: Sequence[int], names: tuple[str, ...], causal: bool | None) -> np.ndarray:
-    """The given texts of the file: (k, L, H, M). Runs in a worker process, on one torch thread."""
+def _share(path: Path, indices: Sequence[int], names: tuple[str, ...], causal: bool | None,
+           identity: tuple | None = None) -> np.ndarray:
+    """The given texts of the file: (k, L, H, M). Runs in a worker process, on one torch thread.
+
+    `identity`: the parent's AttentionFile.identity; the file this worker opens must be that one
+    version (one snapshot per run: a file replaced meanwhile is refused, never mixed in)."""
     torch.set_num_threads(1)
     with torch.inference_mode(), store.open_attention(path) as f:
+        if identity is not None:
+            check_same_version(path, f.identity, identity)
         return texts_values(f, indices, names, causal)
 
 
@@ -306,7 +313,7 @@ def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Seque
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             parts = pool.map(_share, [attention_file.path] * shares,
                              [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
-                             [names] * shares, [causal] * shares)
+                             [names] * shares, [causal] * shares, [attention_file.identity] * shares)
             values = np.empty((count, len(meta.layers), len(meta.heads), len(names)))
             values[order] = np.concatenate(list(parts))
     return store.metrics_table(attention_file.ids, meta.layers, meta.heads, names, values)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -55,3 +58,24 @@ def write_json(payload: dict, path: Path) -> Path:
                        encoding="utf-8")
 
     return write_atomic(path, write)
+
+
+@contextmanager
+def staged_output_dir(folder: Path) -> Iterator[Path]:
+    """A hidden folder inside `folder` to write a command's whole set of outputs into.
+
+    When the block succeeds, each file is renamed into `folder` (renames within one file system
+    need no room, so they do not fail as writes do); when it fails (disk full, an error, Ctrl-C,
+    SIGTERM) the folder is removed and `folder` keeps its previous set of outputs, never a mix of
+    new and old tables. A folder left by a SIGKILL is named `.attnpipe-*.tmp` and can be deleted.
+    """
+    folder = prepare_output_dir(folder)
+    stage = Path(tempfile.mkdtemp(prefix=".attnpipe-", suffix=".tmp", dir=folder))
+    try:
+        yield stage
+        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+            target = folder / path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -105,3 +105,73 @@ def state_dict_problems(state_dict: Path, base: Path) -> list[str]:
     if len(bad) > 3:
         problems.append(f"... {len(bad) - 3} more shape mismatches")
     return problems
+
+
+# Files a transformers tokenizer is read from; a text model's folder needs one of them.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model", "source.spm")
+
+
+def folder_problems(folder: Path) -> list[str]:
+    """Why a transformers model folder's weights do not fit its own config.json (empty: they fit).
+
+    The workflow's check before any job starts, for `hf` and `run` checkpoints, with the loader's
+    rules (attnpipe.extract.loading.weight_fit_problems): every parameter found (the base model's
+    prefix such as `bert.` allowed, a pooler or computed parameters excepted), no weights inside
+    the architecture's own modules that it does not have, the same shapes; a text model also needs
+    a tokenizer file. Fast path: the architecture is built on torch's "meta" device (no memory)
+    and compared with the weight files' headers. transformers renames some checkpoints' keys as it
+    loads them (ViT's encoder.layer.N -> layers.N), so a folder the headers do not match is then
+    loaded for real on the CPU, and transformers' own account of what it found is what counts.
+    """
+    import torch
+    import transformers
+
+    from attnpipe.extract.loading import check_weights_fit, weight_fit_problems
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model = transformers.AutoModel.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        return [f"transformers cannot build the model config.json describes: {_first(exc)}"]
+    problems = _header_problems(folder, model, weight_fit_problems)
+    if problems:
+        try:
+            real, info = transformers.AutoModel.from_pretrained(
+                folder, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32)
+            check_weights_fit(folder, real, info)
+            problems = []
+        except AttnpipeError as exc:
+            return [str(exc).split(": the weights do not fit config.json: ", 1)[-1]]
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            return [f"transformers cannot load it: {_first(exc)}"]
+    text_model = getattr(config, "model_type", None) not in IMAGE_MODEL_TYPES
+    if text_model and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"no tokenizer file ({', '.join(TOKENIZER_FILES)}): every word would be unknown")
+    return problems
+
+
+IMAGE_MODEL_TYPES = ("vit", "deit", "beit", "dinov2", "swin")  # models that need an image processor, not a tokenizer
+
+
+def _first(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _header_problems(folder: Path, model, weight_fit_problems) -> list[str]:
+    """weight_fit_problems of the weight files' header names and shapes against a meta model."""
+    weights = folder_shapes(folder)
+    prefix = (getattr(model, "base_model_prefix", "") or "") + "."
+    if prefix != "." and any(n.startswith(prefix) for n in weights):  # saved from a task class
+        weights = {n[len(prefix):] if n.startswith(prefix) else n: s for n, s in weights.items()}
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    aliases: dict[int, list[str]] = {}  # one entry per parameter, with every name a tie gives it
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    missing = [names[0] for names in aliases.values() if not any(n in weights for n in names)]
+    unexpected = [n for n in weights if n not in shapes and not n.endswith(IGNORED)]
+    mismatched = [(n, weights[n], shapes[n]) for n in weights if n in shapes and tuple(weights[n]) != shapes[n]]
+    return weight_fit_problems(model, missing, unexpected, mismatched)

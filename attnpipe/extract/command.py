@@ -62,6 +62,23 @@ def read_inputs(args: argparse.Namespace) -> dict:
     raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
 
 
+def check_output_is_not_an_input(args: argparse.Namespace) -> None:
+    """--output_file must not be an input of the run, nor inside the model folder it reads."""
+    from attnpipe.store.atomic import check_not_an_input
+
+    model_dirs = [args.model_dir]
+    if args.model_dir is None and args.torch_model is None:
+        from attnpipe.extract.loading import default_model_dir
+
+        try:
+            model_dirs.append(default_model_dir())
+        except AttnpipeError:  # the package is missing: said when the model loads
+            pass
+    inputs = [args.texts_file, getattr(args, "data", None), getattr(args, "weights", None),
+              *(args.image or ()), getattr(args, "image_dir", None)]
+    check_not_an_input(args.output_file, inputs, model_dirs)
+
+
 def first_inputs(inputs: dict, count: int | None) -> dict:
     """--num-examples N: the first N of the inputs (texts, pairs or images)."""
     if count is None:
@@ -111,6 +128,7 @@ def generation_from_args(args: argparse.Namespace, inputs: dict) -> GenerationSe
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    check_output_is_not_an_input(args)
     inputs = first_inputs(read_inputs(args), args.num_examples)
     generation = generation_from_args(args, inputs)
     if args.explain is not None:

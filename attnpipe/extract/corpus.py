@@ -35,6 +35,8 @@ line index, or data row for .csv): that id is now `line-{i+1}` (`row-{i+1}` for 
 from __future__ import annotations
 
 import csv
+import os
+import stat
 import hashlib
 import io
 import json
@@ -47,6 +49,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import atomic_path
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
+EXTRA_CELLS = "\x00extra"  # DictReader's key for cells beyond the header (no column can be named so)
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,22 @@ def pairs_from_strings(sources: list[str], targets: list[str]) -> list[Pair]:
 # ----------------------------------------------------------------------------- files
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse a FIFO, device or socket before opening it: reading one may wait forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # said by the reader, with the file's role
+    except OSError as err:
+        raise AttnpipeError(f"cannot read {what} {path}: {err.strerror}") from err
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise AttnpipeError(f"{what} {path} is not a regular file (a FIFO, device or socket): "
+                            "give a file on disk")
+
+
 def decoded_lines(path: Path) -> list[str]:
     """The file's lines as text, with errors naming the file and line."""
+    check_regular_file(path, "texts file")
     try:
         raw = path.read_bytes()
     except FileNotFoundError as err:
@@ -143,9 +160,18 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             raise AttnpipeError(f"{path} line {number} is not valid JSON: {err.msg}") from err
+        except (RecursionError, ValueError) as err:  # nesting too deep; an integer over 4300 digits
+            raise AttnpipeError(f"{path} line {number} is JSON nested too deeply or with too large a "
+                                f"number: {type(err).__name__}") from err
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:  # "\ud800" escapes parse to strings no file can hold
+            raise AttnpipeError(f"{path} line {number} holds a lone surrogate ({err.object[err.start:err.end]!a}): "
+                                "not a character; fix the text") from err
+        yield number, row
 
 
 def _read_jsonl(path: Path) -> list[Text]:
@@ -156,21 +182,38 @@ def _read_jsonl(path: Path) -> list[Text]:
         if not row["text"].strip():
             raise AttnpipeError(f"{path} line {number} has an empty text")
         text_id = row.get("id", f"line-{number}")
+        if isinstance(text_id, bool) or not isinstance(text_id, (str, int)):  # null, NaN, objects
+            raise AttnpipeError(f'{path} line {number} has an "id" that is not a string or an integer: '
+                                f"{json.dumps(text_id)[:40]}")
         out.append(Text(str(text_id), row["text"]))
     return out
 
 
 def _read_table(path: Path, text_column: str, id_column: str | None) -> list[Text]:
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO("\n".join(decoded_lines(path))), delimiter=delimiter)
-    columns = reader.fieldnames or []
+    # strict: an unterminated quote is an error, not the rest of the file swallowed into one text
+    reader = csv.DictReader(io.StringIO("\n".join(decoded_lines(path))), delimiter=delimiter, strict=True,
+                            restkey=EXTRA_CELLS)
+    rows: list[dict] = []
+    try:
+        columns = reader.fieldnames or []
+        rows.extend(reader)
+    except csv.Error as err:
+        raise AttnpipeError(f"{path} data row {len(rows) + 1} is not valid {path.suffix[1:].upper()}: {err} "
+                            "(an unterminated quote?)") from err
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise AttnpipeError(f"{path} names the column(s) {', '.join(map(repr, repeated))} more than once")
     for flag, column in (("--text-column", text_column), ("--id-column", id_column)):
         if column is not None and column not in columns:
             raise AttnpipeError(
                 f"{flag} {column!r} is not a column of {path}; columns: {', '.join(columns) or 'none'}"
             )
     out = []
-    for number, row in enumerate(reader, start=1):
+    for number, row in enumerate(rows, start=1):
+        if EXTRA_CELLS in row:
+            raise AttnpipeError(f"{path} data row {number} has {len(columns) + len(row[EXTRA_CELLS])} cells "
+                                f"for {len(columns)} columns")
         text = row[text_column] or ""
         if not text.strip():
             raise AttnpipeError(f"{path} data row {number} has an empty {text_column!r}")
@@ -225,7 +268,7 @@ def _first_row(path: Path) -> object:
         if line.strip():
             try:
                 return json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError, ValueError):  # said by the texts reader
                 return None
     return None
 

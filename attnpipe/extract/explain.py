@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from attnpipe.extract import gradients
-from attnpipe.extract.inputs import Batch
+from attnpipe.extract.inputs import SPLIT_SPECIAL_TOKENS, Batch
 from attnpipe.models.parts import Output
 
 
@@ -34,7 +34,8 @@ class Explainer:
         device = getattr(model, "device", torch.device("cpu"))
 
         def encode_other(text: str) -> torch.Tensor:
-            ids = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+            ids = tokenizer(text, truncation=True, max_length=limit,
+                            split_special_tokens=SPLIT_SPECIAL_TOKENS)["input_ids"]
             return torch.tensor([ids], device=device)
 
         self.objective = gradients.build_objective(model, self.target, encode_other if tokenizer else None)

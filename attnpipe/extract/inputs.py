@@ -55,6 +55,9 @@ class Encoded:
     untruncated_lengths: list[int]
 
 
+SPLIT_SPECIAL_TOKENS = True  # special-token strings inside a text are tokenized as the text they are
+
+
 def encode(tokenizer, texts: list[str], max_length: int) -> Encoded:
     """Tokenize once (truncated); only texts that reach max_length are counted again untruncated."""
     fast = getattr(tokenizer, "is_fast", False)
@@ -64,12 +67,16 @@ def encode(tokenizer, texts: list[str], max_length: int) -> Encoded:
         max_length=max_length,
         return_special_tokens_mask=True,
         return_offsets_mapping=fast,
+        # "[CLS]" typed in a text is text: without this it became the special token's id while
+        # special_tokens_mask said False (only the tokenizer's own [CLS]/[SEP] are special).
+        split_special_tokens=SPLIT_SPECIAL_TOKENS,
     )
     untruncated = [len(ids) for ids in enc["input_ids"]]
     # A text shorter than the limit was not cut; only those at the limit may have been.
     at_limit = [i for i, n in enumerate(untruncated) if n >= max_length]
     if at_limit:
-        full = tokenizer([texts[i] for i in at_limit], truncation=False)["input_ids"]
+        full = tokenizer([texts[i] for i in at_limit], truncation=False,
+                         split_special_tokens=SPLIT_SPECIAL_TOKENS)["input_ids"]
         for i, ids in zip(at_limit, full, strict=True):
             untruncated[i] = len(ids)
     offsets, word_ids = [], []
@@ -100,7 +107,8 @@ def token_lengths(tokenizer, texts: list[str], max_length: int) -> list[int]:
     """Each text's token count after truncation to max_length, LENGTH_WINDOW texts at a time."""
     lengths: list[int] = []
     for start in range(0, len(texts), LENGTH_WINDOW):
-        window = tokenizer(texts[start:start + LENGTH_WINDOW], truncation=True, max_length=max_length)
+        window = tokenizer(texts[start:start + LENGTH_WINDOW], truncation=True, max_length=max_length,
+                           split_special_tokens=SPLIT_SPECIAL_TOKENS)
         lengths.extend(len(ids) for ids in window["input_ids"])
     return lengths
 

@@ -254,6 +254,80 @@ class LoadedModel:
                     checkpoint_dtype=self.checkpoint_dtype)
 
 
+AFTER_ATTENTION = ("pooler",)  # modules of a base model that no attention depends on
+
+
+def _names(keys, count: int = 3) -> str:
+    """The first few of `keys` and how many there are, for a one-line message."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - count} more" if len(keys) > count else ""
+    return ", ".join(keys[:count]) + more
+
+
+def weight_fit_problems(model: torch.nn.Module, missing, unexpected, mismatched) -> list[str]:
+    """Why weights loaded into `model` are not the checkpoint its config describes (empty: they are).
+
+    transformers fills a parameter it did not find with random values and drops one it does not
+    know; attention from such a model is noise, and --verify agrees with it (same random values).
+    So every parameter of the architecture must come from the weights with its shape. Unexpected
+    names are refused when they belong to the architecture's own modules (e.g. a layer beyond
+    num_hidden_layers); a task head next to the base model (classifier, lm_head, ...) is not
+    part of the attention and is allowed.
+    """
+    problems = []
+    # A pooler is computed from the last layer's output: it never changes an attention, and
+    # models saved from a task class without one (ViTForImageClassification) lack it.
+    # Parameters the architecture computes rather than loads (Marian's sinusoidal positions) are
+    # listed by transformers in _keys_to_ignore_on_load_missing, with or without the base prefix.
+    computed = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    missing = [k for k in missing if k.split(".", 1)[0] not in AFTER_ATTENTION
+               and not any(c.search(k) or c.search(f"{prefix}.{k}") for c in computed)]
+    if missing:
+        wrapper = {k.split(".", 1)[0] for k in unexpected if "." in k} if unexpected else set()
+        hint = ""
+        if len(wrapper) == 1 and len(unexpected) >= len(missing):
+            hint = (f" (every weight name starts with {next(iter(wrapper)) + '.'!r}: saved from a wrapper "
+                    "such as DDP? re-save the inner model's state_dict)")
+        problems.append(f"{len(missing)} parameter(s) of the architecture are not in the weights "
+                        f"({_names(missing)}){hint}")
+    own = {name for name, _ in model.named_children()} | {getattr(model, "base_model_prefix", "") or "-"}
+    foreign = [k for k in unexpected if k.split(".", 1)[0] in own]
+    if foreign:
+        problems.append(f"{len(foreign)} weight(s) the configured architecture does not have "
+                        f"({_names(foreign)}): does config.json describe these weights (e.g. num_hidden_layers)?")
+    for key, found, expected in sorted(mismatched, key=lambda m: m[0])[:3]:
+        problems.append(f"{key} has shape {list(found)} in the weights, the config makes {list(expected)}")
+    if len(mismatched) > 3:
+        problems.append(f"... {len(mismatched) - 3} more shape mismatches")
+    return problems
+
+
+def check_weights_fit(model_dir: Path, model: torch.nn.Module, loading_info: dict) -> None:
+    """Refuse a folder whose weights do not fit its config (weight_fit_problems), naming the keys."""
+    problems = weight_fit_problems(model, loading_info.get("missing_keys") or (),
+                                   loading_info.get("unexpected_keys") or (),
+                                   loading_info.get("mismatched_keys") or ())
+    if problems:
+        raise AttnpipeError(f"{model_dir}: the weights do not fit config.json: " + "; ".join(problems)
+                            + "; attnpipe refuses rather than fill them with random values")
+
+
+def check_real_tokenizer(model_dir: Path, tokenizer) -> None:
+    """A folder without tokenizer files still gives transformers a tokenizer: one whose only words
+    are its special tokens, so every word becomes [UNK]. Refuse it."""
+    try:
+        vocab = set(tokenizer.get_vocab())
+    except (AttributeError, NotImplementedError, TypeError):
+        return  # a tokenizer that cannot list its vocabulary: nothing to judge it by
+    if not vocab - set(tokenizer.all_special_tokens):
+        raise AttnpipeError(
+            f"{model_dir} has no usable tokenizer (its vocabulary holds only special tokens: no "
+            "tokenizer.json, vocab.txt, vocab.json + merges.txt or *.model file?); every word would "
+            "become the unknown token: copy the tokenizer files of the model into the folder"
+        )
+
+
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
@@ -295,20 +369,25 @@ def load_model(
             processor = transformers.AutoImageProcessor.from_pretrained(model_dir, backend="pil")
         else:
             tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        hf_model = transformers.AutoModel.from_pretrained(
+        hf_model, loading_info = transformers.AutoModel.from_pretrained(
             model_dir,
             attn_implementation="eager",  # the reference for --verify: the sdpa path returns no attentions
             dtype=torch.float32,  # a bf16/fp16 checkpoint is computed in float32, recorded in the file
             use_safetensors=any(p.suffix == ".safetensors" for p in files),
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,  # what was not in the weights: refused below, never random
+            ignore_mismatched_sizes=True,  # a wrong shape is reported by name below, not as a traceback
         )
     except pickle.UnpicklingError as err:  # torch's weights_only unpickler refused: nothing ran
         raise AttnpipeError(
             f"refused to load {model_dir}: a weight file holds more than tensors "
             f"({_pickle_refusal(err)}); only weights_only loading is allowed"
         ) from err
-    except (OSError, ValueError, KeyError, ImportError) as err:
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as err:
         raise AttnpipeError(f"could not load model from {model_dir}: {_first_line(err)}") from err
+    check_weights_fit(model_dir, hf_model, loading_info)
+    if tokenizer is not None:
+        check_real_tokenizer(model_dir, tokenizer)
     if getattr(processor, "do_center_crop", False):
         # The stored patch grid is mapped onto the whole image (store.ImageInfo); a crop would
         # make that mapping wrong, so refuse rather than draw attention on the wrong pixels.

@@ -76,3 +76,27 @@ def check_writable(path: Path) -> None:
         raise AttnpipeError(f"output folder is not writable: {folder}")
     if path.is_dir():
         raise AttnpipeError(f"output path is a folder: {path}")
+
+
+def _same_or_inside(path: Path, other: Path) -> bool:
+    try:
+        path, other = path.resolve(), other.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compared as given
+        pass
+    return path == other or other in path.parents
+
+
+def check_not_an_input(output: Path, inputs=(), model_dirs=()) -> None:
+    """Refuse an output path that would replace one of the command's own inputs, or that lies
+    inside a model folder (an output named MODEL/config.json would overwrite the model)."""
+    flat = []
+    for given in inputs:  # argparse gives some flags as lists (--image A B, --image-dir D)
+        flat += list(given) if isinstance(given, (list, tuple)) else [given]
+    for given in flat:
+        if given is not None and Path(given).exists() and _same_or_inside(output, Path(given)):
+            raise AttnpipeError(f"the output {output} is the input {given}: writing it would replace the input; "
+                                "choose another output path")
+    for folder in model_dirs:
+        if folder is not None and Path(folder).is_dir() and _same_or_inside(output, Path(folder)):
+            raise AttnpipeError(f"the output {output} is inside the model folder {folder}: writing there could "
+                                "overwrite the model's own files; choose a path outside it")

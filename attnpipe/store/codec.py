@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 from isal import isal_zlib
 
+from attnpipe.store.checksum import strip_fletcher32, with_fletcher32
 from attnpipe.store.format import CHUNK_TARGET_BYTES, UINT8_SCALE, Storage, StorageDtype
 
 
@@ -60,17 +61,23 @@ def encode_chunk(chunk: np.ndarray, storage: Storage) -> bytes:
     """
     chunk = np.ascontiguousarray(chunk)
     if storage.compression == "none":
-        return chunk.tobytes()
+        return with_fletcher32(chunk.tobytes())  # the last filter of every pipeline (Storage.h5_filters)
     assert storage.compression == "gzip", "lzf chunks are compressed by h5py itself"
     if chunk.itemsize > 1:  # HDF5's shuffle filter: byte k of every element, then byte k + 1, ...
         raw = chunk.view(np.uint8).reshape(-1, chunk.itemsize).T.tobytes()
     else:
         raw = chunk.tobytes()
-    return deflate_bytes(raw, storage.level)
+    return with_fletcher32(deflate_bytes(raw, storage.level))
 
 
-# Filter pipelines read_whole inflates itself: what H5Writer writes with gzip.
-_INFLATED_PIPELINES = ((h5py.h5z.FILTER_DEFLATE,), (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE))
+# Filter pipelines read_whole inflates itself: what H5Writer writes with gzip (with fletcher32
+# from issue 16 on, without it before).
+_DEFLATE, _SHUFFLE, _FLETCHER = h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32
+_INFLATED_PIPELINES = ((_DEFLATE,), (_SHUFFLE, _DEFLATE), (_DEFLATE, _FLETCHER), (_SHUFFLE, _DEFLATE, _FLETCHER))
+
+
+class ChecksumMismatch(OSError):
+    """A chunk's bytes differ from what was written (an OSError, as h5py's own read errors are)."""
 
 
 def read_whole(dataset: h5py.Dataset) -> np.ndarray:
@@ -92,14 +99,20 @@ def read_whole(dataset: h5py.Dataset) -> np.ndarray:
         return dataset[()]
     itemsize = dtype.itemsize
     chunk_bytes = math.prod(chunks) * itemsize
+    checked = pipeline[-1] == _FLETCHER
     out = None if chunks == shape else np.empty(shape, dtype)
     try:
         for offset in itertools.product(*(range(0, size, step) for size, step in zip(shape, chunks))):
             skipped, raw = dataset.id.read_direct_chunk(offset)
             if skipped:
                 return dataset[()]
+            if checked:
+                raw = strip_fletcher32(raw)
+                if raw is None:
+                    raise ChecksumMismatch(f"the fletcher32 checksum of chunk {offset} of {dataset.name} "
+                                           "does not match: the file is damaged")
             data = np.frombuffer(deflate.zlib_decompress(raw, chunk_bytes), np.uint8)
-            if len(pipeline) == 2 and itemsize > 1:
+            if _SHUFFLE in pipeline and itemsize > 1:
                 data = _unshuffle(data, itemsize)
             else:
                 data = data.copy()  # writable
@@ -108,6 +121,8 @@ def read_whole(dataset: h5py.Dataset) -> np.ndarray:
                 return chunk
             region = tuple(slice(start, min(start + step, size)) for start, step, size in zip(offset, chunks, shape))
             out[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+    except ChecksumMismatch:
+        raise  # not h5py's fallback: it would say only "filter returned failure"
     except (OSError, ValueError, KeyError, deflate.DeflateError):
         return dataset[()]
     return out

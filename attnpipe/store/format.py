@@ -393,13 +393,18 @@ class Storage:
         return DEFAULT_GZIP_LEVELS[self.dtype] if self.compression_level is None else self.compression_level
 
     def h5_filters(self, itemsize: int) -> dict:
-        """h5py create_dataset options for this compression (shuffle helps multi-byte values only)."""
+        """h5py create_dataset options for this compression (shuffle helps multi-byte values only).
+
+        Every chunk also carries HDF5's fletcher32 checksum (attnpipe.store.checksum; files
+        written before it have none and read as before).
+        """
         if self.compression == "gzip":
             # HDF5 records a zlib level of at most 9; the chunks themselves come from encode_chunk.
-            return dict(compression="gzip", compression_opts=min(self.level, 9), shuffle=itemsize > 1)
+            return dict(compression="gzip", compression_opts=min(self.level, 9), shuffle=itemsize > 1,
+                        fletcher32=True)
         if self.compression == "lzf":
-            return dict(compression="lzf", shuffle=itemsize > 1)
-        return {}
+            return dict(compression="lzf", shuffle=itemsize > 1, fletcher32=True)
+        return dict(fletcher32=True)
 
 
 def query_positions(rows: RowSelection, n: int) -> np.ndarray:

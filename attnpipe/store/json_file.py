@@ -17,7 +17,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import atomic_path, write_errors
 from attnpipe.store.format import (DECODER_FIELDS, DIMS, FORMAT_NAME, TARGET_GRADIENTS, ImageInfo,
                                    Provenance, TargetAttention, TextAttention, or_none)
-from attnpipe.store.validate import check_gradient_shapes, check_meta, check_version, error_reason
+from attnpipe.store.validate import check_gradient_shapes, check_meta, check_version_value, error_reason
 
 
 def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
@@ -148,9 +148,15 @@ def read_json(path: Path) -> tuple[dict, Provenance]:
     of unknowns with every layer and head stored.
     """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AttnpipeError(f"{path} is not valid JSON: {err}") from err
+    except _DuplicateKey as err:
+        raise AttnpipeError(f"{path} is a damaged attention file: the key {err.args[0]!r} occurs twice in one "
+                            "object (JSON readers disagree on which one counts)") from err
+    except (RecursionError, ValueError) as err:  # nesting deeper than Python's stack; a 4300-digit integer
+        raise AttnpipeError(f"{path} is not an attention file: JSON nested too deeply or a number too large "
+                            f"({type(err).__name__})") from err
     if not isinstance(data, dict):
         raise AttnpipeError(f"{path} is JSON but not an attention file (expected an object)")
     missing = [k for k in ("tokens", "text", "attention_matrices") if k not in data]
@@ -165,7 +171,7 @@ def read_json(path: Path) -> tuple[dict, Provenance]:
         if not isinstance(raw, dict):
             raise AttnpipeError(f"{path}: 'metadata' must be an object")
         try:
-            check_version(path, int(raw.get("schema_version", -1)))
+            check_version_value(path, raw.get("schema_version", -1))
             fields = {k: v for k, v in raw.items() if k not in ("format", "dims")}
             for key in ("weight_files", "layers", "heads", "decoder_layers", "decoder_heads"):
                 if fields.get(key) is not None:
@@ -185,11 +191,38 @@ def read_json(path: Path) -> tuple[dict, Provenance]:
     return data, meta
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook: an object with a key given twice is refused, not last-one-wins."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _has_bool(nested) -> bool:
+    """Whether a nested list holds a JSON true/false, which numpy would silently read as 1.0/0.0."""
+    if isinstance(nested, bool):
+        return True
+    if not isinstance(nested, list) or not nested:
+        return False
+    if isinstance(nested[0], list):
+        return any(_has_bool(item) for item in nested)
+    return bool in set(map(type, nested))  # one C-level pass over a row
+
+
 def _json_matrices(path: Path, data: dict) -> np.ndarray:
     """attention_matrices as a float32 array, refusing ragged or non-numeric nesting."""
+    if _has_bool(data["attention_matrices"]):
+        raise AttnpipeError(f"{path}: attention_matrices holds true/false where probabilities belong")
     try:
         attention = np.asarray(data["attention_matrices"], dtype=np.float32)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise AttnpipeError(
             f"{path}: attention_matrices is ragged or not numeric (every layer needs the same heads, "
             f"every matrix n x n): {error_reason(err)}"

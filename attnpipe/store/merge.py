@@ -18,7 +18,7 @@ import numpy as np
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import atomic_path
 from attnpipe.store.packed import PACKED_SCHEMA_VERSION, merge_packed
-from attnpipe.store.writer import write_metrics_group
+from attnpipe.store.writer import checked_dataset, seal_attrs, write_metrics_group
 
 # Parity figures are per shard: the merged file keeps the largest (NaN when none was verified).
 PARITY_ATTR = "parity_max_abs_diff"
@@ -47,7 +47,7 @@ def merge_shards(shards: Sequence[Path], output: Path) -> int:
     ids: list[str] = []
     parity = []
     names, values, causal = None, [], []  # /metrics of --metrics-only shards
-    with atomic_path(output) as tmp, h5py.File(tmp, "w", track_order=True) as out:
+    with atomic_path(output) as tmp, h5py.File(tmp, "w", track_order=True, libver=("v110", "latest")) as out:
         texts = None if packed else out.create_group("texts")
         first_attrs = None
         for shard in shards:
@@ -79,13 +79,14 @@ def merge_shards(shards: Sequence[Path], output: Path) -> int:
         if packed:  # version 3: every field's arrays concatenated (attnpipe.store.packed)
             ids = merge_packed(shards, out)
         else:
-            out.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
+            checked_dataset(out, "ids", data=ids, dtype=h5py.string_dtype())
         if values:
             write_metrics_group(out, np.concatenate(values), names, np.concatenate(causal))
         for key, value in first_attrs.items():
             out.attrs[key] = value
         if PARITY_ATTR in first_attrs:
             out.attrs[PARITY_ATTR] = np.nan if all(np.isnan(parity)) else np.nanmax(parity)
+        seal_attrs(out)  # the CRC of the root's string attributes, as the writer records it
     return len(ids)
 
 

@@ -19,7 +19,10 @@ from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, ImageInfo, Mis
                                    storage_from_attrs)
 from attnpipe.store.json_file import read_json, text_from_json
 from attnpipe.store.packed import PACKED_SCHEMA_VERSION, PackedReader
-from attnpipe.store.validate import check_meta, check_rows, check_text, check_version, error_reason
+from attnpipe.store.validate import (check_attrs_crc, check_bool, check_chunks_written, check_hard_links,
+                                     check_ids, check_links_below, check_local_data, check_meta, check_rows,
+                                     check_strings_crc, check_text, check_text_id, check_version_value,
+                                     error_reason, file_identity)
 
 # What every text group holds (datasets, then attributes): the reader checks they are there.
 TEXT_DATASETS = ("text", "attention", "token_ids", "tokens", "special_tokens_mask", "offsets", "word_ids")
@@ -62,9 +65,10 @@ class AttentionFile:
             self.close()
             raise AttnpipeError(f"{self.path} is an HDF5 file but not an attnpipe attention file")
         try:
-            version = int(attrs.get("schema_version", -1))
-            check_version(self.path, version)
+            version = check_version_value(self.path, attrs.get("schema_version", -1))
+            check_hard_links(self.path, self._h5, "")  # before any member is opened
             if version == PACKED_SCHEMA_VERSION:  # one dispatch: version 3 lives in attnpipe.store.packed
+                check_links_below(self.path, self._h5)  # a few groups: every link below them too
                 self.meta = provenance_from_attrs(attrs)
                 check_meta(self.path, self.meta)
                 self.storage = storage_from_attrs(attrs)
@@ -75,8 +79,13 @@ class AttentionFile:
             if missing:
                 raise AttnpipeError(f"{self.path} is a damaged attention file: it lacks {', '.join(missing)}")
             self.meta = provenance_from_attrs(attrs)
-            self.ids = tuple(self._h5["ids"].asstr()[()])
+            ids = self._h5["ids"]
+            check_local_data(self.path, ids, "/ids")
+            self.ids = tuple(ids.asstr()[()])
+            check_ids(self.path, self.ids)
+            check_strings_crc(self.path, ids, self.ids, "/ids")
             check_meta(self.path, self.meta)
+            check_attrs_crc(self.path, self._h5, "the file's root")  # after the named checks: a clearer message
             self.storage = storage_from_attrs(attrs)  # version 1: the defaults (gzip, all rows)
             self._texts = self._h5["texts"]  # kept: each lookup through the file costs 3x one through it
             if len(self._texts) != len(self.ids):
@@ -100,6 +109,14 @@ class AttentionFile:
             self[0]  # one text: check it now, so every command fails at once on a damaged file
         except (ValueError, TypeError) as err:
             raise AttnpipeError(f"{self.path} has a damaged field: {error_reason(err)}") from err
+
+    @property
+    def identity(self) -> tuple[int, int, int, int] | None:
+        """(device, inode, size, mtime) of the HDF5 file this object has open (None for JSON, which
+        is read whole at open): a process that reopens the path compares it (check_same_version)."""
+        if self._h5 is None:
+            return None
+        return file_identity(self._h5.id.get_vfd_handle())
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -147,11 +164,12 @@ class AttentionFile:
                     item = self._packed.text(index)
                     check_text(self.path, item, self.meta)
                     return item
-                group = self._texts[f"{index:08d}"]
+                group = self._text_group(index)
                 missing = [name for name in TEXT_DATASETS if name not in group] + [
                     name for name in TEXT_ATTRS if name not in group.attrs]
                 if missing:
                     raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}")
+                self._check_text_group(index, group)
 
                 def optional(name: str) -> np.ndarray | None:
                     return group[name][()].astype(np.float32) if name in group else None
@@ -185,6 +203,42 @@ class AttentionFile:
         check_text(self.path, item, self.meta)
         return item
 
+    def _text_group(self, index: int):
+        """Text `index`'s group, checked before anything in it is read: stored in this file (a hard
+        link, with hard links only inside), its `id` the one /ids lists, its string attributes
+        intact (attnpipe.store.validate)."""
+        name = f"{index:08d}"
+        if name not in self._texts:
+            raise KeyError(f"texts/{name} is missing")
+        if self._texts.id.links.get_info(name.encode()).type != h5py.h5l.TYPE_HARD:
+            raise AttnpipeError(f"{self.path} is a damaged attention file: texts/{name} is a soft or external "
+                                "link; attnpipe follows no links (they could point at any file)")
+        group = self._texts[name]
+        check_hard_links(self.path, group, f"texts/{name}")
+        if "id" in group.attrs:
+            check_text_id(self.path, index, group.attrs["id"], self.ids[index])
+        return group
+
+    def _check_text_group(self, index: int, group) -> None:
+        """What __getitem__ reads of a text group obeys the format: data in this file, every
+        chunk written, masks bool, strings matching their checksums (before they are read)."""
+        check_attrs_crc(self.path, group, f"text {index}")
+        where = f"text {index}'s"
+        subgroups = [(group, where)]
+        if "target" in group:
+            check_hard_links(self.path, group["target"], f"texts/{index:08d}/target")
+            subgroups.append((group["target"], f"text {index}'s target"))
+        for parent, label in subgroups:
+            for name, dataset in parent.items():
+                if isinstance(dataset, h5py.Dataset):
+                    check_local_data(self.path, dataset, f"{label} {name}")
+                    if "attention" in name:
+                        check_chunks_written(self.path, dataset, f"{label} {name}")
+            check_bool(self.path, parent["special_tokens_mask"], f"{label} special_tokens_mask")
+            for name in ("text", "tokens", "labels"):
+                if name in parent:
+                    check_strings_crc(self.path, parent[name], parent[name].asstr()[()], f"{label} {name}")
+
     def metric_inputs(self, key: int | str, to_float32=None) -> tuple[str, tuple[str, ...], np.ndarray, np.ndarray]:
         """(id, tokens, special_tokens_mask, attention) of one text: what the metrics read.
 
@@ -201,7 +255,7 @@ class AttentionFile:
             if self._packed is not None:
                 [(_, text_id, tokens, special, stored)] = next(self._packed.metric_blocks([index], 1))
                 return self._checked_metric_inputs(text_id, tokens, special, (to_float32 or decode)(stored))
-            group = self._texts[f"{index:08d}"]
+            group = self._text_group(index)
             try:
                 text_id = group.attrs["id"]
                 attention_ds, tokens_ds, special_ds = (group[name] for name in METRIC_DATASETS)
@@ -211,7 +265,13 @@ class AttentionFile:
                 if missing:
                     raise AttnpipeError(f"{self.path}: text {index} is damaged: it lacks {', '.join(missing)}") from None
                 raise
+            check_attrs_crc(self.path, group, f"text {index}")
+            for name, dataset in zip(METRIC_DATASETS, (attention_ds, tokens_ds, special_ds)):
+                check_local_data(self.path, dataset, f"text {index}'s {name}")
+            check_chunks_written(self.path, attention_ds, f"text {index}'s attention")
+            check_bool(self.path, special_ds, f"text {index}'s special_tokens_mask")
             tokens = tuple(tokens_ds.asstr()[()])
+            check_strings_crc(self.path, tokens_ds, tokens, f"text {index}'s tokens")
             special = special_ds[()]
             attention = (to_float32 or decode)(read_whole(attention_ds))
         except (KeyError, ValueError, TypeError, OSError) as err:
@@ -269,7 +329,8 @@ class AttentionFile:
             if self._packed is not None:
                 matrix, text_id = self._packed.head(index, layer, head), self.ids[index]
             else:
-                group = self._texts[f"{index:08d}"]
+                group = self._text_group(index)
+                check_local_data(self.path, group["attention"], f"text {index}'s attention")
                 matrix = decode(group["attention"][layer, head])
                 text_id = group.attrs["id"]
         except (KeyError, ValueError, TypeError, OSError) as err:

@@ -27,6 +27,7 @@ def check_meta(path: Path, meta: Provenance) -> None:
         raise AttnpipeError(f"{path}: unknown storage dtype {meta.dtype!r} (expected {', '.join(ROW_SUM_TOL)})")
     if not meta.layers or not meta.heads:
         raise AttnpipeError(f"{path} stores no layers or no heads")
+    check_meta_rules(path, meta)
 
 
 def check_rows(path: Path, text_id: str, attention: np.ndarray, layers, heads, dtype: str) -> None:
@@ -127,3 +128,178 @@ def error_reason(err: Exception) -> str:
     """An exception as a short single-line reason for an error message."""
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:200]}" if isinstance(err, KeyError) else text[:200] or type(err).__name__
+
+
+# ----------------------------------------------------------------------------- the format's own rules
+# (issue 16: the reader checks every rule docs/FORMAT.md states; i22's schema-3 reader calls these too)
+
+
+def check_version_value(path: Path, raw) -> int:
+    """schema_version as stored must be an integer (not "2", 2.9 or true), of a readable version."""
+    if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
+        raise AttnpipeError(f"{path} is a damaged attention file: schema_version must be an integer, "
+                            f"got {_shown(raw)}")
+    check_version(path, int(raw))
+    return int(raw)
+
+
+def _shown(value) -> str:
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_indices(path: Path, name: str, indices, count: int, count_name: str) -> None:
+    """`layers`/`heads` (and the decoder's): model indices, sorted, without repeats, within range."""
+    values = list(indices)
+    if not values:
+        raise AttnpipeError(f"{path} stores no {name}")
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) for v in values):
+        raise AttnpipeError(f"{path} is a damaged attention file: {name} must be integers, got {_shown(values)}")
+    if values != sorted(set(values)):
+        raise AttnpipeError(f"{path} is a damaged attention file: {name} {values} are not sorted without "
+                            "repeats (the format stores model indices in increasing order)")
+    if values[0] < 0 or values[-1] >= count:
+        raise AttnpipeError(f"{path} is a damaged attention file: {name} {values} are out of range for "
+                            f"{count_name} = {count}")
+
+
+def check_meta_rules(path: Path, meta: Provenance) -> None:
+    """The provenance's counts are positive and its stored indices obey check_indices."""
+    pairs = [("layers", meta.layers, meta.num_layers, "num_layers"), ("heads", meta.heads, meta.num_heads, "num_heads")]
+    if meta.decoder_layers is not None:
+        pairs += [("decoder_layers", meta.decoder_layers, meta.decoder_num_layers, "decoder_num_layers"),
+                  ("decoder_heads", meta.decoder_heads, meta.decoder_num_heads, "decoder_num_heads")]
+    for name, indices, count, count_name in pairs:
+        if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise AttnpipeError(f"{path} is a damaged attention file: {count_name} must be a positive "
+                                f"integer, got {_shown(count)}")
+        check_indices(path, name, indices, int(count), count_name)
+
+
+def check_ids(path: Path, ids) -> None:
+    """Text ids are strings, each once (a repeated id would make a text unreachable by id)."""
+    seen: set[str] = set()
+    for index, text_id in enumerate(ids):
+        if not isinstance(text_id, str):
+            raise AttnpipeError(f"{path} is a damaged attention file: id {index} is {_shown(text_id)}, not a string")
+        if text_id in seen:
+            raise AttnpipeError(f"{path} is a damaged attention file: text id {text_id!r} occurs more than once")
+        seen.add(text_id)
+
+
+def check_text_id(path: Path, index: int, stored, listed: str) -> None:
+    """A text group's `id` attribute is the id /ids lists at its position."""
+    if stored != listed:
+        raise AttnpipeError(f"{path} is a damaged attention file: text {index} has id {_shown(stored)} "
+                            f"but /ids lists {listed!r} at that position")
+
+
+def check_hard_links(path: Path, group, where: str) -> None:
+    """Every member of `group` is stored in this file: no soft or external links (HDF5 would
+    follow them to another object or file, any path, a FIFO included), no dataset whose data
+    lives in another file (external storage, virtual datasets). Call before reading a member."""
+    import h5py
+
+    bad: list[str] = []
+
+    def visit(name: bytes, info) -> None:
+        if info.type != h5py.h5l.TYPE_HARD:
+            kind = "an external" if info.type == h5py.h5l.TYPE_EXTERNAL else "a soft"
+            bad.append(f"{name.decode(errors='replace')} is {kind} link")
+
+    group.id.links.iterate(visit, info=True)
+    if bad:
+        raise AttnpipeError(f"{path} is a damaged attention file: {where}/{bad[0]}; attnpipe follows no "
+                            "links (they could point at any file)")
+
+
+def check_links_below(path: Path, group) -> None:
+    """check_hard_links for every group below `group`, recursively (schema version 3 has a few
+    groups, so the whole file is checked at open)."""
+    import h5py
+
+    bad: list[str] = []
+
+    def visit(name: bytes, info) -> None:
+        if info.type != h5py.h5l.TYPE_HARD:
+            kind = "an external" if info.type == h5py.h5l.TYPE_EXTERNAL else "a soft"
+            bad.append(f"{name.decode(errors='replace')} is {kind} link")
+            return 1  # the first one is enough
+        return None
+
+    group.id.links.visit(visit, info=True)
+    if bad:
+        raise AttnpipeError(f"{path} is a damaged attention file: /{bad[0]}; attnpipe follows no "
+                            "links (they could point at any file)")
+
+
+def check_local_data(path: Path, dataset, where: str) -> None:
+    """A dataset's values are in this file: not external raw storage, not a virtual dataset."""
+    import h5py
+
+    plist = dataset.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.VIRTUAL or plist.get_external_count() > 0:
+        raise AttnpipeError(f"{path} is a damaged attention file: {where} keeps its values in another "
+                            "file (external storage or a virtual dataset), which attnpipe does not read")
+
+
+def check_chunks_written(path: Path, dataset, where: str) -> None:
+    """Every chunk of a chunked dataset was written: a missing one would read as its fill value."""
+    chunks = dataset.chunks
+    if chunks is None or 0 in dataset.shape:
+        return
+    expected = int(np.prod([-(-size // step) for size, step in zip(dataset.shape, chunks)]))
+    written = dataset.id.get_num_chunks()
+    if written != expected:
+        raise AttnpipeError(f"{path} is a damaged attention file: {where} has {written} of its {expected} "
+                            "chunks written (the rest would read as fill values)")
+
+
+def check_strings_crc(path: Path, dataset, values, where: str) -> None:
+    """A string dataset's values match its `crc32` attribute, where the writer recorded one."""
+    from attnpipe.store.checksum import CRC_ATTR, strings_crc32
+
+    expected = dataset.attrs.get(CRC_ATTR)
+    if expected is None:
+        return  # written before checksums
+    found = strings_crc32([values] if isinstance(values, str) else values)
+    if found != int(expected):
+        raise AttnpipeError(f"{path} is a damaged attention file: the strings of {where} do not match their "
+                            "checksum (a changed byte in HDF5's string heap)")
+
+
+def check_attrs_crc(path: Path, obj, where: str) -> None:
+    """An object's string attributes match its `attrs_crc32`, where the writer recorded one."""
+    from attnpipe.store.checksum import ATTRS_CRC_ATTR, attrs_crc_values, strings_crc32
+
+    attrs = obj.attrs
+    if ATTRS_CRC_ATTR not in attrs:
+        return
+    if strings_crc32(attrs_crc_values(attrs)) != int(attrs[ATTRS_CRC_ATTR]):
+        raise AttnpipeError(f"{path} is a damaged attention file: the string attributes of {where} do not "
+                            "match their checksum (a changed byte in HDF5's string heap)")
+
+
+def check_bool(path: Path, dataset, where: str) -> None:
+    """A mask the format says is bool is stored as HDF5's bool (h5py's enum of FALSE/TRUE)."""
+    if dataset.dtype != np.bool_:
+        raise AttnpipeError(f"{path} is a damaged attention file: {where} is {dataset.dtype}, not bool")
+
+
+# ----------------------------------------------------------------------------- one snapshot per run
+
+
+def file_identity(fd: int) -> tuple[int, int, int, int]:
+    """What identifies one version of an open file: (device, inode, size, mtime in ns)."""
+    import os
+
+    stat = os.fstat(fd)
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def check_same_version(path: Path, opened: tuple, expected: tuple) -> None:
+    """A worker process that opened `path` again must have the version the command started with:
+    a file replaced or rewritten meanwhile would mix two files' texts under one provenance."""
+    if opened != expected:
+        raise AttnpipeError(f"{path} changed while it was being read (replaced or rewritten: inode, size or "
+                            "modification time differ); nothing was written: run the command again")

