@@ -27,7 +27,8 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.extract.corpus import Pair, Text
 from attnpipe.extract.runner import ExtractConfig, extract
 from attnpipe.store.merge import merge_shards
-from attnpipe.store.packed import CHUNK_BYTES, PackedWriter, fletcher32
+from attnpipe.store.checksum import fletcher32
+from attnpipe.store.packed import CHUNK_BYTES, PackedWriter
 
 TEXT_FIELDS = ("id", "text", "tokens", "truncated", "num_tokens_untruncated", "input_kind", "image",
                "gradient_target_value", "gradient_target_label")

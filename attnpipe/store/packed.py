@@ -80,52 +80,13 @@ HEAD_SCORE_FIELDS = tuple(f"{prefix}head_{score}" for prefix in ("", "decoder_",
 _META_STORAGE = Storage(dtype="float32", compression="gzip", compression_level=1)
 
 
-def fletcher32(data: bytes) -> int:
-    """HDF5's fletcher32 checksum (H5_checksum_fletcher32): big-endian 16-bit words, sums
-    folded every 360 words, an odd last byte as the high byte of a word."""
-    raw = np.frombuffer(data, np.uint8)
-    words = len(raw) // 2
-    w = (raw[:2 * words:2].astype(np.int64) << 8) | raw[1:2 * words:2]
-    full = words // 360
-    sum1 = sum2 = 0
-    if full:
-        blocks = w[:full * 360].reshape(full, 360)
-        totals = blocks.sum(axis=1).tolist()
-        weighted = (blocks @ np.arange(360, 0, -1, dtype=np.int64)).tolist()  # sum of the running sums
-    else:
-        totals, weighted = [], []
-    tail = w[full * 360:]
-    if len(tail):
-        totals.append(int(tail.sum()))
-        weighted.append(int(tail @ np.arange(len(tail), 0, -1, dtype=np.int64)))
-    lengths = [360] * full + ([len(tail)] if len(tail) else [])
-    for total, weight, length in zip(totals, weighted, lengths):
-        sum2 = (sum2 + length * sum1 + weight) & 0xFFFFFFFF
-        sum1 = (sum1 + total) & 0xFFFFFFFF
-        sum1 = (sum1 & 0xFFFF) + (sum1 >> 16)
-        sum2 = (sum2 & 0xFFFF) + (sum2 >> 16)
-    if len(raw) % 2:
-        sum1 += int(raw[-1]) << 8
-        sum2 += sum1
-        sum1 = (sum1 & 0xFFFF) + (sum1 >> 16)
-        sum2 = (sum2 & 0xFFFF) + (sum2 >> 16)
-    sum1 = (sum1 & 0xFFFF) + (sum1 >> 16)
-    sum2 = (sum2 & 0xFFFF) + (sum2 >> 16)
-    return (sum2 << 16) | sum1
-
-
-def with_checksum(data: bytes) -> bytes:
-    """A filtered chunk as HDF5's fletcher32 filter stores it: the bytes, then the checksum (LE)."""
-    return data + fletcher32(data).to_bytes(4, "little")
-
-
 class _Appender:
     """Rows appended to one chunked dataset (first axis), written a whole chunk at a time.
 
     Regions are reserved in order and may be filled in any order (the streaming path fills a
     text's attention layer by layer, several texts at once); a chunk goes to the file once every
     reservation it overlaps is complete. Chunks are compressed here (codec.encode_chunk, GIL
-    released) and written with their fletcher32 checksum by write_direct_chunk; lzf chunks go
+    released) and written (with their fletcher32 checksum, codec.encode_chunk) by write_direct_chunk; lzf chunks go
     through HDF5's own filters.
     """
 
@@ -138,7 +99,7 @@ class _Appender:
         self.storage = storage
         filters = storage.h5_filters(self.dtype.itemsize)
         self.dataset = group.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=self.dtype,
-                                            chunks=(self.chunk, *row_shape), fletcher32=True, **filters)
+                                            chunks=(self.chunk, *row_shape), **filters)
         self.buffer = np.zeros((2 * self.chunk, *row_shape), self.dtype)
         self.flushed = 0  # rows already in the file (a multiple of self.chunk until close)
         self.cursor = 0  # rows reserved
@@ -194,7 +155,7 @@ class _Appender:
                     block = np.zeros((self.chunk, *self.row_shape), self.dtype)
                     block[:rows - start] = self.buffer[start:rows]
                 offset = (self.flushed + start,) + (0,) * len(self.row_shape)
-                self.dataset.id.write_direct_chunk(offset, with_checksum(encode_chunk(block, self.storage)))
+                self.dataset.id.write_direct_chunk(offset, encode_chunk(block, self.storage))  # checksum included
         kept = self.cursor - end
         self.buffer[:kept] = self.buffer[rows:rows + kept]
         self.flushed = end
@@ -493,8 +454,8 @@ class PackedWriter:
         list, read as in version 2)."""
         group = self._file.create_group("metrics")
         for name, data in (("values", np.asarray(values, dtype=np.float64)), ("causal", np.asarray(causal, bool))):
-            dataset = group.create_dataset(name, data=data, fletcher32=bool(data.size),
-                                           **(_META_STORAGE.h5_filters(data.itemsize) if data.size else {}))
+            filters = _META_STORAGE.h5_filters(data.itemsize) if data.size else {}  # fletcher32 included
+            dataset = group.create_dataset(name, data=data, **filters)
             if name == "values":
                 dataset.attrs["dims"] = "text,layer,head,metric"
         group.create_dataset("names", data=list(names), dtype=h5py.string_dtype())
@@ -514,7 +475,7 @@ class PackedWriter:
                 fixed.close()
             texts = self._file.create_group("texts")
             texts.create_dataset("slot", data=self._slot_of, chunks=(max(1, min(len(self._slot_of), 1 << 13)),)
-                                 if len(self._slot_of) else None, fletcher32=bool(len(self._slot_of)),
+                                 if len(self._slot_of) else None,
                                  **(_META_STORAGE.h5_filters(8) if len(self._slot_of) else {}))
             for name, values in self._sums.items():
                 self._file.create_dataset(name, data=np.mean(values, axis=0).astype(np.float32), fletcher32=True)
@@ -843,7 +804,7 @@ def merge_packed(shards: Sequence[Path], out: h5py.File) -> list[str]:
             slot_maps.append(src["texts/slot"][()] + base)
             base += len(src["texts/slot"])
         slot = np.concatenate(slot_maps) if slot_maps else np.zeros(0, np.int64)
-        out.create_group("texts").create_dataset("slot", data=slot, fletcher32=bool(len(slot)),
+        out.create_group("texts").create_dataset("slot", data=slot, 
                                                  chunks=(max(1, min(len(slot), 1 << 13)),) if len(slot) else None,
                                                  **(_META_STORAGE.h5_filters(8) if len(slot) else {}))
         for src in sources:
