@@ -31,6 +31,7 @@ from tqdm import tqdm
 from attnpipe import __version__, store
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import guards
+from attnpipe.extract.attribution import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS
 from attnpipe.extract.background import BackgroundWriter
 from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH, batches
 from attnpipe.extract.corpus import Text
@@ -86,6 +87,9 @@ class ExtractConfig:
     causal: bool = False  # torch_model: a causal mask in its encoder
     explain: str | None = None  # --explain target: gradients stored beside the attention
     ablate: bool = False  # with explain: head ablations too
+    attribution: str | None = None  # with explain: "ig", attention attribution (extract/attribution.py)
+    ig_steps: int = DEFAULT_IG_STEPS  # with attribution: quadrature steps M
+    ig_method: str = DEFAULT_IG_METHOD  # with attribution: gausslegendre | riemann_right | riemann_middle
 
     @property
     def input_kind(self) -> str:
@@ -210,6 +214,10 @@ def check_config(config: ExtractConfig) -> store.Storage:
                                 "matrices and run analyze_attention.py metrics on them")
     if config.ablate and config.explain is None:
         raise AttnpipeError("--ablate needs --explain")
+    if config.attribution is not None:
+        from attnpipe.extract.attribution import check_request
+
+        check_request(config.explain, config.attribution, config.ig_steps, config.ig_method)
     if config.explain is not None:
         if config.method != "manual":
             raise AttnpipeError("--explain differentiates attnpipe's own pass; --method hf reads "
@@ -349,7 +357,8 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     if config.explain is not None:
         from attnpipe.extract.explain import Explainer
 
-        explainer = Explainer(model, config.explain, config.ablate, inputs, chosen)
+        explainer = Explainer(model, config.explain, config.ablate, inputs, chosen,
+                              attribution=None if config.attribution is None else (config.ig_steps, config.ig_method))
     metric_names: tuple[str, ...] = ()
     metric_values = None
     if config.metrics_only:
@@ -431,6 +440,9 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
                           decoder_layers=chosen["decoder"].layers, decoder_heads=chosen["decoder"].heads)
         if explainer is not None:
             fields.update(gradient_target=explainer.target.spec)
+            if config.attribution is not None:
+                fields.update(attribution=config.attribution, attribution_steps=config.ig_steps,
+                              attribution_method=config.ig_method)
         provenance = run_provenance(dtype=config.dtype, verify=config.verify, parity=parity,
                                     hidden_parity=hidden_parity, method=config.method, **fields)
         if writer is not None:

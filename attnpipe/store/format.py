@@ -237,6 +237,10 @@ class Provenance:
     decoder_heads: tuple[int, ...] | None = None
     checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
     gradient_target: str | None = None  # version 2: what gradients explain (--explain), None without
+    # --attribution ig (attnpipe/extract/attribution.py), None without: "ig", its steps and quadrature
+    attribution: str | None = None
+    attribution_steps: int | None = None
+    attribution_method: str | None = None
 
     @property
     def is_seq2seq(self) -> bool:
@@ -244,6 +248,7 @@ class Provenance:
 
 
 DECODER_FIELDS = ("decoder_num_layers", "decoder_num_heads", "decoder_layers", "decoder_heads")
+ATTRIBUTION_FIELDS = ("attribution", "attribution_steps", "attribution_method")  # written only with --attribution
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,13 @@ class TargetAttention:
     cross_head_gate_grad: np.ndarray | None = None  # d target / d gate of each cross-attention head
     decoder_head_ablation: np.ndarray | None = None  # target change with that head's gate at 0 (--ablate)
     cross_head_ablation: np.ndarray | None = None
+    # Only with --attribution ig: as the text's attention_attribution / attribution_gap / _delta
+    decoder_attention_attribution: np.ndarray | None = None  # (L', H', t, t)
+    cross_attention_attribution: np.ndarray | None = None  # (L', H', t, s)
+    decoder_attribution_gap: np.ndarray | None = None  # (L',)
+    cross_attribution_gap: np.ndarray | None = None
+    decoder_attribution_delta: np.ndarray | None = None  # (L',)
+    cross_attribution_delta: np.ndarray | None = None
 
     @property
     def decoder_head_importance(self) -> np.ndarray | None:
@@ -285,8 +297,12 @@ class TargetAttention:
 
 # TargetAttention's gradient fields: stored under these names beside `decoder_attention` (HDF5:
 # datasets of the text group; JSON: top-level keys), with `<kind>_head_importance` = |gate grad|.
+TARGET_ATTRIBUTIONS = ("decoder_attention_attribution", "cross_attention_attribution", "decoder_attribution_gap",
+                       "cross_attribution_gap", "decoder_attribution_delta", "cross_attribution_delta")
 TARGET_GRADIENTS = ("decoder_attention_grad", "cross_attention_grad", "decoder_head_gate_grad",
-                    "cross_head_gate_grad", "decoder_head_ablation", "cross_head_ablation")
+                    "cross_head_gate_grad", "decoder_head_ablation", "cross_head_ablation") + TARGET_ATTRIBUTIONS
+# A text's --attribution ig fields (float32 datasets beside attention_grad; JSON: top-level keys)
+TEXT_ATTRIBUTIONS = ("attention_attribution", "attribution_gap", "attribution_delta")
 
 
 InputKind = Literal["text", "image", "embeddings"]
@@ -332,6 +348,10 @@ class TextAttention:
     # The query position of each stored row when only some rows are kept (--rows cls|last),
     # attention is then (L, H, r, n); None means every row, in order.
     query_positions: np.ndarray | None = None
+    # Only with --attribution ig (attnpipe/extract/attribution.py); None otherwise.
+    attention_attribution: np.ndarray | None = None  # (L, H, n, n) A ⊙ ∫ ∂target/∂(αA) dα
+    attribution_gap: np.ndarray | None = None  # (L,) Σ attribution − (target(A) − target(0)) per stored layer
+    attribution_delta: np.ndarray | None = None  # (L,) target(A) − target(0): the layer's attention zeroed
 
     @property
     def num_tokens(self) -> int:
@@ -401,6 +421,9 @@ def provenance_attrs(prov: Provenance) -> dict:
         elif key in ("decoder_layers", "decoder_heads"):
             attrs[key] = np.asarray(attrs[key], dtype=np.int64)
     attrs["checkpoint_dtype"] = prov.checkpoint_dtype or ""  # attributes cannot hold None
+    for key in ATTRIBUTION_FIELDS:  # written only with --attribution
+        if attrs[key] is None:
+            del attrs[key]
     return attrs
 
 
@@ -442,6 +465,9 @@ def provenance_from_attrs(attrs) -> Provenance:
         decoder_heads=tuple(int(x) for x in get("decoder_heads")) if "decoder_heads" in attrs else None,
         checkpoint_dtype=(get("checkpoint_dtype") or None) if "checkpoint_dtype" in attrs else None,
         gradient_target=(get("gradient_target") or None) if "gradient_target" in attrs else None,
+        attribution=str(get("attribution")) if "attribution" in attrs else None,
+        attribution_steps=int(get("attribution_steps")) if "attribution_steps" in attrs else None,
+        attribution_method=str(get("attribution_method")) if "attribution_method" in attrs else None,
     )
 
 

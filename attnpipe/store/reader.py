@@ -14,7 +14,7 @@ import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.codec import decode, read_whole
-from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, ImageInfo, MissingAttribute, Storage,
+from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, TEXT_ATTRIBUTIONS, ImageInfo, MissingAttribute, Storage,
                                    TargetAttention, TextAttention, or_none, provenance_from_attrs,
                                    storage_from_attrs)
 from attnpipe.store.json_file import read_json, text_from_json
@@ -163,6 +163,7 @@ class AttentionFile:
                     head_ablation=optional("head_ablation"),
                     gradient_target_value=or_none(float, group.attrs.get("gradient_target_value")),
                     gradient_target_label=or_none(int, group.attrs.get("gradient_target_label")),
+                    **{name: optional(name) for name in TEXT_ATTRIBUTIONS},  # --attribution ig
                 )
             except (KeyError, ValueError, TypeError, OSError) as err:
                 raise AttnpipeError(f"{self.path}: text {index} is damaged: {error_reason(err)}") from err
