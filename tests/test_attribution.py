@@ -204,3 +204,91 @@ def test_cli_refuses_bad_attribution_flags(tiny_model_dir, tmp_path, capsys, arg
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def test_tree_edges_and_connected_edges_on_a_hand_made_attribution():
+    from attnpipe.analyze import attribution as AT
+
+    attr = np.zeros((2, 2, 3, 3))  # 2 layers, 2 heads, 3 tokens
+    attr[0, 0, 1, 2], attr[0, 1, 1, 2] = 0.3, 0.3  # layer 0: 2 -> 1 sums to 0.6 (the max: score 1)
+    attr[0, 0, 2, 0] = 0.3  # 0 -> 2, score 0.5 (reaches nothing reachable from the root)
+    attr[1, 0, 0, 1] = 2.0  # layer 1: 1 -> 0 (the root, [CLS]), score 1
+    attr[1, 1, 2, 2] = 0.5  # 2 -> 2, score 0.25: under tau
+    edges = AT.tree_edges(attr, ["[CLS]", "a", "b"], [0, 1], threshold=0.4)
+    assert sorted(zip(edges["layer"], edges["from_position"], edges["to_position"])) == [(0, 0, 2), (0, 2, 1), (1, 1, 0)]
+    kept = AT.connected_edges(edges, [0, 1], root=0)
+    assert sorted(zip(kept["layer"], kept["from_position"], kept["to_position"])) == [(0, 2, 1), (1, 1, 0)]
+    assert kept.loc[kept["layer"] == 1, "score"].item() == 1.0
+
+
+def test_attribution_and_sankey_commands(attributed_file, classifier_dir, tmp_path):
+    import pandas as pd
+
+    import analyze_attention
+
+    out = tmp_path / "attr"
+    assert analyze_attention.main(["attribution", str(attributed_file), "--output-dir", str(out), "--figures", "2"]) == 0
+    importance = pd.read_csv(out / "head_importance_ig.csv")
+    with open_attention(attributed_file) as f:
+        expected = np.mean([item.attention_attribution.max(axis=(2, 3)) for item in f], axis=0)  # (L, H)
+        gap = pd.read_csv(out / "attribution_gap.csv")
+        assert len(gap) == len(f) * 2  # what the file recorded (20 steps: the tiny model is far from converged)
+        np.testing.assert_allclose(gap["gap"], np.concatenate([item.attribution_gap for item in f]), rtol=1e-6)
+    np.testing.assert_allclose(importance.sort_values(["layer", "head"])["importance"], expected.ravel(), rtol=1e-6)
+    assert sorted(importance["rank"]) == list(range(1, 9))
+    tree = pd.read_csv(out / "attribution_tree.csv")
+    assert (tree["score"] > 0.4).all() and set(tree["text_id"]) <= {"text-0", "text-1", "text-2"}
+    assert (out / "attribution_tree_1.png").stat().st_size > 0 and (out / "head_importance_ig.png").exists()
+    for values in ("attention", "attribution"):
+        flow = tmp_path / values
+        assert analyze_attention.main(["sankey", str(attributed_file), "--output-dir", str(flow), "--values", values,
+                                       "--top-k", "1", "--hubs", "2"]) == 0
+        assert (flow / "sankey_0.png").exists()
+    hubs = pd.read_csv(tmp_path / "attention" / "hubs.csv")
+    with open_attention(attributed_file) as f:
+        inflow = f[0].attention[1].mean(axis=0).sum(axis=0)  # layer 1, mean over heads, column sums
+    first = hubs[(hubs["text_id"] == "text-0") & (hubs["layer"] == 1)]
+    assert first["position"].tolist() == np.argsort(-inflow, kind="stable")[:2].tolist()
+
+
+def test_stage_two_refusals(tiny_model_dir, tmp_path, capsys):
+    import analyze_attention
+    import extract_attention
+    from attnpipe.errors import run_cli
+
+    plain = tmp_path / "plain.h5"
+    assert extract_attention.main(["--model_dir", str(tiny_model_dir("bert")), "--text", "the cat sat", "-q",
+                                   "--output_file", str(plain)]) == 0
+    for args, message in [
+        (["attribution", str(plain)], "holds no attention attribution: extract it with --explain T --attribution ig"),
+        (["sankey", str(plain), "--values", "attribution"], "--values attribution needs a file extracted with"),
+        (["sankey", str(plain), "--top-k", "0"], "--top-k must be at least 1, got 0"),
+        (["attribution", str(plain), "--threshold", "1.5"], "--threshold must be in [0, 1), got 1.5"),
+    ]:
+        capsys.readouterr()
+        code = run_cli(analyze_attention.main, [*args, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:") and message in err and err.count("\n") == 1, err
+    assert analyze_attention.main(["sankey", str(plain), "--output-dir", str(tmp_path / "s")]) == 0  # any file
+
+
+def test_pruning_by_each_score(classifier_dir, attributed_file):
+    from attnpipe.analyze import pruning
+    from attnpipe.extract.gradients import build_objective, parse_target
+
+    model = load_model(classifier_dir, torch.device("cpu"))
+    with open_attention(attributed_file) as f:
+        scores = pruning.head_scores(f)
+        texts = tuple(item.text for item in f)
+    assert scores["attribution"].shape == scores["gate-gradient"].shape == (2, 4)
+    objective = build_objective(model, parse_target("predicted"))
+    curves = pruning.prune_curves(model, objective, pruning.Labelled(texts, (-1, -1, -1)), scores, [0, 2, 8],
+                                  random_orders=3)
+    none = curves[curves["heads_pruned"] == 0]
+    assert (none["accuracy"] == 1.0).all() and (none["logit_drop"].abs() < 1e-6).all()  # gold = predicted
+    everything = curves[curves["heads_pruned"] == 8]  # every head pruned: the same model whatever the order
+    assert np.ptp(everything["logit_drop"]) < 1e-6
+    assert "| attribution | " in pruning.markdown_table(curves, "most")
