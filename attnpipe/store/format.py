@@ -97,6 +97,19 @@ layer and head)::
         <kind>_head_ablation     (decoder_num_layers, decoder_num_heads) float32, only with --ablate
     /<kind>_head_importance_mean, /<kind>_head_ablation_mean (the latter with --ablate): their means
 
+Files extracted with --explain T --attribution ig (attnpipe/extract/attribution.py; version 2)
+also have, per stored layer l of each kind (Hao et al. 2021; A = the layer's attention, F = T)::
+
+    /texts/<i>
+        attention_attribution    (L, H, n, n) float32: A ⊙ ∫₀¹ ∂F(αA)/∂A dα, every head of the layer
+                                 scaled by α, the stored heads kept; attribute dims as attention
+        attribution_delta        (L,) float32: F(A) − F(0), layer l's attention set to 0
+        attribution_gap          (L,) float32: Σ attribution over every head − attribution_delta
+        <kind>_attention_attribution, <kind>_attribution_delta, <kind>_attribution_gap
+                                 encoder-decoder files: the decoder and cross-attention's, likewise
+    / attrs attribution ("ig"), attribution_steps (M), attribution_method (the quadrature);
+            absent without --attribution
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
