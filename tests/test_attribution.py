@@ -65,6 +65,18 @@ def test_completeness_for_every_attention_kind_of_an_encoder_decoder(tmp_path):
              "decoder_input_ids": dec, "decoder_attention_mask": torch.ones_like(dec)}
     gaps, _ = completeness(model, objective, batch, 64)
     assert gaps.max() <= 1e-3, gaps  # encoder, decoder and cross layers
+    import extract_attention  # and the CLI stores every kind's, on the stored layers
+
+    out = tmp_path / "pair.json"
+    assert extract_attention.main(["--model_dir", str(tmp_path / "bart"), "--source", "the cat sat", "--target",
+                                   "a dog ran", "--explain", "next-token", "--attribution", "ig", "--layer", "-1",
+                                   "-q", "--output_file", str(out)]) == 0
+    with open_attention(out) as f:
+        item = f[0]
+        assert item.attention_attribution.shape == item.attention.shape
+        assert item.target.decoder_attention_attribution.shape == item.target.decoder_attention.shape
+        assert item.target.cross_attention_attribution.shape == item.target.cross_attention.shape
+        assert item.target.cross_attribution_gap.shape == item.target.decoder_attribution_delta.shape == (1,)
 
 
 def test_completeness_for_images_and_a_torch_encoder(tiny_vit_dir):
