@@ -10,6 +10,8 @@ encoder's, for encoder-decoders) as the text's attention_grad / head_gate_grad /
 and for encoder-decoders the "decoder" and "cross" kinds' as the target's
 decoder_* / cross_* fields (TargetAttention). Attention gradients are restricted to the stored
 layers and heads of their kind, like the attention; gate gradients and ablations cover every head.
+With --attribution ig (attnpipe.extract.attribution) each stored layer's integrated-gradients
+attribution, its completeness gap and F(A) − F(0) are stored the same way, per kind.
 """
 
 from __future__ import annotations
