@@ -404,7 +404,7 @@ def run_attribution(input: Path, output_dir: Path, threshold: float = 0.4, figur
                 edges = AT.connected_edges(edges, layers, root)
             trees.append(edges.assign(text_id=item.id))
             if index in drawn:
-                title = (f"{model_name(f.meta)}: {item.id}, attribution tree (tau = {threshold}, "
+                title = (f"{model_name(f.meta)}: {item.id}\nattribution tree (tau = {threshold}, "
                          f"target {f.meta.gradient_target})")
                 written.append(save_drawing(
                     lambda ax: attribution_plots.tree(ax, edges, item.tokens, layers, root).set_title(title, fontsize=9),
@@ -451,7 +451,7 @@ def run_sankey(input: Path, output_dir: Path, values: str = "attention", top_k: 
                 inflow = weights[:, :n, :n].sum(axis=1)  # (L, n): what each layer draws from each token
                 hub_sets = [set(table[table["layer"] == layer]["position"].tolist()) for layer in layers]
                 cut = f" (first {n} of {item.num_tokens} tokens)" if n < item.num_tokens else ""
-                title = f"{model_name(f.meta)}: {item.id}, {values} flow, top {top_k} keys per query{cut}; hubs in red"
+                title = f"{model_name(f.meta)}: {item.id}\n{values} flow, top {top_k} keys per query{cut}; hubs in red"
                 written.append(save_drawing(
                     lambda ax: attribution_plots.sankey(ax, shown, inflow, item.tokens[:n], layers, hub_sets)
                     .set_title(title, fontsize=9),

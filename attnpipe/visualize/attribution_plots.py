@@ -39,7 +39,7 @@ def _levels(ax: Axes, tokens: Sequence[str], layers: Sequence[int]) -> None:
     ax.set_ylim(n - 0.5, -0.5)  # token 0 at the top
     ax.set_xticks(range(len(layers) + 1), ["input"] + [f"L{layer}" for layer in layers])
     ax.set_yticks(range(n), [label(t) for t in tokens], fontsize=8)
-    ax.set_xlabel("layer (left: the input tokens; a band k -> q: query q draws on key k)")
+    ax.set_xlabel("layer (a band from k to q: query q draws on key k)", fontsize=8)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
 
