@@ -140,17 +140,16 @@ def _layer_attribution(model, objective, batch, label: int, kind: str, layer: in
         with torch.enable_grad():
             out = model.family.forward(own_weights, copies, head_gates={kind: gates})
             p = out.attentions[kind][layer]  # (B, H, Q, K), the same values in every copy
-            p.retain_grad()
             value = objective.value(objective.states(out), label)  # (B,)
             steps_here = max(0, min(size, len(alphas) - first))  # copies that are quadrature nodes
-            if steps_here:
-                value[:steps_here].sum().backward()
+            if steps_here:  # only the layers above `layer` are differentiated (autograd.grad stops at p)
+                (grad,) = torch.autograd.grad(value[:steps_here].sum(), p)
         values.append(value.detach().double().cpu())
         if steps_here:
             node = slice(first, first + steps_here)
             # ∂F/∂(αA) = (∂F/∂P) / α, weighted and summed over this part's nodes: (H, Q, K)
             scale = torch.as_tensor(weights[node] / alphas[node], dtype=torch.float64, device=p.device)
-            part_sum = (p.grad[:steps_here].double() * scale[:, None, None, None]).sum(0)
+            part_sum = (grad[:steps_here].double() * scale[:, None, None, None]).sum(0)
             integral = part_sum if integral is None else integral + part_sum
         if probs is None:
             probs = p[0].detach().double()
