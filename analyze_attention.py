@@ -207,7 +207,34 @@ def build_parser() -> argparse.ArgumentParser:
     clark.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
                        help="folder for the tables (created if missing)")
     add_gradient_commands(commands)
+    add_attribution_commands(commands)
     return parser
+
+
+def add_attribution_commands(commands) -> None:
+    """--attribution ig files (Hao et al. 2021), and the flow view of any file (seed 002)."""
+    attr = commands.add_parser("attribution", help="head importance and attribution tree (files made with "
+                               "--attribution ig)", description=commands_module_doc("run_attribution"))
+    sankey = commands.add_parser("sankey", help="Sankey-style flow of attention or attribution across layers, "
+                                 "with hubs", description=commands_module_doc("run_sankey"))
+    for sub in (attr, sankey):
+        add_common(sub, causal=False)
+        sub.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                         help="folder for the tables and figures (created if missing)")
+        sub.add_argument("--figures", type=int, default=1, metavar="N", help="figures of the first N texts (default: 1)")
+        sub.add_argument("--text-id", default=None, metavar="ID", help="draw only this text")
+    attr.add_argument("--threshold", type=float, default=0.4, metavar="TAU",
+                      help="tree edges: normalised layer attribution above TAU (default: the paper's 0.4)")
+    attr.add_argument("--all-edges", action="store_true", help="keep edges that do not reach the root token")
+    sankey.add_argument("--values", choices=["attention", "attribution"], default="attention",
+                        help="attention (mean over heads, default) or attribution (--attribution ig files)")
+    sankey.add_argument("--top-k", type=int, default=2, metavar="K", help="bands per query and layer (default: 2)")
+    sankey.add_argument("--hubs", type=int, default=3, metavar="N", help="hubs per layer (default: 3)")
+    sankey.add_argument("--max-tokens", type=int, default=None, metavar="N", help="draw the first N tokens only")
+
+
+def commands_module_doc(name: str) -> str:
+    return " ".join(getattr(commands, name).__doc__.split())
 
 
 def add_gradient_commands(commands) -> None:

@@ -191,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--ablate", action="store_true",
                       help="with --explain: also re-run with each head's gate at 0 and store the change "
                       "in the target (L x H ablated copies of each input, run in batches)")
+    grad.add_argument("--attribution", choices=("ig",), default=None,
+                      help="with --explain: also store the integrated-gradients attribution of each stored "
+                      "layer's attention, A x integral of d target / d(alpha A) over alpha in [0, 1] (Hao et al. "
+                      "2021; attnpipe/extract/attribution.py), and each layer's completeness gap")
+    grad.add_argument("--ig-steps", type=int, default=None, metavar="M",
+                      help="with --attribution ig: quadrature steps (default: 20)")
+    grad.add_argument("--ig-method", default=None, metavar="Q",
+                      help="with --attribution ig: gausslegendre (default), riemann_right (the paper's) or "
+                      "riemann_middle")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     return parser
 

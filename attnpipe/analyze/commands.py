@@ -492,10 +492,104 @@ def run_faithfulness(input: Path, output_dir: Path, model_dir: Path | None = Non
     return Outcome(stdout=text, stderr=_wrote(written).stderr)
 
 
+def _drawn(f: AttentionFile, figures: int, text_id: str | None) -> list[int]:
+    if figures < 0:
+        raise AttnpipeError(f"--figures must be 0 or more, got {figures}")
+    return [f.index_of(text_id)] if text_id is not None else list(range(min(figures, len(f))))
+
+
+def run_attribution(input: Path, output_dir: Path, threshold: float = 0.4, figures: int = 1,
+                    text_id: str | None = None, all_edges: bool = False) -> Outcome:
+    """Files made with --attribution ig: head_attribution.* (text x layer x head), head_importance_ig.*
+    (the paper's importance per head, ranked), attribution_gap.* (completeness per text and layer),
+    attribution_tree.* (the edges of every text) and figures: head_importance_ig.png,
+    attribution_tree_<i>.png."""
+    from attnpipe.analyze import attribution as AT
+    from attnpipe.analyze.relevance import default_query_row
+    from attnpipe.visualize import attribution_plots, relevance_plots
+    from attnpipe.visualize.plots import model_name, save_drawing
+
+    if not 0 <= threshold < 1:
+        raise AttnpipeError(f"--threshold must be in [0, 1), got {threshold}")
+    folder = tables.prepare_output_dir(output_dir)
+    written, scores, gaps, trees = [], [], [], []
+    with open_attention(input) as f:
+        if len(f) == 0:
+            raise AttnpipeError(f"{input} holds no texts")
+        layers, heads = f.meta.layers, f.meta.heads
+        drawn = _drawn(f, figures, text_id)
+        for index, item in enumerate(f):
+            attribution = AT.require_attribution(input, item)
+            scores.append(AT.head_scores(item, layers, heads))
+            gaps.append(AT.completeness(item, layers))
+            root = default_query_row(f.meta.model_type, item.num_tokens)
+            edges = AT.tree_edges(attribution, item.tokens, layers, threshold)
+            if not all_edges:
+                edges = AT.connected_edges(edges, layers, root)
+            trees.append(edges.assign(text_id=item.id))
+            if index in drawn:
+                title = (f"{model_name(f.meta)}: {item.id}\nattribution tree (tau = {threshold}, "
+                         f"target {f.meta.gradient_target})")
+                written.append(save_drawing(
+                    lambda ax: attribution_plots.tree(ax, edges, item.tokens, layers, root).set_title(title, fontsize=9),
+                    folder / f"attribution_tree_{index}.png", figsize=(2 + 1.2 * len(layers), 1 + 0.3 * item.num_tokens)))
+    importance = AT.head_importance(pd.concat(scores, ignore_index=True))
+    written += tables.write_table(pd.concat(scores, ignore_index=True), folder, "head_attribution")
+    written += tables.write_table(importance, folder, "head_importance_ig")
+    written += tables.write_table(pd.concat(gaps, ignore_index=True), folder, "attribution_gap")
+    written += tables.write_table(pd.concat(trees, ignore_index=True), folder, "attribution_tree")
+    matrix = importance.pivot(index="layer", columns="head", values="importance").to_numpy()
+    written.append(save_drawing(
+        lambda ax: relevance_plots.head_importance(ax, matrix, list(layers), "mean max attribution (Hao et al.)"),
+        folder / "head_importance_ig.png", figsize=(7, 4)))
+    return _wrote(written)
+
+
+def run_sankey(input: Path, output_dir: Path, values: str = "attention", top_k: int = 2, hubs: int = 3,
+               figures: int = 1, text_id: str | None = None, max_tokens: int | None = None) -> Outcome:
+    """The flow view of any file: sankey_<i>.png (bands of each query's top-k keys per layer, seed
+    002's hubs in red), hubs.* (the most flowed-into tokens per text and layer) and flow_edges.*."""
+    from attnpipe.analyze import attribution as AT
+    from attnpipe.visualize import attribution_plots
+    from attnpipe.visualize.plots import model_name, save_drawing
+
+    _check_at_least_one("--top-k", top_k)
+    _check_at_least_one("--hubs", hubs)
+    _check_at_least_one("--max-tokens", max_tokens)
+    folder = tables.prepare_output_dir(output_dir)
+    written, hub_tables, edge_tables = [], [], []
+    with open_attention(input) as f:
+        if len(f) == 0:
+            raise AttnpipeError(f"{input} holds no texts")
+        layers = f.meta.layers
+        drawn = _drawn(f, figures, text_id)
+        for index, item in enumerate(f):
+            weights = AT.flow_weights(item, values)  # (L, n, n)
+            edges = AT.flow_edges(weights, item.tokens, layers, top_k)
+            table = AT.hubs(weights, item.tokens, layers, item.id, hubs)
+            hub_tables.append(table)
+            edge_tables.append(edges.assign(text_id=item.id))
+            if index in drawn:
+                n = min(item.num_tokens, max_tokens or item.num_tokens)
+                shown = edges[(edges["from_position"] < n) & (edges["to_position"] < n)]
+                inflow = weights[:, :n, :n].sum(axis=1)  # (L, n): what each layer draws from each token
+                hub_sets = [set(table[table["layer"] == layer]["position"].tolist()) for layer in layers]
+                cut = f" (first {n} of {item.num_tokens} tokens)" if n < item.num_tokens else ""
+                title = f"{model_name(f.meta)}: {item.id}\n{values} flow, top {top_k} keys per query{cut}; hubs in red"
+                written.append(save_drawing(
+                    lambda ax: attribution_plots.sankey(ax, shown, inflow, item.tokens[:n], layers, hub_sets)
+                    .set_title(title, fontsize=9),
+                    folder / f"sankey_{index}.png", figsize=(2.5 + 1.3 * len(layers), 1.2 + 0.3 * n)))
+    written += tables.write_table(pd.concat(hub_tables, ignore_index=True), folder, "hubs")
+    written += tables.write_table(pd.concat(edge_tables, ignore_index=True), folder, "flow_edges")
+    return _wrote(written)
+
+
 COMMANDS = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollout, "flow": run_flow,
             "specialization": run_specialization, "clusters": run_clusters, "compare": run_compare,
             "report": run_report, "relevance": run_relevance, "faithfulness": run_faithfulness,
-            "circuits": run_circuits, "clark": run_clark}
+            "circuits": run_circuits, "clark": run_clark,
+           "attribution": run_attribution, "sankey": run_sankey}
 
 
 def run(command: str, **options) -> Outcome:

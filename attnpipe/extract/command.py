@@ -135,6 +135,10 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         from attnpipe.extract.gradients import parse_target
 
         parse_target(args.explain)  # a malformed target fails before any model loads
+    if args.attribution is not None or args.ig_steps is not None or args.ig_method is not None:
+        from attnpipe.extract.attribution import check_request
+
+        check_request(args.explain, args.attribution, args.ig_steps, args.ig_method)
     metric_names = None
     if args.metrics.strip() != "all":
         metric_names = tuple(name.strip() for name in args.metrics.split(",") if name.strip())
@@ -170,6 +174,9 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         ablate=args.ablate,
         generation=generation,
         **({} if args.schema_version is None else {"schema_version": args.schema_version}),
+        attribution=args.attribution,
+        **({} if args.ig_steps is None else {"ig_steps": args.ig_steps}),
+        **({} if args.ig_method is None else {"ig_method": args.ig_method}),
     )
 
 

@@ -300,7 +300,7 @@ def _own_rows(weights, field: str, ids: torch.Tensor):
     return dataclasses.replace(weights, **{field: extended}), own, rows
 
 
-def _differentiable_input(model, batch: dict[str, torch.Tensor]):
+def differentiable_input(model, batch: dict[str, torch.Tensor]):
     """(weights, batch, leaf): the input rewritten so that `leaf` (n, E) is what gradient × input
     differentiates (see the module docstring): own rows of the WORD_EMBEDDINGS table for token
     ids, otherwise the first layer's input, given as `inputs_embeds`.
@@ -354,7 +354,7 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
 def text_gradients(model, objective: Objective, batch, ablate: bool = False) -> TextGradients:
     """Gradients of the objective for one input (a batch dict of one, or (1, n) ids; no padding)."""
     batch = as_batch(model, batch)
-    weights, own_batch, leaf = _differentiable_input(model, batch)
+    weights, own_batch, leaf = differentiable_input(model, batch)
     kinds = model.family.KINDS
     gates = {kind: torch.ones(*shape, dtype=leaf.dtype, device=leaf.device, requires_grad=True)
              for kind, shape in gate_shapes(model.weights, kinds).items()}  # kind -> (L, H)

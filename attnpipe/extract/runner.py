@@ -33,6 +33,7 @@ from tqdm import tqdm
 from attnpipe import __version__, store
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import guards
+from attnpipe.extract.attribution import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS
 from attnpipe.extract.background import BackgroundWriter
 from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH, batches
 from attnpipe.extract.corpus import Text
@@ -93,6 +94,9 @@ class ExtractConfig:
     # "continuation", --generate N); encoder-decoders write the target of pairs given without one.
     generation: GenerationSettings | None = None
     schema_version: int = store.SCHEMA_VERSION  # HDF5 layout: 2 (a group per text) or 3 (packed)
+    attribution: str | None = None  # with explain: "ig", attention attribution (extract/attribution.py)
+    ig_steps: int = DEFAULT_IG_STEPS  # with attribution: quadrature steps M
+    ig_method: str = DEFAULT_IG_METHOD  # with attribution: gausslegendre | riemann_right | riemann_middle
 
     @property
     def input_kind(self) -> str:
@@ -220,6 +224,10 @@ def check_config(config: ExtractConfig) -> store.Storage:
     check_generation(config, kind)
     if config.ablate and config.explain is None:
         raise AttnpipeError("--ablate needs --explain")
+    if config.attribution is not None:
+        from attnpipe.extract.attribution import check_request
+
+        check_request(config.explain, config.attribution, config.ig_steps, config.ig_method)
     if config.explain is not None:
         if config.method != "manual":
             raise AttnpipeError("--explain differentiates attnpipe's own pass; --method hf reads "
@@ -406,7 +414,8 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     if config.explain is not None:
         from attnpipe.extract.explain import Explainer
 
-        explainer = Explainer(model, config.explain, config.ablate, inputs, chosen)
+        explainer = Explainer(model, config.explain, config.ablate, inputs, chosen,
+                              attribution=None if config.attribution is None else (config.ig_steps, config.ig_method))
     metric_names: tuple[str, ...] = ()
     metric_values = None
     if config.metrics_only:
@@ -488,6 +497,9 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
                           decoder_layers=chosen["decoder"].layers, decoder_heads=chosen["decoder"].heads)
         if explainer is not None:
             fields.update(gradient_target=explainer.target.spec)
+            if config.attribution is not None:
+                fields.update(attribution=config.attribution, attribution_steps=config.ig_steps,
+                              attribution_method=config.ig_method)
         if getattr(inputs, "generation", None) is not None:
             fields.update(generation=inputs.generation)
         provenance = run_provenance(dtype=config.dtype, verify=config.verify, parity=parity,

@@ -109,6 +109,19 @@ given --source without --target; version 2, absent otherwise and read back as No
         target/generated   (t,) bool, encoder-decoders: decoder input token i was generated (all but
                            the start token); `target/text` is then the generated target decoded
 
+Files extracted with --explain T --attribution ig (attnpipe/extract/attribution.py; version 2)
+also have, per stored layer l of each kind (Hao et al. 2021; A = the layer's attention, F = T)::
+
+    /texts/<i>
+        attention_attribution    (L, H, n, n) float32: A ⊙ ∫₀¹ ∂F(αA)/∂A dα, every head of the layer
+                                 scaled by α, the stored heads kept; attribute dims as attention
+        attribution_delta        (L,) float32: F(A) − F(0), layer l's attention set to 0
+        attribution_gap          (L,) float32: Σ attribution over every head − attribution_delta
+        <kind>_attention_attribution, <kind>_attribution_delta, <kind>_attribution_gap
+                                 encoder-decoder files: the decoder and cross-attention's, likewise
+    / attrs attribution ("ig"), attribution_steps (M), attribution_method (the quadrature);
+            absent without --attribution
+
 Provenance attributes (root of the HDF5 file, `metadata` object of the JSON file):
 model (folder as given), model_type, weights_sha256 (sha256 over each weight file's name then
 bytes, files sorted by name), weight_files (JSON-encoded list in HDF5), num_layers / num_heads (of the model), layers / heads (stored model indices),
@@ -255,6 +268,10 @@ class Provenance:
     checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
     gradient_target: str | None = None  # version 2: what gradients explain (--explain), None without
     generation: dict | None = None  # version 2: generation settings (--generate, pairs without target)
+    # --attribution ig (attnpipe/extract/attribution.py), None without: "ig", its steps and quadrature
+    attribution: str | None = None
+    attribution_steps: int | None = None
+    attribution_method: str | None = None
 
     @property
     def is_seq2seq(self) -> bool:
@@ -262,6 +279,7 @@ class Provenance:
 
 
 DECODER_FIELDS = ("decoder_num_layers", "decoder_num_heads", "decoder_layers", "decoder_heads")
+ATTRIBUTION_FIELDS = ("attribution", "attribution_steps", "attribution_method")  # written only with --attribution
 
 
 @dataclass(frozen=True)
@@ -288,6 +306,13 @@ class TargetAttention:
     decoder_head_ablation: np.ndarray | None = None  # target change with that head's gate at 0 (--ablate)
     cross_head_ablation: np.ndarray | None = None
     generated: np.ndarray | None = None  # (t,) bool: decoder input token written by `generate` (version 2)
+    # Only with --attribution ig: as the text's attention_attribution / attribution_gap / _delta
+    decoder_attention_attribution: np.ndarray | None = None  # (L', H', t, t)
+    cross_attention_attribution: np.ndarray | None = None  # (L', H', t, s)
+    decoder_attribution_gap: np.ndarray | None = None  # (L',)
+    cross_attribution_gap: np.ndarray | None = None
+    decoder_attribution_delta: np.ndarray | None = None  # (L',)
+    cross_attribution_delta: np.ndarray | None = None
 
     @property
     def decoder_head_importance(self) -> np.ndarray | None:
@@ -304,8 +329,12 @@ class TargetAttention:
 
 # TargetAttention's gradient fields: stored under these names beside `decoder_attention` (HDF5:
 # datasets of the text group; JSON: top-level keys), with `<kind>_head_importance` = |gate grad|.
+TARGET_ATTRIBUTIONS = ("decoder_attention_attribution", "cross_attention_attribution", "decoder_attribution_gap",
+                       "cross_attribution_gap", "decoder_attribution_delta", "cross_attribution_delta")
 TARGET_GRADIENTS = ("decoder_attention_grad", "cross_attention_grad", "decoder_head_gate_grad",
-                    "cross_head_gate_grad", "decoder_head_ablation", "cross_head_ablation")
+                    "cross_head_gate_grad", "decoder_head_ablation", "cross_head_ablation") + TARGET_ATTRIBUTIONS
+# A text's --attribution ig fields (float32 datasets beside attention_grad; JSON: top-level keys)
+TEXT_ATTRIBUTIONS = ("attention_attribution", "attribution_gap", "attribution_delta")
 
 
 InputKind = Literal["text", "image", "embeddings"]
@@ -354,6 +383,10 @@ class TextAttention:
     # The query position of each stored row when only some rows are kept (--rows cls|last),
     # attention is then (L, H, r, n); None means every row, in order.
     query_positions: np.ndarray | None = None
+    # Only with --attribution ig (attnpipe/extract/attribution.py); None otherwise.
+    attention_attribution: np.ndarray | None = None  # (L, H, n, n) A ⊙ ∫ ∂target/∂(αA) dα
+    attribution_gap: np.ndarray | None = None  # (L,) Σ attribution − (target(A) − target(0)) per stored layer
+    attribution_delta: np.ndarray | None = None  # (L,) target(A) − target(0): the layer's attention zeroed
 
     @property
     def num_tokens(self) -> int:
@@ -433,6 +466,9 @@ def provenance_attrs(prov: Provenance) -> dict:
         elif key in ("decoder_layers", "decoder_heads"):
             attrs[key] = np.asarray(attrs[key], dtype=np.int64)
     attrs["checkpoint_dtype"] = prov.checkpoint_dtype or ""  # attributes cannot hold None
+    for key in ATTRIBUTION_FIELDS:  # written only with --attribution
+        if attrs[key] is None:
+            del attrs[key]
     return attrs
 
 
@@ -475,6 +511,9 @@ def provenance_from_attrs(attrs) -> Provenance:
         checkpoint_dtype=(get("checkpoint_dtype") or None) if "checkpoint_dtype" in attrs else None,
         gradient_target=(get("gradient_target") or None) if "gradient_target" in attrs else None,
         generation=json.loads(get("generation")) if attrs.get("generation") else None,
+        attribution=str(get("attribution")) if "attribution" in attrs else None,
+        attribution_steps=int(get("attribution_steps")) if "attribution_steps" in attrs else None,
+        attribution_method=str(get("attribution_method")) if "attribution_method" in attrs else None,
     )
 
 

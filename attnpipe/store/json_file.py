@@ -15,7 +15,7 @@ import numpy as np
 from attnpipe import faults
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import atomic_path, write_errors
-from attnpipe.store.format import (DECODER_FIELDS, DIMS, FORMAT_NAME, TARGET_GRADIENTS, ImageInfo,
+from attnpipe.store.format import (ATTRIBUTION_FIELDS, DECODER_FIELDS, DIMS, FORMAT_NAME, TARGET_GRADIENTS, TEXT_ATTRIBUTIONS, ImageInfo,
                                    Provenance, TargetAttention, TextAttention, or_none)
 from attnpipe.store.validate import check_gradient_shapes, check_meta, check_version_value, error_reason
 
@@ -30,6 +30,9 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
             del meta[key]
         elif key in ("decoder_layers", "decoder_heads"):
             meta[key] = list(meta[key])
+    for key in ATTRIBUTION_FIELDS:  # --attribution only
+        if meta[key] is None:
+            del meta[key]
     meta = {"format": FORMAT_NAME, "dims": list(DIMS), **meta}
     attention = item.attention.astype(np.dtype(provenance.dtype))
     gradients = {}
@@ -44,6 +47,8 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
         }
         if item.head_ablation is not None:
             gradients["head_ablation"] = item.head_ablation.astype(np.float32).tolist()
+        gradients.update({name: getattr(item, name).astype(np.float32).tolist()  # --attribution ig
+                          for name in TEXT_ATTRIBUTIONS if getattr(item, name) is not None})
     payload = {
         "tokens": list(item.tokens),
         "text": item.text,
@@ -266,6 +271,7 @@ def text_from_json(path: Path, data: dict) -> TextAttention:
         gradient_target_label=or_none(int, data.get("gradient_target_label")),
         generated=or_none(lambda v: np.asarray(v, dtype=bool), data.get("generated")),
         generated_text=or_none(str, data.get("generated_text")),
+        **{name: optional(name) for name in TEXT_ATTRIBUTIONS},  # --attribution ig
     )
 
 

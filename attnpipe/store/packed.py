@@ -54,6 +54,8 @@ from attnpipe.store.codec import decode, encode_chunk, to_storage
 from attnpipe.store.format import (
     DIMS,
     FORMAT_NAME,
+    TARGET_ATTRIBUTIONS,
+    TEXT_ATTRIBUTIONS,
     UINT8_SCALE,
     ImageInfo,
     Provenance,
@@ -370,6 +372,10 @@ class PackedWriter:
             self._put("token_grad_input", item.token_grad_input, np.float32)
             self._head_scores("", item.head_gate_grad, item.head_ablation)
             fields.add("gradients")
+        for name in TEXT_ATTRIBUTIONS:  # --attribution ig: matrices and per-layer vectors, packed alike
+            if getattr(item, name) is not None:
+                self._put(name, np.asarray(getattr(item, name), np.float32), np.float32)
+                fields.add(name)
         if item.generated is not None:  # generated text: which tokens the model wrote
             self._put("generated", np.asarray(item.generated).astype(bool), bool)
             fields.add("generated")
@@ -392,6 +398,9 @@ class PackedWriter:
         self._put("target_label_ids", target.label_ids, np.int64)
         if target.generated is not None:
             self._put("target_generated", np.asarray(target.generated).astype(bool), bool)
+        for name in TARGET_ATTRIBUTIONS:
+            if getattr(target, name) is not None:
+                self._put(name, np.asarray(getattr(target, name), np.float32), np.float32)
         for name in ("decoder_attention", "cross_attention"):
             self._put(name, to_storage(getattr(target, name), self.storage.dtype), self.dtype)
         if target.decoder_attention_grad is not None:
@@ -664,6 +673,7 @@ class PackedReader:
             target=self._target(s) if "target_text" in self._groups else None,
             input_kind=kind,
             image=image,
+            **{name: self.array(name, s) for name in TEXT_ATTRIBUTIONS if name in self._groups},
             generated=self.array("generated", s).astype(bool) if "generated" in self._groups else None,
             generated_text=self.string("generated_text", s) if "generated_text" in self._groups else None,
             **optional,
@@ -687,6 +697,7 @@ class PackedReader:
             num_tokens_untruncated=int(self.fixed("target_num_tokens_untruncated", s)),
             decoder_attention=decode(self.array("decoder_attention", s)),
             cross_attention=decode(self.array("cross_attention", s)),
+            **{name: self.array(name, s) for name in TARGET_ATTRIBUTIONS if name in self._groups},
             generated=(self.array("target_generated", s).astype(bool) if "target_generated" in self._groups
                        else None),
             **grads,

@@ -14,7 +14,7 @@ import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.codec import decode, read_whole
-from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, ImageInfo, MissingAttribute, Storage,
+from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, TEXT_ATTRIBUTIONS, ImageInfo, MissingAttribute, Storage,
                                    TargetAttention, TextAttention, or_none, provenance_from_attrs,
                                    storage_from_attrs)
 from attnpipe.store.json_file import read_json, text_from_json
@@ -197,6 +197,7 @@ class AttentionFile:
                     gradient_target_label=or_none(int, group.attrs.get("gradient_target_label")),
                     generated=group["generated"][()].astype(bool) if "generated" in group else None,
                     generated_text=group["generated_text"].asstr()[()] if "generated_text" in group else None,
+                    **{name: optional(name) for name in TEXT_ATTRIBUTIONS},  # --attribution ig
                 )
             except (KeyError, ValueError, TypeError, OSError) as err:
                 raise AttnpipeError(f"{self.path}: text {index} is damaged: {error_reason(err)}") from err

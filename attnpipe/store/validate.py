@@ -91,10 +91,19 @@ def gradient_shape_errors(item: TextAttention, meta: Provenance | None = None) -
     value per model head of its kind. Returns one message per field that does not fit."""
     checks = [("attention_grad", item.attention_grad, item.attention.shape),
               ("token_grad_input", item.token_grad_input, (item.num_tokens,))]
+    layers = item.attention.shape[:1]
+    checks += [("attention_attribution", item.attention_attribution, item.attention.shape),  # --attribution ig
+               ("attribution_gap", item.attribution_gap, layers), ("attribution_delta", item.attribution_delta, layers)]
     target = item.target
     if target is not None:
         checks += [("decoder_attention_grad", target.decoder_attention_grad, target.decoder_attention.shape),
                    ("cross_attention_grad", target.cross_attention_grad, target.cross_attention.shape)]
+        for kind in ("decoder", "cross"):
+            attention = getattr(target, f"{kind}_attention")
+            checks += [(f"{kind}_attention_attribution", getattr(target, f"{kind}_attention_attribution"),
+                        attention.shape)]
+            checks += [(f"{kind}_attribution_{what}", getattr(target, f"{kind}_attribution_{what}"),
+                        attention.shape[:1]) for what in ("gap", "delta")]
     if meta is not None:
         heads = (meta.num_layers, meta.num_heads)
         checks += [("head_gate_grad", item.head_gate_grad, heads), ("head_ablation", item.head_ablation, heads)]

@@ -19,7 +19,8 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import AtomicFile, check_writable, write_errors
 from attnpipe.store.checksum import ATTRS_CRC_ATTR, CRC_ATTR, attrs_crc_values, strings_crc32
 from attnpipe.store.codec import chunk_shape, encode_chunk, to_storage
-from attnpipe.store.format import (DIMS, FORMAT_NAME, OUTPUT_SUFFIXES, TARGET_GRADIENTS, UINT8_SCALE,
+from attnpipe.store.format import (DIMS, FORMAT_NAME, OUTPUT_SUFFIXES, TARGET_ATTRIBUTIONS, TARGET_GRADIENTS,
+                                   TEXT_ATTRIBUTIONS, UINT8_SCALE,
                                    Provenance, Storage, StorageDtype, TargetAttention, TextAttention,
                                    provenance_attrs, query_positions)
 from attnpipe.store.json_file import JSONWriter
@@ -61,8 +62,8 @@ def seal_attrs(obj) -> None:
 
 def _extra_arrays(item: TextAttention) -> list[np.ndarray]:
     """The arrays a text carries besides its attention (decoder side, gradients): for room checks."""
-    arrays = [a for a in (item.attention_grad, item.head_gate_grad, item.token_grad_input, item.head_ablation)
-              if a is not None]
+    arrays = [a for a in (item.attention_grad, item.head_gate_grad, item.token_grad_input, item.head_ablation,
+                          *(getattr(item, name) for name in TEXT_ATTRIBUTIONS)) if a is not None]
     if item.target is not None:
         arrays += [item.target.decoder_attention, item.target.cross_attention]
         arrays += [a for a in (getattr(item.target, name) for name in TARGET_GRADIENTS) if a is not None]
@@ -281,6 +282,21 @@ class H5Writer:
         group.attrs["gradient_target_label"] = int(item.gradient_target_label)
         self._gradient_datasets(group, "", item.attention_grad, item.head_gate_grad, item.head_ablation)
         checked_dataset(group, "token_grad_input", data=item.token_grad_input.astype(np.float32))
+        self._attribution_datasets(group, {name: getattr(item, name) for name in TEXT_ATTRIBUTIONS})
+
+    def _attribution_datasets(self, group, fields: dict[str, np.ndarray | None]) -> None:
+        """--attribution ig: float32, matrices chunked and compressed like attention_grad."""
+        for name, values in fields.items():
+            if values is None:
+                continue
+            if values.ndim == 4:
+                heads, rows, cols = values.shape[1:]
+                dataset = checked_dataset(
+                    group, name, data=values.astype(np.float32), chunks=(1, heads, rows, cols) if rows and cols else None,
+                    compression="gzip" if rows and cols else None, shuffle=bool(rows and cols))
+                dataset.attrs["dims"] = ",".join(DIMS)
+            else:  # (L,) per stored layer
+                checked_dataset(group, name, data=values.astype(np.float32))
 
     def _write_target_gradients(self, group, target: TargetAttention) -> None:
         """An encoder-decoder's decoder and cross-attention gradients, beside decoder_attention."""
@@ -288,6 +304,7 @@ class H5Writer:
                                 target.decoder_head_ablation)
         self._gradient_datasets(group, "cross_", target.cross_attention_grad, target.cross_head_gate_grad,
                                 target.cross_head_ablation)
+        self._attribution_datasets(group, {name: getattr(target, name) for name in TARGET_ATTRIBUTIONS})
 
     def _gradient_datasets(self, group, prefix: str, attention_grad: np.ndarray, gate_grad: np.ndarray,
                            ablation: np.ndarray | None) -> None:
