@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import matplotlib as mpl
+import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store import Provenance, TextAttention, open_attention, selection
@@ -20,8 +21,8 @@ from attnpipe.visualize import seq2seq as visualize_seq2seq
 from attnpipe.visualize.image import run_image
 from attnpipe.visualize.outputs import check_output_path, write_text
 from attnpipe.visualize.plots import model_name
-from attnpipe.visualize.prepare import DEFAULT_MAX_BYTES, dumps, prepare
-from attnpipe.visualize.viewer import write_html
+from attnpipe.visualize.prepare import DEFAULT_MAX_BYTES, dumps, prepare, real_token_count
+from attnpipe.visualize.viewer import Panel, page_data, write_html
 
 Mode = Literal["plot", "heads", "layers", "average", "prepare", "html", "seq2seq", "image"]
 
@@ -117,6 +118,9 @@ def run(req: Request) -> Iterator[str]:
         meta = attn.meta
         source = req.input_file
         item = selection.pick_text(attn, req.text_id, req.index)
+    if req.mode == "html":  # the interactive page: every kind of attention the file holds
+        yield from _html(req, meta, item, source)
+        return
     if req.mode == "seq2seq":  # seed 003's three figures: attnpipe/visualize/seq2seq.py
         yield from visualize_seq2seq.seed003_figures(req, meta, item, model_name(meta))
         return
@@ -138,7 +142,7 @@ def run(req: Request) -> Iterator[str]:
     name = model_name(meta) + (f" · {label}" if label else "")
     heads = list(meta.heads)
 
-    if req.mode in ("prepare", "html"):
+    if req.mode == "prepare":
         sub_layers = selection.positions(
             None if req.layers is None else selection.parse_index_list(req.layers, "--layers"),
             meta.layers, "--layers", "layers", source)
@@ -154,10 +158,7 @@ def run(req: Request) -> Iterator[str]:
             yield (f"warning: --trim kept {len(result.kept)} of {len(result.kept) + len(result.dropped)} "
                    f"(layer, head) pairs to stay under the byte budget; first dropped: "
                    f"layer {result.dropped[0][0]} head {result.dropped[0][1]}")
-        if req.mode == "prepare":
-            write_text(paths[0], dumps(result.payload) + "\n")
-        else:
-            write_html(paths[0], result.payload, f"{name} · {item.id}", req.cmap)
+        write_text(paths[0], dumps(result.payload) + "\n")
         yield f"wrote {paths[0]} ({len(result.kept)} heads, {item.num_tokens} tokens)"
         return
 
@@ -189,3 +190,55 @@ def run(req: Request) -> Iterator[str]:
         yield f"wrote {path}"
 
 
+
+
+def _subset(flag_value: str | None, flag: str, stored: tuple[int, ...], what: str, source: Path) -> list[int]:
+    values = None if flag_value is None else selection.parse_index_list(flag_value, flag)
+    return selection.positions(values, stored, flag, what, source)
+
+
+def _html(req: Request, meta: Provenance, item: TextAttention, source: Path) -> Iterator[str]:
+    """The viewer page: one panel per kind of attention (encoder, decoder, cross for seq2seq files)."""
+    paths = _outputs(req, [0])
+    labels = _labels(req, item)
+    n = real_token_count(item)  # seed 001's files may carry trailing padding
+
+    def panel(kind: str, label: str, rows, cols, layers, heads, attention, special, generated) -> Panel:
+        lp = _subset(req.layers, "--layers", layers, "layers", source)
+        hp = _subset(req.heads, "--heads", heads, "heads", source)
+        return Panel(kind=kind, label=label, rows=tuple(map(str, rows)), cols=tuple(map(str, cols)),
+                     layers=tuple(layers[p] for p in lp), heads=tuple(heads[p] for p in hp),
+                     attention=attention if (len(lp), len(hp)) == attention.shape[:2] and lp == sorted(lp)
+                     and hp == sorted(hp) else attention[np.ix_(lp, hp)], special=tuple(bool(x) for x in special),
+                     generated=tuple(bool(x) for x in generated))
+
+    # A per-token `generated` flag (added by causal/seq2seq generation) is marked on the page.
+    generated = getattr(item, "generated", None)
+    generated = () if generated is None else np.asarray(generated)[:n]
+    kind = "encoder" if meta.is_seq2seq else "self"
+    panels = [panel(kind, "encoder self-attention" if meta.is_seq2seq else "self-attention",
+                    labels[:n], labels[:n], meta.layers, meta.heads, item.attention[:, :, :n, :n],
+                    item.special_tokens_mask[:n], generated)]
+    if meta.is_seq2seq and item.target is not None:
+        target = item.target
+        target_generated = getattr(target, "generated", None)
+        target_generated = () if target_generated is None else target_generated
+        for kind, label, cols, attention in (
+                ("decoder", "decoder self-attention (causal)", target.tokens, target.decoder_attention),
+                ("cross", "cross-attention (rows: target, columns: source)", item.tokens, target.cross_attention)):
+            panels.append(panel(kind, label, target.tokens, cols, meta.decoder_layers, meta.decoder_heads,
+                                attention, target.special_tokens_mask, target_generated))
+    elif req.attention != "encoder":
+        visualize_seq2seq.select(req.attention, req.mode, meta, item, source)  # raises: not seq2seq
+    result = page_data(panels, title=f"{model_name(meta)} · {item.id}", text=item.text,
+                       start="self" if kind == "self" else req.attention, cmap=req.cmap,
+                       decimals=req.decimals,
+                       max_bytes=DEFAULT_MAX_BYTES if req.max_bytes is None else req.max_bytes, trim=req.trim)
+    if result.dropped:
+        first = result.dropped[0]
+        yield (f"warning: --trim kept {len(result.kept)} of {len(result.kept) + len(result.dropped)} "
+               f"heads to stay under the byte budget; first dropped: {first[0]} L{first[1]}.H{first[2]}")
+    write_html(paths[0], result.data)
+    precision = {"f32": "exact float32", "u16": "2 bytes per value", "u8": "1 byte per value"}[result.encoding]
+    yield (f"wrote {paths[0]} ({len(result.kept)} heads, {item.num_tokens} tokens, {precision}, "
+           f"{result.num_bytes / 1e6:.1f} MB)")

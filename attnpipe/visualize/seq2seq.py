@@ -3,7 +3,7 @@
 `select` turns a text of an encoder-decoder file into what the ordinary modes draw: the decoder
 self-attention is square (target x target) and goes through every mode; the cross-attention is
 rectangular, rows = target (decoder input) tokens, columns = source tokens, and goes through the
-figure modes only (prepare/html describe square self-attention and refuse it).
+figure modes and the html page (seed 001's prepared JSON describes square self-attention and refuses it).
 
 `seed003_figures` writes seed 003's three files for a decoder layer N into a folder:
 cross_attention_layer{N} (mean over heads), cross_attention_multihead_layer{N} (every head) and
@@ -27,7 +27,7 @@ from attnpipe.store import Provenance, TextAttention
 
 AttentionKind = Literal["encoder", "decoder", "cross"]
 ATTENTION_KINDS = ("encoder", "decoder", "cross")
-SQUARE_ONLY_MODES = ("prepare", "html")  # they assume one token list for queries and keys
+SQUARE_ONLY_MODES = ("prepare",)  # seed 001's JSON has one token list for queries and keys
 SEED003_NAMES = (  # seed 003's file names, N = decoder layer (model index)
     ("cross_mean", "cross_attention_layer{layer}.{ext}"),
     ("cross_heads", "cross_attention_multihead_layer{layer}.{ext}"),
@@ -57,7 +57,7 @@ def select(kind: AttentionKind, mode: str, meta: Provenance, item: TextAttention
     if kind == "cross" and mode in SQUARE_ONLY_MODES:
         raise AttnpipeError(
             f"--mode {mode} shows square self-attention; cross-attention is target x source "
-            "(rectangular): use --mode plot, heads, layers, average or seq2seq"
+            "(rectangular): use --mode html, plot, heads, layers, average or seq2seq"
         )
     t = target.num_tokens
     decoder_meta = dataclasses.replace(
