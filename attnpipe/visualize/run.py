@@ -6,6 +6,8 @@ every output is written atomically (attnpipe.visualize.outputs).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,24 @@ class Request:
     trim: bool = False
     attention: str = "encoder"  # encoder | decoder | cross: which attention of an encoder-decoder file
     image: Path | None = None  # image mode: the picture to draw on (default: the stored path)
+    tokens_range: str | None = None  # figures: "A:B", the token window (instead of --max-tokens)
+    hide_special: bool = False  # figures: leave out [CLS], [SEP], <s>, ... (rows not renormalised)
+    color_scale: str = "figure"  # fixed | figure | panel
+    vmin: float | None = None
+    vmax: float | None = None
+    log: bool = False
+    title: str | None = None  # replaces the automatic title line
+    font_size: float | None = None  # token labels, points
+
+    @property
+    def style(self) -> plots.Style:
+        return plots.Style(colors=plots.Colors(scale=self.color_scale, vmin=self.vmin, vmax=self.vmax, log=self.log),
+                           fontsize=self.font_size, title=self.title)
+
+    def view(self, tokens, special) -> plots.View:
+        """The token window of a figure axis (special: the per-token mask, used with --hide-special)."""
+        return plots.make_view(tokens, self.max_tokens, tokens_range=self.tokens_range,
+                               special=special if self.hide_special else None)
 
 
 def _layer_positions(req: Request, meta: Provenance, source: Path) -> list[int]:
@@ -95,6 +115,25 @@ def _labels(req: Request, item: TextAttention) -> tuple[str, ...]:
     return req.tokens
 
 
+COLOR_SCALES = ("fixed", "figure", "panel")
+
+
+def _check_colours(req: Request) -> None:
+    if req.color_scale not in COLOR_SCALES:
+        raise AttnpipeError(f"--color-scale takes {' / '.join(COLOR_SCALES)}, got {req.color_scale!r}")
+    for flag, value in (("--vmin", req.vmin), ("--vmax", req.vmax)):
+        if value is not None and not math.isfinite(value):
+            raise AttnpipeError(f"{flag} must be a finite number, got {value}")
+    if req.vmin is not None and req.vmax is not None and req.vmin >= req.vmax:
+        raise AttnpipeError(f"--vmin {req.vmin} must be below --vmax {req.vmax}")
+    if req.log and req.vmin is not None and req.vmin <= 0:
+        raise AttnpipeError(f"--log needs --vmin above 0 (a log scale has no 0), got {req.vmin}")
+    if req.log and req.vmax is not None and req.vmax <= 0:
+        raise AttnpipeError(f"--log needs --vmax above 0, got {req.vmax}")
+    if req.font_size is not None and not 2 <= req.font_size <= 72:
+        raise AttnpipeError(f"--font-size takes 2-72 points, got {req.font_size}")
+
+
 def parse_head(head: int | str, mode: str) -> int:
     """--head outside image mode: an integer model index."""
     try:
@@ -111,6 +150,9 @@ def run(req: Request) -> Iterator[str]:
         raise AttnpipeError(f"--cmap {req.cmap!r} is not a matplotlib colormap (e.g. viridis, magma, cividis)")
     if req.max_tokens is not None and req.max_tokens < 1:
         raise AttnpipeError(f"--max-tokens must be at least 1, got {req.max_tokens}")
+    if req.max_tokens is not None and req.tokens_range is not None:
+        raise AttnpipeError("give --max-tokens N or --tokens-range A:B, not both")
+    _check_colours(req)
     if req.mode == "image":  # a ViT's [CLS] attention drawn on the image: attnpipe.visualize.image
         yield from run_image(req)
         return
@@ -126,6 +168,7 @@ def run(req: Request) -> Iterator[str]:
         return
     # Encoder-decoder files: the decoder side becomes what the modes below draw; cross-attention
     # is rectangular, its key (column) tokens are the source tokens.
+    source_item = item
     meta, item, columns, label = visualize_seq2seq.select(req.attention, req.mode, meta, item, source)
     # Only the indices a mode uses are checked: a file may store e.g. layer 5 alone.
     if req.mode in ("plot", "heads", "average"):
@@ -137,9 +180,13 @@ def run(req: Request) -> Iterator[str]:
     layer_ids = [meta.layers[p] for p in layer_pos]
     paths = _outputs(req, layer_ids)
     labels = _labels(req, item)
-    view = plots.make_view(labels, req.max_tokens)
-    col_view = None if columns is None else plots.make_view(columns, req.max_tokens)
-    name = model_name(meta) + (f" · {label}" if label else "")
+    if req.mode == "prepare":
+        view = col_view = None
+    else:
+        view = req.view(labels, item.special_tokens_mask)
+        # Cross-attention: the columns are the source tokens, with the source's special mask.
+        col_view = None if columns is None else req.view(columns, source_item.special_tokens_mask)
+    name = f"{model_name(meta)} · text {item.id}" + (f" · {label}" if label else "")
     heads = list(meta.heads)
 
     if req.mode == "prepare":
@@ -163,28 +210,32 @@ def run(req: Request) -> Iterator[str]:
         return
 
     attention = item.attention  # (layer, head, query, key), stored positions
+    style = req.style
     if req.mode == "plot":
-        title = f"{name} · layer {meta.layers[layer_pos[0]]} · head {meta.heads[head_pos]}"
-        fig = plots.head_figure(attention[layer_pos[0], head_pos], view, title, cmap=req.cmap,
-                                col_view=col_view)
-        figures = [fig]
+        layer_id, head_id = meta.layers[layer_pos[0]], meta.heads[head_pos]
+        title = f"{name} · {plots.head_name(layer_id, head_id)} (layer {layer_id}, head {head_id})"
+        figures = [plots.head_figure(attention[layer_pos[0], head_pos], view, title, cmap=req.cmap,
+                                     col_view=col_view, style=style)]
     elif req.mode == "heads":
         figures = [plots.heads_figure(attention[lp], view, heads,
                                       f"{name} · layer {meta.layers[lp]} · every head", cmap=req.cmap,
-                                      col_view=col_view)
+                                      col_view=col_view, layer=meta.layers[lp], style=style)
                    for lp in layer_pos]
     elif req.mode == "layers":
         figures = [plots.layers_figure(attention, view, list(meta.layers), heads,
-                                       f"{name} · all layers x heads", cmap=req.cmap, col_view=col_view)]
+                                       f"{name} · all layers x heads", cmap=req.cmap, col_view=col_view,
+                                       style=style)]
     else:  # average
         means = attention[layer_pos].mean(axis=1)  # (layer, query, key): mean over heads
         if len(layer_pos) == 1:
             title = f"{name} · layer {layer_ids[0]} · mean over {len(heads)} heads"
-            figures = [plots.head_figure(means[0], view, title, cmap=req.cmap, col_view=col_view)]
+            figures = [plots.head_figure(means[0], view, title, cmap=req.cmap, col_view=col_view,
+                                         style=dataclasses.replace(style, colors=dataclasses.replace(
+                                             style.colors, label="mean attention over heads")))]
         else:
             figures = [plots.layer_average_figure(means, view, layer_ids,
                                                   f"{name} · mean over {len(heads)} heads", cmap=req.cmap,
-                                                  col_view=col_view)]
+                                                  col_view=col_view, style=style)]
     for fig, path in zip(figures, paths):
         plots.save_figure(fig, path, dpi=req.dpi)
         yield f"wrote {path}"

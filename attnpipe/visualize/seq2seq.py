@@ -105,8 +105,10 @@ def seed003_figures(req, meta: Provenance, item: TextAttention, model_name: str)
             jobs.append((lp, key, path))
 
     target = item.target
-    rows = plots.make_view(target.tokens, req.max_tokens)  # target (decoder input) tokens
-    cols = plots.make_view(item.tokens, req.max_tokens)  # source tokens
+    rows = req.view(target.tokens, target.special_tokens_mask)  # target (decoder input) tokens
+    cols = req.view(item.tokens, item.special_tokens_mask)  # source tokens
+    style = req.style
+    model_name = f"{model_name} · text {item.id}"
     heads = list(meta.decoder_heads)
     for lp, key, path in jobs:
         layer = f"decoder layer {layers[lp]}"
@@ -114,19 +116,19 @@ def seed003_figures(req, meta: Provenance, item: TextAttention, model_name: str)
             fig = plots.head_figure(
                 target.cross_attention[lp].mean(axis=0), rows,
                 f"{model_name} · cross-attention · {layer}\nmean over {len(heads)} heads",
-                cmap=req.cmap, col_view=cols)
+                cmap=req.cmap, col_view=cols, style=style)
             fig.axes[0].set_ylabel("target (query)")
             fig.axes[0].set_xlabel("source (key)")
         elif key == "cross_heads":
             fig = plots.heads_figure(
                 target.cross_attention[lp], rows, heads,
                 f"{model_name} · cross-attention · {layer} · every head · rows = target, columns = source",
-                cmap=req.cmap, col_view=cols)
+                cmap=req.cmap, col_view=cols, layer=layers[lp], style=style)
         else:
             fig = plots.head_figure(
                 target.decoder_attention[lp].mean(axis=0), rows,
                 f"{model_name} · decoder self-attention (causal) · {layer}\nmean over {len(heads)} heads",
-                cmap=req.cmap)
+                cmap=req.cmap, style=style)
             fig.axes[0].set_ylabel("target (query)")
             fig.axes[0].set_xlabel("target (key)")
         plots.save_figure(fig, path, dpi=req.dpi)
