@@ -122,6 +122,8 @@ def select(driver, element_id: str, value: str) -> None:
 def view(driver, name: str) -> None:
     driver.find_element("css selector", f"input[name=view][value={name}]").click()
     assert driver.find_element("tag name", "body").get_attribute("data-view") == name
+    shown = {"lines": "lines", "matrix": "matrix", "model": "model", "tokens": "tokens"}
+    assert [key for key, element in shown.items() if driver.find_element("id", element).is_displayed()] == [name]
 
 
 def assert_inert(driver) -> None:

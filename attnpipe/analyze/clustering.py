@@ -6,10 +6,10 @@ same query, averaged over the query rows of a text and then over texts. Clark et
 divergences over tokens; the mean of a distance keeps values comparable across corpora.
 From the (K, K) distance matrix of K = layers x heads: a 2-D classical (Torgerson) MDS embedding
 and an average-linkage hierarchical clustering (scipy). The number of clusters, unless given, is
-the cut of that tree with the highest mean silhouette (Rousseeuw 1987) among 2..12 clusters: the
-grouping in which heads sit closest to their own cluster relative to the nearest other one
-(`choose_num_clusters`; a singleton's silhouette is 0, so a cut that splits off outliers one by
-one does not win).
+the cut of that tree with the highest mean silhouette (Rousseeuw 1987) among 2..12 clusters whose
+largest cluster holds at most half of the heads: the grouping in which heads sit closest to their
+own cluster relative to the nearest other one, without the cuts that only split off outliers
+(`choose_num_clusters`).
 
 Example::
 
@@ -32,6 +32,7 @@ from attnpipe.errors import AttnpipeError
 
 LINKAGE_METHOD = "average"  # UPGMA: uses the distances as they are (no Euclidean assumption, unlike Ward)
 AUTO_MAX_CLUSTERS = 12  # the automatic choice tries 2..12 clusters: more groups than a reader can name
+MAX_SHARE = 0.5  # ... and keeps cuts whose largest cluster holds at most this share of the heads
 
 
 def _entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -125,18 +126,22 @@ def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
 
 
 def choose_num_clusters(distances: np.ndarray, max_clusters: int = AUTO_MAX_CLUSTERS) -> int:
-    """The number of clusters (2..max) whose average-linkage cut has the highest mean silhouette."""
+    """The number of clusters (2..max) whose average-linkage cut has the highest mean silhouette,
+    among the cuts whose largest cluster holds at most half of the heads (MAX_SHARE).
+
+    Attention heads have outliers (a head on the diagonal, a head on [SEP]) far from the rest:
+    cutting them off alone scores a high silhouette yet leaves almost every head in one group.
+    Only when no cut in range meets the share does the best silhouette overall decide."""
     k = len(distances)
     if k < 3:
         return 1
     tree = linkage(squareform(distances, checks=False), method=LINKAGE_METHOD)
-    best, best_score = 2, -np.inf
+    scored = []  # (readable, silhouette, -count): max() prefers readable, then score, then fewer
     for count in range(2, min(max_clusters, k - 1) + 1):
         labels = fcluster(tree, t=count, criterion="maxclust")
-        score = silhouette(distances, labels)
-        if score > best_score + 1e-12:  # ties: the fewer clusters
-            best, best_score = count, score
-    return best
+        readable = np.bincount(labels).max() <= MAX_SHARE * k
+        scored.append((readable, round(silhouette(distances, labels), 12), -count))
+    return -max(scored)[2]
 
 
 def cluster_table(distances: np.ndarray, heads: Sequence[tuple[int, int]],

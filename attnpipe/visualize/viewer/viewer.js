@@ -381,11 +381,12 @@
 
   // ---------------------------------------------------------------- wiring
   function draw() {
-    canvas.hidden = state.view !== "matrix";
-    svg.hidden = state.view !== "lines";
-    modelDiv.hidden = state.view !== "model";
-    tokensDiv.hidden = state.view !== "tokens";
-    $("head-toggles").hidden = state.view === "model";
+    // The attribute, not the property: <svg> has no `hidden` property of its own.
+    canvas.toggleAttribute("hidden", state.view !== "matrix");
+    svg.toggleAttribute("hidden", state.view !== "lines");
+    modelDiv.toggleAttribute("hidden", state.view !== "model");
+    tokensDiv.toggleAttribute("hidden", state.view !== "tokens");
+    $("head-toggles").toggleAttribute("hidden", state.view === "model");
     const views = { matrix: drawMatrix, lines: drawLines, model: drawModel, tokens: drawTokens };
     views[state.view]();
     document.body.dataset.kind = panel().kind;
@@ -447,8 +448,26 @@
     draw();
   });
 
+  // A link may open a given view: page.html#view=model&kind=cross&layer=2&head=5 (model indices).
+  function fromHash() {
+    const wanted = new URLSearchParams(location.hash.slice(1));
+    const kind = data.panels.findIndex((p) => p.kind === wanted.get("kind"));
+    if (kind >= 0) state.panel = kind;
+    const layer = panel().layers.indexOf(Number(wanted.get("layer")));
+    if (wanted.has("layer") && layer >= 0) state.layer = layer;
+    const head = headsOf(state.layer).indexOf(Number(wanted.get("head")));
+    if (wanted.has("head") && head >= 0) state.head = head;
+    if (["lines", "matrix", "model", "tokens"].includes(wanted.get("view"))) state.view = wanted.get("view");
+    document.querySelectorAll("input[name=view]").forEach((radio) => { radio.checked = radio.value === state.view; });
+  }
+
+  fromHash();
   fillLayers();
   fillHeads();
   draw();
+  if (state.view === "tokens") {  // show a hovered token at once (the first non-special one)
+    const first = tokensDiv.querySelector("span.tok:not(.special)");
+    if (first) first.dispatchEvent(new MouseEvent("mouseenter"));
+  }
   document.body.dataset.ready = "1";
 })();
