@@ -35,6 +35,7 @@ from attnpipe.store import H5Writer  # noqa: E402
 from test_viewer_browser import provenance, text_item  # noqa: E402
 
 LAYERS, HEADS = 6, 12
+LOAD_TIMEOUT = 60  # seconds; a page slower than this is reported as such
 
 
 def attention(n: int) -> np.ndarray:
@@ -85,16 +86,23 @@ def browser():
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     driver.set_network_conditions(offline=True, latency=0, download_throughput=0, upload_throughput=0)
+    driver.set_page_load_timeout(LOAD_TIMEOUT)
+    driver.set_script_timeout(LOAD_TIMEOUT)
     return driver
 
 
-def load(driver, path: Path) -> tuple[float, bool]:
+def load(driver, path: Path) -> tuple[float | None, bool]:
+    """Seconds to the load event plus one frame (None: over the page-load timeout), and drawn."""
+    from selenium.common.exceptions import TimeoutException
+
     driver.get("about:blank")
     began = time.perf_counter()
-    driver.get(path.as_uri())
-    time.sleep(0.0)
-    # Drawing finished: one animation frame after load.
-    driver.execute_async_script("const done = arguments[0]; requestAnimationFrame(() => done());")
+    try:
+        driver.get(path.as_uri())
+        # Drawing finished: one animation frame after load.
+        driver.execute_async_script("const done = arguments[0]; requestAnimationFrame(() => done());")
+    except TimeoutException:
+        return None, False
     seconds = time.perf_counter() - began
     shot = np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("L"), dtype=np.int16)
     drawn = bool((shot < 200).mean() > 0.01)
@@ -109,30 +117,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="larger pages are sized but not opened (BertViz at 512 tokens: ~870 MB)")
     args = parser.parse_args(argv)
     driver = browser()
-    rows = []
+    print("| tokens | page | size (MB) | load (s, median) | draws offline |")
+    print("| --- | --- | --- | --- | --- |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(t) for t in args.tokens.split(",")):
             made = pages(Path(tmp), n)
-            times: dict[str, list[float]] = {name: [] for name in made}
+            times: dict[str, list[float | None]] = {name: [] for name in made}
             drawn: dict[str, bool] = {}
             for _ in range(args.repeats):
                 for name, path in made.items():
-                    if path.stat().st_size > args.max_load_mb * 1e6:
-                        continue
+                    if path.stat().st_size > args.max_load_mb * 1e6 or None in times[name]:
+                        continue  # too big to open, or already over the timeout once
                     seconds, ok = load(driver, path)
                     times[name].append(seconds)
                     drawn[name] = ok
             for name, path in made.items():
-                rows.append((n, name, path.stat().st_size / 1e6,
-                             statistics.median(times[name]) if times[name] else None, drawn.get(name)))
+                size = path.stat().st_size / 1e6
+                if not times[name]:
+                    cell, ok = "not opened (over --max-load-mb)", ""
+                elif None in times[name]:
+                    cell, ok = f"over {LOAD_TIMEOUT} s", "no"
+                else:
+                    cell, ok = f"{statistics.median(times[name]):.2f}", "yes" if drawn[name] else "no"
+                print(f"| {n} | {name} | {size:.2f} | {cell} | {ok} |", flush=True)
     driver.quit()
-    print("| tokens | page | size (MB) | load (s, median) | draws offline |")
-    print("| --- | --- | --- | --- | --- |")
-    for n, name, size, seconds, ok in rows:
-        if seconds is None:
-            print(f"| {n} | {name} | {size:.2f} | not opened (over --max-load-mb) | |")
-        else:
-            print(f"| {n} | {name} | {size:.2f} | {seconds:.2f} | {'yes' if ok else 'no'} |")
     return 0
 
 

@@ -113,6 +113,11 @@ def test_title_font_size_and_colour_limits(forty, tmp_path):
     assert "11px" in label.get("style", "") or "font-size: 11" in label.get("style", "")
     assert "0.5" in texts  # the colour bar ends at --vmax
 
+    log_out = tmp_path / "log.svg"
+    draw(forty, log_out, "--mode", "heads", "--log", "--vmin", "0.001")
+    log_texts = svg_texts(log_out)
+    assert {"0.001", "0.01", "0.1"} <= set(log_texts) and not [t for t in log_texts if "mathdefault" in t]
+
     view = plots.make_view(TOKENS)
     matrix = np.linspace(0, 0.2, N * N).reshape(N, N)
     figure = plots.Colors().norm(matrix)

@@ -21,6 +21,7 @@ from typing import Literal
 
 import matplotlib as mpl
 import matplotlib.colors as mcolors
+import matplotlib.ticker as ticker
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -208,7 +209,16 @@ def thumbnail(ax: Axes, matrix: np.ndarray, *, cmap: str = DEFAULT_CMAP, vmax: f
 
 def colorbar(ax: Axes, label: str = "attention probability"):
     """A colour bar for the last image drawn on `ax`."""
-    return ax.figure.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.02, label=label)
+    return plain_ticks(ax.figure.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.02, label=label))
+
+
+def plain_ticks(bar):
+    """Log colour bars: ticks as 0.001, 0.01, ... (the default 10^k labels are mathtext, which is
+    off here so that tokens draw literally)."""
+    if isinstance(bar.norm, mcolors.LogNorm):
+        bar.ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    return bar
 
 
 def grid_label_step(count: int, panel_inches: float, fontsize: float) -> int:
@@ -241,7 +251,8 @@ def head_grid(axes: np.ndarray, attention: np.ndarray, tokens: Sequence[str], he
         ax.set_ylabel("query" if c == 0 else "", fontsize=fontsize + 1)
         ax.set_title(titles[index] if titles is not None else f"head {head_id}", fontsize=fontsize + 3)
         if colors.scale == "panel":
-            ax.figure.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=fontsize)
+            plain_ticks(ax.figure.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.02)).ax.tick_params(
+                labelsize=fontsize)
     for ax in axes.ravel()[count:]:
         ax.set_visible(False)
     return axes
@@ -311,7 +322,7 @@ def _notes(view: View, col_view: View | None, label_step: int | None = None) -> 
 
 def _figure_colorbar(fig: Figure, axes: np.ndarray, colors: Colors) -> None:
     if colors.scale != "panel":
-        fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label=colors.bar_label)
+        plain_ticks(fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label=colors.bar_label))
 
 
 def head_figure(matrix: np.ndarray, view: View, title: str, *, cmap: str = DEFAULT_CMAP,
@@ -370,7 +381,7 @@ def layers_figure(attention: np.ndarray, view: View, layer_ids: Sequence[int], h
     axes = fig.subplots(len(layer_ids), len(head_ids), squeeze=False)
     model_view(axes, crop(attention, view, col_view), layer_ids, head_ids, cmap=cmap, colors=style.colors)
     if style.colors.scale != "panel":
-        fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label=style.colors.bar_label)
+        plain_ticks(fig.colorbar(axes[0, 0].images[-1], ax=axes, shrink=0.6, label=style.colors.bar_label))
     _suptitle(fig, title + " · rows = query, columns = key", _notes(view, col_view, 1), style)
     return fig
 
