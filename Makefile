@@ -47,11 +47,12 @@ browser:
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# The README's pictures, made from the packaged MiniLM on a 47-token text (kept small: 70-100 dpi),
+# The README's pictures, made from the packaged MiniLM on a 45-token text (kept small: 70-100 dpi),
 # and the viewer's four views as headless-chromium screenshots of one page.
 IMG := docs/img
 README_TEXT := The old lighthouse keeper, who had watched the harbour for forty years, finally \
-	handed the brass key to his granddaughter because she understood the sea better than anyone else.
+	handed the brass key to his granddaughter because she understood the sea better than anyone else, \
+	and then he walked slowly home along the windy cliffs.
 CHROME_SHOT := /usr/bin/chromium --headless --no-sandbox --disable-gpu --hide-scrollbars \
 	--host-resolver-rules="MAP * ~NOTFOUND" --window-size=1100,900
 docs-images: $(STAMP) browser fonts
