@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := results/demo
 
-.PHONY: demo demo-extract test test-fast browser docs-images docs-images-generation clean
+.PHONY: demo demo-extract test test-fast browser fonts docs-images docs-images-generation clean
 # The viewer's browser test runs Debian's chromium; root installs it directly, others via sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -36,7 +36,7 @@ demo-extract: $(STAMP)
 	$(PY) analyze_attention.py metrics $(DEMO)/extract/attention.h5 --output-dir $(DEMO)/extract/metrics
 	$(PY) analyze_attention.py report $(DEMO)/extract/attention.h5 --output-dir $(DEMO)/extract/report
 
-test: $(STAMP) browser
+test: $(STAMP) browser fonts
 	$(PY) -m pytest
 
 browser:
@@ -47,20 +47,41 @@ browser:
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# The README's pictures, made from the packaged MiniLM (kept small: ~100 dpi).
+# The README's pictures, made from the packaged MiniLM on a 45-token text (kept small: 70-100 dpi),
+# and the viewer's four views as headless-chromium screenshots of one page.
 IMG := docs/img
-docs-images: $(STAMP)
-	mkdir -p $(IMG) results
-	$(PY) extract_attention.py --text "The cat sat on the mat because it was warm." -q \
-		--output_file results/readme_attention.json
-	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode plot --layer 2 --head 0 \
-		--dpi 90 --output_file $(IMG)/plot.png
-	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode heads --layer 2 \
-		--dpi 70 --output_file $(IMG)/heads.png
-	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode layers \
+README_TEXT := The old lighthouse keeper, who had watched the harbour for forty years, finally \
+	handed the brass key to his granddaughter because she understood the sea better than anyone else, \
+	and then he walked slowly home along the windy cliffs.
+CHROME_SHOT := /usr/bin/chromium --headless --no-sandbox --disable-gpu --hide-scrollbars \
+	--host-resolver-rules="MAP * ~NOTFOUND" --window-size=1100,900
+docs-images: $(STAMP) browser fonts
+	mkdir -p $(IMG) results/readme
+	$(PY) extract_attention.py --text "$(README_TEXT)" -q --output_file results/readme/attention.json
+	$(PY) visualize_attention.py --input_file results/readme/attention.json --mode plot --layer 2 --head 0 \
+		--dpi 80 --output_file $(IMG)/plot.png
+	$(PY) visualize_attention.py --input_file results/readme/attention.json --mode heads --layer 2 \
+		--dpi 60 --output_file $(IMG)/heads.png
+	$(PY) visualize_attention.py --input_file results/readme/attention.json --mode layers \
 		--dpi 70 --output_file $(IMG)/layers.png
-	$(PY) visualize_attention.py --input_file results/readme_attention.json --mode average --layer all \
-		--dpi 85 --output_file $(IMG)/average.png
+	$(PY) visualize_attention.py --input_file results/readme/attention.json --mode average --layer all \
+		--dpi 60 --output_file $(IMG)/average.png
+	$(PY) visualize_attention.py --input_file results/readme/attention.json --mode plot --layer 0 --head 3 \
+		--tokens-range 10:30 --hide-special --log --title "L0.H3, tokens 10-29, log colours" \
+		--dpi 80 --output_file $(IMG)/window_log.png
+	$(PY) analyze_attention.py clusters results/readme/attention.json --output-dir results/readme/clusters
+	cp results/readme/clusters/clusters.png $(IMG)/clusters.png
+	$(PY) visualize_attention.py --input_file results/readme/attention.json --mode html \
+		--output_file results/readme/page.html
+	for view in lines matrix model tokens; do \
+		$(CHROME_SHOT) --screenshot=$(CURDIR)/$(IMG)/viewer_$$view.png \
+			"file://$(CURDIR)/results/readme/page.html#view=$$view&layer=2&head=0" 2>/dev/null; done
+
+# CJK token labels: Debian's Noto CJK fonts (attnpipe/visualize/fonts.py puts them in the chain).
+fonts:
+	@fc-list 2>/dev/null | grep -q "Noto Sans CJK" || { \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y fonts-noto-cjk; }
 
 # The README's generation pictures: two tiny models trained on a toy language (a minute on CPU),
 # a translation the model writes itself (seed 003's figures) and a causal LM's continuation.

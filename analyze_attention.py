@@ -24,7 +24,7 @@ Examples:
     python analyze_attention.py specialization results/demo/attention.h5 --output-dir out --layer 2
 
     # cluster heads by Jensen-Shannon distance (table + MDS figure)
-    python analyze_attention.py clusters results/demo/attention.h5 --output-dir out --clusters 6
+    python analyze_attention.py clusters results/demo/attention.h5 --output-dir out   # --clusters K to fix it
 
     # the same texts under several checkpoints, in training order
     python analyze_attention.py compare step1k.h5 step2k.h5 final.h5 --output-dir out
@@ -53,6 +53,16 @@ from pathlib import Path
 
 from attnpipe.analyze import commands
 from attnpipe.errors import run_cli
+
+
+def cluster_count(text: str) -> int | None:
+    """--clusters: a count, or 'auto' (None: chosen by silhouette)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"takes a number of clusters or 'auto', got {text!r}") from err
 
 
 def add_common(parser: argparse.ArgumentParser, causal: bool = True) -> None:
@@ -147,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(clusters, causal=False)
     clusters.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
                           help="folder for the tables and the figure (created if missing)")
-    clusters.add_argument("--clusters", type=int, default=6, metavar="K",
-                          help="number of clusters cut from the average-linkage tree (default: 6)")
+    clusters.add_argument("--clusters", type=cluster_count, default=None, metavar="K",
+                          help="number of clusters cut from the average-linkage tree (default: auto, the "
+                          "count in 2-12 with the highest mean silhouette; see docs/METRICS.md)")
 
     compare = commands.add_parser("compare", help="the same texts under two or more checkpoints",
                                   description="Write checkpoint_distances.parquet/.csv (per head: JS "
@@ -170,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one attention file, or several checkpoints of the same texts in order")
     report.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
                         help="folder for report.md and its figures (created if missing)")
-    report.add_argument("--clusters", type=int, default=6, metavar="K",
-                        help="number of head clusters (default: 6, at most the number of heads)")
+    report.add_argument("--clusters", type=cluster_count, default=None, metavar="K",
+                        help="number of head clusters (default: auto, the count in 2-12 with the highest "
+                        "mean silhouette; at most the number of heads)")
     report.add_argument("--title", default="Attention report", help="the report's heading")
 
     circuits = commands.add_parser(

@@ -83,7 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--tokens", default=None, metavar="A,B,C",
                       help="comma-separated labels replacing the stored tokens (same count)")
     pick.add_argument("--max-tokens", "--max_tokens", type=int, default=None, metavar="N",
-                      help="figures show only the first N tokens (stated on the figure)")
+                      help="figures show only the first N tokens (stated on the figure); see --tokens-range")
+    pick.add_argument("--tokens-range", "--tokens_range", default=None, metavar="A:B",
+                      help="figures show tokens A to B-1 (Python slice bounds: 40:80, --tokens-range=-30: for the last 30, "
+                      ":20 for the first 20; stated on the figure)")
+    pick.add_argument("--hide-special", "--hide_special", action="store_true",
+                      help="figures leave out special tokens ([CLS], [SEP], <s>, ...); rows are not "
+                      "renormalised (stated on the figure)")
+    look = parser.add_argument_group("figure look")
+    look.add_argument("--color-scale", "--color_scale", choices=("fixed", "figure", "panel"), default="figure",
+                      help="colour limits: figure = 0 to the largest value the figure shows (default), "
+                      "fixed = --vmin..--vmax (default 0..1, the same colours in every figure), "
+                      "panel = each panel of a grid from 0 to its own largest value (a colour bar each)")
+    look.add_argument("--vmin", type=float, default=None, help="lowest colour value (default 0; --log: 0.001)")
+    look.add_argument("--vmax", type=float, default=None, help="highest colour value (default: see --color-scale)")
+    look.add_argument("--log", action="store_true",
+                      help="log colour scale from --vmin (default 0.001: smaller values share the darkest colour)")
+    look.add_argument("--title", default=None, help="the figure title (default: model · text id · layer/head)")
+    look.add_argument("--font-size", "--font_size", type=float, default=None, metavar="PT",
+                      help="token label size in points (default 8 for one heatmap, 6 in grids); "
+                      "grids grow with it and thin labels that do not fit (stated on the figure)")
     out = parser.add_argument_group("output")
     out.add_argument("--output_file", "--output-file", "-o", type=Path, default=None, metavar="FILE",
                      help=".png/.svg/.pdf for figures, .json for prepare, .html for html")
@@ -118,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens, output_file=args.output_file, output_dir=args.output_dir,
         names=DEFAULT_NAMES, figure_format=args.format, dpi=args.dpi, cmap=args.cmap,
         layers=args.layers, heads=args.heads, decimals=args.decimals, max_bytes=args.max_bytes,
-        trim=args.trim, image=args.image,
+        trim=args.trim, image=args.image, tokens_range=args.tokens_range, hide_special=args.hide_special,
+        color_scale=args.color_scale, vmin=args.vmin, vmax=args.vmax, log=args.log, title=args.title,
+        font_size=args.font_size,
     )
     for message in visualize.run(request):
         print(message, file=sys.stderr)

@@ -65,6 +65,20 @@ def test_clustering_recovers_planted_groups():
     np.testing.assert_array_equal(nearest, planted)
 
 
+def test_the_default_count_is_the_cut_with_the_best_silhouette():
+    rng = np.random.default_rng(0)
+    texts = [planted_attention(rng, n) for n in (6, 9, 12)]
+    distances = np.mean([C.head_distances(att) for att, _ in texts], axis=0)
+    heads = [(layer, head) for layer in (0, 1, 2) for head in (0, 1, 2, 3)]
+    table = C.cluster_table(distances, heads)  # no count given: chosen
+    assert table.attrs["num_clusters"] == 3 and same_partition(table.cluster.to_numpy(), texts[0][1])
+    # Hand-checked silhouettes: two tight pairs far apart score near 1; one cluster scores 0.
+    pairs = np.array([[0, .1, 1, 1], [.1, 0, 1, 1], [1, 1, 0, .1], [1, 1, .1, 0]])
+    assert C.silhouette(pairs, np.array([1, 1, 2, 2])) == pytest.approx(0.9)
+    assert C.silhouette(pairs, np.array([1, 1, 1, 1])) == 0.0
+    assert C.choose_num_clusters(pairs) == 2
+
+
 def test_cluster_count_is_checked():
     with pytest.raises(AttnpipeError, match="out of range"):
         C.cluster_heads(np.zeros((3, 3)), 4)

@@ -22,7 +22,9 @@ from attnpipe.visualize import plots
 from attnpipe.errors import run_cli
 from attnpipe.visualize.prepare import prepare
 from attnpipe.store import H5Writer, Provenance, TextAttention, open_attention, write_json
-from attnpipe.visualize.viewer import render_html
+from attnpipe.errors import AttnpipeError
+from attnpipe.visualize import viewer
+from attnpipe.visualize.viewer import Panel, page_data, render_html
 from conftest import ROOT, run_script
 
 SCHEMA = json.loads((ROOT / "docs" / "prepared.schema.json").read_text())
@@ -312,14 +314,49 @@ def test_prepare_function_keeps_model_indices():
 def test_html_embeds_tokens_inertly_and_needs_no_network(tmp_path):
     tokens = ["[CLS]", EVIL, "a\u2028b", "&amp;", "[SEP]"]
     text = item(random_attention(np.random.default_rng(2), 1, 2, 5), tokens=tokens)
-    page = render_html(prepare(text, (0,), (0, 1), [0], [0, 1]).payload, "title </title><b>")
+    panel = Panel(kind="self", label="self-attention", rows=tuple(tokens), cols=tuple(tokens), layers=(0,),
+                  heads=(0, 1), attention=text.attention)
+    page = render_html(page_data([panel], title="title </title><b>", text=text.text, start="self").data)
     assert EVIL not in page and "</script><img" not in page and "\u2028" not in page
     assert "title &lt;/title&gt;&lt;b&gt;" in page
     match = re.search(r'<script type="application/json" id="attnpipe-data">(.*?)</script>', page, re.S)
-    assert json.loads(match.group(1))["prepared"]["tokens"] == tokens  # same data once parsed
+    assert json.loads(match.group(1))["panels"][0]["rows"] == tokens  # same data once parsed
     assert page.count("<script") == 2  # the data block and the viewer: nothing injected
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "page loads a remote asset"
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "document.write" not in page
+
+
+def test_page_encodings_round_trip_and_the_budget_picks_the_finest_that_fits():
+    rng = np.random.default_rng(3)
+    matrix = rng.dirichlet(np.ones(7), size=5).astype(np.float32)  # (query 5, key 7)
+    np.testing.assert_array_equal(viewer.decode(viewer.encode(matrix, "f32"), "f32", (5, 7)), matrix)
+    for encoding, top in (("u16", 65535), ("u8", 255)):
+        back = viewer.decode(viewer.encode(matrix, encoding), encoding, (5, 7))
+        assert np.abs(back - matrix).max() <= 0.5 / top + 1e-7
+    attention = rng.dirichlet(np.ones(40), size=(2, 3, 40)).astype(np.float32)
+    panel = Panel(kind="self", label="self", rows=("t",) * 40, cols=("t",) * 40, layers=(0, 1), heads=(0, 1, 2),
+                  attention=attention)
+    def base64_bytes(bytes_per_value: int) -> int:  # six 40 x 40 matrices
+        return 6 * (4 * ((40 * 40 * bytes_per_value + 2) // 3) + 3)
+
+    unlimited = page_data([panel], title="t", text="t", start="self")
+    assert unlimited.encoding == "f32"
+    fixed = unlimited.num_bytes - base64_bytes(4)  # tokens, colour table, page around the data
+    sizes = {}
+    for encoding, bytes_per_value in (("f32", 4), ("u16", 2), ("u8", 1)):
+        budget = fixed + base64_bytes(bytes_per_value) + 100
+        result = page_data([panel], title="t", text="t", start="self", max_bytes=budget)
+        assert result.encoding == encoding and len(result.kept) == 6 and not result.dropped
+        sizes[encoding] = result.num_bytes
+        assert result.num_bytes <= budget
+    assert sizes["u8"] < sizes["u16"] < sizes["f32"]
+    with pytest.raises(AttnpipeError, match="even at 1 byte per value"):
+        page_data([panel], title="t", text="t", start="self", max_bytes=fixed + 1_000)
+    trimmed = page_data([panel], title="t", text="t", start="self", max_bytes=fixed + base64_bytes(1) // 2,
+                        trim=True)
+    assert len(trimmed.kept) == 3 and trimmed.kept + trimmed.dropped == tuple(
+        ("self", layer, head) for layer in (0, 1) for head in (0, 1, 2))
+    assert sum(len(row) for row in trimmed.data["panels"][0]["data"]) == len(trimmed.kept)
 
 
 # ----------------------------------------------------------------------------- seed 001 command lines

@@ -5,13 +5,17 @@ divergence, base 2, so it lies in [0, 1] and is a metric) between their attentio
 same query, averaged over the query rows of a text and then over texts. Clark et al. sum JS
 divergences over tokens; the mean of a distance keeps values comparable across corpora.
 From the (K, K) distance matrix of K = layers x heads: a 2-D classical (Torgerson) MDS embedding
-and an average-linkage hierarchical clustering (scipy).
+and an average-linkage hierarchical clustering (scipy). The number of clusters, unless given, is
+the cut of that tree with the highest mean silhouette (Rousseeuw 1987) among 2..12 clusters whose
+largest cluster holds at most half of the heads: the grouping in which heads sit closest to their
+own cluster relative to the nearest other one, without the cuts that only split off outliers
+(`choose_num_clusters`).
 
 Example::
 
     with open_attention("results/demo/attention.h5") as f:
         distances, heads = corpus_head_distances(f)           # (K, K), [(layer, head), ...]
-    table = cluster_table(distances, heads, num_clusters=6)    # layer, head, x, y, cluster
+    table = cluster_table(distances, heads)                    # layer, head, x, y, cluster (k by silhouette)
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from scipy.special import entr
 from attnpipe.errors import AttnpipeError
 
 LINKAGE_METHOD = "average"  # UPGMA: uses the distances as they are (no Euclidean assumption, unlike Ward)
+AUTO_MAX_CLUSTERS = 12  # the automatic choice tries 2..12 clusters: more groups than a reader can name
+MAX_SHARE = 0.5  # ... and keeps cuts whose largest cluster holds at most this share of the heads
 
 
 def _entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -103,16 +109,58 @@ def cluster_heads(distances: np.ndarray, num_clusters: int) -> np.ndarray:
     return fcluster(tree, t=num_clusters, criterion="maxclust").astype(np.int64)
 
 
-def cluster_table(distances: np.ndarray, heads: Sequence[tuple[int, int]], num_clusters: int) -> pd.DataFrame:
-    """One row per head: layer, head (model indices), x, y (MDS), cluster."""
+def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette of a partition on a precomputed distance matrix (a singleton counts 0)."""
+    scores = np.zeros(len(labels))
+    clusters = np.unique(labels)
+    if len(clusters) < 2:
+        return 0.0
+    for i, own in enumerate(labels):
+        mates = (labels == own) & (np.arange(len(labels)) != i)
+        if not mates.any():
+            continue
+        a = distances[i, mates].mean()  # mean distance to the own cluster
+        b = min(distances[i, labels == other].mean() for other in clusters if other != own)
+        scores[i] = (b - a) / max(a, b) if max(a, b) > 0 else 0.0
+    return float(scores.mean())
+
+
+def choose_num_clusters(distances: np.ndarray, max_clusters: int = AUTO_MAX_CLUSTERS) -> int:
+    """The number of clusters (2..max) whose average-linkage cut has the highest mean silhouette,
+    among the cuts whose largest cluster holds at most half of the heads (MAX_SHARE).
+
+    Attention heads have outliers (a head on the diagonal, a head on [SEP]) far from the rest:
+    cutting them off alone scores a high silhouette yet leaves almost every head in one group.
+    Only when no cut in range meets the share does the best silhouette overall decide."""
+    k = len(distances)
+    if k < 3:
+        return 1
+    tree = linkage(squareform(distances, checks=False), method=LINKAGE_METHOD)
+    scored = []  # (readable, silhouette, -count): max() prefers readable, then score, then fewer
+    for count in range(2, min(max_clusters, k - 1) + 1):
+        labels = fcluster(tree, t=count, criterion="maxclust")
+        readable = np.bincount(labels).max() <= MAX_SHARE * k
+        scored.append((readable, round(silhouette(distances, labels), 12), -count))
+    return -max(scored)[2]
+
+
+def cluster_table(distances: np.ndarray, heads: Sequence[tuple[int, int]],
+                  num_clusters: int | None = None) -> pd.DataFrame:
+    """One row per head: layer, head (model indices), x, y (MDS), cluster.
+
+    `num_clusters` None: chosen by `choose_num_clusters` (stored in the table's attrs)."""
+    if num_clusters is None:
+        num_clusters = choose_num_clusters(distances)
     coords = classical_mds(distances)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "layer": [layer for layer, _ in heads],
         "head": [head for _, head in heads],
         "x": coords[:, 0],
         "y": coords[:, 1],
         "cluster": cluster_heads(distances, num_clusters),
     })
+    table.attrs["num_clusters"] = num_clusters
+    return table
 
 
 def distance_table(distances: np.ndarray, heads: Sequence[tuple[int, int]]) -> pd.DataFrame:

@@ -227,7 +227,7 @@ def run_specialization(input: Path, output_dir: Path, layer: int | None = None, 
     return _wrote(written)
 
 
-def run_clusters(input: Path, output_dir: Path, clusters: int = 6) -> Outcome:
+def run_clusters(input: Path, output_dir: Path, clusters: int | None = None) -> Outcome:
     """head_distances.parquet/.csv, clusters.parquet/.csv (MDS and cluster per head), clusters.png."""
     from attnpipe.analyze import clustering as C
     from attnpipe.visualize import analysis_plots
@@ -236,7 +236,7 @@ def run_clusters(input: Path, output_dir: Path, clusters: int = 6) -> Outcome:
     folder = tables.prepare_output_dir(output_dir)
     with open_attention(input) as f:
         distances, heads = C.corpus_head_distances(f)
-    table = C.cluster_table(distances, heads, clusters)
+    table = C.cluster_table(distances, heads, clusters)  # None: the count by silhouette
     written = tables.write_table(C.distance_table(distances, heads), folder, "head_distances")
     written += tables.write_table(table, folder, "clusters")
     written.append(save_drawing(lambda ax: analysis_plots.head_embedding(ax, table), folder / "clusters.png",
@@ -265,7 +265,7 @@ def run_compare(inputs: Sequence[Path], output_dir: Path, metrics: str = "all") 
     return _wrote(written)
 
 
-def run_report(inputs: Sequence[Path], output_dir: Path, clusters: int = 6,
+def run_report(inputs: Sequence[Path], output_dir: Path, clusters: int | None = None,
                title: str = "Attention report") -> Outcome:
     """report.md with its figures and the last file's aggregate table (files: checkpoints, in order)."""
     from attnpipe.analyze import clustering as CL
@@ -284,7 +284,7 @@ def run_report(inputs: Sequence[Path], output_dir: Path, clusters: int = 6,
         sources = [{**provenance_summary(path, f.meta), "num_texts": len(f)}
                    for path, f in zip(inputs, files, strict=True)]
     agg = M.aggregate(long)
-    head_clusters = CL.cluster_table(distances, heads, min(clusters, len(heads)))
+    head_clusters = CL.cluster_table(distances, heads, None if clusters is None else min(clusters, len(heads)))
     written = tables.write_table(agg, folder, "aggregate")
     figures = {"Entropy by layer": "entropy_by_layer.png", "Head clusters (MDS of JS distances)": "clusters.png"}
     written.append(save_drawing(lambda ax: analysis_plots.metric_by_layer(ax, agg, "entropy"),

@@ -9,12 +9,13 @@ tokenizer); otherwise a comparison is meaningless and an AttnpipeError says what
 Example::
 
     files = [open_attention(p) for p in ("step1000.h5", "step2000.h5", "final.h5")]
-    table = checkpoint_distances(files)   # checkpoint, file, layer, head, js_to_previous, js_to_first
+    table = checkpoint_distances(files)   # checkpoint, checkpoint_name, file, layer, head, js_to_previous, js_to_first
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,21 @@ def _positions(values: Sequence[int], wanted: Sequence[int]) -> list[int]:
     return [values.index(v) for v in wanted]
 
 
+def checkpoint_names(files: Sequence) -> list[str]:
+    """A short name per checkpoint file for axes and tables: the model folder's name (step-1000,
+    checkpoint-500, ...), with its parent folder when that alone is not unique, else the file path."""
+    def tail(path: Path, depth: int) -> str:
+        return "/".join(path.parts[-depth:])
+    sources = [Path(f.meta.model) for f in files if f.meta.model != "unknown"]
+    for paths in ([Path(f.meta.model) for f in files] if len(sources) == len(files) else [],
+                  [Path(f.path).with_suffix("") for f in files]):
+        for depth in (1, 2, 3):
+            names = [tail(path, depth) for path in paths]
+            if names and len(set(names)) == len(names):
+                return names
+    return [str(f.path) for f in files]
+
+
 def checkpoint_distances(files: Sequence) -> pd.DataFrame:
     """Per checkpoint k >= 1 and common (layer, head): mean JS distance to checkpoint k-1 and to 0."""
     check_same_texts(files)
@@ -75,22 +91,27 @@ def checkpoint_distances(files: Sequence) -> pd.DataFrame:
             to_previous[k] += js_distance(attention[k], attention[k - 1]).mean(-1)
             to_first[k] += js_distance(attention[k], attention[0]).mean(-1)
     count = len(files[0].ids)
+    names = checkpoint_names(files)
     rows = []
     for k in range(1, len(files)):
         for li, layer in enumerate(layers):
             for hi, head in enumerate(heads):
-                rows.append((k, str(files[k].path), layer, head,
+                rows.append((k, names[k], str(files[k].path), layer, head,
                              to_previous[k, li, hi] / count, to_first[k, li, hi] / count))
-    return pd.DataFrame(rows, columns=["checkpoint", "file", "layer", "head", "js_to_previous", "js_to_first"])
+    table = pd.DataFrame(rows, columns=["checkpoint", "checkpoint_name", "file", "layer", "head",
+                                        "js_to_previous", "js_to_first"])
+    table.attrs["checkpoint_names"] = names  # every checkpoint, the first (no row of its own) included
+    return table
 
 
 def metrics_by_checkpoint(files: Sequence, metrics: Sequence[str] | None = None, **aggregate_options) -> pd.DataFrame:
     """Every metric per checkpoint: the aggregate table of each file with checkpoint and file columns."""
     check_same_texts(files)
     tables = []
-    for k, f in enumerate(files):
+    for k, (f, name) in enumerate(zip(files, checkpoint_names(files), strict=True)):
         table = aggregate(corpus_metrics(f, metrics=metrics), **aggregate_options)
         table.insert(0, "file", str(f.path))
+        table.insert(0, "checkpoint_name", name)
         table.insert(0, "checkpoint", k)
         tables.append(table)
     return pd.concat(tables, ignore_index=True)

@@ -7,6 +7,7 @@ special-token heads, head clusters, and changes across checkpoints when there ar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
@@ -29,8 +30,8 @@ def _head_list(aggregate: pd.DataFrame, metric: str, ascending: bool, top: int =
     rows = aggregate[aggregate["metric"] == metric].sort_values("mean", ascending=ascending).head(top)
     if rows.empty:
         return f"_(metric {metric} not computed)_\n"
-    lines = ["| layer | head | mean | 95% CI | texts |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r.layer} | {r.head} | {r.mean:.3f} | {r.ci_low:.3f}–{r.ci_high:.3f} | {r.n_texts} |"
+    lines = ["| head | mean | 95% CI | texts |", "| --- | --- | --- | --- |"]
+    lines += [f"| L{r.layer}.H{r.head} | {r.mean:.3f} | {r.ci_low:.3f}–{r.ci_high:.3f} | {r.n_texts} |"
               for r in rows.itertuples()]
     return "\n".join(lines) + "\n"
 
@@ -49,10 +50,12 @@ def markdown_report(
     compare.checkpoint_distances; figures: caption -> relative path."""
     out = [f"# {title}\n"]
     out.append("## Files\n")
-    out.append("| # | file | model | weights sha256 | texts |\n| --- | --- | --- | --- | --- |")
-    out += [f"| {i} | `{s['input']}` | {s['model']} | `{s['weights_sha256'][:12]}` | {s['num_texts']} |"
-            for i, s in enumerate(sources)]
-    out.append("\nMetric definitions: docs/METRICS.md. Heads are (layer, head) model indices; means are "
+    names = checkpoints.attrs.get("checkpoint_names") if checkpoints is not None else None
+    names = names or [s.get("checkpoint") or Path(str(s["model"])).name for s in sources]
+    out.append("| # | checkpoint | file | model | weights sha256 | texts |\n| --- | --- | --- | --- | --- | --- |")
+    out += [f"| {i} | {name} | `{s['input']}` | {s['model']} | `{s['weights_sha256'][:12]}` | {s['num_texts']} |"
+            for i, (s, name) in enumerate(zip(sources, names, strict=True))]
+    out.append("\nMetric definitions: docs/METRICS.md. Heads are L{layer}.H{head} (model indices); means are "
                "over texts with a 95% bootstrap interval.\n")
     out.append("## Per layer (seed 000's summary, last file)\n")
     out.append(markdown_table(summary.reset_index()) + "\n")
@@ -66,7 +69,7 @@ def markdown_report(
     local = aggregate[(aggregate["metric"] == "local_share") & (aggregate["label"] == "local")]
     out.append(f"{len(local)} head(s) labelled local (mean share within {LOCAL_WINDOW} tokens ≥ "
                f"{LOCAL_LABEL_THRESHOLD}): "
-               + (", ".join(f"{r.layer}-{r.head}" for r in local.itertuples()) or "none") + ".\n")
+               + (", ".join(f"L{r.layer}.H{r.head}" for r in local.itertuples()) or "none") + ".\n")
     out.append("Attend to the previous token:\n")
     out.append(_head_list(aggregate, "previous_token", ascending=False))
     out.append("Attend to the next token:\n")
@@ -79,16 +82,23 @@ def markdown_report(
     out.append(_head_list(aggregate, "punctuation", ascending=False))
     if clusters is not None:
         out.append("## Head clusters (Jensen–Shannon distance, average linkage)\n")
+        k = clusters.attrs.get("num_clusters", clusters["cluster"].nunique())
+        out.append(f"{k} clusters; unless --clusters is given, the count in 2-12 with the highest mean "
+                   "silhouette (docs/METRICS.md).\n")
         for cluster, rows in clusters.groupby("cluster"):
-            heads = ", ".join(f"{r.layer}-{r.head}" for r in rows.itertuples())
+            heads = ", ".join(f"L{r.layer}.H{r.head}" for r in rows.itertuples())
             out.append(f"- cluster {cluster} ({len(rows)} head(s)): {heads}")
         out.append("")
     if checkpoints is not None and not checkpoints.empty:
         out.append("## Changes across checkpoints\n\nHeads that moved most from the previous checkpoint "
                    "(JS distance, mean over texts):\n")
         top = checkpoints.sort_values("js_to_previous", ascending=False).head(TOP_HEADS)
-        out.append(markdown_table(top[["checkpoint", "layer", "head", "js_to_previous", "js_to_first"]]) + "\n")
-        per_layer = checkpoints.groupby(["checkpoint", "layer"])["js_to_previous"].mean().unstack("layer")
+        top = top.assign(head=[f"L{r.layer}.H{r.head}" for r in top.itertuples()])
+        out.append(markdown_table(top[["checkpoint_name", "head", "js_to_previous", "js_to_first"]]
+                                  .rename(columns={"checkpoint_name": "checkpoint"})) + "\n")
+        per_layer = (checkpoints.groupby(["checkpoint", "checkpoint_name", "layer"])["js_to_previous"].mean()
+                     .unstack("layer").reset_index("checkpoint", drop=True))
+        per_layer.index.name = "checkpoint"
         out.append("Mean over heads per layer (rows: checkpoint):\n")
         per_layer.columns = [f"layer {layer}" for layer in per_layer.columns]
         out.append(markdown_table(per_layer.reset_index()) + "\n")

@@ -6,12 +6,15 @@ every output is written atomically (attnpipe.visualize.outputs).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import matplotlib as mpl
+import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store import Provenance, TextAttention, open_attention, selection
@@ -21,8 +24,8 @@ from attnpipe.visualize.image import run_image
 from attnpipe.store.atomic import check_not_an_input
 from attnpipe.visualize.outputs import check_output_path, write_text
 from attnpipe.visualize.plots import model_name
-from attnpipe.visualize.prepare import DEFAULT_MAX_BYTES, dumps, prepare
-from attnpipe.visualize.viewer import write_html
+from attnpipe.visualize.prepare import DEFAULT_MAX_BYTES, dumps, prepare, real_token_count
+from attnpipe.visualize.viewer import Panel, page_data, write_html
 
 Mode = Literal["plot", "heads", "layers", "average", "prepare", "html", "seq2seq", "image"]
 
@@ -50,6 +53,24 @@ class Request:
     trim: bool = False
     attention: str = "encoder"  # encoder | decoder | cross: which attention of an encoder-decoder file
     image: Path | None = None  # image mode: the picture to draw on (default: the stored path)
+    tokens_range: str | None = None  # figures: "A:B", the token window (instead of --max-tokens)
+    hide_special: bool = False  # figures: leave out [CLS], [SEP], <s>, ... (rows not renormalised)
+    color_scale: str = "figure"  # fixed | figure | panel
+    vmin: float | None = None
+    vmax: float | None = None
+    log: bool = False
+    title: str | None = None  # replaces the automatic title line
+    font_size: float | None = None  # token labels, points
+
+    @property
+    def style(self) -> plots.Style:
+        return plots.Style(colors=plots.Colors(scale=self.color_scale, vmin=self.vmin, vmax=self.vmax, log=self.log),
+                           fontsize=self.font_size, title=self.title)
+
+    def view(self, tokens, special) -> plots.View:
+        """The token window of a figure axis (special: the per-token mask, used with --hide-special)."""
+        return plots.make_view(tokens, self.max_tokens, tokens_range=self.tokens_range,
+                               special=special if self.hide_special else None)
 
 
 def _layer_positions(req: Request, meta: Provenance, source: Path) -> list[int]:
@@ -96,6 +117,25 @@ def _labels(req: Request, item: TextAttention) -> tuple[str, ...]:
     return req.tokens
 
 
+COLOR_SCALES = ("fixed", "figure", "panel")
+
+
+def _check_colours(req: Request) -> None:
+    if req.color_scale not in COLOR_SCALES:
+        raise AttnpipeError(f"--color-scale takes {' / '.join(COLOR_SCALES)}, got {req.color_scale!r}")
+    for flag, value in (("--vmin", req.vmin), ("--vmax", req.vmax)):
+        if value is not None and not math.isfinite(value):
+            raise AttnpipeError(f"{flag} must be a finite number, got {value}")
+    if req.vmin is not None and req.vmax is not None and req.vmin >= req.vmax:
+        raise AttnpipeError(f"--vmin {req.vmin} must be below --vmax {req.vmax}")
+    if req.log and req.vmin is not None and req.vmin <= 0:
+        raise AttnpipeError(f"--log needs --vmin above 0 (a log scale has no 0), got {req.vmin}")
+    if req.log and req.vmax is not None and req.vmax <= 0:
+        raise AttnpipeError(f"--log needs --vmax above 0, got {req.vmax}")
+    if req.font_size is not None and not 2 <= req.font_size <= 72:
+        raise AttnpipeError(f"--font-size takes 2-72 points, got {req.font_size}")
+
+
 def parse_head(head: int | str, mode: str) -> int:
     """--head outside image mode: an integer model index."""
     try:
@@ -112,6 +152,9 @@ def run(req: Request) -> Iterator[str]:
         raise AttnpipeError(f"--cmap {req.cmap!r} is not a matplotlib colormap (e.g. viridis, magma, cividis)")
     if req.max_tokens is not None and req.max_tokens < 1:
         raise AttnpipeError(f"--max-tokens must be at least 1, got {req.max_tokens}")
+    if req.max_tokens is not None and req.tokens_range is not None:
+        raise AttnpipeError("give --max-tokens N or --tokens-range A:B, not both")
+    _check_colours(req)
     if req.mode == "image":  # a ViT's [CLS] attention drawn on the image: attnpipe.visualize.image
         yield from run_image(req)
         return
@@ -119,11 +162,15 @@ def run(req: Request) -> Iterator[str]:
         meta = attn.meta
         source = req.input_file
         item = selection.pick_text(attn, req.text_id, req.index)
+    if req.mode == "html":  # the interactive page: every kind of attention the file holds
+        yield from _html(req, meta, item, source)
+        return
     if req.mode == "seq2seq":  # seed 003's three figures: attnpipe/visualize/seq2seq.py
         yield from visualize_seq2seq.seed003_figures(req, meta, item, model_name(meta))
         return
     # Encoder-decoder files: the decoder side becomes what the modes below draw; cross-attention
     # is rectangular, its key (column) tokens are the source tokens.
+    source_item = item
     meta, item, columns, label = visualize_seq2seq.select(req.attention, req.mode, meta, item, source)
     # Only the indices a mode uses are checked: a file may store e.g. layer 5 alone.
     if req.mode in ("plot", "heads", "average"):
@@ -135,12 +182,16 @@ def run(req: Request) -> Iterator[str]:
     layer_ids = [meta.layers[p] for p in layer_pos]
     paths = _outputs(req, layer_ids)
     labels = _labels(req, item)
-    view = plots.make_view(labels, req.max_tokens)
-    col_view = None if columns is None else plots.make_view(columns, req.max_tokens)
-    name = model_name(meta) + (f" · {label}" if label else "")
+    if req.mode == "prepare":
+        view = col_view = None
+    else:
+        view = req.view(labels, item.special_tokens_mask)
+        # Cross-attention: the columns are the source tokens, with the source's special mask.
+        col_view = None if columns is None else req.view(columns, source_item.special_tokens_mask)
+    name = f"{model_name(meta)} · text {item.id}" + (f" · {label}" if label else "")
     heads = list(meta.heads)
 
-    if req.mode in ("prepare", "html"):
+    if req.mode == "prepare":
         sub_layers = selection.positions(
             None if req.layers is None else selection.parse_index_list(req.layers, "--layers"),
             meta.layers, "--layers", "layers", source)
@@ -156,36 +207,37 @@ def run(req: Request) -> Iterator[str]:
             yield (f"warning: --trim kept {len(result.kept)} of {len(result.kept) + len(result.dropped)} "
                    f"(layer, head) pairs to stay under the byte budget; first dropped: "
                    f"layer {result.dropped[0][0]} head {result.dropped[0][1]}")
-        if req.mode == "prepare":
-            write_text(paths[0], dumps(result.payload) + "\n")
-        else:
-            write_html(paths[0], result.payload, f"{name} · {item.id}", req.cmap)
+        write_text(paths[0], dumps(result.payload) + "\n")
         yield f"wrote {paths[0]} ({len(result.kept)} heads, {item.num_tokens} tokens)"
         return
 
     attention = item.attention  # (layer, head, query, key), stored positions
+    style = req.style
     if req.mode == "plot":
-        title = f"{name} · layer {meta.layers[layer_pos[0]]} · head {meta.heads[head_pos]}"
-        fig = plots.head_figure(attention[layer_pos[0], head_pos], view, title, cmap=req.cmap,
-                                col_view=col_view)
-        figures = [fig]
+        layer_id, head_id = meta.layers[layer_pos[0]], meta.heads[head_pos]
+        title = f"{name} · {plots.head_name(layer_id, head_id)} (layer {layer_id}, head {head_id})"
+        figures = [plots.head_figure(attention[layer_pos[0], head_pos], view, title, cmap=req.cmap,
+                                     col_view=col_view, style=style)]
     elif req.mode == "heads":
         figures = [plots.heads_figure(attention[lp], view, heads,
                                       f"{name} · layer {meta.layers[lp]} · every head", cmap=req.cmap,
-                                      col_view=col_view)
+                                      col_view=col_view, layer=meta.layers[lp], style=style)
                    for lp in layer_pos]
     elif req.mode == "layers":
         figures = [plots.layers_figure(attention, view, list(meta.layers), heads,
-                                       f"{name} · all layers x heads", cmap=req.cmap, col_view=col_view)]
+                                       f"{name} · all layers x heads", cmap=req.cmap, col_view=col_view,
+                                       style=style)]
     else:  # average
         means = attention[layer_pos].mean(axis=1)  # (layer, query, key): mean over heads
         if len(layer_pos) == 1:
             title = f"{name} · layer {layer_ids[0]} · mean over {len(heads)} heads"
-            figures = [plots.head_figure(means[0], view, title, cmap=req.cmap, col_view=col_view)]
+            figures = [plots.head_figure(means[0], view, title, cmap=req.cmap, col_view=col_view,
+                                         style=dataclasses.replace(style, colors=dataclasses.replace(
+                                             style.colors, label="mean attention over heads")))]
         else:
             figures = [plots.layer_average_figure(means, view, layer_ids,
                                                   f"{name} · mean over {len(heads)} heads", cmap=req.cmap,
-                                                  col_view=col_view)]
+                                                  col_view=col_view, style=style)]
     if columns is None:  # square self-attention of generated text: where the model took over
         for fig in figures:
             plots.mark_generated(fig, item.generated, view)
@@ -194,3 +246,55 @@ def run(req: Request) -> Iterator[str]:
         yield f"wrote {path}"
 
 
+
+
+def _subset(flag_value: str | None, flag: str, stored: tuple[int, ...], what: str, source: Path) -> list[int]:
+    values = None if flag_value is None else selection.parse_index_list(flag_value, flag)
+    return selection.positions(values, stored, flag, what, source)
+
+
+def _html(req: Request, meta: Provenance, item: TextAttention, source: Path) -> Iterator[str]:
+    """The viewer page: one panel per kind of attention (encoder, decoder, cross for seq2seq files)."""
+    paths = _outputs(req, [0])
+    labels = _labels(req, item)
+    n = real_token_count(item)  # seed 001's files may carry trailing padding
+
+    def panel(kind: str, label: str, rows, cols, layers, heads, attention, special, generated) -> Panel:
+        lp = _subset(req.layers, "--layers", layers, "layers", source)
+        hp = _subset(req.heads, "--heads", heads, "heads", source)
+        return Panel(kind=kind, label=label, rows=tuple(map(str, rows)), cols=tuple(map(str, cols)),
+                     layers=tuple(layers[p] for p in lp), heads=tuple(heads[p] for p in hp),
+                     attention=attention if (len(lp), len(hp)) == attention.shape[:2] and lp == sorted(lp)
+                     and hp == sorted(hp) else attention[np.ix_(lp, hp)], special=tuple(bool(x) for x in special),
+                     generated=tuple(bool(x) for x in generated))
+
+    # A per-token `generated` flag (added by causal/seq2seq generation) is marked on the page.
+    generated = getattr(item, "generated", None)
+    generated = () if generated is None else np.asarray(generated)[:n]
+    kind = "encoder" if meta.is_seq2seq else "self"
+    panels = [panel(kind, "encoder self-attention" if meta.is_seq2seq else "self-attention",
+                    labels[:n], labels[:n], meta.layers, meta.heads, item.attention[:, :, :n, :n],
+                    item.special_tokens_mask[:n], generated)]
+    if meta.is_seq2seq and item.target is not None:
+        target = item.target
+        target_generated = getattr(target, "generated", None)
+        target_generated = () if target_generated is None else target_generated
+        for kind, label, cols, attention in (
+                ("decoder", "decoder self-attention (causal)", target.tokens, target.decoder_attention),
+                ("cross", "cross-attention (rows: target, columns: source)", item.tokens, target.cross_attention)):
+            panels.append(panel(kind, label, target.tokens, cols, meta.decoder_layers, meta.decoder_heads,
+                                attention, target.special_tokens_mask, target_generated))
+    elif req.attention != "encoder":
+        visualize_seq2seq.select(req.attention, req.mode, meta, item, source)  # raises: not seq2seq
+    result = page_data(panels, title=f"{model_name(meta)} · {item.id}", text=item.text,
+                       start="self" if kind == "self" else req.attention, cmap=req.cmap,
+                       decimals=req.decimals,
+                       max_bytes=DEFAULT_MAX_BYTES if req.max_bytes is None else req.max_bytes, trim=req.trim)
+    if result.dropped:
+        first = result.dropped[0]
+        yield (f"warning: --trim kept {len(result.kept)} of {len(result.kept) + len(result.dropped)} "
+               f"heads to stay under the byte budget; first dropped: {first[0]} L{first[1]}.H{first[2]}")
+    write_html(paths[0], result.data)
+    precision = {"f32": "exact float32", "u16": "2 bytes per value", "u8": "1 byte per value"}[result.encoding]
+    yield (f"wrote {paths[0]} ({len(result.kept)} heads, {item.num_tokens} tokens, {precision}, "
+           f"{result.num_bytes / 1e6:.1f} MB)")

@@ -3,7 +3,7 @@
 `select` turns a text of an encoder-decoder file into what the ordinary modes draw: the decoder
 self-attention is square (target x target) and goes through every mode; the cross-attention is
 rectangular, rows = target (decoder input) tokens, columns = source tokens, and goes through the
-figure modes only (prepare/html describe square self-attention and refuse it).
+figure modes and the html page (seed 001's prepared JSON describes square self-attention and refuses it).
 
 `seed003_figures` writes seed 003's three files for a decoder layer N into a folder:
 cross_attention_layer{N} (mean over heads), cross_attention_multihead_layer{N} (every head) and
@@ -27,7 +27,7 @@ from attnpipe.store import Provenance, TextAttention
 
 AttentionKind = Literal["encoder", "decoder", "cross"]
 ATTENTION_KINDS = ("encoder", "decoder", "cross")
-SQUARE_ONLY_MODES = ("prepare", "html")  # they assume one token list for queries and keys
+SQUARE_ONLY_MODES = ("prepare",)  # seed 001's JSON has one token list for queries and keys
 SEED003_NAMES = (  # seed 003's file names, N = decoder layer (model index)
     ("cross_mean", "cross_attention_layer{layer}.{ext}"),
     ("cross_heads", "cross_attention_multihead_layer{layer}.{ext}"),
@@ -57,7 +57,7 @@ def select(kind: AttentionKind, mode: str, meta: Provenance, item: TextAttention
     if kind == "cross" and mode in SQUARE_ONLY_MODES:
         raise AttnpipeError(
             f"--mode {mode} shows square self-attention; cross-attention is target x source "
-            "(rectangular): use --mode plot, heads, layers, average or seq2seq"
+            "(rectangular): use --mode html, plot, heads, layers, average or seq2seq"
         )
     t = target.num_tokens
     decoder_meta = dataclasses.replace(
@@ -116,8 +116,10 @@ def seed003_figures(req, meta: Provenance, item: TextAttention, model_name: str)
             jobs.append((lp, key, path))
 
     target = item.target
-    rows = plots.make_view(target.tokens, req.max_tokens)  # target (decoder input) tokens
-    cols = plots.make_view(item.tokens, req.max_tokens)  # source tokens
+    rows = req.view(target.tokens, target.special_tokens_mask)  # target (decoder input) tokens
+    cols = req.view(item.tokens, item.special_tokens_mask)  # source tokens
+    style = req.style
+    model_name = f"{model_name} · text {item.id}"
     heads = list(meta.decoder_heads)
     if target.generated is not None:  # a translation the model wrote itself (seed 003's case)
         model_name = f"{model_name} · generated target ({generation_label(meta)})"
@@ -127,19 +129,19 @@ def seed003_figures(req, meta: Provenance, item: TextAttention, model_name: str)
             fig = plots.head_figure(
                 target.cross_attention[lp].mean(axis=0), rows,
                 f"{model_name} · cross-attention · {layer}\nmean over {len(heads)} heads",
-                cmap=req.cmap, col_view=cols)
+                cmap=req.cmap, col_view=cols, style=style)
             fig.axes[0].set_ylabel("target (query)")
             fig.axes[0].set_xlabel("source (key)")
         elif key == "cross_heads":
             fig = plots.heads_figure(
                 target.cross_attention[lp], rows, heads,
                 f"{model_name} · cross-attention · {layer} · every head · rows = target, columns = source",
-                cmap=req.cmap, col_view=cols)
+                cmap=req.cmap, col_view=cols, layer=layers[lp], style=style)
         else:
             fig = plots.head_figure(
                 target.decoder_attention[lp].mean(axis=0), rows,
                 f"{model_name} · decoder self-attention (causal) · {layer}\nmean over {len(heads)} heads",
-                cmap=req.cmap)
+                cmap=req.cmap, style=style)
             fig.axes[0].set_ylabel("target (query)")
             fig.axes[0].set_xlabel("target (key)")
         plots.save_figure(fig, path, dpi=req.dpi)
