@@ -198,6 +198,12 @@ def test_figures_show_the_boundary_and_seed003_figures_of_a_generated_translatio
     # The boundary line and the generated labels are drawn in red, which viridis does not have.
     assert red_pixels(tmp_path / "gen_plot.png") > 200 and red_pixels(tmp_path / "gen_heads.png") > 200
     assert red_pixels(tmp_path / "plain_plot.png") == 0 and red_pixels(tmp_path / "plain_heads.png") == 0
+    # A token window: the flags are those of the shown tokens (prompt-only window: nothing red).
+    for window, red in (("3:", True), (":4", False)):
+        out = tmp_path / f"window{window.strip(':')}.png"
+        assert run_cli(visualize_attention.main, ["-i", str(gen), "--mode", "plot", "--layer", "0",
+                                                  "--tokens-range", window, "-o", str(out)]) == 0
+        assert (red_pixels(out) > 100) == red, window
     svg = tmp_path / "gen.svg"
     assert run_cli(visualize_attention.main, ["-i", str(gen), "--mode", "plot", "-o", str(svg)]) == 0
     assert "generated tokens" in svg.read_text()
