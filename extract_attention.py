@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a file of texts: .txt (one per line), .jsonl (fields id, text), .csv or .tsv")
     source.add_argument("--text-column", default="text",
                         help="column holding the text in a .csv/.tsv file (default: text)")
+    source.add_argument("--skip-empty", action="store_true",
+                        help="skip the empty texts of --texts-file instead of refusing the file; their line "
+                        "numbers are recorded in the output (skipped_empty) and counted in the summary")
     source.add_argument("--id-column", default=None,
                         help="column holding a unique id in a .csv/.tsv file (default: row-N)")
     source.add_argument("--source", action="append", default=[], metavar="TEXT",

@@ -86,6 +86,7 @@ class ExtractConfig:
     causal: bool = False  # torch_model: a causal mask in its encoder
     explain: str | None = None  # --explain target: gradients stored beside the attention
     ablate: bool = False  # with explain: head ablations too
+    skipped_empty: tuple[int, ...] = ()  # lines of the texts file's empty texts skipped (--skip-empty)
 
     @property
     def input_kind(self) -> str:
@@ -444,6 +445,8 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
                           decoder_layers=chosen["decoder"].layers, decoder_heads=chosen["decoder"].heads)
         if explainer is not None:
             fields.update(gradient_target=explainer.target.spec)
+        if config.skipped_empty:
+            fields.update(skipped_empty=tuple(config.skipped_empty))
         provenance = run_provenance(dtype=config.dtype, verify=config.verify, parity=parity,
                                     hidden_parity=hidden_parity, method=config.method, **fields)
         if writer is not None:

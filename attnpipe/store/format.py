@@ -114,6 +114,8 @@ cross_attention); for them num_layers/num_heads/layers/heads describe the encode
 Version 2 adds: method may also be "hf" (attention read from transformers' eager
 `output_attentions`, not our pass); checkpoint_dtype (the dtype the weights were stored in,
 e.g. "bfloat16", when known; "" in HDF5 / null in JSON otherwise: computation is float32 anyway).
+Optional in any version: skipped_empty (int64 array in HDF5, a list in JSON: the 1-based line
+numbers of the texts file's empty texts that --skip-empty left out; absent when none were).
 
 Storage attributes (schema version 2, root of the HDF5 file; read by `AttentionFile.storage`):
 compression ("gzip", "lzf" or "none"), compression_level (gzip level 0-12; -1 otherwise),
@@ -237,6 +239,7 @@ class Provenance:
     decoder_heads: tuple[int, ...] | None = None
     checkpoint_dtype: str | None = None  # version 2: the weights' stored dtype, when known
     gradient_target: str | None = None  # version 2: what gradients explain (--explain), None without
+    skipped_empty: tuple[int, ...] = ()  # lines of the texts file's empty texts skipped (--skip-empty); optional
 
     @property
     def is_seq2seq(self) -> bool:
@@ -401,6 +404,10 @@ def provenance_attrs(prov: Provenance) -> dict:
         elif key in ("decoder_layers", "decoder_heads"):
             attrs[key] = np.asarray(attrs[key], dtype=np.int64)
     attrs["checkpoint_dtype"] = prov.checkpoint_dtype or ""  # attributes cannot hold None
+    if prov.skipped_empty:  # written only when --skip-empty skipped texts
+        attrs["skipped_empty"] = np.asarray(prov.skipped_empty, dtype=np.int64)
+    else:
+        del attrs["skipped_empty"]
     return attrs
 
 
@@ -442,6 +449,7 @@ def provenance_from_attrs(attrs) -> Provenance:
         decoder_heads=tuple(int(x) for x in get("decoder_heads")) if "decoder_heads" in attrs else None,
         checkpoint_dtype=(get("checkpoint_dtype") or None) if "checkpoint_dtype" in attrs else None,
         gradient_target=(get("gradient_target") or None) if "gradient_target" in attrs else None,
+        skipped_empty=tuple(int(x) for x in get("skipped_empty")) if "skipped_empty" in attrs else (),
     )
 
 
