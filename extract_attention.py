@@ -5,7 +5,7 @@ Every head's softmax(q·kᵀ/√d + mask) is computed by our pass (not read from
 and written for real tokens only, as (layer, head, query, key).
 
 Examples:
-    # one text -> seed 001's JSON format (default model: the packaged all-MiniLM-L6-v2)
+    # one text -> JSON: tokens, text, attention_matrices (default model: the packaged all-MiniLM-L6-v2)
     python extract_attention.py --text "The cat sat on the mat." --output_file attention_data.json
 
     # a corpus -> HDF5, float16 storage, checked against transformers' eager attention
@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --metrics-only: comma-separated metric names (default: all)")
     out = parser.add_argument_group("output")
     out.add_argument("--output_file", "--output-file", "-o", type=Path, default=Path("attention_data.json"),
-                     metavar="FILE", help=".json (one text, seed 001's format) or .h5 (any number of "
-                     "texts); default: attention_data.json")
+                     metavar="FILE", help=".json (one text: tokens, text, attention_matrices) or .h5 (any number of "
+                     "texts); its folder is created if missing; default: attention_data.json")
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", "--batch_size", type=int, default=32,
                      help="texts per forward pass; texts are grouped by length (default: 32)")

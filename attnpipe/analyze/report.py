@@ -54,7 +54,7 @@ def markdown_report(
             for i, s in enumerate(sources)]
     out.append("\nMetric definitions: docs/METRICS.md. Heads are (layer, head) model indices; means are "
                "over texts with a 95% bootstrap interval.\n")
-    out.append("## Per layer (seed 000's summary, last file)\n")
+    out.append("## Per layer (summary of the last file)\n")
     out.append(markdown_table(summary.reset_index()) + "\n")
     for caption, path in (figures or {}).items():
         out.append(f"![{caption}]({path})\n")
