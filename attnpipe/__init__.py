@@ -18,9 +18,8 @@ The Python API (attnpipe/api.py):
 attnpipe.api.extract. The rest is imported on first use, so `import attnpipe` stays light.
 """
 
-__version__ = "0.1.0"  # the one place: pyproject.toml reads it ([tool.setuptools.dynamic])
-
-from attnpipe import extract  # noqa: E402  (a package that can be called: see attnpipe/extract/__init__.py)
+from attnpipe import extract  # a package that can be called: see attnpipe/extract/__init__.py
+from attnpipe.version import __version__  # the one place it is written
 
 _API = ("open", "Attention", "Text")
 

@@ -49,7 +49,7 @@ def test_pyproject_ranges_are_those_of_requirements_txt():
         assert reqs.get(name) == requirement.replace(" ", ""), f"{requirement!r} differs from requirements.txt"
     torch = next(r for r in listed if r.startswith("torch"))
     assert torch == "torch>=2.10,<=2.13.0"  # the CPU build on disk; an open bound pulls CUDA builds
-    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "attnpipe.__version__"}
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "attnpipe.version.__version__"}
     assert set(PYPROJECT["project"]["scripts"]) == {"attnpipe-extract", "attnpipe-visualize", "attnpipe-analyze"}
 
 
@@ -127,5 +127,5 @@ def test_pip_install_in_a_fresh_venv(tmp_path, tiny_model_dir):
 
 
 def source_version() -> str:
-    text = (ROOT / "attnpipe" / "__init__.py").read_text(encoding="utf-8")
+    text = (ROOT / "attnpipe" / "version.py").read_text(encoding="utf-8")
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)

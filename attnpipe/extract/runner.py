@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnpipe import __version__, store
+from attnpipe import store
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import guards
 from attnpipe.extract.background import BackgroundWriter
@@ -39,6 +39,7 @@ from attnpipe.extract.loading import default_model_dir, load_model, resolve_devi
 from attnpipe.extract.sinks import Selection, Sink
 from attnpipe.extract.verify import reference_diffs
 from attnpipe.models import FAMILIES
+from attnpipe.version import __version__
 
 # Probabilities are float32 sums of n terms: 1e-5 bounds the float32 rounding we have measured
 # against transformers' eager attention (~1e-7 on MiniLM), with room for long inputs.
