@@ -211,3 +211,22 @@ def test_config_mistakes_are_one_line_and_corpus_problems_show_at_dry_run(tmp_pa
     lines = (run.stdout + run.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: shard_sizee: unknown key"), lines
     assert "Failed validating" in (tmp_path / ".snakemake" / "config_error.log").read_text()
+
+
+def test_the_report_names_models_plainly(tmp_path, monkeypatch):
+    from attnpipe.analyze.commands import shown_model
+    from attnpipe.extract.loading import default_model_dir
+
+    assert shown_model(str(default_model_dir())) == "all-MiniLM-L6-v2 (the packaged default model)"
+    monkeypatch.chdir(tmp_path)
+    assert shown_model(str(tmp_path / "results" / "models" / "ft")) == "results/models/ft"  # the run folder's
+    assert shown_model("/elsewhere/model") == "/elsewhere/model"
+
+
+def test_make_classifier_finds_its_labels_from_any_folder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_classifier", ROOT / "scripts" / "make_classifier.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.DEFAULT_LABELS.is_file() and module.DEFAULT_LABELS.is_absolute()
