@@ -211,9 +211,10 @@ def extract(texts: str | Sequence[str] | Path, model: Path | str | None = None, 
     else:
         items = corpus.from_strings(list(texts))
 
-    def indices(value) -> tuple[str, ...]:
-        return ("all",) if isinstance(value, str) and value == "all" else tuple(str(int(v)) for v in
-                                                                              ([value] if isinstance(value, int) else value))
+    def indices(value: str | int | Sequence[int]) -> tuple[str, ...]:  # as the CLI's --layer / --heads take them
+        if isinstance(value, str):
+            return (value,)
+        return (str(int(value)),) if isinstance(value, (int, np.integer)) else tuple(str(int(v)) for v in value)
 
     config = ExtractConfig(texts=tuple(items), output=None, model_dir=None if model is None else Path(model),
                            layers=indices(layers), heads=indices(heads), device=device, batch_size=batch_size,
