@@ -38,6 +38,7 @@ rule all:
         [f"{OUT}/compare/{c}/checkpoint_distances.csv" for c in CORPORA if len(ORDER) > 1],
         [f"{OUT}/figures/{corpus}/{c}/{t}.heads.png" for corpus, t in FIGURES for c in ORDER],
         [f"{OUT}/figures/{corpus}/{c}/{t}.prepared.json" for corpus, t in FIGURES for c in ORDER],
+        [f"{OUT}/circuits/{c}/circuits.md" for c in (CIRCUITS or {}).get("corpora", [])],
 
 
 include: "workflow/rules/corpus.smk"

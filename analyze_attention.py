@@ -29,6 +29,13 @@ Examples:
     # the same texts under several checkpoints, in training order
     python analyze_attention.py compare step1k.h5 step2k.h5 final.h5 --output-dir out
 
+    # induction, duplicate- and previous-token heads over training checkpoints of a probe corpus
+    python analyze_attention.py circuits run-0.h5 run-250.h5 run-500.h5 --output-dir out \
+        --in-context-loss results/induction/models/run/in_context_loss.csv
+
+    # Clark et al. 2019's own conventions (previous token / n, smoothed entropy, summed JS in nats)
+    python analyze_attention.py clark results/demo/attention.h5 --output-dir out/clark
+
     # a Markdown report with figures (several files: checkpoints of the same texts, in order)
     python analyze_attention.py report results/demo/attention.h5 --output-dir results/demo/report
 
@@ -82,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--seed", type=int, default=0, help="bootstrap random seed (default: 0)")
     metrics.add_argument("--workers", type=int, default=None, metavar="N",
                          help="processes reading and computing the texts (default: one per core)")
+    metrics.add_argument("--detectors", action="store_true",
+                         help="also the circuit detectors previous_token, duplicate_token and induction "
+                         "(by token id; docs/METRICS.md) as metrics of the same tables")
 
     summary = commands.add_parser("summary", help="a per-layer summary printed to stdout",
                                   description="Per layer: Avg entropy, Avg max attention and Diagonal "
@@ -163,6 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--clusters", type=int, default=6, metavar="K",
                         help="number of head clusters (default: 6, at most the number of heads)")
     report.add_argument("--title", default="Attention report", help="the report's heading")
+
+    circuits = commands.add_parser(
+        "circuits", help="previous-token, duplicate-token and induction heads, per checkpoint, and the phase change",
+        description="Write detectors.parquet/.csv (per text, layer, head and detector), detector_summary "
+        "(mean over texts and a uniform head's score), offsets (attention by relative offset per head), "
+        "detectors.png and circuits.md; with several checkpoints of the same probe texts also "
+        "head_changes (heads whose attention moved most over the phase change), "
+        "changed_heads_offsets.png and, with --in-context-loss, in_context_loss.png.")
+    circuits.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                          help="one attention file, or checkpoints of the same texts in training order")
+    circuits.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                          help="folder for the tables, figures and circuits.md (created if missing)")
+    circuits.add_argument("--steps", default=None, metavar="N,N",
+                          help="training step of each file (default: N of the checkpoint-N model folder "
+                          "each was extracted from; otherwise the file names label the checkpoints)")
+    circuits.add_argument("--in-context-loss", type=Path, default=None, metavar="CSV",
+                          help="the run's in_context_loss.csv (scripts/train_induction.py): step, "
+                          "loss_first, loss_repeat, in_context_loss")
+    circuits.add_argument("--top", type=int, default=3, metavar="K",
+                          help="heads listed and profiled around the phase change (default: 3)")
+    circuits.add_argument("--max-offset", type=int, default=64, metavar="D",
+                          help="largest relative offset profiled (default: 64)")
+    circuits.add_argument("--title", default="Circuits over training", help="the report's heading")
+
+    clark = commands.add_parser(
+        "clark", help="Clark et al. 2019's numbers exactly (their conventions, not ours)",
+        description="Write clark_heads.parquet/.csv (per layer and head, averaged over texts: attention "
+        "to self, left, right, [CLS], [SEP] and '.'/',' keys divided by n, and their smoothed entropy) and "
+        "clark_distances.parquet/.csv (their smoothed JS divergence in nats between every two heads, "
+        "summed over rows and texts). docs/METRICS.md lists how each departs from ours.")
+    add_common(clark, causal=False)
+    clark.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
+                       help="folder for the tables (created if missing)")
     add_gradient_commands(commands)
     return parser
 

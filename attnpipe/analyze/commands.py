@@ -127,8 +127,10 @@ def metrics_sidecar(source: dict, names: Sequence[str], bootstrap: int, seed: in
 
 
 def run_metrics(input: Path, output_dir: Path, metrics: str = "all", bootstrap: int = 1000, seed: int = 0,
-                workers: int | None = None, causal: str = "auto") -> Outcome:
-    """metrics.parquet/.csv (text x layer x head x metric), aggregate.parquet/.csv, metrics.columns.json."""
+                workers: int | None = None, causal: str = "auto", detectors: bool = False) -> Outcome:
+    """metrics.parquet/.csv (text x layer x head x metric), aggregate.parquet/.csv, metrics.columns.json.
+
+    detectors: also the circuit detectors (attnpipe.analyze.circuits) as rows of the same tables."""
     from attnpipe.analyze.fast_metrics import corpus_metrics  # torch
 
     names = parse_metric_names(metrics)
@@ -140,12 +142,37 @@ def run_metrics(input: Path, output_dir: Path, metrics: str = "all", bootstrap: 
             long = stored_metrics(f, names, CAUSAL_CHOICES[causal])
         else:
             long = corpus_metrics(f, causal=CAUSAL_CHOICES[causal], metrics=names, workers=workers)
+        if detectors:
+            long, names = with_detectors(f, long, names, CAUSAL_CHOICES[causal])
         source = provenance_summary(input, f.meta)
     agg = M.aggregate(long, resamples=bootstrap, seed=seed)
     written = tables.write_table(long, folder, "metrics") + tables.write_table(agg, folder, "aggregate")
-    written.append(tables.write_json(metrics_sidecar(source, names, bootstrap, seed),
-                                     folder / "metrics.columns.json"))
+    sidecar = metrics_sidecar(source, [n for n in names if n in M.METRICS], bootstrap, seed)
+    if detectors:
+        from attnpipe.analyze.circuits import DETECTOR_DESCRIPTIONS, DETECTOR_UNITS
+
+        sidecar["metrics"].update({name: {"unit": DETECTOR_UNITS, "definition": DETECTOR_DESCRIPTIONS[name]}
+                                   for name in names if name not in M.METRICS})
+    written.append(tables.write_json(sidecar, folder / "metrics.columns.json"))
     return _wrote(written, f"wrote {long['text_id'].nunique()} text(s) x {len(names)} metric(s): ")
+
+
+def with_detectors(f: AttentionFile, long: pd.DataFrame, names: tuple[str, ...],
+                   causal: bool | None) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """The metrics long table with the circuit detectors not already in it appended as metrics."""
+    from attnpipe.analyze import circuits as C
+
+    if f.metrics_only:
+        raise AttnpipeError(f"{f.path} was extracted with --metrics-only: the detectors need the matrices "
+                            "and token ids; extract without --metrics-only")
+    added = tuple(d for d in C.DETECTORS if d not in names)
+    rows = [C.text_detectors(item, f.meta.layers, f.meta.heads, causal=causal) for item in f]
+    extra = pd.concat(rows, ignore_index=True)
+    extra = extra[extra["metric"].astype(str).isin(added)]
+    all_names = names + added
+    combined = pd.concat([long.astype({"metric": str}), extra.astype({"metric": str})], ignore_index=True)
+    combined["metric"] = pd.Categorical(combined["metric"], categories=list(all_names))
+    return combined, all_names
 
 
 def run_summary(input: Path, causal: str = "auto") -> Outcome:
@@ -292,6 +319,96 @@ def run_report(inputs: Sequence[Path], output_dir: Path, clusters: int = 6,
     return _wrote(written)
 
 
+def parse_steps(text: str | None) -> list[int] | None:
+    """--steps: comma-separated whole numbers, one per file."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise AttnpipeError(f"--steps {text!r} is not a comma-separated list of whole numbers") from None
+
+
+def run_circuits(inputs: Sequence[Path], output_dir: Path, steps: str | None = None,
+                 in_context_loss: Path | None = None, top: int = 3, max_offset: int = 64,
+                 title: str = "Circuits over training") -> Outcome:
+    """Head detectors per checkpoint (detectors.*, detector_summary.*, offsets.*), and for several
+    checkpoints the phase change (head_changes.*), figures and circuits.md in words."""
+    from matplotlib.figure import Figure
+
+    from attnpipe.analyze import circuits as C
+    from attnpipe.analyze import compare as CP
+    from attnpipe.analyze import phase_change as P
+    from attnpipe.visualize import circuit_plots
+    from attnpipe.visualize.plots import save_drawing, save_figure
+
+    _check_at_least_one("--top", top)
+    _check_at_least_one("--max-offset", max_offset)
+    given = parse_steps(steps)
+    loss_table = P.read_loss_table(in_context_loss) if in_context_loss is not None else None
+    folder = tables.prepare_output_dir(output_dir)
+    with ExitStack() as stack:
+        files = [stack.enter_context(open_attention(path)) for path in inputs]
+        for f in files:
+            if f.metrics_only:
+                raise AttnpipeError(f"{f.path} was extracted with --metrics-only: the detectors need the "
+                                    "matrices; extract without --metrics-only")
+        found = P.checkpoint_steps(inputs, [f.meta for f in files], given)
+        names = P.checkpoint_names(inputs, found)
+        if len(set(names)) != len(names):
+            raise AttnpipeError(f"two files have the same checkpoint name ({', '.join(names)}): give --steps")
+        loss = P.losses_at(loss_table, found, in_context_loss) if loss_table is not None else None
+        long, summary, offsets = P.detectors_by_checkpoint(files, found, names, max_offset)
+        distances = CP.checkpoint_distances(files) if len(files) > 1 else None
+    written = tables.write_table(long, folder, "detectors")
+    written += tables.write_table(summary, folder, "detector_summary")
+    written += tables.write_table(offsets, folder, "offsets")
+    change = P.find_phase_change(summary, names, loss) if len(files) > 1 else None
+    interval = (change.before, change.after) if change is not None else None
+    figures = {}
+    if loss is not None:
+        figures["In-context loss"] = "in_context_loss.png"
+        written.append(save_drawing(lambda ax: circuit_plots.in_context_loss(ax, loss, found, names, interval),
+                                    folder / "in_context_loss.png", figsize=(7, 4)))
+    fig = Figure(figsize=(4.2 * len(C.DETECTORS), 4), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, len(C.DETECTORS), sharey=True), C.DETECTORS, strict=True):
+        circuit_plots.detector_curves(ax, summary, metric, found, names, interval)
+    fig.axes[-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    save_figure(fig, folder / "detectors.png")
+    written.append(folder / "detectors.png")
+    figures["Detector scores per head"] = "detectors.png"
+    words, heads = [], None
+    if change is not None:
+        heads = P.changed_heads(summary, distances, names, change, top)
+        written += tables.write_table(heads, folder, "head_changes")
+        shown = sorted({0, change.before, change.after, len(names) - 1})
+        fig = Figure(figsize=(4.2 * len(heads), 3.8), layout="constrained")
+        for ax, row in zip(np.atleast_1d(fig.subplots(1, len(heads), sharey=True)), heads.itertuples(), strict=True):
+            circuit_plots.offset_profiles(ax, offsets, row.layer, row.head, [names[k] for k in shown], max_offset)
+        fig.axes[-1].legend(loc="best", fontsize="small")
+        save_figure(fig, folder / "changed_heads_offsets.png")
+        written.append(folder / "changed_heads_offsets.png")
+        figures["Offset profiles of the heads that changed most"] = "changed_heads_offsets.png"
+        words = P.describe(change, names, heads, offsets, summary, loss)
+    text = P.markdown(title, inputs, names, summary, heads, words, figures, loss)
+    written.append(tables.write_atomic(folder / "circuits.md", lambda tmp: tmp.write_text(text, encoding="utf-8")))
+    return Outcome(stdout="\n".join(words), stderr=_wrote(written).stderr)
+
+
+def run_clark(input: Path, output_dir: Path) -> Outcome:
+    """clark_heads.parquet/.csv and clark_distances.parquet/.csv: Clark et al. 2019's numbers exactly."""
+    from attnpipe.analyze import clark
+
+    folder = tables.prepare_output_dir(output_dir)
+    with open_attention(input) as f:
+        if len(f) == 0:
+            raise AttnpipeError(f"{input} holds no texts")
+        per_head, distances = clark.corpus_tables(f)
+    written = tables.write_table(per_head, folder, "clark_heads")
+    written += tables.write_table(distances, folder, "clark_distances")
+    return _wrote(written)
+
+
 def head_importance(f: AttentionFile) -> tuple[np.ndarray, np.ndarray | None]:
     """(model layer, model head) mean |d target / d gate| over the texts, and the mean ablation effect
     (None without --ablate); a JSON file's one text gives its own."""
@@ -389,7 +506,8 @@ def run_faithfulness(input: Path, output_dir: Path, model_dir: Path | None = Non
 
 COMMANDS = {"metrics": run_metrics, "summary": run_summary, "rollout": run_rollout, "flow": run_flow,
             "specialization": run_specialization, "clusters": run_clusters, "compare": run_compare,
-            "report": run_report, "relevance": run_relevance, "faithfulness": run_faithfulness}
+            "report": run_report, "relevance": run_relevance, "faithfulness": run_faithfulness,
+            "circuits": run_circuits, "clark": run_clark}
 
 
 def run(command: str, **options) -> Outcome:

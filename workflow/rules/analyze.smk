@@ -98,3 +98,30 @@ rule report:
     shell:
         "{PY:q} {BASE:q}/scripts/combine_reports.py {input:q} --checkpoints {params.checkpoints} "
         "--output-file {output:q} > {log:q} 2>&1"
+
+
+rule circuits:
+    # Head detectors over the checkpoints of a probe corpus, the phase change, in words (config circuits).
+    input:
+        attention=lambda w: merged(w.corpus),
+        models=lambda w: sorted({m for c in ORDER if (m := CKPTS[c][1])}),
+    output:
+        f"{OUT}/circuits/{{corpus}}/circuits.md",
+    params:
+        outdir=lambda w, output: str(Path(output[0]).parent),
+        loss=in_context_loss_flag(),
+        top=CIRCUITS.get("top", 3) if CIRCUITS else 3,
+        max_offset=CIRCUITS.get("max_offset", 64) if CIRCUITS else 64,
+        title=lambda w: f"{CIRCUITS.get('title', 'Circuits over training')}: {w.corpus}" if CIRCUITS else "",
+    log:
+        f"{OUT}/logs/circuits/{{corpus}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/circuits/{{corpus}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "{PY:q} {BASE:q}/analyze_attention.py circuits {input.attention:q} --output-dir {params.outdir:q} "
+        "{params.loss} --top {params.top} --max-offset {params.max_offset} --title {params.title:q} "
+        "> {log:q} 2>&1"

@@ -67,3 +67,33 @@ rule finetune:
         "{params.base} --seed {params.seed} --labels {input.labels:q} "
         "--steps {params.steps} --save-every {params.every} --lr {params.lr} "
         "--batch-size {params.bs} --out-dir {output:q} > {log:q} 2>&1"
+
+
+rule train_run:
+    # kind run with `train`: a small GPT-2 trained on repeated random sequences, its checkpoints and
+    # their in-context loss (scripts/train_induction.py; configs/induction.yaml).
+    input:
+        tokenizer=lambda w: MADE[w.name]["train"]["tokenizer"],
+        probes=lambda w: MADE[w.name]["train"]["probes"],
+    output:
+        directory(f"{OUT}/models/{{name}}"),
+    wildcard_constraints:
+        name="|".join(n for n, s in MADE.items() if s["kind"] == "run") or "^$",
+    params:
+        steps=lambda w: MADE[w.name]["train"]["steps"],
+        every=lambda w: MADE[w.name]["train"]["save_every"],
+        options=lambda w: " ".join(
+            f"--{key.replace('_', '-')} {MADE[w.name]['train'][key]}"
+            for key in ("seed", "lr", "batch_size", "layers", "heads", "width") if key in MADE[w.name]["train"]),
+    log:
+        f"{OUT}/logs/models/{{name}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/train/{{name}}.tsv"
+    threads: 1  # one thread: faster than two on a small model (no thread contention)
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "OMP_NUM_THREADS={threads} {PY:q} {BASE:q}/scripts/train_induction.py "
+        "--tokenizer {input.tokenizer:q} --probe-corpus {input.probes:q} --steps {params.steps} "
+        "--save-every {params.every} {params.options} --out-dir {output:q} > {log:q} 2>&1"

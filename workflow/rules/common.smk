@@ -188,6 +188,18 @@ for name, spec in config["checkpoints"].items():
             config_error(f"checkpoints.{name}.path: {folder} is not a model folder with weights "
                          "(config.json and *.safetensors or pytorch_model*.bin)")
         add_ckpt(name, spec["path"], None, name)
+    elif kind == "run" and "train" in spec:
+        if "path" in spec:
+            config_error(f"checkpoints.{name}: a run with 'train' is made by the workflow "
+                         f"({OUT}/models/{name}); leave 'path' out")
+        train = spec["train"]
+        for key in ("tokenizer", "probes"):
+            if not Path(train[key]).exists():
+                config_error(f"checkpoints.{name}.train.{key}: not found: {train[key]}")
+        MADE[name] = spec
+        steps = sorted({0, train["steps"], *range(train["save_every"], train["steps"] + 1, train["save_every"])})
+        for s in steps:
+            add_ckpt(f"{name}-{s}", f"{OUT}/models/{name}/checkpoint-{s}", f"{OUT}/models/{name}", name)
     elif kind == "run":
         if "path" not in spec:
             config_error(f"checkpoints.{name}: kind run needs 'path'")
@@ -224,6 +236,24 @@ for name, spec in config["checkpoints"].items():
         for s in steps:
             add_ckpt(f"{name}-{s}", f"{OUT}/models/{name}/checkpoint-{s}", f"{OUT}/models/{name}", name)
 ORDER = list(CKPTS)
+
+
+# ---- circuits: corpora whose checkpoints get the detector report ----
+CIRCUITS = config.get("circuits")
+if CIRCUITS:
+    for cname in CIRCUITS["corpora"]:
+        if cname not in CORPORA:
+            config_error(f"circuits.corpora: {cname!r} is not a corpus of this config")
+TRAINED = {CKPTS[c][1] for c in ORDER}  # the made-by folder of every checkpoint
+
+
+def in_context_loss_flag():
+    """--in-context-loss of the trained run when every checkpoint is one of its steps, else none."""
+    if len(TRAINED) == 1 and None not in TRAINED:
+        name = Path(next(iter(TRAINED))).name
+        if "train" in MADE.get(name, {}):
+            return f"--in-context-loss {shlex_quote(str(Path(next(iter(TRAINED))) / 'in_context_loss.csv'))}"
+    return ""
 
 
 def merged(corpus):
