@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := results/demo
 
-.PHONY: demo demo-extract test test-fast browser fonts docs-images docs-images-generation clean
+.PHONY: demo demo-extract test test-fast lint browser fonts docs-images docs-images-generation clean
 # The viewer's browser test runs Debian's chromium; root installs it directly, others via sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -36,8 +36,12 @@ demo-extract: $(STAMP)
 	$(PY) analyze_attention.py metrics $(DEMO)/extract/attention.h5 --output-dir $(DEMO)/extract/metrics
 	$(PY) analyze_attention.py report $(DEMO)/extract/attention.h5 --output-dir $(DEMO)/extract/report
 
-test: $(STAMP) browser fonts
+test: $(STAMP) browser fonts lint
 	$(PY) -m pytest
+
+# ruff's rules are in pyproject.toml ([tool.ruff]); .ci/run runs it through make test
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 browser:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \

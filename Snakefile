@@ -1,5 +1,6 @@
 # attnpipe workflow: corpora x checkpoints -> attention, metrics, figures, comparison, report.
-# Usage: snakemake --profile configs/profiles/local --configfile configs/demo.yaml
+# Usage: snakemake --cores 2   (configs/demo.yaml is the default config; -n plans it)
+#        snakemake --profile configs/profiles/local --configfile configs/demo.yaml
 #        snakemake --profile configs/profiles/slurm --configfile configs/demo.yaml   (a SLURM cluster)
 # Config is validated against configs/config.schema.yaml (workflow/rules/common.smk, which also
 # reads the corpora and checkpoints); the rules, in workflow/rules/*.smk, shell out to the
@@ -16,7 +17,7 @@ min_version("9.0")
 
 PY = sys.executable  # used inside shell templates only (see above)
 BASE = workflow.basedir
-sys.path.insert(0, BASE)  # the checkout's attnpipe (it is not pip-installed)
+sys.path.insert(0, BASE)  # the checkout's attnpipe, also where a (different) one is pip-installed
 
 
 include: "workflow/rules/common.smk"

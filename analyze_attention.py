@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Analyze stored attention: head metrics, seed 000's summary, rollout, flow, clusters, checkpoints.
+"""Analyze stored attention: head metrics, a per-layer summary, rollout, flow, clusters, checkpoints.
 
 Reads the files written by extract_attention.py (.h5 corpus or .json single text) one text at a
 time; never loads a model. Metric definitions: docs/METRICS.md.
@@ -11,7 +11,7 @@ Examples:
     # only some metrics
     python analyze_attention.py metrics results/demo/attention.h5 --output-dir out --metrics entropy,self
 
-    # seed 000's summary: Avg entropy, Avg max attention, Diagonal strength per layer
+    # the per-layer summary: Avg entropy, Avg max attention, Diagonal strength
     python analyze_attention.py summary results/demo/attention.h5
 
     # attention rollout (Abnar & Zuidema 2020) from the [CLS] row, heads fused by their mean
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = commands.add_parser("metrics", help="per (text, layer, head) metrics and corpus aggregates",
                                   description="Write metrics.parquet/.csv (one row per text x layer x "
                                   "head x metric), aggregate.parquet/.csv (per layer, head, metric: "
-                                  "mean, std, bootstrap 95%% CI) and metrics.columns.json.")
+                                  "mean, std, bootstrap 95% CI) and metrics.columns.json.")
     add_common(metrics)
     metrics.add_argument("--output-dir", "--output_dir", type=Path, required=True, metavar="DIR",
                          help="folder for the tables (created if missing)")
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also the circuit detectors previous_token, duplicate_token and induction "
                          "(by token id; docs/METRICS.md) as metrics of the same tables")
 
-    summary = commands.add_parser("summary", help="seed 000's per-layer summary printed to stdout",
+    summary = commands.add_parser("summary", help="a per-layer summary printed to stdout",
                                   description="Per layer: Avg entropy, Avg max attention and Diagonal "
                                   "strength (mean over heads and texts).")
     add_common(summary)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how a layer's heads are combined (default: mean)")
     rollout.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
                          help="share of the smallest fused weights per layer set to 0 before mixing "
-                         "(seed 004; default: 0)")
+                         "(as vit-explain does; default: 0)")
     rollout.add_argument("--start-layer", type=int, default=None, metavar="N",
                          help="model index of the first layer multiplied in (default: the first stored)")
     rollout.add_argument("--query", choices=QUERY_CHOICES, default="cls",
@@ -294,5 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The installed command (pyproject.toml [project.scripts]): errors as one line, exit 2."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -5,7 +5,7 @@ Every head's softmax(q·kᵀ/√d + mask) is computed by our pass (not read from
 and written for real tokens only, as (layer, head, query, key).
 
 Examples:
-    # one text -> seed 001's JSON format (default model: the packaged all-MiniLM-L6-v2)
+    # one text -> JSON: tokens, text, attention_matrices (default model: the packaged all-MiniLM-L6-v2)
     python extract_attention.py --text "The cat sat on the mat." --output_file attention_data.json
 
     # a corpus -> HDF5, float16 storage, checked against transformers' eager attention
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a file of texts: .txt (one per line), .jsonl (fields id, text), .csv or .tsv")
     source.add_argument("--text-column", default="text",
                         help="column holding the text in a .csv/.tsv file (default: text)")
+    source.add_argument("--skip-empty", action="store_true",
+                        help="skip the empty texts of --texts-file instead of refusing the file; their line "
+                        "numbers are recorded in the output (skipped_empty) and counted in the summary")
     source.add_argument("--id-column", default=None,
                         help="column holding a unique id in a .csv/.tsv file (default: row-N)")
     source.add_argument("--source", "--input", action="append", default=[], metavar="TEXT",
@@ -159,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --metrics-only: comma-separated metric names (default: all)")
     out = parser.add_argument_group("output")
     out.add_argument("--output_file", "--output-file", "-o", type=Path, default=Path("attention_data.json"),
-                     metavar="FILE", help=".json (one text, seed 001's format) or .h5 (any number of "
-                     "texts); default: attention_data.json")
+                     metavar="FILE", help=".json (one text: tokens, text, attention_matrices) or .h5 (any number of "
+                     "texts); its folder is created if missing; default: attention_data.json")
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", "--batch_size", type=int, default=32,
                      help="texts per forward pass; texts are grouped by length (default: 32)")
@@ -211,5 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     return command.main(args)
 
 
+def cli() -> int:
+    """The installed command (pyproject.toml [project.scripts]): errors as one line, exit 2."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -2,7 +2,7 @@
 """Draw, prepare or explore attention stored by extract_attention.py (never loads a model).
 
 Examples:
-    # seed 001: one head as a heatmap (rows = query, columns = key), and the frontend JSON
+    # one head as a heatmap (rows = query, columns = key), and the frontend JSON
     python visualize_attention.py --input_file attention_data.json --mode plot --layer 0 --head 0 \\
         --output_file attention_vis.png
     python visualize_attention.py --input_file attention_data.json --mode prepare --output_file backend_data.json
@@ -12,7 +12,7 @@ Examples:
     python visualize_attention.py --input_file attention_data.json --mode layers --output_file layers.pdf
     python visualize_attention.py --input_file attention_data.json --mode average --layer all --output-dir figs/
 
-    # encoder-decoder files (T5, BART, Marian): seed 003's three figures for the last decoder layer
+    # encoder-decoder files (T5, BART, Marian): the three translation figures for the last decoder layer
     # (cross_attention_layer{N}.png, cross_attention_multihead_layer{N}.png, self_attention_layer{N}.png)
     python visualize_attention.py --input_file pair.json --mode seq2seq --output-dir figs/
     # any figure mode on the cross-attention (rows = target, columns = source) or decoder attention
@@ -38,7 +38,7 @@ from attnpipe.errors import run_cli
 from attnpipe.visualize import run as visualize
 
 MODES = ("plot", "heads", "layers", "average", "prepare", "html", "seq2seq", "image")
-# File names used with --output-dir (seed 000/001's names where they had one).
+# File names used with --output-dir (the names the earlier attention tools used, where they had one).
 DEFAULT_NAMES = {
     "plot": "attention_vis.{ext}",
     "heads": "attention_heads_{layer}.{ext}",
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default="plot",
                         help="plot: one head; heads: every head of a layer; layers: all layers x heads; "
                         "average: mean over heads; prepare: frontend JSON; html: interactive page; "
-                        "seq2seq: seed 003's three figures of an encoder-decoder file into --output-dir; "
+                        "seq2seq: the three translation figures of an encoder-decoder file into --output-dir; "
                         "image: a ViT's [CLS] attention over the image (default: plot)")
     pick = parser.add_argument_group("what to show")
     pick.add_argument("--layer", default=None, metavar="N",
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output_file", "--output-file", "-o", type=Path, default=None, metavar="FILE",
                      help=".png/.svg/.pdf for figures, .json for prepare, .html for html")
     out.add_argument("--output-dir", "--output_dir", type=Path, default=None, metavar="DIR",
-                     help="write into DIR with the seeds' names (attention_vis.png, attention_heads_{layer}.png, "
+                     help="write into DIR (created if missing) with the usual names (attention_vis.png, attention_heads_{layer}.png, "
                      "attention_layers.png, attention_heatmap.png, backend_data.json, attention_interactive.html)")
     out.add_argument("--format", choices=("png", "svg", "pdf"), default="png",
                      help="figure type with --output-dir (default: png)")
@@ -146,5 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The installed command (pyproject.toml [project.scripts]): errors as one line, exit 2."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

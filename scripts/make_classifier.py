@@ -25,11 +25,15 @@ import numpy as np
 import torch
 
 
+# The checkout's own file, whatever the current folder (a relative default fails elsewhere).
+DEFAULT_LABELS = Path(__file__).resolve().parents[1] / "data" / "labels" / "sentiment.jsonl"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, default=None, help="base model folder (default: the packaged MiniLM)")
-    ap.add_argument("--labels", type=Path, default=Path("data/labels/sentiment.jsonl"),
-                    help="JSONL with 'text' and 'label' (default: data/labels/sentiment.jsonl)")
+    ap.add_argument("--labels", type=Path, default=DEFAULT_LABELS,
+                    help="JSONL with 'text' and 'label' (default: the checkout's data/labels/sentiment.jsonl)")
     ap.add_argument("--out-dir", type=Path, required=True, help="folder to save the classifier in")
     ap.add_argument("--steps", type=int, default=60, help="optimiser steps (default: 60)")
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")

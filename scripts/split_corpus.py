@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, required=True, help="texts per shard")
     ap.add_argument("--text-column", default="text", help=".csv/.tsv column holding the text")
     ap.add_argument("--id-column", default=None, help=".csv/.tsv column holding the text id")
+    ap.add_argument("--skip-empty", action="store_true", help="leave out empty texts instead of refusing the corpus")
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--out-dir", type=Path, help="write every shard here as shard_NNN.jsonl")
     where.add_argument("--output-file", type=Path, help="write only shard --shard to this file")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.shard_size < 1:
         raise AttnpipeError("--shard-size must be at least 1")
-    texts = corpus.read_texts_file(args.corpus, args.text_column, args.id_column)
+    texts = corpus.read_corpus(args.corpus, args.text_column, args.id_column, skip_empty=args.skip_empty).texts
     count = corpus.num_shards(len(texts), args.shard_size)
     if args.output_file is not None:
         if args.shard is None or not 0 <= args.shard < count:

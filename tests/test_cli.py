@@ -355,10 +355,11 @@ def _case_args(case: str, tiny_model_dir, tmp_path: Path, out: Path):
     if case == "unknown output suffix":
         target = out.with_suffix(".xyz")
         return ["--model_dir", bert, "--text", "the cat", "-o", target], target, [".xyz"]
-    if case == "output folder missing":
-        target = tmp_path / "no_such_folder" / "out.h5"
+    if case == "output folder under a file":  # a missing folder is made (test_output_folders_are_made)
+        (tmp_path / "a_file").write_text("x")
+        target = tmp_path / "a_file" / "no_such_folder" / "out.h5"
         return (["--model_dir", bert, "--text", "the cat", "-o", target], target,
-                ["does not exist", "no_such_folder"])
+                ["cannot be made", "a_file is a file"])
     if case == "output folder not writable":
         out.parent.chmod(stat.S_IRUSR | stat.S_IXUSR)
         if os.access(out.parent, os.W_OK):
@@ -383,7 +384,7 @@ BAD_CASES = [
     pytest.param("--layer 7", marks=pytest.mark.slow),  # these two load the model first
     pytest.param("--heads 9", marks=pytest.mark.slow),
     "unknown output suffix",
-    "output folder missing",
+    "output folder under a file",
     "output folder not writable",
     "two texts to .json",
 ]

@@ -11,9 +11,9 @@ from attnpipe.extract.corpus import (
     num_shards,
     pairs_from_strings,
     read_pairs_file,
-    read_texts,
     read_texts_file,
     shard,
+    Text,
     shard_digest,
     write_jsonl,
 )
@@ -70,6 +70,7 @@ def test_shards_keep_the_ids_and_texts(tmp_path):
 def test_duplicate_ids_are_all_named(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"id": i, "text": "x"}) + "\n" for i in "abacba"), encoding="utf-8")
-    assert duplicate_ids(read_texts(path)) == ["a", "b"]
-    with pytest.raises(AttnpipeError, match="text id 'a' occurs more than once"):
+    assert duplicate_ids([Text(i, "x") for i in "abacba"]) == ["a", "b"]
+    with pytest.raises(AttnpipeError, match=r"d.jsonl has 3 problems: line 3 repeats text id 'a' \(first on line 1\); "
+                       r"line 5 repeats text id 'b' \(first on line 2\); line 6 repeats text id 'a'"):
         read_texts_file(path)

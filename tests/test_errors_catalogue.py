@@ -95,6 +95,8 @@ def files(tiny_model_dir, tiny_vit_dir, tmp_path_factory) -> dict[str, Path]:
     f["dup_jsonl"] = text_file("dup.jsonl", '{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
     f["nul_jsonl"] = text_file("nul.jsonl", '{"id": "n", "text": "the\\u0000cat"}\n')
     f["csv"] = text_file("texts.csv", "id,text\n1,the cat\n")
+    f["bad_csv"] = text_file("bad.csv", "id,text\na,the cat\nb,\na,a dog\n")  # issue 17: all problems at once
+    f["notext_empty_jsonl"] = text_file("rows.jsonl", '{"id": "a"}\n{"id": "b", "text": " "}\n')
     f["loss_csv"] = text_file("loss.csv", "step,loss_first,loss_repeat,in_context_loss\n0,3.9,3.9,0.0\n")
     for name in ("folder_txt", "folder_h5"):
         f[name] = d / ("afolder.txt" if name == "folder_txt" else "x.h5")

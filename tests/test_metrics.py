@@ -220,7 +220,7 @@ def test_aggregate_mean_std_and_seeded_bootstrap():
     rows = []
     for t in range(40):
         for head in (0, 1):
-            rows.append(("t%d" % t, 0, head, "entropy", rng.normal(loc=head * 10, scale=1)))
+            rows.append((f"t{t}", 0, head, "entropy", rng.normal(loc=head * 10, scale=1)))
     rows.append(("t0", 0, 0, "next_token", np.nan))
     rows.append(("t1", 0, 0, "next_token", 0.25))
     long = pd.DataFrame(rows, columns=M.LONG_COLUMNS)

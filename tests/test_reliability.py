@@ -239,10 +239,10 @@ def test_sigterm_removes_the_temporary_file_and_exits_143(tiny_model_dir, tmp_pa
 
 
 HOSTILE = {  # file name -> (contents, what the one error line must say)
-    "quote.csv": ('id,text\n1,"the cat\n2,a dog\n3,it ran\n', "data row 1 is not valid CSV: unexpected end of data"),
+    "quote.csv": ('id,text\n1,"the cat\n2,a dog\n3,it ran\n', "line 2 is not valid CSV: unexpected end of data"),
     "huge.csv": ("id,text\n1," + "a" * 140_000 + "\n", "field larger than field limit"),
     "dupcols.csv": ("text,text\nthe cat,a dog\n", "names the column(s) 'text' more than once"),
-    "extra.csv": ("id,text\n1,the cat,surplus\n", "data row 1 has 3 cells for 2 columns"),
+    "extra.csv": ("id,text\n1,the cat,surplus\n", "line 2 has 3 cells for 2 columns"),
     "surrogate.jsonl": ('{"id": "a", "text": "the \\ud800 cat"}\n', "line 1 holds a lone surrogate ('\\ud800')"),
     "deep.jsonl": ("[" * 50_000 + "]" * 50_000 + "\n", "line 1 is JSON nested too deeply"),
     "nullid.jsonl": ('{"id": null, "text": "the cat"}\n',

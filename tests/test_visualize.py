@@ -467,8 +467,9 @@ def test_bad_outputs(synthetic_json, tmp_path, capsys):
         "--input_file", synthetic_json, "--output_file", tmp_path / "o.bmp")
     bad(capsys, tmp_path / "o.png", ["writes .json"], "--input_file", synthetic_json, "--mode", "prepare",
         "--output_file", tmp_path / "o.png")
-    missing = tmp_path / "no" / "such" / "o.png"
-    bad(capsys, missing, ["output folder does not exist"], "--input_file", synthetic_json,
+    (tmp_path / "a_file").write_text("x")  # a missing folder is made; one under a file cannot be
+    missing = tmp_path / "a_file" / "such" / "o.png"
+    bad(capsys, missing, ["cannot be made", "a_file is a file"], "--input_file", synthetic_json,
         "--output_file", missing)
     folder = tmp_path / "taken.png"
     folder.mkdir()

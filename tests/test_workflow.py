@@ -327,7 +327,8 @@ def _bad_state_dict(tmp_path: Path, kind: str) -> str:
         ({"checkpoints": {"sd": {"kind": "state_dict", "path": "SD:pickled_code"}}}, "weights_only=True"),
         ({"checkpoints": {"ft-10": {"kind": "hf", "path": "default"},
                           "ft": {"kind": "run", "path": "RUN"}}}, "'ft-10' is used twice"),
-        ({"corpora": {"dup": {"path": "DUP_IDS"}}}, "corpora.dup.path: duplicate text ids in dup.jsonl: ['a', 'b']"),
+        ({"corpora": {"dup": {"path": "DUP_IDS"}}}, "corpora.dup.path: dup.jsonl has 3 problems: line 3 repeats "
+         "text id 'a' (first on line 1); line 5 repeats text id 'b' (first on line 2); line 6 repeats text id 'a'"),
         # the corpus reader's checks (the CLI's), before any job: here a .txt that is not UTF-8
         ({"corpora": {"bad": {"path": "BAD_UTF8"}}}, "corpora.bad.path: bad.txt line 2 is not valid UTF-8"),
     ],
@@ -345,7 +346,7 @@ def test_bad_config_fails_before_any_job(tmp_path, changes, needle):
             (tmp_path / "run" / "checkpoint-10").symlink_to(default_model_dir())
             spec["path"] = "run"
     for spec in changes.get("corpora", {}).values():
-        if spec.get("path") == "DUP_IDS":  # ids a and b each twice: both named, once each
+        if spec.get("path") == "DUP_IDS":  # ids a and b repeated: every repeating row named, by line
             rows = [("a", "one"), ("b", "two"), ("a", "three"), ("c", "four"), ("b", "five"), ("a", "six")]
             (tmp_path / "dup.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
             spec["path"] = "dup.jsonl"

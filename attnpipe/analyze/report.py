@@ -57,7 +57,7 @@ def markdown_report(
             for i, (s, name) in enumerate(zip(sources, names, strict=True))]
     out.append("\nMetric definitions: docs/METRICS.md. Heads are L{layer}.H{head} (model indices); means are "
                "over texts with a 95% bootstrap interval.\n")
-    out.append("## Per layer (seed 000's summary, last file)\n")
+    out.append("## Per layer (summary of the last file)\n")
     out.append(markdown_table(summary.reset_index()) + "\n")
     for caption, path in (figures or {}).items():
         out.append(f"![{caption}]({path})\n")

@@ -4,3 +4,19 @@ The runner (`runner`) drives every input kind through one loop; what feeds it li
 the corpus reader (`corpus`), the input adapters, loading (`loading`), batching, the guards
 (`guards`), verification against transformers, gradients (`gradients`) and `estimate`.
 """
+
+import sys
+import types
+
+
+class _CallablePackage(types.ModuleType):
+    """`attnpipe.extract(texts, model=...)` is the in-memory API (attnpipe.api.extract), while
+    `attnpipe.extract.runner`, `.corpus`, ... stay this package's modules."""
+
+    def __call__(self, *args, **kwargs):
+        from attnpipe.api import extract
+
+        return extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -56,7 +56,10 @@ def read_inputs(args: argparse.Namespace) -> dict:
     if args.texts_file is not None and corpus.is_pairs_file(args.texts_file):
         return {"pairs": tuple(corpus.read_pairs_file(args.texts_file))}
     if args.texts_file is not None:
-        return {"texts": tuple(corpus.read_texts_file(args.texts_file, args.text_column, args.id_column))}
+        read = corpus.read_corpus(args.texts_file, args.text_column, args.id_column, skip_empty=args.skip_empty)
+        return {"texts": read.texts, "skipped_empty": read.skipped_empty}
+    if args.skip_empty:
+        raise AttnpipeError("--skip-empty skips the empty texts of a --texts-file; an empty --text is a mistake")
     if args.text:
         return {"texts": tuple(corpus.from_strings(args.text))}
     raise AttnpipeError("no texts given: use --text \"...\" or --texts-file FILE")
@@ -193,6 +196,10 @@ def main(args: argparse.Namespace) -> int:
         print(estimate(config).describe())
         return 0
     report(extract(config), quiet=args.quiet)
+    if config.skipped_empty and not args.quiet:
+        lines = ", ".join(map(str, config.skipped_empty[:20])) + (" ..." if len(config.skipped_empty) > 20 else "")
+        print(f"skipped {len(config.skipped_empty)} empty text(s) of {args.texts_file} (--skip-empty): "
+              f"line(s) {lines}", file=sys.stderr)
     return 0
 
 

@@ -8,8 +8,11 @@ Files: `.txt` (one text per line), `.jsonl` (one JSON object per line: `text`, o
 pairs: `source`, `target`, optional `id`; without `target` in every row the model generates the
 targets), `.csv` / `.tsv` (named columns). Files must be UTF-8;
 only "\\n" (or "\\r\\n") ends a line, so U+2028, form feeds and the like stay inside a text.
-Blank lines are skipped; an empty text, a line that is not JSON, a NUL byte or invalid UTF-8 is
-refused with the file and line.
+Blank lines are skipped. A NUL byte or invalid UTF-8 is refused with the file and line. Problems
+of single rows (an empty text, a line that is not JSON or has no "text", a repeated id) are all
+collected and refused in one error listing the first 20 with their line numbers in the user's
+file, and how many there are; `skip_empty=True` (`--skip-empty`, the workflow's `skip_empty`)
+skips empty texts instead, and `read_corpus` says which lines it skipped.
 
 Ids (one scheme everywhere):
 
@@ -42,6 +45,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,12 +54,51 @@ from attnpipe.store.atomic import atomic_path
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 EXTRA_CELLS = "\x00extra"  # DictReader's key for cells beyond the header (no column can be named so)
+MAX_PROBLEMS_SHOWN = 20  # rows named in one corpus error; the count says how many there are
 
 
 @dataclass(frozen=True)
 class Text:
     id: str
     text: str
+    line: int | None = dataclasses.field(default=None, compare=False, repr=False)  # 1-based line in its file
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A texts file as read: its texts, and the lines of the empty texts skipped (skip_empty)."""
+
+    texts: tuple[Text, ...]
+    skipped_empty: tuple[int, ...] = ()
+
+
+class Problems:
+    """Row problems of one corpus file, collected so that one error names them all."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.items: list[tuple[int, str]] = []  # (line, what is wrong: "has an empty text", ...)
+        self.empty = 0
+
+    def add(self, line: int, what: str, empty: bool = False) -> None:
+        self.items.append((line, what))
+        self.empty += empty
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        if len(self.items) == 1:
+            line, what = self.items[0]
+            message = f"{self.path} line {line} {what}"
+        else:
+            items = sorted(self.items)
+            shown = "; ".join(f"line {line} {what}" for line, what in items[:MAX_PROBLEMS_SHOWN])
+            more = (f" (the first {MAX_PROBLEMS_SHOWN} of {len(items)} shown)"
+                    if len(items) > MAX_PROBLEMS_SHOWN else "")
+            message = f"{self.path} has {len(items)} problems{more}: {shown}"
+        if self.empty:
+            message += " (--skip-empty, or skip_empty: true in a workflow corpus, skips empty texts)"
+        raise AttnpipeError(message)
 
 
 @dataclass(frozen=True)
@@ -146,61 +189,64 @@ def decoded_lines(path: Path) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _read_txt(path: Path) -> list[Text]:
+def _read_txt(path: Path, problems: Problems) -> list[tuple[Text, bool]]:
     return [
-        Text(f"line-{number}", line)
+        (Text(f"line-{number}", line, number), False)
         for number, line in enumerate(decoded_lines(path), start=1)
         if line.strip()
     ]
 
 
-def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) for each non-blank line of a UTF-8 .jsonl file."""
+def jsonl_rows(path: Path, problems: Problems | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a UTF-8 .jsonl file. A line that is
+    not JSON is refused at once, or, given `problems`, noted there and left out."""
     for number, line in enumerate(decoded_lines(path), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise AttnpipeError(f"{path} line {number} is not valid JSON: {err.msg}") from err
+            problem = f"is not valid JSON: {err.msg}"
         except (RecursionError, ValueError) as err:  # nesting too deep; an integer over 4300 digits
-            raise AttnpipeError(f"{path} line {number} is JSON nested too deeply or with too large a "
-                                f"number: {type(err).__name__}") from err
-        try:
-            json.dumps(row, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as err:  # "\ud800" escapes parse to strings no file can hold
-            raise AttnpipeError(f"{path} line {number} holds a lone surrogate ({err.object[err.start:err.end]!a}): "
-                                "not a character; fix the text") from err
-        yield number, row
+            problem = f"is JSON nested too deeply or with too large a number: {type(err).__name__}"
+        else:
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as err:  # "\ud800" escapes parse to strings no file can hold
+                problem = (f"holds a lone surrogate ({err.object[err.start:err.end]!a}): not a character; "
+                           "fix the text")
+            else:
+                yield number, row
+                continue
+        if problems is None:
+            raise AttnpipeError(f"{path} line {number} {problem}")
+        problems.add(number, problem)
 
 
-def _read_jsonl(path: Path) -> list[Text]:
+def _read_jsonl(path: Path, problems: Problems) -> list[tuple[Text, bool]]:
     out = []
-    for number, row in jsonl_rows(path):
+    for number, row in jsonl_rows(path, problems):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise AttnpipeError(f'{path} line {number} has no string "text" field')
-        if not row["text"].strip():
-            raise AttnpipeError(f"{path} line {number} has an empty text")
+            problems.add(number, 'has no string "text" field')
+            continue
         text_id = row.get("id", f"line-{number}")
         if isinstance(text_id, bool) or not isinstance(text_id, (str, int)):  # null, NaN, objects
-            raise AttnpipeError(f'{path} line {number} has an "id" that is not a string or an integer: '
-                                f"{json.dumps(text_id)[:40]}")
-        out.append(Text(str(text_id), row["text"]))
+            problems.add(number, f'has an "id" that is not a string or an integer: {json.dumps(text_id)[:40]}')
+            continue
+        out.append((Text(str(text_id), row["text"], number), not row["text"].strip()))
     return out
 
 
-def _read_table(path: Path, text_column: str, id_column: str | None) -> list[Text]:
+def _read_table(path: Path, problems: Problems, text_column: str, id_column: str | None) -> list[tuple[Text, bool]]:
     delimiter = "\t" if path.suffix == ".tsv" else ","
     # strict: an unterminated quote is an error, not the rest of the file swallowed into one text
     reader = csv.DictReader(io.StringIO("\n".join(decoded_lines(path))), delimiter=delimiter, strict=True,
                             restkey=EXTRA_CELLS)
-    rows: list[dict] = []
+    kind = path.suffix[1:].upper()
     try:
         columns = reader.fieldnames or []
-        rows.extend(reader)
     except csv.Error as err:
-        raise AttnpipeError(f"{path} data row {len(rows) + 1} is not valid {path.suffix[1:].upper()}: {err} "
-                            "(an unterminated quote?)") from err
+        raise AttnpipeError(f"{path} line 1 is not valid {kind}: {err} (an unterminated quote?)") from err
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     if repeated:
         raise AttnpipeError(f"{path} names the column(s) {', '.join(map(repr, repeated))} more than once")
@@ -210,41 +256,68 @@ def _read_table(path: Path, text_column: str, id_column: str | None) -> list[Tex
                 f"{flag} {column!r} is not a column of {path}; columns: {', '.join(columns) or 'none'}"
             )
     out = []
-    for number, row in enumerate(rows, start=1):
-        if EXTRA_CELLS in row:
-            raise AttnpipeError(f"{path} data row {number} has {len(columns) + len(row[EXTRA_CELLS])} cells "
-                                f"for {len(columns)} columns")
-        text = row[text_column] or ""
-        if not text.strip():
-            raise AttnpipeError(f"{path} data row {number} has an empty {text_column!r}")
-        out.append(Text(row[id_column] if id_column else f"row-{number}", text))
+    end = reader.line_num  # the header's last line; a row starts on the line after the previous one
+    try:
+        for number, row in enumerate(reader, start=1):
+            line, end = end + 1, reader.line_num  # a quoted field may span lines: the row's first line
+            if EXTRA_CELLS in row:
+                problems.add(line, f"has {len(columns) + len(row[EXTRA_CELLS])} cells for {len(columns)} columns")
+                continue
+            text = row[text_column] or ""
+            text_id = row[id_column] if id_column else f"row-{number}"
+            out.append((Text(text_id, text, line), not text.strip()))
+    except csv.Error as err:
+        raise AttnpipeError(f"{path} line {end + 1} is not valid {kind}: {err} (an unterminated quote?)") from err
     return out
 
 
-def read_texts(path: Path, text_column: str = "text", id_column: str | None = None) -> list[Text]:
-    """Read a texts file by its suffix and refuse an empty one; ids are not checked for repeats
-    (`read_texts_file` does; the workflow names every repeated id at once with `duplicate_ids`)."""
+def read_corpus(path: Path, text_column: str = "text", id_column: str | None = None, *,
+                skip_empty: bool = False) -> Corpus:
+    """Read a texts file by its suffix. Every row problem (empty texts unless `skip_empty`, rows
+    without a text, lines that are not JSON, repeated ids) is refused in one error that names
+    them by line; a file with no texts is refused too."""
     if path.suffix not in TEXT_SUFFIXES:
-        raise AttnpipeError(
-            f"unknown texts file type {path.suffix or '(none)'!r} for {path}; "
-            f"use one of {', '.join(TEXT_SUFFIXES)}"
-        )
+        if path.is_dir():
+            raise AttnpipeError(f"texts file is a folder: {path}; give a file ending in {', '.join(TEXT_SUFFIXES)}")
+        raise AttnpipeError(f"unknown texts file type {path.suffix or '(none)'!r} for {path}; "
+                            f"use one of {', '.join(TEXT_SUFFIXES)}")
+    problems = Problems(path)
     if path.suffix == ".txt":
-        texts = _read_txt(path)
+        rows = _read_txt(path, problems)
     elif path.suffix == ".jsonl":
-        texts = _read_jsonl(path)
+        rows = _read_jsonl(path, problems)
     else:
-        texts = _read_table(path, text_column, id_column)
+        rows = _read_table(path, problems, text_column, id_column)
+    table = path.suffix in (".csv", ".tsv")
+    texts, skipped = [], []
+    for text, empty in rows:
+        if not empty:
+            texts.append(text)
+        elif skip_empty:
+            skipped.append(text.line)
+        else:
+            problems.add(text.line, f"has an empty text{f' in column {text_column!r}' if table else ''}", empty=True)
+    first: dict[str, int] = {}
+    for text in texts:
+        if text.id in first:
+            problems.add(text.line, f"repeats text id {text.id!r} (first on line {first[text.id]})")
+        else:
+            first[text.id] = text.line
+    problems.raise_if_any()
     if not texts:
-        raise AttnpipeError(f"texts file {path} has no texts")
-    return texts
+        raise AttnpipeError(f"texts file {path} has no texts"
+                            + (f" ({len(skipped)} empty text(s) skipped)" if skipped else ""))
+    return Corpus(tuple(texts), tuple(skipped))
+
+
+def read_texts(path: Path, text_column: str = "text", id_column: str | None = None) -> list[Text]:
+    """The texts of a texts file (`read_corpus`: every problem refused at once, ids unique)."""
+    return list(read_corpus(path, text_column, id_column).texts)
 
 
 def read_texts_file(path: Path, text_column: str = "text", id_column: str | None = None) -> list[Text]:
-    """Read a texts file by its suffix; refuse empty files and duplicate ids."""
-    texts = read_texts(path, text_column, id_column)
-    check_unique_ids(texts)
-    return texts
+    """Read a texts file by its suffix; refuse empty files, empty texts and duplicate ids."""
+    return read_texts(path, text_column, id_column)
 
 
 def duplicate_ids(items: Sequence[Text | Pair]) -> list[str]:

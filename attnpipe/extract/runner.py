@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnpipe import __version__, store
+from attnpipe import store
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import guards
 from attnpipe.extract.attribution import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS
@@ -43,6 +43,7 @@ from attnpipe.extract.loading import default_model_dir, load_model, resolve_devi
 from attnpipe.extract.sinks import Selection, Sink
 from attnpipe.extract.verify import reference_diffs
 from attnpipe.models import FAMILIES
+from attnpipe.version import __version__
 
 # Probabilities are float32 sums of n terms: 1e-5 bounds the float32 rounding we have measured
 # against transformers' eager attention (~1e-7 on MiniLM), with room for long inputs.
@@ -58,7 +59,7 @@ PAIR_KIND_NAMES = {"self": "encoder", "decoder": "decoder", "cross": "cross"}
 @dataclass(frozen=True)
 class ExtractConfig:
     texts: tuple[Text, ...] = ()
-    output: Path = Path("attention_data.json")
+    output: Path | None = Path("attention_data.json")  # None: kept in memory (attnpipe.extract)
     model_dir: Path | None = None  # None: the packaged all-MiniLM-L6-v2
     layers: tuple[str, ...] = ("all",)
     heads: tuple[str, ...] = ("all",)
@@ -97,6 +98,7 @@ class ExtractConfig:
     attribution: str | None = None  # with explain: "ig", attention attribution (extract/attribution.py)
     ig_steps: int = DEFAULT_IG_STEPS  # with attribution: quadrature steps M
     ig_method: str = DEFAULT_IG_METHOD  # with attribution: gausslegendre | riemann_right | riemann_middle
+    skipped_empty: tuple[int, ...] = ()  # lines of the texts file's empty texts skipped (--skip-empty)
 
     @property
     def input_kind(self) -> str:
@@ -124,6 +126,7 @@ class ExtractResult:
     input_kind: str = "texts"
     generation: dict | None = None  # generated text: the settings (store.Provenance.generation)
     generated_tokens: int = 0  # tokens the model generated, over all inputs
+    memory: store.MemoryStore | None = None  # output None: the texts, read like an open file
 
 
 def parse_indices(values: tuple[str, ...], count: int, flag: str, noun: str) -> tuple[int, ...]:
@@ -178,12 +181,19 @@ def run_provenance(*, dtype: str, verify: bool = False, parity: float = 0.0, hid
 
 def check_config(config: ExtractConfig) -> store.Storage:
     """Everything that can be refused before a model is loaded; the run's storage options."""
-    store.check_output_path(config.output)
+    if config.output is not None:
+        store.check_output_path(config.output)
     kind = config.input_kind
     noun = {"texts": "text", "pairs": "pair", "images": "image", "embeddings": "sample"}[kind]
     if kind == "texts" and not config.texts:
         raise AttnpipeError("no texts given: use --text or --texts-file")
-    if config.output.suffix == ".json":
+    if config.output is None:  # in memory: the float32 matrices of every row, as a .json file holds them
+        for what, bad in (("dtype", config.dtype != "float32"), ("rows", config.rows != "all"),
+                          ("metrics_only", config.metrics_only)):
+            if bad:
+                raise AttnpipeError(f"{what} is a storage option of .h5 files; in memory the attention "
+                                    "is float32, every row: give an output file for it")
+    elif config.output.suffix == ".json":
         count = {"texts": len(config.texts), "pairs": len(config.pairs), "images": len(config.images)}.get(kind, 1)
         if count > 1:
             raise AttnpipeError(f"a .json output holds one {noun}, got {count}: write .h5 for several {noun}s")
@@ -294,7 +304,7 @@ def open_run(config: ExtractConfig, device: torch.device):
 
         model = load_torch_model(config.torch_model, config.weights, device, config.causal)
         inputs = EmbeddingInputs(config.data, model, config.mask_zero_rows)
-        if config.output.suffix == ".json" and len(inputs.ids) > 1:
+        if config.output is not None and config.output.suffix == ".json" and len(inputs.ids) > 1:
             raise AttnpipeError(f"a .json output holds one sample, {config.data} has {len(inputs.ids)}: write .h5")
         return model, inputs
     if kind == "images":
@@ -425,13 +435,18 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
         self_sel = chosen["self"]
         metric_names = tuple(METRICS) if config.metrics is None else tuple(config.metrics)
         metric_values = np.full((count, len(self_sel.layers), len(self_sel.heads), len(metric_names)), np.nan)
-    is_json = config.output.suffix == ".json"
+    memory = store.MemoryStore(count) if config.output is None else None
+    is_json = memory is None and config.output.suffix == ".json"
     # Streaming writes a text's tokens before its layers: one attention kind, no per-item extras.
-    stream = not is_json and kinds == ("self",) and explainer is None
+    stream = not is_json and memory is None and kinds == ("self",) and explainer is None
     truncated: list[str] = []
     with contextlib.ExitStack() as stack:
         h5 = writer = None
-        if not is_json:
+        if memory is not None:  # the same writer thread, handing complete texts to memory
+            h5 = memory
+            writer = BackgroundWriter(h5, config.writer_queue_bytes)
+            stack.callback(writer.abort)
+        elif not is_json:
             h5 = stack.enter_context(store.h5_writer(config.output, count, config.dtype, storage))
             writer = BackgroundWriter(h5, config.writer_queue_bytes)
             stack.callback(writer.abort)  # on an error: stop the thread before the file is dropped
@@ -502,6 +517,8 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
                               attribution_method=config.ig_method)
         if getattr(inputs, "generation", None) is not None:
             fields.update(generation=inputs.generation)
+        if config.skipped_empty:
+            fields.update(skipped_empty=tuple(config.skipped_empty))
         provenance = run_provenance(dtype=config.dtype, verify=config.verify, parity=parity,
                                     hidden_parity=hidden_parity, method=config.method, **fields)
         if writer is not None:
@@ -528,4 +545,5 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
         input_kind=config.input_kind,
         generation=getattr(inputs, "generation", None),
         generated_tokens=getattr(inputs, "generated_tokens", 0),
+        memory=memory,
     )

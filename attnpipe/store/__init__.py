@@ -36,6 +36,7 @@ from attnpipe.store.format import (
     query_positions,
 )
 from attnpipe.store.json_file import JSONWriter, write_json
+from attnpipe.store.memory import MemoryStore
 from attnpipe.store.reader import (
     METRIC_DATASETS,
     TEXT_ATTRS,
@@ -60,7 +61,7 @@ __all__ = [
     "DIMS", "FORMAT_NAME", "MAX_GZIP_LEVEL", "METADATA_CACHE_BYTES", "METRIC_DATASETS", "OUTPUT_SUFFIXES",
     "READABLE_VERSIONS", "ROW_SELECTIONS", "ROW_SUM_TOL", "SCHEMA_VERSION", "STORAGE_DTYPES", "TEXT_ATTRS",
     "TEXT_DATASETS", "UINT8_ROW_SLACK", "UINT8_SCALE", "WRITE_MARGIN_BYTES",
-    "AttentionFile", "Compression", "H5Writer", "ImageInfo", "InputKind", "JSONWriter", "Provenance",
+    "AttentionFile", "Compression", "H5Writer", "ImageInfo", "InputKind", "JSONWriter", "MemoryStore", "Provenance",
     "RowSelection", "Storage", "StorageDtype", "TargetAttention", "TextAttention",
     "check_output_path", "check_rows", "h5_writer", "check_text", "chunk_shape", "decode", "deflate_bytes",
     "encode_chunk", "metrics_table", "open_attention", "open_writer", "query_positions", "read_whole",

@@ -2,7 +2,8 @@
 
 A temporary file is made in the target's own folder (so the final rename never crosses file
 systems) and renamed over the target only when writing succeeded; on any error it is removed
-and an existing target is left untouched.
+and an existing target is left untouched. A missing output folder (and its missing parents) is
+created when the temporary file is made, and removed again, if still empty, when it is discarded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ class AtomicFile:
 
     def __init__(self, path: Path):
         self.path = path
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        self.created = make_folder(path.parent)  # missing folders made now, deepest first
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except BaseException:
+            self._remove_created()
+            raise
         os.close(fd)
         self.tmp = Path(tmp)
 
@@ -33,6 +39,14 @@ class AtomicFile:
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self.created:  # only the folders this write made, and only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 @contextmanager
@@ -67,13 +81,33 @@ def atomic_path(path: Path) -> Iterator[Path]:
             raise
 
 
+def make_folder(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return the ones made, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    if missing:
+        missing[0].mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def check_folder(folder: Path) -> None:
+    """Fail before any work if outputs cannot go into `folder`: it is a file, or it (or the nearest
+    folder above it that exists, where it will be created) is read-only. Nothing is created here."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AttnpipeError(f"output folder {folder} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AttnpipeError(f"output folder is not writable: {existing}")
+
+
 def check_writable(path: Path) -> None:
-    """Fail before any work if `path` cannot be written: its folder is missing or read-only."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise AttnpipeError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise AttnpipeError(f"output folder is not writable: {folder}")
+    """Fail before any work if `path` cannot be written: its folder is a file or read-only
+    (a missing folder is created when the output is written), or `path` is a folder."""
+    check_folder(path.parent if str(path.parent) else Path("."))
     if path.is_dir():
         raise AttnpipeError(f"output path is a folder: {path}")
 

@@ -143,6 +143,8 @@ cross_attention); for them num_layers/num_heads/layers/heads describe the encode
 Version 2 adds: method may also be "hf" (attention read from transformers' eager
 `output_attentions`, not our pass); checkpoint_dtype (the dtype the weights were stored in,
 e.g. "bfloat16", when known; "" in HDF5 / null in JSON otherwise: computation is float32 anyway).
+Optional in any version: skipped_empty (int64 array in HDF5, a list in JSON: the 1-based line
+numbers of the texts file's empty texts that --skip-empty left out; absent when none were).
 
 Storage attributes (schema version 2, root of the HDF5 file; read by `AttentionFile.storage`):
 compression ("gzip", "lzf" or "none"), compression_level (gzip level 0-12; -1 otherwise),
@@ -272,6 +274,7 @@ class Provenance:
     attribution: str | None = None
     attribution_steps: int | None = None
     attribution_method: str | None = None
+    skipped_empty: tuple[int, ...] = ()  # lines of the texts file's empty texts skipped (--skip-empty); optional
 
     @property
     def is_seq2seq(self) -> bool:
@@ -469,6 +472,10 @@ def provenance_attrs(prov: Provenance) -> dict:
     for key in ATTRIBUTION_FIELDS:  # written only with --attribution
         if attrs[key] is None:
             del attrs[key]
+    if prov.skipped_empty:  # written only when --skip-empty skipped texts
+        attrs["skipped_empty"] = np.asarray(prov.skipped_empty, dtype=np.int64)
+    else:
+        del attrs["skipped_empty"]
     return attrs
 
 
@@ -514,6 +521,7 @@ def provenance_from_attrs(attrs) -> Provenance:
         attribution=str(get("attribution")) if "attribution" in attrs else None,
         attribution_steps=int(get("attribution_steps")) if "attribution_steps" in attrs else None,
         attribution_method=str(get("attribution_method")) if "attribution_method" in attrs else None,
+        skipped_empty=tuple(int(x) for x in get("skipped_empty")) if "skipped_empty" in attrs else (),
     )
 
 

@@ -33,6 +33,10 @@ def _json_payload(item: TextAttention, provenance: Provenance) -> dict:
     for key in ATTRIBUTION_FIELDS:  # --attribution only
         if meta[key] is None:
             del meta[key]
+    if meta["skipped_empty"]:  # written only when --skip-empty skipped texts
+        meta["skipped_empty"] = list(meta["skipped_empty"])
+    else:
+        del meta["skipped_empty"]
     meta = {"format": FORMAT_NAME, "dims": list(DIMS), **meta}
     attention = item.attention.astype(np.dtype(provenance.dtype))
     gradients = {}
@@ -178,7 +182,7 @@ def read_json(path: Path) -> tuple[dict, Provenance]:
         try:
             check_version_value(path, raw.get("schema_version", -1))
             fields = {k: v for k, v in raw.items() if k not in ("format", "dims")}
-            for key in ("weight_files", "layers", "heads", "decoder_layers", "decoder_heads"):
+            for key in ("weight_files", "layers", "heads", "decoder_layers", "decoder_heads", "skipped_empty"):
                 if fields.get(key) is not None:
                     fields[key] = tuple(fields[key])
             meta = Provenance(**fields)

@@ -23,6 +23,7 @@ from attnpipe.visualize import plots
 from attnpipe.analyze import rollout
 from attnpipe.store import selection
 from attnpipe.errors import AttnpipeError
+from attnpipe.store.atomic import check_folder
 from attnpipe.visualize.outputs import check_output_path
 from attnpipe.store import Provenance, TextAttention, open_attention
 
@@ -119,8 +120,7 @@ def run_image(req) -> Iterator[str]:
     if req.output_file is not None:
         path = req.output_file
     else:
-        if not req.output_dir.is_dir():
-            raise AttnpipeError(f"output folder does not exist: {req.output_dir}")
+        check_folder(req.output_dir)  # made when the first output is written
         path = req.output_dir / req.names["image"].format(layer=meta.layers[layer_pos], ext=req.figure_format)
     check_output_path(path, "figure")
     grid_map, label = cls_patch_map(item, meta, layer_pos, str(req.head))

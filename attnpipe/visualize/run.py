@@ -21,7 +21,7 @@ from attnpipe.store import Provenance, TextAttention, open_attention, selection
 from attnpipe.visualize import plots
 from attnpipe.visualize import seq2seq as visualize_seq2seq
 from attnpipe.visualize.image import run_image
-from attnpipe.store.atomic import check_not_an_input
+from attnpipe.store.atomic import check_folder, check_not_an_input
 from attnpipe.visualize.outputs import check_output_path, write_text
 from attnpipe.visualize.plots import model_name
 from attnpipe.visualize.prepare import DEFAULT_MAX_BYTES, dumps, prepare, real_token_count
@@ -96,8 +96,7 @@ def _outputs(req: Request, layer_ids: list[int]) -> list[Path]:
             raise AttnpipeError(f"--mode heads --layer all makes {count} figures: use --output-dir DIR")
         paths = [req.output_file]
     else:
-        if not req.output_dir.is_dir():
-            raise AttnpipeError(f"output folder does not exist: {req.output_dir}")
+        check_folder(req.output_dir)  # made when the first output is written
         pattern = req.names[req.mode]
         paths = [req.output_dir / pattern.format(layer=layer_id, ext=req.figure_format)
                  for layer_id in (layer_ids if req.mode == "heads" else layer_ids[:1])]

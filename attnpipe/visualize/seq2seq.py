@@ -22,6 +22,7 @@ import numpy as np
 from attnpipe.visualize import plots
 from attnpipe.store import selection
 from attnpipe.errors import AttnpipeError
+from attnpipe.store.atomic import check_folder
 from attnpipe.visualize.outputs import check_output_path
 from attnpipe.store import Provenance, TextAttention
 
@@ -95,8 +96,7 @@ def seed003_figures(req, meta: Provenance, item: TextAttention, model_name: str)
     _require_seq2seq(meta, item, source, "--mode seq2seq")
     if req.output_dir is None or req.output_file is not None:
         raise AttnpipeError("--mode seq2seq writes three figures: give --output-dir DIR (not --output_file)")
-    if not req.output_dir.is_dir():
-        raise AttnpipeError(f"output folder does not exist: {req.output_dir}")
+    check_folder(req.output_dir)  # made when the first output is written
     if req.tokens is not None:
         raise AttnpipeError("--tokens relabels one token list; --mode seq2seq draws source and target tokens")
     layers = meta.decoder_layers

@@ -1,7 +1,9 @@
-# Computed when the workflow is parsed, for all the rules (no rules here): the validated config;
+# Computed when the workflow is parsed, for all the rules (no rules here): the validated config
+# (configs/demo.yaml when no --configfile is given; a mistake is one `config error:` line);
 # corpora and their shards, read with attnpipe.extract.corpus (the CLI's reader, so the same ids);
 # checkpoints in comparison order; small helpers for params. The Snakefile includes it first.
 import re
+import sys
 from pathlib import Path
 from shlex import quote as shlex_quote
 
@@ -12,8 +14,18 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.extract import corpus as corpus_reader
 
 
-def config_error(msg):
-    raise ValueError(f"config error: {msg}")
+CONFIG_ERROR_LOG = Path(".snakemake") / "config_error.log"  # the details a one-line error leaves out
+
+
+def config_error(msg, details=None):
+    """One line on stderr naming the key, exit status 1 (Snakemake would add its own traceback
+    lines to a raised error, and the whole schema to a validation error)."""
+    if details is not None:
+        CONFIG_ERROR_LOG.parent.mkdir(exist_ok=True)
+        CONFIG_ERROR_LOG.write_text(details + "\n", encoding="utf-8")
+        msg += f" (details: {CONFIG_ERROR_LOG})"
+    print(f"config error: {msg}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -35,9 +47,39 @@ for _cf in workflow.configfiles:
     with open(_cf, encoding="utf-8") as _fh:
         yaml.load(_fh, Loader=_StrictLoader)
 
-if not config:
-    raise ValueError("no config: run with --configfile configs/demo.yaml (or your own)")
-validate(config, Path(BASE) / "configs" / "config.schema.yaml")
+DEFAULT_CONFIG = Path(BASE) / "configs" / "demo.yaml"
+if not workflow.configfiles:  # plain `snakemake --cores 2` runs the demo; --config KEY=VALUE still overrides
+    with open(DEFAULT_CONFIG, encoding="utf-8") as _fh:
+        _default = yaml.load(_fh, Loader=_StrictLoader)
+    for _key, _value in dict(config).items():
+        if isinstance(_value, dict) and isinstance(_default.get(_key), dict):
+            _value = {**_default[_key], **_value}
+        _default[_key] = _value
+    config.clear()
+    config.update(_default)
+
+
+def validate_config(schema_path):
+    """snakemake's validate (it also fills in the schema's defaults); a mistake -> one line."""
+    try:
+        validate(config, schema_path)
+    except Exception as exc:  # WorkflowError, whose text holds the whole schema and config
+        import jsonschema
+
+        with open(schema_path, encoding="utf-8") as fh:
+            schema = yaml.safe_load(fh)
+        error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(config))
+        if error is None:
+            raise
+        path, message = [str(p) for p in error.absolute_path], error.message
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            known = list(error.schema.get("properties", {}))
+            path += sorted(k for k in error.instance if k not in known)[:1]  # name the misspelt key
+            message = f"unknown key; the keys here are {', '.join(known)} ({error.message})"
+        config_error(f"{'.'.join(path) or 'the config'}: {message}", details=f"{exc}")
+
+
+validate_config(Path(BASE) / "configs" / "config.schema.yaml")
 
 RUN = config["run"]
 OUT = f"results/{RUN}"
@@ -67,13 +109,16 @@ for cname, c in config["corpora"].items():
     path = Path(c["path"])
     if not path.is_file():
         config_error(f"corpora.{cname}.path: file not found: {path}")
-    try:
-        texts = corpus_reader.read_texts(path, c.get("text_column", "text"), c.get("id_column"))
+    try:  # every row problem at once, by line of the user's file (the reader the extraction uses)
+        read = corpus_reader.read_corpus(path, c.get("text_column", "text"), c.get("id_column"),
+                                         skip_empty=c.get("skip_empty", False))
     except AttnpipeError as exc:
         config_error(f"corpora.{cname}.path: {exc}")
-    dup = corpus_reader.duplicate_ids(texts)
-    if dup:
-        config_error(f"corpora.{cname}.path: duplicate text ids in {path}: {dup[:5]}")
+    texts = read.texts
+    if read.skipped_empty:
+        lines = ", ".join(map(str, read.skipped_empty[:20])) + (" ..." if len(read.skipped_empty) > 20 else "")
+        print(f"corpus {cname}: skipped {len(read.skipped_empty)} empty text(s) of {path} (skip_empty): "
+              f"line(s) {lines}", file=sys.stderr)
     size = config["shard_size"]
     n = corpus_reader.num_shards(len(texts), size)
     # A shard is rebuilt (and re-extracted) only when its own texts change: the digest is a param.

@@ -14,6 +14,7 @@ rule split_corpus:
         text_column=lambda w: config["corpora"][w.corpus].get("text_column", "text"),
         id_column=lambda w: (f"--id-column {shlex_quote(config['corpora'][w.corpus]['id_column'])}"
                              if "id_column" in config["corpora"][w.corpus] else ""),
+        skip_empty=lambda w: "--skip-empty" if config["corpora"][w.corpus].get("skip_empty") else "",
     log:
         f"{OUT}/logs/split_corpus/{{corpus}}/shard_{{shard}}.log",
     threads: 1
@@ -22,5 +23,5 @@ rule split_corpus:
         runtime=10,
     shell:
         "{PY:q} {BASE:q}/scripts/split_corpus.py {input:q} --name {wildcards.corpus} "
-        "--shard-size {params.size} --text-column {params.text_column:q} {params.id_column} "
+        "--shard-size {params.size} --text-column {params.text_column:q} {params.id_column} {params.skip_empty} "
         "--shard {wildcards.shard} --output-file {output:q} > {log:q} 2>&1"
