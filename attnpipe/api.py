@@ -102,15 +102,16 @@ class Text:
 
     def html(self, title: str | None = None) -> str:
         """The self-contained HTML viewer page of this text (as `visualize_attention.py --mode html`)."""
-        from attnpipe.visualize.prepare import prepare
-        from attnpipe.visualize.viewer import render_html
+        from attnpipe.visualize.run import text_panels
+        from attnpipe.visualize.viewer import page_data, render_html
 
         if self.item.query_positions is not None:
             raise AttnpipeError(f"{self._source} keeps only some query rows (--rows); the viewer needs whole matrices")
-        layer_pos, head_pos = range(len(self.layers)), range(len(self.heads))
-        prepared = prepare(self.item, self.layers, self.heads, layer_pos, head_pos, decimals=REPR_HTML_DECIMALS,
-                           max_bytes=REPR_HTML_MAX_BYTES, trim=True)
-        return render_html(prepared.payload, title or f"{self.meta.model_type} · {self.id}")
+        page = page_data(text_panels(self.meta, self.item, self.item.tokens),
+                         title=title or f"{self.meta.model_type} · {self.id}", text=self.item.text,
+                         start="encoder" if self.meta.is_seq2seq else "self", decimals=REPR_HTML_DECIMALS,
+                         max_bytes=REPR_HTML_MAX_BYTES, trim=True)
+        return render_html(page.data)
 
     def _repr_html_(self) -> str:
         # The page runs in a sandboxed frame of its own (scripts only, no access to the notebook);

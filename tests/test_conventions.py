@@ -141,8 +141,10 @@ def test_every_corpus_problem_in_one_error_with_the_users_lines(bert, tmp_path, 
     assert status == 2 and "has 25 problems (the first 20 of 25 shown): line 2 repeats text id 'x'" in err
     assert "line 21 repeats" in err and "line 22 repeats" not in err
     # a folder given as the texts file
-    status, err = cli(capsys, extract_attention.main, "--model_dir", bert, "--texts-file", tmp_path, "-o", out)
-    assert status == 2 and f"texts file is a folder: {tmp_path}" in err
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    status, err = cli(capsys, extract_attention.main, "--model_dir", bert, "--texts-file", folder, "-o", out)
+    assert status == 2 and f"texts file is a folder: {folder}" in err
 
 
 def test_skip_empty_runs_and_says_what_it_skipped(bert, tmp_path, capsys):

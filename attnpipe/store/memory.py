@@ -64,6 +64,19 @@ class MemoryStore:
         item = self[key]
         return item.id, item.tokens, item.special_tokens_mask, item.attention
 
+    def iter_metric_inputs(self, indices, to_float32=None, max_values: int = 0):
+        """(position in `indices`, id, tokens, special_tokens_mask, attention), as AttentionFile's."""
+        for pos, index in enumerate(indices):
+            yield (pos, *self.metric_inputs(index, to_float32))
+
+    def storage_order(self) -> np.ndarray:
+        return np.arange(len(self))
+
+    @property
+    def in_memory(self) -> bool:
+        """No file behind it: readers in other processes cannot reopen it (metrics run in-process)."""
+        return True
+
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
         """One (query, key) matrix by *stored* layer and head position (as AttentionFile.head)."""
         return self[key].attention[layer, head]

@@ -252,15 +252,16 @@ def _subset(flag_value: str | None, flag: str, stored: tuple[int, ...], what: st
     return selection.positions(values, stored, flag, what, source)
 
 
-def _html(req: Request, meta: Provenance, item: TextAttention, source: Path) -> Iterator[str]:
-    """The viewer page: one panel per kind of attention (encoder, decoder, cross for seq2seq files)."""
-    paths = _outputs(req, [0])
-    labels = _labels(req, item)
+def text_panels(meta: Provenance, item: TextAttention, labels, subset=None) -> list[Panel]:
+    """The viewer's panels of one text: its self-attention (encoder self-attention for an
+    encoder-decoder), and for encoder-decoder files with a target the decoder and cross-attention.
+    `subset(which, values)` gives the positions kept of the stored layers or heads (which =
+    "layers" | "heads"; default: all). Used by --mode html and by the Python API's viewer."""
     n = real_token_count(item)  # seed 001's files may carry trailing padding
+    subset = subset or (lambda which, values: list(range(len(values))))
 
     def panel(kind: str, label: str, rows, cols, layers, heads, attention, special, generated) -> Panel:
-        lp = _subset(req.layers, "--layers", layers, "layers", source)
-        hp = _subset(req.heads, "--heads", heads, "heads", source)
+        lp, hp = subset("layers", layers), subset("heads", heads)
         return Panel(kind=kind, label=label, rows=tuple(map(str, rows)), cols=tuple(map(str, cols)),
                      layers=tuple(layers[p] for p in lp), heads=tuple(heads[p] for p in hp),
                      attention=attention if (len(lp), len(hp)) == attention.shape[:2] and lp == sorted(lp)
@@ -283,7 +284,20 @@ def _html(req: Request, meta: Provenance, item: TextAttention, source: Path) -> 
                 ("cross", "cross-attention (rows: target, columns: source)", item.tokens, target.cross_attention)):
             panels.append(panel(kind, label, target.tokens, cols, meta.decoder_layers, meta.decoder_heads,
                                 attention, target.special_tokens_mask, target_generated))
-    elif req.attention != "encoder":
+    return panels
+
+
+def _html(req: Request, meta: Provenance, item: TextAttention, source: Path) -> Iterator[str]:
+    """The viewer page: one panel per kind of attention (encoder, decoder, cross for seq2seq files)."""
+    paths = _outputs(req, [0])
+    labels = _labels(req, item)
+
+    def subset(which: str, values) -> list[int]:
+        return _subset(req.layers if which == "layers" else req.heads, f"--{which}", values, which, source)
+
+    panels = text_panels(meta, item, labels, subset)
+    kind = panels[0].kind
+    if not (meta.is_seq2seq and item.target is not None) and req.attention != "encoder":
         visualize_seq2seq.select(req.attention, req.mode, meta, item, source)  # raises: not seq2seq
     result = page_data(panels, title=f"{model_name(meta)} · {item.id}", text=item.text,
                        start="self" if kind == "self" else req.attention, cmap=req.cmap,
