@@ -123,7 +123,7 @@ def lay_out_folder(folder: Path) -> None:
     assert any(json.loads(r)["id"] == "news-002" for r in kept)
     words = "the cat sat on the mat . a dog ran fast and it was big".split()
     lines = [" ".join(words[i:] + words[:i]) for i in range(6)]
-    for name in ("corpus.txt", "texts.txt", "my_texts.txt"):
+    for name in ("corpus.txt", "texts.txt", "my_texts.txt", "examples.txt"):
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     (folder / "long.txt").write_text(" ".join(words * 3) + "\n", encoding="utf-8")
 
