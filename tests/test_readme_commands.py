@@ -145,6 +145,7 @@ def lay_out_folder(folder: Path) -> None:
     gpt2 = save_tiny_model("gpt2", folder / "my-gpt2")  # its tokenizer; then the model with its LM head
     torch.manual_seed(0)
     T.GPT2LMHeadModel(T.AutoConfig.from_pretrained(gpt2)).save_pretrained(gpt2)
+    shutil.copytree(gpt2, folder / "gpt2")  # the generation example's ./gpt2
 
     torch.manual_seed(0)  # a 6-layer ViT: the README draws layer 5, head 3
     vit = T.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
