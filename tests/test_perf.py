@@ -195,13 +195,13 @@ def test_token_budget_batches_and_output_order(tiny_model_dir, tmp_path):
 
 def test_streaming_gives_the_same_file_as_the_in_memory_path(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("gpt2")  # max 64 positions: a text at the limit is its "long input"
-    texts = (Text("long", " ".join(["the cat sat on the mat"] * 12)), *TEXTS)
+    texts = (Text("longest", " ".join(["the cat sat on the mat"] * 12)), *TEXTS)  # ids unique: the reader checks
     for dtype in ("float16", "uint8"):
         streamed = run(model_dir, tmp_path / f"s-{dtype}.h5", texts=texts, dtype=dtype)
         in_memory = run(model_dir, tmp_path / f"m-{dtype}.h5", texts=texts, dtype=dtype, stream_layers=False)
         assert streamed.read_bytes() == in_memory.read_bytes()
     with store.open_attention(tmp_path / "s-float16.h5") as f:
-        assert f["long"].truncated and f["long"].num_tokens == 62
+        assert f["longest"].truncated and f["longest"].num_tokens == 62
 
 
 def test_writer_thread_error_leaves_no_file(tiny_model_dir, tmp_path, monkeypatch):
@@ -219,8 +219,8 @@ def test_version_1_files_are_still_read(tiny_model_dir, tmp_path):
     path = run(tiny_model_dir("bert"), tmp_path / "v1.h5")
     with h5py.File(path, "a") as f:  # what schema version 1 wrote: no storage attributes
         f.attrs["schema_version"] = 1
-        for key in ("compression", "compression_level", "rows", "metrics_only"):
-            del f.attrs[key]
+        for key in ("compression", "compression_level", "rows", "metrics_only", "attrs_crc32"):
+            del f.attrs[key]  # (nor the strings' checksum, which came later)
     with store.open_attention(path) as f:
         assert f.storage == store.Storage(dtype="float32", compression_level=store.DEFAULT_GZIP_LEVEL)
         assert f[0].attention.shape[0] == 2

@@ -368,7 +368,7 @@ def test_method_hf_guards():
 
 def test_method_hf_refuses_verify(tmp_path, capsys):
     in_process_error(capsys, extract_attention.main, ["--verify", "--method hf"],
-                     "--model_dir", tmp_path, "--method", "hf", "--verify", "--text", "x",
+                     "--model_dir", tmp_path / "model", "--method", "hf", "--verify", "--text", "x",
                      "--output_file", tmp_path / "o.json")
 
 
