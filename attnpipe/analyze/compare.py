@@ -59,10 +59,16 @@ def _positions(values: Sequence[int], wanted: Sequence[int]) -> list[int]:
 
 
 def checkpoint_names(files: Sequence) -> list[str]:
-    """A short name per checkpoint file for axes and tables: the model folder's name (step-1000,
-    checkpoint-500, ...), with its parent folder when that alone is not unique, else the file path."""
+    """A short name per checkpoint file for axes and tables: the file names when they differ (the
+    workflow writes {checkpoint}.h5: random, minilm, ft-10, ...; a user compares step1k.h5
+    step2k.h5), else the model folder's name (step-1000, checkpoint-500, ...) with its parent
+    folder when that alone is not unique, else the file path."""
     def tail(path: Path, depth: int) -> str:
         return "/".join(path.parts[-depth:])
+
+    stems = [Path(f.path).stem for f in files]
+    if len(set(stems)) == len(stems):
+        return stems
     sources = [Path(f.meta.model) for f in files if f.meta.model != "unknown"]
     for paths in ([Path(f.meta.model) for f in files] if len(sources) == len(files) else [],
                   [Path(f.path).with_suffix("") for f in files]):
