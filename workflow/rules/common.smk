@@ -22,8 +22,8 @@ def config_error(msg, details=None):
     lines to a raised error, and the whole schema to a validation error)."""
     if details is not None:
         CONFIG_ERROR_LOG.parent.mkdir(exist_ok=True)
-        CONFIG_ERROR_LOG.write_text(details + "\n", encoding="utf-8")
-        msg += f" (details: {CONFIG_ERROR_LOG})"
+        CONFIG_ERROR_LOG.write_text(f"{details}\n", encoding="utf-8")
+        msg = f"{msg} (details: {CONFIG_ERROR_LOG})"
     print(f"config error: {msg}", file=sys.stderr)
     raise SystemExit(1)
 
