@@ -296,7 +296,7 @@ def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Seque
     meta = attention_file.meta
     workers = default_workers() if workers is None else workers
     workers = max(1, min(workers, count // MIN_TEXTS_PER_WORKER))
-    if workers == 1 or attention_file.path.suffix == ".json" or getattr(attention_file, "in_memory", False):
+    if workers == 1 or attention_file.path.suffix == ".json" or attention_file.in_memory:
         with torch.inference_mode():
             values = texts_values(attention_file, range(count), names, causal)
     else:

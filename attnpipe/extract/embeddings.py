@@ -181,6 +181,8 @@ class EmbeddingInputs:
 
     label = "text"  # guards and messages name entries as texts ("text 'sample-0' layer ...")
     input_kind = "embeddings"
+    generation = None  # the settings when the model generated the text (PairInputs, ContinuationInputs)
+    generated_tokens = 0
 
     def __init__(self, data: Path, model: TorchModel, mask_zero_rows: bool):
         self.data = data

@@ -74,6 +74,8 @@ class ImageInputs:
 
     label = "image"
     input_kind = "image"
+    generation = None  # the settings when the model generated the text (PairInputs, ContinuationInputs)
+    generated_tokens = 0
 
     def __init__(self, images: list[Path], model):
         self.images = images

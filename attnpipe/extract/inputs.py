@@ -135,6 +135,8 @@ class TextInputs:
 
     label = "text"
     input_kind = "text"
+    generation = None  # the settings when the model generated the text (PairInputs, ContinuationInputs)
+    generated_tokens = 0
 
     def __init__(self, texts: list[Text], model, requested_max_length: int | None):
         self.texts = texts

@@ -515,7 +515,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
             if config.attribution is not None:
                 fields.update(attribution=config.attribution, attribution_steps=config.ig_steps,
                               attribution_method=config.ig_method)
-        if getattr(inputs, "generation", None) is not None:
+        if inputs.generation is not None:
             fields.update(generation=inputs.generation)
         if config.skipped_empty:
             fields.update(skipped_empty=tuple(config.skipped_empty))
@@ -543,7 +543,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
         decoder_layers=None if decoder is None else decoder.layers,
         decoder_heads=None if decoder is None else decoder.heads,
         input_kind=config.input_kind,
-        generation=getattr(inputs, "generation", None),
-        generated_tokens=getattr(inputs, "generated_tokens", 0),
+        generation=inputs.generation,
+        generated_tokens=inputs.generated_tokens,
         memory=memory,
     )

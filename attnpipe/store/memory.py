@@ -72,10 +72,7 @@ class MemoryStore:
     def storage_order(self) -> np.ndarray:
         return np.arange(len(self))
 
-    @property
-    def in_memory(self) -> bool:
-        """No file behind it: readers in other processes cannot reopen it (metrics run in-process)."""
-        return True
+    in_memory = True  # no file behind it: readers in other processes cannot reopen it (metrics run in-process)
 
     def head(self, key: int | str, layer: int, head: int) -> np.ndarray:
         """One (query, key) matrix by *stored* layer and head position (as AttentionFile.head)."""

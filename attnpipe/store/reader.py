@@ -37,6 +37,8 @@ class AttentionFile:
     HDF5 texts are read on demand, so one text of a large corpus file costs only its own bytes.
     """
 
+    in_memory = False  # a file on disk: worker processes may reopen it (store.MemoryStore: True)
+
     def __init__(self, path: Path | str, *, partial_rows: bool = False):
         self.path = Path(path)
         # A file of --rows cls|last holds (L, H, r, n) attention: returned only to a caller that

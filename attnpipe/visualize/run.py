@@ -269,7 +269,7 @@ def text_panels(meta: Provenance, item: TextAttention, labels, subset=None) -> l
                      generated=tuple(bool(x) for x in generated))
 
     # A per-token `generated` flag (added by causal/seq2seq generation) is marked on the page.
-    generated = getattr(item, "generated", None)
+    generated = item.generated
     generated = () if generated is None else np.asarray(generated)[:n]
     kind = "encoder" if meta.is_seq2seq else "self"
     panels = [panel(kind, "encoder self-attention" if meta.is_seq2seq else "self-attention",
@@ -277,7 +277,7 @@ def text_panels(meta: Provenance, item: TextAttention, labels, subset=None) -> l
                     item.special_tokens_mask[:n], generated)]
     if meta.is_seq2seq and item.target is not None:
         target = item.target
-        target_generated = getattr(target, "generated", None)
+        target_generated = target.generated
         target_generated = () if target_generated is None else target_generated
         for kind, label, cols, attention in (
                 ("decoder", "decoder self-attention (causal)", target.tokens, target.decoder_attention),
