@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="query rows stored: all (default), cls (position 0) or last (last token); "
                         "cls/last store (layer, head, 1, n) for long inputs (.h5 only)")
     select.add_argument("--schema-version", type=int, default=None, choices=[2, 3],
-                        help="HDF5 layout: 2 (one group per text) or 3 (packed: a text costs its bytes, "
-                        "no HDF5 objects; docs/FORMAT.md); default 2")
+                        help="HDF5 layout: 3 (packed: a text costs its bytes, no HDF5 objects; the default) "
+                        "or 2 (one group per text, as attnpipe wrote before); docs/FORMAT.md")
     select.add_argument("--metrics-only", action="store_true",
                         help="store the per-head metrics of analyze_attention.py (docs/METRICS.md) "
                         "instead of the matrices, for corpora too big to keep (.h5 only)")

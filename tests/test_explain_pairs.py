@@ -108,7 +108,7 @@ def test_pairs_explained_to_h5_and_json_store_every_kind(variant, lm_dir, tmp_pa
     objective = G.build_objective(model, G.parse_target("next-token"))
     with open_attention(h5_out) as f:
         meta = f.meta
-        assert meta.gradient_target == "next-token" and meta.schema_version == 2
+        assert meta.gradient_target == "next-token" and meta.schema_version == 3
         assert meta.decoder_layers == (meta.decoder_num_layers - 1,) and meta.decoder_heads == (0, 1)
         items = list(f)
         for item in items:

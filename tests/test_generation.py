@@ -154,7 +154,8 @@ def test_generated_ids_equal_generate_and_attention_equals_eager(variant, causal
 def test_generated_flags_round_trip_and_old_files_read(lm_dir, tmp_path, capsys):
     model_dir = lm_dir("gpt2")
     h5_out, json_out, plain = tmp_path / "g.h5", tmp_path / "g.json", tmp_path / "plain.json"
-    extract(capsys, "--model_dir", model_dir, "--text", "the cat", "--generate", 3, "-q", "-o", h5_out)
+    extract(capsys, "--model_dir", model_dir, "--text", "the cat", "--generate", 3, "-q", "-o", h5_out,
+            "--schema-version", 2)  # read below by version 2's path
     extract(capsys, "--model_dir", model_dir, "--text", "the cat", "--generate", 3, "-q", "-o", json_out)
     extract(capsys, "--model_dir", model_dir, "--text", "the cat", "-q", "-o", plain)
     packed = tmp_path / "g3.h5"  # schema version 3 carries the same fields
@@ -168,6 +169,9 @@ def test_generated_flags_round_trip_and_old_files_read(lm_dir, tmp_path, capsys)
             assert x.generated_text == y.generated_text and x.tokens == y.tokens
     with h5py.File(h5_out, "r") as f:  # plain h5py: what docs/FORMAT.md says
         assert f["texts/00000000/generated"].dtype == bool
+        assert json.loads(f.attrs["generation"])["strategy"] == "greedy"
+    with h5py.File(packed, "r") as f:  # version 3: one packed field
+        assert f["generated/values"].dtype == bool and f["generated/values"][()].tolist() == [False] * 4 + [True] * 3
         assert json.loads(f.attrs["generation"])["strategy"] == "greedy"
     data = json.loads(json_out.read_text())
     assert data["generated"] == [False] * 4 + [True] * 3 and data["metadata"]["generation"]["max_new_tokens"] == 3

@@ -220,7 +220,7 @@ def test_cli_stores_gradients_and_reads_them_back(classifier_dir, tmp_path):
                         "--layer", "-1", "--heads", "1,2", "--output_file", out, "-q")
     assert result.returncode == 0, result.stderr
     with open_attention(out) as f:
-        assert f.meta.schema_version == 2 and f.meta.gradient_target == "predicted"
+        assert f.meta.schema_version == 3 and f.meta.gradient_target == "predicted"
         item = f[1]
         assert item.attention_grad.shape == item.attention.shape == (1, 2, 6, 6)
         assert item.head_gate_grad.shape == item.head_ablation.shape == (2, 4)
@@ -264,7 +264,7 @@ def test_version_1_files_are_still_read(tiny_model_dir, tmp_path):
 
     path = tmp_path / "v1.h5"
     assert run_script("extract_attention.py", "--model_dir", tiny_model_dir("bert"), "--text", "the cat",
-                      "--output_file", path, "-q").returncode == 0
+                      "--output_file", path, "--schema-version", "2", "-q").returncode == 0
     with h5py.File(path, "a") as f:  # what a version-1 writer left: no target attribute
         f.attrs["schema_version"] = 1
         del f.attrs["gradient_target"]

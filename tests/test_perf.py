@@ -18,6 +18,7 @@ from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract.batching import batches, token_budget_batches
 from attnpipe.extract.runner import ExtractConfig, extract
+from attnpipe.store.packed import PackedWriter
 from attnpipe.analyze.fast_metrics import BatchMetrics
 from conftest import run_script
 
@@ -38,7 +39,7 @@ def run(model_dir, output, **kw):
 def test_uint8_round_trip_error_and_decoding(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("bert")
     full = run(model_dir, tmp_path / "f32.h5")
-    small = run(model_dir, tmp_path / "u8.h5", dtype="uint8")
+    small = run(model_dir, tmp_path / "u8.h5", dtype="uint8", schema_version=2)  # read below by v2 path
     with store.open_attention(full) as f32, store.open_attention(small) as u8:
         assert u8.meta.dtype == "uint8" and u8.storage.dtype == "uint8"
         worst = 0.0
@@ -74,7 +75,8 @@ def test_every_gzip_level_writes_chunks_plain_hdf5_reads(tiny_model_dir, tmp_pat
 
     model_dir = tiny_model_dir("bert")
     ref = run(model_dir, tmp_path / "ref.h5", dtype="float32", compression="none")
-    path = run(model_dir, tmp_path / "x.h5", dtype="uint8" if level > 3 else "float16", compression_level=level)
+    path = run(model_dir, tmp_path / "x.h5", dtype="uint8" if level > 3 else "float16", compression_level=level,
+               schema_version=2)  # per-text datasets below (tests/test_packed.py: version 3's)
     with store.open_attention(ref) as a, h5py.File(path) as raw:
         assert raw.attrs["compression_level"] == level
         for index, want in enumerate(a):
@@ -209,6 +211,7 @@ def test_writer_thread_error_leaves_no_file(tiny_model_dir, tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(store.H5Writer, "write_chunk", broken)
+    monkeypatch.setattr(PackedWriter, "write_chunk", broken)
     target = tmp_path / "out.h5"
     with pytest.raises(OSError, match="disk full"):
         run(tiny_model_dir("bert"), target)
@@ -216,13 +219,14 @@ def test_writer_thread_error_leaves_no_file(tiny_model_dir, tmp_path, monkeypatc
 
 
 def test_version_1_files_are_still_read(tiny_model_dir, tmp_path):
-    path = run(tiny_model_dir("bert"), tmp_path / "v1.h5")
+    path = run(tiny_model_dir("bert"), tmp_path / "v1.h5", schema_version=2)
     with h5py.File(path, "a") as f:  # what schema version 1 wrote: no storage attributes
         f.attrs["schema_version"] = 1
         for key in ("compression", "compression_level", "rows", "metrics_only", "attrs_crc32"):
             del f.attrs[key]  # (nor the strings' checksum, which came later)
     with store.open_attention(path) as f:
-        assert f.storage == store.Storage(dtype="float32", compression_level=store.DEFAULT_GZIP_LEVEL)
+        assert f.storage == store.Storage(dtype="float32", compression_level=store.DEFAULT_GZIP_LEVEL,
+                                        schema_version=2)  # the layout of versions 1 and 2
         assert f[0].attention.shape[0] == 2
 
 
@@ -285,7 +289,7 @@ def test_corpus_metrics_batches_stay_within_their_value_budget(tiny_model_dir, t
 
     path = run(tiny_model_dir("bert"), tmp_path / "c.h5", texts=TEXTS, dtype="float16")
     with store.open_attention(path) as f:
-        longest = max(int(np.prod(f._h5[f"texts/{i:08d}/attention"].shape)) for i in range(len(f)))
+        longest = max(f[i].attention.size for i in range(len(f)))
         monkeypatch.setattr(fast_metrics, "MIN_LENGTH_SHARE", 0.0)
         monkeypatch.setattr(fast_metrics, "BATCH_VALUES", 2 * longest)  # room for two padded texts
         sizes = []
@@ -300,7 +304,7 @@ def test_parallel_corpus_metrics_report_a_damaged_text(tiny_model_dir, tmp_path)
     from attnpipe.analyze import fast_metrics
 
     texts = tuple(Text(f"{t.id}-{i}", t.text) for i in range(8) for t in TEXTS)
-    path = run(tiny_model_dir("bert"), tmp_path / "c.h5", texts=texts)
+    path = run(tiny_model_dir("bert"), tmp_path / "c.h5", texts=texts, schema_version=2)  # damaged by v2 path
     with h5py.File(path, "r+") as raw:
         dataset = raw["texts/00000037/attention"]
         dataset[0, 0, 0, 0] = dataset[0, 0, 0, 0] + 0.5  # row 0 no longer sums to 1

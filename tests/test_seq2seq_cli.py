@@ -77,7 +77,7 @@ def test_pairs_file_to_h5_verified_with_both_sides(variant, seq2seq_dir, pairs_f
     start = tokenizer_config["decoder_start_token_id"]
     with open_attention(out) as f:
         meta = f.meta
-        assert f.ids == ("short", "long", "mid") and meta.schema_version == 2 and meta.is_seq2seq
+        assert f.ids == ("short", "long", "mid") and meta.schema_version == 3 and meta.is_seq2seq
         assert meta.parity_max_abs_diff <= 1e-5 and meta.parity_hidden_max_abs_diff <= 1e-4
         assert (meta.num_layers, meta.decoder_num_layers) == (2, 3)
         assert meta.decoder_layers == (0, 1, 2)
@@ -198,7 +198,8 @@ def test_extract_refusals(seq2seq_dir, tiny_model_dir, tmp_path, capsys):
 
 def test_version_1_files_are_still_read(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "old.h5"
-    ok(capsys, extract_attention.main, "--model_dir", tiny_model_dir("bert"), "--text", "the cat", "-o", out, "-q")
+    ok(capsys, extract_attention.main, "--model_dir", tiny_model_dir("bert"), "--text", "the cat", "-o", out, "-q",
+       "--schema-version", "2")
     with h5py.File(out, "r+") as f:
         f.attrs["schema_version"] = 1  # as written before encoder-decoder support
     with open_attention(out) as f:

@@ -94,7 +94,7 @@ class ExtractConfig:
     # Generation first (attnpipe/extract/generate.py): causal LMs continue each text (settings kind
     # "continuation", --generate N); encoder-decoders write the target of pairs given without one.
     generation: GenerationSettings | None = None
-    schema_version: int = store.SCHEMA_VERSION  # HDF5 layout: 2 (a group per text) or 3 (packed)
+    schema_version: int = store.H5_SCHEMA_VERSION  # HDF5 layout: 3 (packed, the default) or 2 (a group per text)
     attribution: str | None = None  # with explain: "ig", attention attribution (extract/attribution.py)
     ig_steps: int = DEFAULT_IG_STEPS  # with attribution: quadrature steps M
     ig_method: str = DEFAULT_IG_METHOD  # with attribution: gausslegendre | riemann_right | riemann_middle

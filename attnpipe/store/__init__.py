@@ -15,6 +15,7 @@ from attnpipe.store.format import (
     DEFAULT_GZIP_LEVELS,
     DIMS,
     FORMAT_NAME,
+    H5_SCHEMA_VERSION,
     MAX_GZIP_LEVEL,
     OUTPUT_SUFFIXES,
     READABLE_VERSIONS,
@@ -59,7 +60,7 @@ from attnpipe.store.writer import (
 __all__ = [
     "CHUNK_TARGET_BYTES", "COMPRESSIONS", "DECODER_FIELDS", "DEFAULT_GZIP_LEVEL", "DEFAULT_GZIP_LEVELS",
     "DIMS", "FORMAT_NAME", "MAX_GZIP_LEVEL", "METADATA_CACHE_BYTES", "METRIC_DATASETS", "OUTPUT_SUFFIXES",
-    "READABLE_VERSIONS", "ROW_SELECTIONS", "ROW_SUM_TOL", "SCHEMA_VERSION", "STORAGE_DTYPES", "TEXT_ATTRS",
+    "H5_SCHEMA_VERSION", "READABLE_VERSIONS", "ROW_SELECTIONS", "ROW_SUM_TOL", "SCHEMA_VERSION", "STORAGE_DTYPES", "TEXT_ATTRS",
     "TEXT_DATASETS", "UINT8_ROW_SLACK", "UINT8_SCALE", "WRITE_MARGIN_BYTES",
     "AttentionFile", "Compression", "H5Writer", "ImageInfo", "InputKind", "JSONWriter", "MemoryStore", "Provenance",
     "RowSelection", "Storage", "StorageDtype", "TargetAttention", "TextAttention",

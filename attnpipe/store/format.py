@@ -211,6 +211,7 @@ from attnpipe.errors import AttnpipeError
 SCHEMA_VERSION = 2  # 2: encoder-decoder, image, embedding and gradient fields; storage options
 READABLE_VERSIONS = (1, 2, 3)  # version 1 lacks only the fields added in 2; 3: packed (store/packed.py)
 WRITABLE_VERSIONS = (2, 3)  # HDF5 layouts a writer can make: 2 one group per text, 3 packed
+H5_SCHEMA_VERSION = 3  # the HDF5 layout written unless asked otherwise (--schema-version 2: a group per text)
 FORMAT_NAME = "attnpipe-attention"
 DIMS = ("layer", "head", "query", "key")
 OUTPUT_SUFFIXES = (".json", ".h5", ".hdf5")
@@ -405,7 +406,7 @@ class Storage:
     compression_level: int | None = None  # gzip only: 0-12, None = DEFAULT_GZIP_LEVELS[dtype]
     rows: RowSelection = "all"
     metrics_only: bool = False
-    schema_version: int = SCHEMA_VERSION  # HDF5 layout: 2 (a group per text) or 3 (packed, store/packed.py)
+    schema_version: int = H5_SCHEMA_VERSION  # HDF5 layout: 3 (packed, store/packed.py) or 2 (a group per text)
 
     def __post_init__(self) -> None:
         if self.schema_version not in WRITABLE_VERSIONS:

@@ -582,6 +582,15 @@ class PackedIds(Sequence):
 
     __hash__ = None
 
+    def __add__(self, other) -> tuple[str, ...]:  # as the tuple of ids version 2's reader gives
+        return self.all() + tuple(other)
+
+    def __radd__(self, other) -> tuple[str, ...]:
+        return tuple(other) + self.all()
+
+    def __repr__(self) -> str:
+        return f"PackedIds({len(self)} ids)"
+
 
 class PackedReader:
     """Read texts of a version-3 file: fields by slot, validated by the caller (check_text)."""

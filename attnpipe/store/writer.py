@@ -106,7 +106,7 @@ class H5Writer:
 
     def __init__(self, path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None):
         self.path = path
-        self.storage = Storage(dtype=dtype) if storage is None else storage
+        self.storage = Storage(dtype=dtype, schema_version=2) if storage is None else storage
         if self.storage.dtype != dtype:
             raise ValueError(f"dtype {dtype} differs from storage.dtype {self.storage.dtype}")
         self.dtype = np.dtype(dtype)
@@ -384,8 +384,9 @@ class H5Writer:
 
 
 def h5_writer(path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None):
-    """The HDF5 writer of `storage.schema_version`: H5Writer (2) or store.packed.PackedWriter (3)."""
-    if storage is not None and storage.schema_version == 3:
+    """The HDF5 writer of `storage.schema_version`: store.packed.PackedWriter (3, also without a
+    storage) or H5Writer (2)."""
+    if storage is None or storage.schema_version == 3:
         from attnpipe.store.packed import PackedWriter
 
         return PackedWriter(path, num_texts, dtype, storage)
@@ -394,4 +395,4 @@ def h5_writer(path: Path, num_texts: int, dtype: StorageDtype, storage: Storage 
 
 def open_writer(path: Path, num_texts: int, dtype: StorageDtype) -> H5Writer | JSONWriter:
     """The writer for `path`'s format: HDF5 streams texts, JSON holds its one text (use in `with`)."""
-    return JSONWriter(path) if path.suffix == ".json" else H5Writer(path, num_texts, dtype)
+    return JSONWriter(path) if path.suffix == ".json" else h5_writer(path, num_texts, dtype)
