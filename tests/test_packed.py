@@ -209,6 +209,57 @@ def test_layout_is_packed_checked_and_one_matrix_spans_at_most_two_chunks(tmp_pa
                 assert (first + rows * n - 1) // chunk - first // chunk <= 1
 
 
+@pytest.mark.parametrize("storage", [store.Storage(), store.Storage(dtype="float16"),
+                                     store.Storage(dtype="uint8", compression="none"),
+                                     store.Storage(dtype="float16", compression="lzf")],
+                         ids=lambda s: f"{s.dtype}-{s.compression}")
+def test_one_matrix_reads_exactly_across_chunk_edges_and_checks_each_chunk(storage, tmp_path, monkeypatch):
+    """head() reads chunks itself (codec.ChunkRanges, fletcher32 checked, inflated only as far as
+    needed): every (text, layer, head) equals the whole text's matrix, with 1 KiB chunks that
+    matrices straddle; a damaged chunk, slot map or index is one error before any value is used."""
+    from attnpipe.store import packed
+
+    monkeypatch.setattr(packed, "CHUNK_BYTES", 1 << 10)
+    rng = np.random.default_rng(11)
+    items = [synthetic(rng, n, i) for i, n in enumerate([1, 9, 17, 4, 30, 2, 12])]
+    _, v3 = write_both(tmp_path, items, storage, order=[3, 0, 6, 1, 5, 2, 4])
+    with store.open_attention(v3) as f:
+        assert f._packed.matrix_index()[0][-1] > 8 * (1 << 10) // np.dtype(storage.dtype).itemsize  # many chunks
+        for i in rng.permutation(len(items)).tolist():  # out of file order: the kept chunks change
+            whole = f[i].attention
+            for layer in range(whole.shape[0]):
+                for head in range(whole.shape[1]):
+                    got = f.head(i, layer, head)
+                    assert got.dtype == np.float32
+                    np.testing.assert_array_equal(got, whole[layer, head])
+    if storage.compression == "lzf":
+        return  # read through h5py, which checks the same way
+    with h5py.File(v3) as f:
+        info = f["attention/values"].id.get_chunk_info(3)
+        chunk_start = info.chunk_offset[0]
+        offsets, slots = f["attention/offsets"][()], f["texts/slot"][()]
+    slot = int(np.searchsorted(offsets, chunk_start, side="right")) - 1  # a text with values in chunk 3
+    text = int(np.flatnonzero(slots == slot)[0])
+    raw = bytearray(v3.read_bytes())
+    raw[info.byte_offset + 5] ^= 0xFF
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(bytes(raw))
+    with store.open_attention(damaged) as f, pytest.raises(AttnpipeError, match="fletcher32|damaged") as err:
+        for layer in range(2):
+            for head in range(3):
+                f.head(text, layer, head)
+    assert str(damaged) in str(err.value) and "\n" not in str(err.value)
+    for path, dataset, value in (("slot", "texts/slot", 0), ("index", "attention/offsets", 7)):
+        broken = tmp_path / f"{path}.h5"
+        broken.write_bytes(v3.read_bytes())
+        with h5py.File(broken, "r+") as f:
+            data = f[dataset][()]
+            data[1] = value  # slot 0 twice / an offset that does not match its shape
+            f[dataset][...] = data
+        with store.open_attention(broken) as f, pytest.raises(AttnpipeError, match="damaged attention file"):
+            f.head(0, 0, 0)
+
+
 def test_a_damaged_byte_is_one_error_naming_the_file(tmp_path):
     rng = np.random.default_rng(5)
     items = [synthetic(rng, 40, i) for i in range(3)]

@@ -41,11 +41,13 @@ def fletcher32(data: bytes | np.ndarray) -> int:
     if not words.any():
         return 0
     m = len(words)
-    weights = np.arange(m, 0, -1, dtype=np.int64)  # word i enters the second sum m - i times
-    s1 = int(words.sum() % _MOD)
-    if m < EXACT_WORDS:  # the exact sum fits int64: 65535 * m^2 / 2 < 2^63
-        s2 = int(words @ weights) % _MOD
+    if m < EXACT_WORDS:  # the exact sums fit int64: 65535 * m^2 / 2 < 2^63
+        # word i enters the second sum m - i times: once in each prefix sum from its own on
+        prefix = np.cumsum(words)
+        s1, s2 = int(prefix[-1]) % _MOD, int(prefix.sum()) % _MOD
     else:
+        weights = np.arange(m, 0, -1, dtype=np.int64)
+        s1 = int(words.sum() % _MOD)
         s2 = int(((words % _MOD) * (weights % _MOD) % _MOD).sum() % _MOD)
     return (((s2 - 1) % _MOD + 1) << 16) | ((s1 - 1) % _MOD + 1)
 

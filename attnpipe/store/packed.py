@@ -50,7 +50,7 @@ import numpy as np
 from attnpipe import faults
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.atomic import AtomicFile, write_errors
-from attnpipe.store.codec import decode, encode_chunk, to_storage
+from attnpipe.store.codec import ChunkRanges, decode, encode_chunk, to_storage
 from attnpipe.store.format import (
     DIMS,
     FORMAT_NAME,
@@ -259,9 +259,13 @@ class PackedWriter:
         self.dtype = np.dtype(dtype)
         self.num_texts = num_texts
         self._atomic = AtomicFile(path)
-        with write_errors(path):
-            self._file = h5py.File(self._atomic.tmp, "w", track_order=True, libver=("v110", "latest"))
-            self._slots_group = self._file.create_group("slots")
+        try:  # a signal (SIGTERM is raised as Terminated) before __enter__ returns: no file left
+            with write_errors(path):
+                self._file = h5py.File(self._atomic.tmp, "w", track_order=True, libver=("v110", "latest"))
+                self._slots_group = self._file.create_group("slots")
+        except BaseException:
+            self._atomic.discard()
+            raise
         self._slot_of = np.full(num_texts, -1, np.int64)
         self._packed: dict[str, _Packed] = {}
         self._fixed: dict[str, _Fixed] = {}
@@ -523,10 +527,12 @@ class PackedWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._finished:
-            if self._file.id.valid:
-                with contextlib.suppress(OSError, RuntimeError):
-                    self._file.close()
-            self._atomic.discard()
+            try:
+                if self._file.id.valid:
+                    with contextlib.suppress(OSError, RuntimeError, ValueError):
+                        self._file.close()
+            finally:  # whatever the close raised, the temporary file goes
+                self._atomic.discard()
 
 
 # ----------------------------------------------------------------------------- reading
@@ -605,6 +611,8 @@ class PackedReader:
                         and "offsets" in h5[name]}
         self._fixed = h5["slots"]
         self.ids = PackedIds(self)
+        self._matrix_index: tuple[np.ndarray, np.ndarray] | None = None  # attention offsets, shapes
+        self._matrix_values: ChunkRanges | None = None
         missing = [name for name in ("id", "text", "tokens", "token_nbytes", "token_ids", "special_tokens_mask",
                                      "offsets", "word_ids") if name not in self._groups]
         missing += [name for name in ("num_tokens", "truncated", "num_tokens_untruncated", "input_kind_code")
@@ -618,8 +626,15 @@ class PackedReader:
         return int(self._slot_ds[index])
 
     def all_slots(self) -> np.ndarray:
+        """/texts/slot, read and checked once: every slot in 0..N-1, none twice."""
         if self._slots is None:
-            self._slots = self._slot_ds[()]
+            slots = np.asarray(self._slot_ds[()])
+            if (slots.ndim != 1 or slots.dtype.kind not in "iu" or
+                    (len(slots) and (slots.min() < 0 or slots.max() >= len(slots)
+                                     or np.bincount(slots, minlength=len(slots)).max() > 1))):
+                raise AttnpipeError(f"{self.path} is a damaged attention file: /texts/slot is not a permutation "
+                                    f"of its {len(slots)} slots")
+            self._slots = slots.astype(np.int64, copy=False)
         return self._slots
 
     def has(self, name: str) -> bool:
@@ -712,16 +727,33 @@ class PackedReader:
             **grads,
         )
 
+    def matrix_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """/attention's offsets (P + 1,) and shapes (P, 4), read once (~10 MB for a million texts;
+        tens of ms) and checked: each slot's values are exactly its shape's, back to back."""
+        if self._matrix_index is None:
+            group = self._groups["attention"]
+            offsets, shapes = np.asarray(group["offsets"][()]), np.asarray(group["shape"][()])
+            count = len(self._slot_ds)
+            sizes = np.prod(shapes, axis=1) if shapes.ndim == 2 else None
+            if (offsets.shape != (count + 1,) or shapes.shape != (count, 4) or (shapes < 0).any()
+                    or offsets[0] != 0 or not np.array_equal(np.diff(offsets), sizes)
+                    or offsets[-1] != len(group["values"])):
+                raise AttnpipeError(f"{self.path} is a damaged attention file: /attention's offsets and shapes "
+                                    f"do not describe its {len(group['values'])} values")
+            self._matrix_index = (offsets, shapes)
+            self._matrix_values = ChunkRanges(group["values"])
+        return self._matrix_index
+
     def head(self, index: int, layer: int, head: int) -> np.ndarray:
-        """One stored matrix, reading only the values it spans (one or two chunks)."""
-        s = self.slot(index)
-        group = self._groups["attention"]
-        start = int(group["offsets"][s])
-        num_layers, num_heads, rows, n = (int(x) for x in group["shape"][s])
+        """One stored matrix, reading only the values it spans (one or two chunks; the index
+        arrays are read once, at the first call)."""
+        offsets, shapes = self.matrix_index()
+        s = int(self.all_slots()[index])
+        num_layers, num_heads, rows, n = shapes[s].tolist()
         if not (0 <= layer < num_layers and 0 <= head < num_heads):
             raise IndexError(f"layer {layer}, head {head} of a ({num_layers}, {num_heads}) attention")
-        first = start + (layer * num_heads + head) * rows * n
-        return decode(group["values"][first:first + rows * n].reshape(rows, n))
+        first = int(offsets[s]) + (layer * num_heads + head) * rows * n
+        return decode(self._matrix_values.read(first, first + rows * n).reshape(rows, n))
 
     def metric_blocks(self, indices: Sequence[int], max_values: int) -> Iterator[list[tuple[int, str, tuple, np.ndarray,
                                                                                            np.ndarray]]]:

@@ -329,8 +329,8 @@ class AttentionFile:
         index = self._position(key)
         self._check_matrices()
         try:
-            if self._packed is not None:
-                matrix, text_id = self._packed.head(index, layer, head), self.ids[index]
+            if self._packed is not None:  # the id only for a message: read when a check fails
+                matrix, text_id = self._packed.head(index, layer, head), lambda: self.ids[index]
             else:
                 group = self._text_group(index)
                 check_local_data(self.path, group["attention"], f"text {index}'s attention")

@@ -5,6 +5,7 @@ Each failure is one AttnpipeError naming the file, the text and, for attention, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,12 @@ def check_meta(path: Path, meta: Provenance) -> None:
     check_meta_rules(path, meta)
 
 
-def check_rows(path: Path, text_id: str, attention: np.ndarray, layers, heads, dtype: str) -> None:
+def check_rows(path: Path, text_id: str | Callable[[], str], attention: np.ndarray, layers, heads,
+               dtype: str) -> None:
     """Every stored row must be finite, non-negative and sum to 1 within ROW_SUM_TOL[dtype].
 
-    attention: (L, H, n, n) with `layers`/`heads` its model indices, used in the message.
+    attention: (L, H, n, n) with `layers`/`heads` its model indices, used in the message (as is
+    text_id, which may be a function that reads it: called only for a message).
     """
     tol = ROW_SUM_TOL.get(dtype, ROW_SUM_TOL["float32"])
     if dtype == "uint8":  # each of the row's keys is rounded by at most 0.5/255
@@ -41,7 +44,8 @@ def check_rows(path: Path, text_id: str, attention: np.ndarray, layers, heads, d
 
     def where(bad: np.ndarray) -> str:
         layer, head, query = (int(v) for v in np.argwhere(bad)[0][:3])
-        return f"text {text_id!r} layer {layers[layer]} head {heads[head]} query {query}"
+        shown = text_id() if callable(text_id) else text_id
+        return f"text {shown!r} layer {layers[layer]} head {heads[head]} query {query}"
 
     # Two passes over the data: row sums (NaN/Inf propagate into them) and the minimum.
     sums = attention.sum(axis=-1)  # (L, H, n); numpy's pairwise float32 sum errs ~1e-7, far below tol
