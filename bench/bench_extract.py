@@ -72,8 +72,8 @@ def corpus_of(texts: list[Text], count: int) -> tuple[Text, ...]:
 
 
 def attention_values(path: Path) -> int:
-    with store.open_attention(path) as f:
-        return sum(int(np.prod(f._h5[f"texts/{i:08d}/attention"].shape)) for i in range(len(f)))
+    """Attention values stored in a file of either layout (version 3, the default, or 2)."""
+    return packed_values(path)
 
 
 # ----------------------------------------------------------------------------- child processes
@@ -150,9 +150,22 @@ CHILD_FLAGS: list[str] = []  # the parent's --threads, passed on
 
 
 def big_file(source: Path, target: Path, megabytes: float) -> int:
-    """Copy the source file's texts, compressed chunks as they are, until the file holds ~megabytes."""
+    """Copy the source file's texts until the file holds ~megabytes: version 2, compressed chunks
+    as they are; version 3 (the default), through its writer (values re-encoded, not re-rounded)."""
     with store.open_attention(source) as src:
         meta, storage, count = src.meta, src.storage, len(src)
+        if storage.schema_version == 3:
+            items = [src[i] for i in range(count)]
+    if storage.schema_version == 3:
+        copies = max(1, int(megabytes * 1e6 / source.stat().st_size))
+        total = copies * count
+        with store.h5_writer(target, total, storage.dtype, storage) as writer:
+            for index in range(total):
+                item = items[index % count]
+                writer.write(index, store.TextAttention(**{**item.__dict__, "id": f"{item.id}~{index}"}))
+            writer.finish(meta)
+        return total
+    with store.open_attention(source) as src:
         chunks = []  # per source text: (item, [(offset, bytes)])
         for i in range(count):
             item = src[i]
@@ -319,10 +332,13 @@ def child_scale(args) -> int:
 
     ends: list[float] = []
     original = packed.PackedWriter.end
+    rss_tenth: list[float] = []
 
     def timed_end(self, index):
         original(self, index)
         ends.append(time.perf_counter())
+        if len(ends) == max(1, args.count // 10):
+            rss_tenth.append(peak_rss_mb())
 
     packed.PackedWriter.end = timed_end
     texts = tuple(short_texts(args.count, words=12))
@@ -333,7 +349,12 @@ def child_scale(args) -> int:
     tenth = max(2, len(ends) // 10)
     first = (tenth - 1) / (ends[tenth - 1] - ends[0])  # from the first text written: loading is not writing
     last = tenth / (ends[-1] - ends[-tenth - 1])
-    print(json.dumps({"rss_mb": peak_rss_mb(), "seconds": seconds, "first_rate": first, "last_rate": last}))
+    # texts/s of each tenth (the first from its first text on): the trend over the run
+    cuts = [0, *(len(ends) * k // 10 - 1 for k in range(1, 11))]
+    deciles = [(b - a) / (ends[b] - ends[a]) if ends[b] > ends[a] else float("nan") for a, b in zip(cuts, cuts[1:])]
+    print(json.dumps({"rss_mb": peak_rss_mb(), "seconds": seconds, "first_rate": first, "last_rate": last,
+                      "rss_tenth_mb": rss_tenth[0] if rss_tenth else float("nan"), "decile_rates": deciles,
+                      "write_seconds": ends[-1] - ends[0]}))
     return 0
 
 
@@ -445,7 +466,7 @@ def scale_main(args) -> int:
                   f"texts/s, last 10 % {row['last_rate']:7.0f} (ratio {row['last_rate'] / row['first_rate']:.2f}), "
                   f"peak RSS {row['rss_mb']:.0f} MB")
         values = packed_values(big)
-        median_ms, p95_ms, open_ms = read_latency(big, 500)
+        median_ms, p95_ms, open_ms = read_latency(big, 1000)
         print(f"  largest file: {rows[-1][0]:,} texts, {values:,} values, "
               f"{big.stat().st_size / values:.3f} bytes/value")
         print(f"  open {open_ms:.1f} ms (target <= 100); one matrix median {median_ms:.3f} ms, p95 {p95_ms:.3f} ms "
@@ -457,6 +478,51 @@ def scale_main(args) -> int:
             fast_metrics.corpus_metrics(f, workers=1)
         rate = values / (time.perf_counter() - start)
         print(f"  analyze metrics over the whole file, 1 process: {rate / 1e6:.1f} M values/s (target >= 50)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+def scale_run_main(args) -> int:
+    """--scale-run N: N equal-length short texts through the small BERT into one version-3 float16
+    file (a child process), then that file read back here: write rates (first and last 10 %, and
+    each tenth), open time, one-matrix random access, metrics throughput, peak RSS at N/10 and N."""
+    count = args.scale_run
+    print(f"scale run: {count:,} texts, small BERT ({SMALL_BERT['num_hidden_layers']} layers, "
+          f"{SMALL_BERT['num_attention_heads']} heads, {SMALL_BERT['hidden_size']} wide), version 3 float16; "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+          "at start", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small = save_small_bert(tmp / "small-bert")
+        big = tmp / "scale.h5"
+        out = subprocess.run([sys.executable, __file__, "--child", "scale", "--count", str(count), "--model_dir",
+                              str(small), "--scale-output", str(big), *CHILD_FLAGS],
+                             capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        values = packed_values(big)
+        print(f"  written in {row['seconds']:.1f} s ({row['write_seconds']:.1f} s from the first text to the last, "
+              f"{count / row['seconds']:.0f} texts/s whole run); load average {os.getloadavg()[0]:.1f}")
+        print(f"  write rate first 10 % {row['first_rate']:.0f} texts/s, last 10 % {row['last_rate']:.0f} "
+              f"(last / first {row['last_rate'] / row['first_rate']:.2f}; target within 10 %)")
+        print("  each tenth, texts/s: " + ", ".join(f"{r:.0f}" for r in row["decile_rates"]))
+        print(f"  peak RSS at {count // 10:,} texts {row['rss_tenth_mb']:.0f} MB, at {count:,} texts "
+              f"{row['rss_mb']:.0f} MB (ratio {row['rss_mb'] / row['rss_tenth_mb']:.3f}; target flat)")
+        print(f"  file {big.stat().st_size / 1e9:.2f} GB, {values:,} values, {big.stat().st_size / values:.3f} "
+              "bytes/value")
+        median_ms, p95_ms, open_ms = read_latency(big, args.scale_reads)
+        print(f"  open {open_ms:.1f} ms (target <= 100); one matrix over {args.scale_reads:,} random (text, layer, "
+              f"head): median {median_ms:.3f} ms, p95 {p95_ms:.3f} ms (targets <= 1, <= 5; the first read also "
+              "loads the index)", flush=True)
+        from attnpipe.analyze import fast_metrics
+
+        start = time.perf_counter()
+        with store.open_attention(big) as f:
+            fast_metrics.corpus_metrics(f, workers=1)
+        seconds = time.perf_counter() - start
+        print(f"  metrics (analyze_attention.py metrics' corpus_metrics) over the whole file, 1 process: "
+              f"{values / seconds / 1e6:.2f} M values/s, {seconds:.1f} s (target >= 50)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
@@ -492,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minilm-texts", type=int, default=512, help="--scale: demo texts for MiniLM")
     parser.add_argument("--scale-counts", type=lambda v: [int(x) for x in v.split(",")], default=[20_000, 200_000],
                         help="--scale: corpus sizes of the scale runs (the last one is read back)")
+    parser.add_argument("--scale-run", type=int, default=None, metavar="N",
+                        help="only the scale run: N short texts, small BERT, version 3; write rates, open, "
+                        "one-matrix reads, metrics, peak RSS at N/10 and N")
+    parser.add_argument("--scale-reads", type=int, default=2000, help="--scale-run: random one-matrix reads")
     parser.add_argument("--scale-output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["rss", "long", "scale"], help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
@@ -506,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         return child_long(args)
     if args.child == "scale":
         return child_scale(args)
+    if args.scale_run:
+        if args.threads:
+            CHILD_FLAGS.extend(["--threads", str(args.threads)])
+        return scale_run_main(args)
     if args.scale:
         if args.smoke:
             args.repeats, args.scale_texts, args.minilm_texts, args.scale_counts = 1, 200, 16, [200, 400]
@@ -593,15 +667,16 @@ def main(argv: list[str] | None = None) -> int:
                 e8, ehi, elo = entropy_profile(tmp / "float32.h5")
                 print(f"  order-0 entropy (bytes/value): uint8 values {e8:.3f}; float16 high byte {ehi:.3f} + "
                       f"low byte {elo:.3f} = {ehi + elo:.3f}")
-                print("  targets: float16 <= 1.8 B/value, uint8 <= 0.45 B/value")
+                print(f"  schema version {store.H5_SCHEMA_VERSION} (the default); targets: float16 <= 1.75 B/value, "
+                      "uint8 <= 0.45 B/value")
 
         if "read" not in skip:
             count = big_file(tmp / "float16.h5", tmp / "big.h5", args.read_file_mb)
-            median_ms, p95_ms, open_ms = read_latency(tmp / "big.h5", 200)
+            median_ms, p95_ms, open_ms = read_latency(tmp / "big.h5", 1000)
             print(f"\nread: one (text, layer, head) matrix from a {(tmp / 'big.h5').stat().st_size / 1e9:.2f} GB "
                   f"float16 file of {count:,} texts (page cache warm: just written)")
-            print(f"  median {median_ms:.2f} ms, p95 {p95_ms:.2f} ms over 200 random reads; opening the file "
-                  f"{open_ms:.0f} ms (reads all ids)  (target <= 5 ms)")
+            print(f"  median {median_ms:.3f} ms, p95 {p95_ms:.3f} ms over 1,000 random reads; opening the file "
+                  f"{open_ms:.1f} ms  (targets: median <= 1 ms, p95 <= 5 ms, open <= 100 ms)")
             (tmp / "big.h5").unlink()
 
         if "analysis" not in skip:

@@ -55,16 +55,20 @@ def largest_difference(a: Path, b: Path) -> float:
     import h5py
     import numpy as np
 
+    sys.path.insert(0, str(ROOT))
+    from attnpipe import store
+
     worst = 0.0
-    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
-        if list(fa["ids"].asstr()[()]) != list(fb["ids"].asstr()[()]):
+    # through the reader: a revision before schema version 3 was the default writes version 2
+    with store.open_attention(a) as fa, store.open_attention(b) as fb:
+        if list(fa.ids) != list(fb.ids):
             return float("inf")
-        if "metrics" in fa:
-            return float(np.nanmax(np.abs(fa["metrics/values"][()] - fb["metrics/values"][()])))
-        for key in fa["texts"]:
-            x = fa["texts"][key]["attention"][()].astype(np.float64)
-            y = fb["texts"][key]["attention"][()].astype(np.float64)
-            worst = max(worst, float(np.abs(x - y).max()))
+        if fa.metrics_only:
+            with h5py.File(a, "r") as ra, h5py.File(b, "r") as rb:
+                return float(np.nanmax(np.abs(ra["metrics/values"][()] - rb["metrics/values"][()])))
+        for x, y in zip(fa, fb, strict=True):
+            if x.attention.size:
+                worst = max(worst, float(np.abs(x.attention.astype(np.float64) - y.attention).max()))
     return worst
 
 

@@ -5,7 +5,7 @@ head-gate gradients, gradient × input, head ablation); this adapter hands the r
 one-input batch, the attention of every kind at gates = 1 (as a family Output, so the same
 guards, sink and writer apply) and the gradient fields to store beside it.
 
-Stored (attnpipe.store, schema version 2), every kind's: the "self" kind's gradients (the
+Stored (attnpipe.store, schema versions 3 and 2 alike), every kind's: the "self" kind's gradients (the
 encoder's, for encoder-decoders) as the text's attention_grad / head_gate_grad / head_ablation,
 and for encoder-decoders the "decoder" and "cross" kinds' as the target's
 decoder_* / cross_* fields (TargetAttention). Attention gradients are restricted to the stored

@@ -6,7 +6,7 @@ decoder's input is the model's decoder start token followed by the labels shifte
 exactly as transformers builds `decoder_input_ids` from `labels`. Row i of the decoder and
 cross-attention is therefore decoder input token i, the position that predicts label i.
 
-Stored per pair (attnpipe.store, schema version 2): the encoder self-attention as `attention`
+Stored per pair (attnpipe.store, schema versions 3 and 2 alike): the encoder self-attention as `attention`
 (source x source), and in `target` the decoder's causal self-attention (target x target), the
 decoder -> encoder cross-attention (target x source) and both token lists. The runner
 (attnpipe.extract.runner) batches, guards, verifies and writes pairs like any other input.

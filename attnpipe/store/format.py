@@ -4,8 +4,9 @@ Dimension order is always (layer, head, query, key): rows are queries, columns a
 Only real tokens are stored: no padding, so a text of n tokens has (L, H, n, n) attention,
 where L and H count the *stored* layers and heads (their model indices are in `layers`/`heads`).
 
-HDF5 (`.h5`, many texts), schema version 2 (version 1 files, which lack the storage attributes
-below, read as float32/float16, gzip, all rows)::
+HDF5 (`.h5`, many texts): schema version 3 (packed; H5_SCHEMA_VERSION, the default; its spec is
+attnpipe.store.packed's docstring) or, with --schema-version 2, schema version 2 (version 1
+files, which lack the storage attributes below, read as float32/float16, gzip, all rows)::
 
     /                      attrs: format = "attnpipe-attention", schema_version = 2,
                                   dims = "layer,head,query,key", and the provenance below

@@ -1,6 +1,8 @@
 """Merging HDF5 shards of one corpus (same model, same storage) into one attention file, in order.
 
-The workflow extracts a corpus in shards and merges them here. Text groups are copied as they
+The workflow extracts a corpus in shards and merges them here. Shards of schema version 3 (the
+default) are concatenated field by field (store.packed.merge_packed); the merged file has their
+version. Version-2 shards: text groups are copied as they
 are (no re-encoding), renumbered in the order of the shards; ids follow. Shards of a
 --metrics-only run have their /metrics arrays (values, causal) concatenated in the same order.
 Per-corpus means (head_importance_mean, head_ablation_mean) cannot be merged from shards and
