@@ -1,0 +1,248 @@
+"""Issue 16, the rest of "tracebacks instead of one line": hostile numbers, fields, model folders,
+texts, YAML and a full disk inside matplotlib; each is one `error:` line, exit 2, nothing written.
+
+The workflow's side (`snakemake -n`) is in test_snakemake_dry_run_refuses_hostile_configs (slow).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from damaged_files import BASES, edit, set_attr, write_base
+from test_corrupt_inputs import META, valid_item
+
+import analyze_attention
+import extract_attention
+import visualize_attention
+from attnpipe.errors import AttnpipeError, run_cli
+from attnpipe.extract.checkpoint_fit import folder_problems
+from attnpipe.store import write_json
+from attnpipe.workflow_config import MAX_NODES, load_config
+
+
+def one_error(main, argv, capsys) -> str:
+    status = run_cli(main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith("error: "), (status, err)
+    return err[0]
+
+
+# ----------------------------------------------------------------------------- numbers and fields of files
+
+
+@pytest.mark.parametrize(("where", "key"), [("/", "num_layers"), ("/", "layers"), ("/", "max_length"),
+                                            ("/", "compression_level"), ("/", "attrs_crc32"),
+                                            ("texts/00000001", "num_tokens_untruncated")])
+def test_an_infinite_integer_attribute_is_one_error_line(where, key, tmp_path, capsys):
+    """int(inf) raised OverflowError, a traceback, in every reading command."""
+    path = write_base(tmp_path / "a.h5", BASES["gzip"])
+    with h5py.File(path) as f:
+        shape = np.shape(f[where].attrs[key])
+    edit(set_attr(where, key, np.full(shape, np.inf)))(path)
+    commands = [(visualize_attention.main, ["-i", str(path), "--mode", "prepare", "--index", "1",
+                                            "-o", str(tmp_path / "p.json")])]
+    if where == "/":  # summary reads no text's attributes
+        commands.append((analyze_attention.main, ["summary", str(path)]))
+    for main, argv in commands:
+        assert "damaged" in one_error(main, argv, capsys)
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("image", {}, "'image' lacks path, size, patch_grid, patch_size"),
+    ("image", [1], "'image' must be an object with path, size, patch_grid, patch_size, got list"),
+    ("image", {"path": "x.png", "size": 5, "patch_grid": [2, 2], "patch_size": 16}, "'image.size' must be a list"),
+    ("target", {}, "'target' lacks text, tokens"),
+    ("target", 5, "'target' must be an object"),
+    ("num_tokens_untruncated", float("inf"), "'num_tokens_untruncated' must be an integer, got inf"),
+    ("num_tokens_untruncated", 1e300, "'num_tokens_untruncated' must be an integer"),
+])
+def test_a_json_field_of_the_wrong_kind_is_one_error_line(key, value, needle, tmp_path, capsys):
+    """{} for image/target raised KeyError; Infinity (which Python's json reads) OverflowError."""
+    path = tmp_path / "a.json"
+    write_json(path, valid_item("a", 4, 0), META)
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))  # inf is written as Infinity, as a hostile file would hold it
+    line = one_error(analyze_attention.main, ["summary", str(path)], capsys)
+    assert needle in line, line
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a warning printed before the one line was the bug
+def test_a_value_too_large_for_float32_is_one_line_without_a_warning(tmp_path, capsys):
+    path = tmp_path / "a.json"
+    write_json(path, valid_item("a", 4, 0), META)
+    data = json.loads(path.read_text())
+    data["attention_matrices"][0][0][0][0] = 1e300  # float32 overflow: numpy warned "overflow encountered in cast"
+    path.write_text(json.dumps(data))
+    assert "NaN or infinite" in one_error(analyze_attention.main, ["summary", str(path)], capsys)
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def _config(**values):
+    def apply(folder: Path) -> None:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    return apply
+
+
+def _safetensors(change):
+    def apply(folder: Path) -> None:
+        path = folder / "model.safetensors"
+        path.write_bytes(change(path.read_bytes()))
+    return apply
+
+
+BROKEN_MODELS = {  # name -> (breakage, what the one line must say)
+    "heads-nan": (_config(num_attention_heads=float("nan")), "num_attention_heads is nan, not a positive integer"),
+    "heads-zero": (_config(num_attention_heads=0), "num_attention_heads is 0, not a positive integer"),
+    "layers-negative": (_config(num_hidden_layers=-1), "num_hidden_layers is -1, not a positive integer"),
+    "hidden-string": (_config(hidden_size="32"), "hidden_size is '32', not a positive integer"),
+    "heads-do-not-divide": (_config(num_attention_heads=5), "hidden_size 32 is not a multiple of num_attention_heads 5"),
+    "safetensors-truncated": (_safetensors(lambda b: b[:len(b) // 2]), "model.safetensors is damaged (truncated?)"),
+    "safetensors-garbage-header": (_safetensors(lambda b: b[:8] + b"\xff" * 40 + b[48:]),
+                                   "model.safetensors is damaged: its header is not JSON"),
+    "safetensors-header-too-long": (_safetensors(lambda b: struct.pack("<Q", 10**9) + b[8:]),
+                                    "model.safetensors is damaged: its header claims 1000000000 bytes"),
+    "safetensors-too-short": (_safetensors(lambda b: b[:5]), "model.safetensors is not a safetensors file"),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_models(tiny_model_dir, tmp_path_factory):
+    into = tmp_path_factory.mktemp("broken_models")
+    folders = {}
+    for name, (breakage, _) in BROKEN_MODELS.items():
+        folders[name] = into / name
+        shutil.copytree(tiny_model_dir("bert"), folders[name])
+        breakage(folders[name])
+    return folders
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_MODELS))
+def test_a_model_config_or_weights_file_that_cannot_load_is_one_error_line(name, broken_models, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Tracebacks before: StrictDataclassFieldValidationError (NaN, "32"), ZeroDivisionError (0 heads),
+    SafetensorError (damaged file). The workflow's check (folder_problems) says the same."""
+    monkeypatch.setattr(sys, "argv", ["extract_attention.py"])
+    capsys.readouterr()
+    out = tmp_path / "a.json"
+    line = one_error(extract_attention.main, ["--model_dir", str(broken_models[name]), "--text", "the cat",
+                                              "--output_file", str(out)], capsys)
+    assert BROKEN_MODELS[name][1] in line, line
+    assert not out.exists()
+    assert any(BROKEN_MODELS[name][1] in p for p in folder_problems(broken_models[name]))
+
+
+def test_an_empty_vocabulary_is_one_error_line(tiny_model_dir, tmp_path, capsys):
+    """A BERT folder whose vocab.txt holds nothing (or only special tokens): every word would be [UNK]."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("bert"), folder)
+    (folder / "tokenizer.json").unlink()
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "BertTokenizer"}))
+    for vocabulary in ("", "[PAD]\n[UNK]\n[CLS]\n[SEP]\n"):
+        (folder / "vocab.txt").write_text(vocabulary)
+        line = one_error(extract_attention.main, ["--model_dir", str(folder), "--text", "the cat",
+                                                  "--output_file", str(tmp_path / "a.json")], capsys)
+        assert "has no usable tokenizer" in line, line
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_method_hf_refuses_remote_code_like_the_default_method(tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir("bert"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_x.XModel"}}))
+    marker = tmp_path / "RAN"
+    (folder / "modeling_x.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for method in ([], ["--method", "hf"]):
+        line = one_error(extract_attention.main, ["--model_dir", str(folder), "--text", "the cat", *method,
+                                                  "--output_file", str(tmp_path / "a.json")], capsys)
+        assert "asks to run its own Python code" in line and "--trust-remote-code" in line, line
+    assert not marker.exists() and not (tmp_path / "a.json").exists()
+
+
+# ----------------------------------------------------------------------------- texts
+
+
+@pytest.mark.parametrize("flags", [["--text", "the \udcff cat"], ["--source", "the \ud800", "--target", "a cat"]])
+def test_a_lone_surrogate_on_the_command_line_is_one_error_line(flags, tiny_model_dir, tmp_path, capsys):
+    """Bytes of argv that are not UTF-8 reach Python as lone surrogates ('\\udcff' for 0xff):
+    the tokenizer raised TypeError before."""
+    line = one_error(extract_attention.main, ["--model_dir", str(tiny_model_dir("bert")), *flags,
+                                              "--output_file", str(tmp_path / "a.json")], capsys)
+    assert "a lone surrogate" in line and "number 1" in line, line
+    assert not (tmp_path / "a.json").exists()
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+def test_a_deep_or_exploding_yaml_config_is_refused_quickly(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("run: x\nnested: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    laughs = tmp_path / "laughs.yaml"
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdefghi", "bcdefghij"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    laughs.write_text("\n".join(lines) + "\n")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("run: a\nrun: b\n")
+    for path, needle in ((deep, "line 2: YAML nested more than 64 deep"),
+                         (laughs, f"its aliases (*name) expand to more than {MAX_NODES} values"),
+                         (twice, "duplicate name 'run' (line 2")):
+        start = time.perf_counter()
+        with pytest.raises(AttnpipeError, match=r".*") as caught:
+            load_config(path)
+        assert needle in str(caught.value), caught.value
+        assert time.perf_counter() - start < 5
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("a: &x {b: [1, 2]}\nc: *x\n")
+    assert load_config(ok) == {"a": {"b": [1, 2]}, "c": {"b": [1, 2]}}
+
+
+# ----------------------------------------------------------------------------- a full disk inside matplotlib
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
+def test_a_full_disk_inside_matplotlibs_writer_leaves_the_previous_figure(suffix, tmp_path, monkeypatch, capsys):
+    """The writer fails half-way (ENOSPC from its file's write, as a full disk gives): one line,
+    no partial file, the existing figure untouched."""
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "a.json"
+    write_json(path, valid_item("a", 4, 0), META)
+    figure = tmp_path / f"heads{suffix}"
+    argv = ["-i", str(path), "--mode", "heads", "--layer", "0", "-o", str(figure)]
+    assert run_cli(visualize_attention.main, argv) == 0
+    before = figure.read_bytes()
+    real = Figure.savefig
+
+    def full_disk(self, fname, **kwargs):
+        real(self, fname, **kwargs)  # the bytes of a real figure, then the disk is full
+        with open(fname, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    capsys.readouterr()
+    line = one_error(visualize_attention.main, argv, capsys)
+    assert line == f"error: could not write {figure}: No space left on device (disk full or file-size limit?)", line
+    assert figure.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", figure.name]  # no temporary file left
+    out = tmp_path / "spec"
+    line = one_error(analyze_attention.main, ["specialization", str(path), "--output-dir", str(out)], capsys)
+    assert "No space left on device" in line, line
+    assert not out.exists() or not list(out.iterdir())
