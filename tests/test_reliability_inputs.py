@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 from damaged_files import BASES, edit, set_attr, write_base
+from reliability_support import BROKEN_MODELS, broken_model_folders
 from test_corrupt_inputs import META, valid_item
 
 import analyze_attention
@@ -90,44 +90,9 @@ def test_a_value_too_large_for_float32_is_one_line_without_a_warning(tmp_path, c
 # ----------------------------------------------------------------------------- model folders
 
 
-def _config(**values):
-    def apply(folder: Path) -> None:
-        path = folder / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
-    return apply
-
-
-def _safetensors(change):
-    def apply(folder: Path) -> None:
-        path = folder / "model.safetensors"
-        path.write_bytes(change(path.read_bytes()))
-    return apply
-
-
-BROKEN_MODELS = {  # name -> (breakage, what the one line must say)
-    "heads-nan": (_config(num_attention_heads=float("nan")), "num_attention_heads is nan, not a positive integer"),
-    "heads-zero": (_config(num_attention_heads=0), "num_attention_heads is 0, not a positive integer"),
-    "layers-negative": (_config(num_hidden_layers=-1), "num_hidden_layers is -1, not a positive integer"),
-    "hidden-string": (_config(hidden_size="32"), "hidden_size is '32', not a positive integer"),
-    "heads-do-not-divide": (_config(num_attention_heads=5), "hidden_size 32 is not a multiple of num_attention_heads 5"),
-    "safetensors-truncated": (_safetensors(lambda b: b[:len(b) // 2]), "model.safetensors is damaged (truncated?)"),
-    "safetensors-garbage-header": (_safetensors(lambda b: b[:8] + b"\xff" * 40 + b[48:]),
-                                   "model.safetensors is damaged: its header is not JSON"),
-    "safetensors-header-too-long": (_safetensors(lambda b: struct.pack("<Q", 10**9) + b[8:]),
-                                    "model.safetensors is damaged: its header claims 1000000000 bytes"),
-    "safetensors-too-short": (_safetensors(lambda b: b[:5]), "model.safetensors is not a safetensors file"),
-}
-
-
 @pytest.fixture(scope="module")
 def broken_models(tiny_model_dir, tmp_path_factory):
-    into = tmp_path_factory.mktemp("broken_models")
-    folders = {}
-    for name, (breakage, _) in BROKEN_MODELS.items():
-        folders[name] = into / name
-        shutil.copytree(tiny_model_dir("bert"), folders[name])
-        breakage(folders[name])
-    return folders
+    return broken_model_folders(tiny_model_dir("bert"), tmp_path_factory.mktemp("broken_models"))
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN_MODELS))
@@ -246,3 +211,47 @@ def test_a_full_disk_inside_matplotlibs_writer_leaves_the_previous_figure(suffix
     line = one_error(analyze_attention.main, ["specialization", str(path), "--output-dir", str(out)], capsys)
     assert "No space left on device" in line, line
     assert not out.exists() or not list(out.iterdir())
+
+
+# ----------------------------------------------------------------------------- the workflow (snakemake -n)
+
+
+@pytest.mark.slow
+def test_snakemake_dry_run_refuses_hostile_configs(broken_models, tmp_path):
+    """Each: one `config error:` line naming the key or file, quickly, before any job. (A YAML nested
+    50,000 deep never reaches the Snakefile: Snakemake parses --configfile first and stops with its
+    own RecursionError; 100 deep is parsed by Snakemake and refused here.)"""
+    import yaml
+    from workflow_support import snakemake, write_config
+
+    def bad_yaml(name: str, text: str) -> Path:
+        path = write_config(tmp_path, name=name)
+        path.write_text(path.read_text() + text)
+        return path
+
+    laughs = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    laughs += [f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefghi", "bcdefghij")]
+    cases = [
+        (bad_yaml("laughs.yaml", "\n".join(laughs) + "\n"), "its aliases (*name) expand to more than"),
+        (bad_yaml("deep.yaml", "nested: " + "[" * 100 + "]" * 100 + "\n"), "YAML nested more than 64 deep"),
+        (write_config(tmp_path, name="long.yaml", extraction={"max_length": 100_000_000}),
+         "extraction.max_length: 100000000 is greater than the maximum of 1048576"),
+        (write_config(tmp_path, name="positions.yaml", extraction={"max_length": 1000}),
+         "extraction.max_length: 1000 is more than the 512 positions of checkpoint"),
+        (write_config(tmp_path, name="nan.yaml", checkpoints={
+            "bad": {"kind": "hf", "path": str(broken_models["heads-nan"])}}),
+         "checkpoints.bad.path: ", "num_attention_heads is nan, not a positive integer"),
+        (write_config(tmp_path, name="truncated.yaml", checkpoints={
+            "bad": {"kind": "random_init", "base": str(broken_models["safetensors-truncated"])}}),
+         "checkpoints.bad.base: ", "model.safetensors is damaged (truncated?)"),
+    ]
+    for config, *needles in cases:
+        assert yaml.safe_load(config.read_text())  # valid YAML: Snakemake itself reads it
+        start = time.perf_counter()
+        run = snakemake(tmp_path, config, "-n", timeout=120)
+        took = time.perf_counter() - start
+        lines = [line for line in run.stderr.splitlines() if line.startswith("config error: ")]
+        assert run.returncode == 1 and len(lines) == 1, (config.name, run.stderr[-2000:])
+        assert all(needle in lines[0] for needle in needles), lines[0]
+        assert "Traceback" not in run.stderr and took < 60, (config.name, took)
+    assert not (tmp_path / "results").exists()
