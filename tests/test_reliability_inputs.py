@@ -255,3 +255,72 @@ def test_snakemake_dry_run_refuses_hostile_configs(broken_models, tmp_path):
         assert all(needle in lines[0] for needle in needles), lines[0]
         assert "Traceback" not in run.stderr and took < 60, (config.name, took)
     assert not (tmp_path / "results").exists()
+
+
+# ----------------------------------------------------------------------------- out of memory (ulimit -v)
+
+
+def test_an_allocation_refused_for_memory_is_one_error_line(capsys):
+    """MemoryError (numpy's too) and torch's allocator RuntimeError: one line with a hint; any other
+    RuntimeError is still a bug, shown as a traceback."""
+    import torch
+
+    def allocate_too_much(argv):
+        return torch.empty(2**62, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
+
+    def numpy_too_much(argv):
+        return np.empty(2**62, dtype=np.uint8)  # numpy's _ArrayMemoryError, a MemoryError
+
+    for main in (allocate_too_much, numpy_too_much):
+        assert run_cli(main, []) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: out of memory (") and "ulimit -v" in err[0], err
+
+    def a_bug(argv):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_cli(a_bug, [])
+
+
+# The child imports what the command needs, then caps its address space (RLIMIT_AS, what `ulimit -v`
+# sets) at what it has mapped plus MARGIN: the imports fit on any machine, the text's matrices do not.
+CHILD = """
+import resource, sys
+sys.path.insert(0, {root!r})
+import matplotlib, numpy, torch  # noqa: F401
+import analyze_attention, visualize_attention
+from attnpipe.analyze import commands  # noqa: F401
+from attnpipe.visualize import plots, prepare, run  # noqa: F401
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + {margin}, size + {margin}))
+sys.argv = [{script!r}, *sys.argv[1:]]
+sys.exit({module}.cli())
+"""
+MARGIN = 60 * 2**20  # the 1200-token text decodes to 35 MB of float32, and each step copies it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["summary", "prepare"])
+def test_ulimit_v_during_analysis_or_visualization_is_one_error_line(command, tmp_path):
+    import dataclasses
+    import os
+    import subprocess
+
+    from attnpipe.store import H5Writer, Storage
+    from conftest import ROOT
+
+    path = tmp_path / "long.h5"
+    with H5Writer(path, 1, "float16", Storage(dtype="float16", compression="lzf")) as writer:
+        writer.write(0, valid_item("a", 1200, 0))
+        writer.finish(dataclasses.replace(META, dtype="float16"))
+    out = tmp_path / "out.json"
+    script, argv = (("analyze_attention.py", ["summary", str(path)]) if command == "summary" else
+                    ("visualize_attention.py", ["-i", str(path), "--mode", "prepare", "-o", str(out)]))
+    child = CHILD.format(root=str(ROOT), margin=MARGIN, script=script, module=script[:-3])
+    proc = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith("error: out of memory (") and "raise the limit" in err[0], err[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["long.h5"]
