@@ -324,3 +324,19 @@ def test_ulimit_v_during_analysis_or_visualization_is_one_error_line(command, tm
     assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
     assert err[0].startswith("error: out of memory (") and "raise the limit" in err[0], err[0]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["long.h5"]
+
+
+@pytest.mark.parametrize(("row", "needle"), [
+    ('{"source": "the cat", "target": {}}', 'line 1 has no string "target" field'),
+    ('{"source": "the cat", "target": "a dog", "id": {}}', 'line 1 has an "id" that is not a string or an integer: {}'),
+    ('{"source": "the cat", "target": "a dog", "id": NaN}', 'line 1 has an "id" that is not a string or an integer: NaN'),
+])
+def test_a_pairs_file_with_an_object_target_or_id_is_one_error_line(row, needle, tmp_path):
+    """An object id became the pair id "{}" (str() of it) before; the texts reader refused it already."""
+    from attnpipe.extract.corpus import read_pairs_file
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(row + "\n")
+    with pytest.raises(AttnpipeError) as caught:
+        read_pairs_file(path)
+    assert needle in str(caught.value), caught.value

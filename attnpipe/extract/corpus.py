@@ -387,7 +387,11 @@ def read_pairs_file(path: Path) -> list[Pair]:
                 raise AttnpipeError(f'{path} line {number} has no string "{field}" field')
             if not row[field].strip():
                 raise AttnpipeError(f'{path} line {number} has an empty "{field}"')
-        pairs.append(Pair(str(row.get("id", f"line-{number}")), row["source"], row.get("target")))
+        pair_id = row.get("id", f"line-{number}")
+        if isinstance(pair_id, bool) or not isinstance(pair_id, (str, int)):  # null, NaN, objects: as for texts
+            raise AttnpipeError(f'{path} line {number} has an "id" that is not a string or an integer: '
+                                f"{json.dumps(pair_id)[:40]}")
+        pairs.append(Pair(str(pair_id), row["source"], row.get("target")))
     if not pairs:
         raise AttnpipeError(f"texts file {path} has no pairs")
     check_unique_ids(pairs)
