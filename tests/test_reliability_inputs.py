@@ -340,3 +340,35 @@ def test_a_pairs_file_with_an_object_target_or_id_is_one_error_line(row, needle,
     with pytest.raises(AttnpipeError) as caught:
         read_pairs_file(path)
     assert needle in str(caught.value), caught.value
+
+
+def test_a_full_disk_during_report_leaves_the_previous_report(tmp_path, monkeypatch, capsys):
+    """`report` left a partial folder before; now its files are staged and moved only when all are
+    written (attnpipe.analyze.tables.staged_output_dir), so the previous report stays whole."""
+    from matplotlib.figure import Figure
+
+    from attnpipe.store import H5Writer
+
+    path = tmp_path / "a.h5"
+    with H5Writer(path, 2, "float32") as writer:
+        for i in range(2):
+            writer.write(i, valid_item(f"t{i}", 5, i))
+        writer.finish(META)
+    out = tmp_path / "report"
+    argv = ["report", str(path), "--output-dir", str(out)]
+    assert run_cli(analyze_attention.main, argv) == 0
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert len([name for name in before if name.endswith(".png")]) >= 2
+    real, calls = Figure.savefig, []
+
+    def full_disk_on_the_second_figure(self, fname, **kwargs):
+        calls.append(fname)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, fname, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", full_disk_on_the_second_figure)
+    capsys.readouterr()
+    assert "No space left on device" in one_error(analyze_attention.main, argv, capsys)
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before and not [p for p in out.iterdir() if p.name.startswith(".")]
