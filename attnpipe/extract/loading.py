@@ -334,10 +334,10 @@ def _first_line(err: Exception) -> str:
 
 def check_loadable(model_dir: Path) -> None:
     """config.json's sizes and the safetensors headers, checked before transformers reads them
-    (attnpipe.extract.checkpoint_fit, which `snakemake -n` runs too)."""
-    from attnpipe.extract.checkpoint_fit import check_loadable as check  # it imports this module
+    (attnpipe.extract.model_files, which `snakemake -n` runs too, through checkpoint_fit)."""
+    from attnpipe.extract.model_files import check_loadable as check
 
-    check(model_dir)
+    check(model_dir, read_model_config(model_dir))
 
 
 def load_model(
