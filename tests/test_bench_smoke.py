@@ -23,3 +23,11 @@ def test_bench_smoke_prints_the_table():
                  "bytes/value", "uint8 max abs error", "read: one (text, layer, head) matrix",
                  "analysis:", "peak RSS of a whole extraction", "long input:"):
         assert line in out, f"missing {line!r} in:\n{out}"
+
+
+def test_checksum_bench_smoke_prints_both_ratios():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_checksum.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("with checksums", "without", "every text whole", "random single matrices", "ratio"):
+        assert line in result.stdout, f"missing {line!r} in:\n{result.stdout}"

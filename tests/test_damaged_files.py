@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,16 +44,21 @@ def run_command(name: str, path: Path, out: Path, capsys) -> tuple[int, str, str
 
     previous = signal.signal(signal.SIGALRM, too_slow)
     signal.alarm(60)  # a hang (an external link to a FIFO) fails the test instead of stalling it
-    try:
-        status = run_cli(main, argv(path, out))
-    except SystemExit as stop:
-        status = stop.code
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    # pytest keeps warnings off stderr; a command run by hand prints them (numpy's RuntimeWarning
+    # before the error line was issue 16's bug), so they count as stderr lines here.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            status = run_cli(main, argv(path, out))
+        except SystemExit as stop:
+            status = stop.code
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
     captured = capsys.readouterr()
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    return status, captured.out, captured.err, files
+    return status, captured.out, shown + captured.err, files
 
 
 def all_variants(folder: Path) -> list[tuple[str, str]]:
@@ -102,6 +108,7 @@ def test_every_reading_command_refuses_or_matches_on_damaged_files(damaged, caps
             if status == 0 and (stdout, stderr, files) == reference[kind][name][1:]:
                 COUNTS["same_output"] += 1
             elif status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and not files and not stdout:
+                # exactly the one line on stderr: no warning (recorded above) before it
                 COUNTS["errors"] += 1
             else:
                 problems.append(f"{kind}-{variant} {name}: exit {status}, stderr {stderr[-300:]!r}, "

@@ -33,7 +33,7 @@ from seq2seq_tiny import save_tiny_seq2seq
 from test_corrupt_inputs import META, h5_edit, json_nan, ragged, replace_attention, rows_scaled, truncate, valid_item
 from test_security import evil_state_dict, remote_code_folder
 from damaged_files import edit, external_link, replace_dataset, set_attr, soft_link
-from reliability_support import misfit_folders
+from reliability_support import broken_model_folders, misfit_folders
 
 DAMAGED = {  # placeholders of issue 16's rows: the valid {h5} broken one way each
     "h5_layers_unsorted": edit(set_attr("/", "layers", np.array([1, 0]))),
@@ -42,6 +42,7 @@ DAMAGED = {  # placeholders of issue 16's rows: the valid {h5} broken one way ea
     "h5_external_link": edit(external_link("texts/00000001/tokens", "/dev/stdin", "/x")),
     "h5_version_string": edit(set_attr("/", "schema_version", "2")),
     "h5_heap_flip": lambda path: path.write_bytes(path.read_bytes().replace(b"[CLS]", b"[BLS]", 1)),
+    "h5_num_layers_inf": edit(set_attr("/", "num_layers", np.inf)),
 }
 
 CATALOGUE = ROOT / "docs" / "ERRORS.md"
@@ -166,6 +167,10 @@ def files(tiny_model_dir, tiny_vit_dir, tmp_path_factory) -> dict[str, Path]:
     f["fifo_txt"] = d / "fifo.txt"
     os.mkfifo(f["fifo_txt"])
     f["dupkey_json"] = text_file("dupkey.json", f["json"].read_text().replace('"text":', '"text": "x", "text":', 1))
+    f["surrogate_text"] = shlex.quote("the \udcff cat")  # what argv byte 0xff becomes (surrogateescape)
+    f.update({f"model_{name.replace('-', '_')}": folder for name, folder in broken_model_folders(f["model"], d).items()})
+    data = json.loads(f["json"].read_text())
+    f["json_image_object"] = text_file("json_image_object.json", json.dumps({**data, "image": {}}))
     for name, breakage in DAMAGED.items():
         f[name] = d / f"{name}.h5"
         shutil.copy(f["h5"], f[name])

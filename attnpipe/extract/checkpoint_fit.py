@@ -19,6 +19,7 @@ from pathlib import Path
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract.loading import read_state_dict
+from attnpipe.extract.model_files import loadable_problems
 
 IGNORED = ("position_ids",)  # a buffer some checkpoints save and others do not
 MAX_HEADER_BYTES = 100_000_000  # a larger safetensors header length means the file is not one
@@ -131,6 +132,11 @@ def folder_problems(folder: Path) -> list[str]:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from attnpipe.extract.loading import read_model_config
+
+    problems = loadable_problems(folder, read_model_config(folder))  # what would be transformers' traceback below
+    if problems:
+        return problems
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
         with torch.device("meta"):

@@ -111,12 +111,23 @@ class Pair:
 # ----------------------------------------------------------------------------- command line
 
 
+def check_characters(flag: str, number: int, text: str) -> None:
+    """A command-line text holds characters only: bytes of argv that are not UTF-8 reach Python as
+    lone surrogates (surrogateescape, '\\udcff' for byte 0xff), which no tokenizer or file can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise AttnpipeError(f"{flag} number {number} holds {err.object[err.start:err.end]!a}, a lone surrogate "
+                            "(a byte that is not UTF-8 in the command line?): give the text in UTF-8") from None
+
+
 def from_strings(texts: list[str]) -> list[Text]:
     """Texts given with --text, in order."""
     out = []
     for index, text in enumerate(texts):
         if not text.strip():
             raise AttnpipeError(f"--text number {index + 1} is empty")
+        check_characters("--text", index + 1, text)
         out.append(Text(f"text-{index}", text))
     return out
 
@@ -129,6 +140,7 @@ def pairs_from_strings(sources: list[str], targets: list[str]) -> list[Pair]:
         for index, source in enumerate(sources):
             if not source.strip():
                 raise AttnpipeError(f"--source number {index + 1} is empty")
+            check_characters("--source", index + 1, source)
         return [Pair(f"pair-{index}", source, None) for index, source in enumerate(sources)]
     if len(sources) != len(targets):
         raise AttnpipeError(
@@ -140,6 +152,7 @@ def pairs_from_strings(sources: list[str], targets: list[str]) -> list[Pair]:
         for flag, text in (("--source", source), ("--target", target)):
             if not text.strip():
                 raise AttnpipeError(f"{flag} number {index + 1} is empty")
+            check_characters(flag, index + 1, text)
         pairs.append(Pair(f"pair-{index}", source, target))
     return pairs
 
@@ -374,7 +387,11 @@ def read_pairs_file(path: Path) -> list[Pair]:
                 raise AttnpipeError(f'{path} line {number} has no string "{field}" field')
             if not row[field].strip():
                 raise AttnpipeError(f'{path} line {number} has an empty "{field}"')
-        pairs.append(Pair(str(row.get("id", f"line-{number}")), row["source"], row.get("target")))
+        pair_id = row.get("id", f"line-{number}")
+        if isinstance(pair_id, bool) or not isinstance(pair_id, (str, int)):  # null, NaN, objects: as for texts
+            raise AttnpipeError(f'{path} line {number} has an "id" that is not a string or an integer: '
+                                f"{json.dumps(pair_id)[:40]}")
+        pairs.append(Pair(str(pair_id), row["source"], row.get("target")))
     if not pairs:
         raise AttnpipeError(f"texts file {path} has no pairs")
     check_unique_ids(pairs)

@@ -332,6 +332,14 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def check_loadable(model_dir: Path) -> None:
+    """config.json's sizes and the safetensors headers, checked before transformers reads them
+    (attnpipe.extract.model_files, which `snakemake -n` runs too, through checkpoint_fit)."""
+    from attnpipe.extract.model_files import check_loadable as check
+
+    check(model_dir, read_model_config(model_dir))
+
+
 def load_model(
     model_dir: Path, device: torch.device, trust_remote_code: bool = False, *,
     method: str = "manual", input_kind: str | None = None,
@@ -359,6 +367,7 @@ def load_model(
         family = FAMILIES[model_type]
     if not trust_remote_code:
         check_no_remote_code(model_dir)
+    check_loadable(model_dir)
     image = family.INPUT_KIND == "image"
     if image and not (model_dir / "preprocessor_config.json").is_file():
         raise AttnpipeError(f"{model_dir} has no preprocessor_config.json: the image processor's "

@@ -250,6 +250,10 @@ def check_config(config: ExtractConfig) -> store.Storage:
         raise AttnpipeError(f"--max-tokens-per-batch must be at least 1, got {config.max_tokens_per_batch}")
     if not config.batch_attention_mb > 0:  # also refuses NaN
         raise AttnpipeError(f"--batch-attention-mb must be above 0, got {config.batch_attention_mb}")
+    if config.batch_attention_mb == float("inf"):  # int() of it raised OverflowError
+        raise AttnpipeError("--batch-attention-mb must be a finite number, got inf")
+    if not config.verify_tol < float("inf"):  # NaN or inf would let every --verify difference pass
+        raise AttnpipeError(f"--verify-tol must be a finite number, got {config.verify_tol}")
     if config.threads is not None and config.threads < 1:
         raise AttnpipeError(f"--threads must be at least 1, got {config.threads}")
     if config.metrics is not None:

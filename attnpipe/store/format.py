@@ -481,6 +481,16 @@ def provenance_attrs(prov: Provenance) -> dict:
     return attrs
 
 
+def attr_int(value, name: str = "an integer attribute") -> int:
+    """An integer attribute as stored: an integer, or a float holding a whole finite number (int()
+    of infinity raises OverflowError, of NaN ValueError; both are damage, said as ValueError)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
+        raise ValueError(f"{name} must be an integer, got {float(value)!r}")
+    return int(value)
+
+
 class MissingAttribute(KeyError):
     """A provenance attribute the file should have and does not (its name is the argument)."""
 
@@ -500,30 +510,30 @@ def provenance_from_attrs(attrs) -> Provenance:
         model_type=get("model_type"),
         weights_sha256=get("weights_sha256"),
         weight_files=tuple(json.loads(get("weight_files"))),
-        num_layers=int(get("num_layers")),
-        num_heads=int(get("num_heads")),
-        layers=tuple(int(x) for x in get("layers")),
-        heads=tuple(int(x) for x in get("heads")),
+        num_layers=attr_int(get("num_layers"), "num_layers"),
+        num_heads=attr_int(get("num_heads"), "num_heads"),
+        layers=tuple(attr_int(x, "layers") for x in get("layers")),
+        heads=tuple(attr_int(x, "heads") for x in get("heads")),
         dtype=get("dtype"),
         compute_dtype=get("compute_dtype"),
         method=get("method"),
-        max_length=int(get("max_length")),
+        max_length=attr_int(get("max_length"), "max_length"),
         trust_remote_code=bool(get("trust_remote_code")),
         library_versions=json.loads(get("library_versions")),
         parity_max_abs_diff=maybe(get("parity_max_abs_diff")),
         parity_hidden_max_abs_diff=maybe(get("parity_hidden_max_abs_diff")),
-        schema_version=int(get("schema_version")),
-        decoder_num_layers=int(get("decoder_num_layers")) if "decoder_num_layers" in attrs else None,
-        decoder_num_heads=int(get("decoder_num_heads")) if "decoder_num_heads" in attrs else None,
-        decoder_layers=tuple(int(x) for x in get("decoder_layers")) if "decoder_layers" in attrs else None,
-        decoder_heads=tuple(int(x) for x in get("decoder_heads")) if "decoder_heads" in attrs else None,
+        schema_version=attr_int(get("schema_version"), "schema_version"),
+        decoder_num_layers=attr_int(get("decoder_num_layers"), "decoder_num_layers") if "decoder_num_layers" in attrs else None,
+        decoder_num_heads=attr_int(get("decoder_num_heads"), "decoder_num_heads") if "decoder_num_heads" in attrs else None,
+        decoder_layers=tuple(attr_int(x, "decoder_layers") for x in get("decoder_layers")) if "decoder_layers" in attrs else None,
+        decoder_heads=tuple(attr_int(x, "decoder_heads") for x in get("decoder_heads")) if "decoder_heads" in attrs else None,
         checkpoint_dtype=(get("checkpoint_dtype") or None) if "checkpoint_dtype" in attrs else None,
         gradient_target=(get("gradient_target") or None) if "gradient_target" in attrs else None,
         generation=json.loads(get("generation")) if attrs.get("generation") else None,
         attribution=str(get("attribution")) if "attribution" in attrs else None,
-        attribution_steps=int(get("attribution_steps")) if "attribution_steps" in attrs else None,
+        attribution_steps=attr_int(get("attribution_steps"), "attribution_steps") if "attribution_steps" in attrs else None,
         attribution_method=str(get("attribution_method")) if "attribution_method" in attrs else None,
-        skipped_empty=tuple(int(x) for x in get("skipped_empty")) if "skipped_empty" in attrs else (),
+        skipped_empty=tuple(attr_int(x, "skipped_empty") for x in get("skipped_empty")) if "skipped_empty" in attrs else (),
     )
 
 
@@ -533,14 +543,14 @@ def storage_from_attrs(attrs) -> Storage:
         return value.decode() if isinstance(value, bytes) else value
 
     compression = str(get("compression", "gzip"))
-    level = int(get("compression_level", DEFAULT_GZIP_LEVEL))
+    level = attr_int(get("compression_level", DEFAULT_GZIP_LEVEL), "compression_level")
     return Storage(
         dtype=str(get("dtype", "float32")),
         compression=compression,
         compression_level=level if compression == "gzip" else None,
         rows=str(get("rows", "all")),
         metrics_only=bool(get("metrics_only", False)),
-        schema_version=3 if int(get("schema_version", SCHEMA_VERSION)) == 3 else SCHEMA_VERSION,
+        schema_version=3 if attr_int(get("schema_version", SCHEMA_VERSION), "schema_version") == 3 else SCHEMA_VERSION,
     )
 
 

@@ -230,7 +230,8 @@ def _json_matrices(path: Path, data: dict) -> np.ndarray:
     if _has_bool(data["attention_matrices"]):
         raise AttnpipeError(f"{path}: attention_matrices holds true/false where probabilities belong")
     try:
-        attention = np.asarray(data["attention_matrices"], dtype=np.float32)
+        with np.errstate(over="ignore"):  # 1e300 becomes inf, refused below by the NaN/inf check, not warned
+            attention = np.asarray(data["attention_matrices"], dtype=np.float32)
     except (ValueError, TypeError, OverflowError) as err:
         raise AttnpipeError(
             f"{path}: attention_matrices is ragged or not numeric (every layer needs the same heads, "
@@ -262,11 +263,11 @@ def text_from_json(path: Path, data: dict) -> TextAttention:
         offsets=np.asarray(data.get("offsets", [[-1, -1]] * n), dtype=np.int64).reshape(n, 2),
         word_ids=np.asarray(data.get("word_ids", [-1] * n), dtype=np.int64),
         truncated=bool(data.get("truncated", False)),
-        num_tokens_untruncated=int(data.get("num_tokens_untruncated", n)),
+        num_tokens_untruncated=_json_int(path, "num_tokens_untruncated", data.get("num_tokens_untruncated", n)),
         attention=attention,
-        target=_target_from_json(data, n),
+        target=_target_from_json(path, data, n),
         input_kind=str(data.get("input_kind", "text")),
-        image=_image_from_json(data.get("image")),
+        image=_image_from_json(path, data.get("image")),
         attention_grad=optional("attention_grad"),
         head_gate_grad=optional("head_gate_grad"),
         token_grad_input=optional("token_grad_input"),
@@ -279,14 +280,41 @@ def text_from_json(path: Path, data: dict) -> TextAttention:
     )
 
 
-def _target_from_json(data: dict, n: int) -> TargetAttention | None:
+def _json_int(path: Path, name: str, value) -> int:
+    """An integer field as JSON stores it; a float, Infinity (Python's json reads it), a string,
+    true/false or an object is one error naming the field, not int()'s traceback."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AttnpipeError(f"{path} is a damaged attention file: '{name}' must be an integer, got {value!r:.60}")
+    return value
+
+
+def _json_object(path: Path, name: str, value, keys: tuple[str, ...]) -> dict:
+    """A field that must be a JSON object holding `keys` (the file's 'image' or 'target')."""
+    if not isinstance(value, dict):
+        raise AttnpipeError(f"{path} is a damaged attention file: '{name}' must be an object with "
+                            f"{', '.join(keys)}, got {type(value).__name__} {value!r:.60}")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise AttnpipeError(f"{path} is a damaged attention file: '{name}' lacks {', '.join(missing)}")
+    return value
+
+
+TARGET_KEYS = ("text", "tokens", "token_ids", "special_tokens_mask", "labels", "label_ids", "truncated",
+               "num_tokens_untruncated")
+IMAGE_KEYS = ("path", "size", "patch_grid", "patch_size")
+
+
+def _target_from_json(path: Path, data: dict, n: int) -> TargetAttention | None:
     """The decoder side of a JSON file, or None when the file holds no target."""
     if "target" not in data:
         return None
-    target = data["target"]
+    target = _json_object(path, "target", data["target"], TARGET_KEYS)
+    if not isinstance(target["tokens"], list) or not all(isinstance(t, str) for t in target["tokens"]):
+        raise AttnpipeError(f"{path} is a damaged attention file: 'target.tokens' must be a list of strings")
     t = len(target["tokens"])
-    decoder = np.asarray(data["decoder_attention_matrices"], dtype=np.float32)
-    cross = np.asarray(data["cross_attention_matrices"], dtype=np.float32)
+    with np.errstate(over="ignore"):  # as attention_matrices: an overflow is inf, which the checks refuse
+        decoder = np.asarray(data["decoder_attention_matrices"], dtype=np.float32)
+        cross = np.asarray(data["cross_attention_matrices"], dtype=np.float32)
     for name, array, shape in (("decoder_attention_matrices", decoder, (t, t)),
                                ("cross_attention_matrices", cross, (t, n))):
         if array.ndim != 4 or array.shape[2:] != shape:
@@ -300,7 +328,7 @@ def _target_from_json(data: dict, n: int) -> TargetAttention | None:
         labels=tuple(target["labels"]),
         label_ids=np.asarray(target["label_ids"], dtype=np.int64),
         truncated=bool(target["truncated"]),
-        num_tokens_untruncated=int(target["num_tokens_untruncated"]),
+        num_tokens_untruncated=_json_int(path, "target.num_tokens_untruncated", target["num_tokens_untruncated"]),
         decoder_attention=decoder,
         cross_attention=cross,
         generated=or_none(lambda v: np.asarray(v, dtype=bool), target.get("generated")),
@@ -308,9 +336,14 @@ def _target_from_json(data: dict, n: int) -> TargetAttention | None:
     )
 
 
-def _image_from_json(value: dict | None) -> ImageInfo | None:
+def _image_from_json(path: Path, value: dict | None) -> ImageInfo | None:
     if value is None:
         return None
-    return ImageInfo(path=str(value["path"]), size=tuple(int(x) for x in value["size"]),
-                     patch_grid=tuple(int(x) for x in value["patch_grid"]),
-                     patch_size=int(value["patch_size"]))
+    value = _json_object(path, "image", value, IMAGE_KEYS)
+    sizes = {}
+    for key in ("size", "patch_grid"):
+        if not isinstance(value[key], list) or len(value[key]) != 2:
+            raise AttnpipeError(f"{path} is a damaged attention file: 'image.{key}' must be a list of two integers")
+        sizes[key] = tuple(_json_int(path, f"image.{key}", x) for x in value[key])
+    return ImageInfo(path=str(value["path"]), size=sizes["size"], patch_grid=sizes["patch_grid"],
+                     patch_size=_json_int(path, "image.patch_size", value["patch_size"]))

@@ -16,7 +16,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.store.codec import decode, read_whole
 from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, TEXT_ATTRIBUTIONS, ImageInfo, MissingAttribute, Storage,
                                    TargetAttention, TextAttention, or_none, provenance_from_attrs,
-                                   storage_from_attrs)
+                                   storage_from_attrs, attr_int)
 from attnpipe.store.json_file import read_json, text_from_json
 from attnpipe.store.packed import PACKED_SCHEMA_VERSION, PackedReader
 from attnpipe.store.validate import (check_attrs_crc, check_bool, check_chunks_written, check_hard_links,
@@ -185,7 +185,7 @@ class AttentionFile:
                     offsets=group["offsets"][()],
                     word_ids=group["word_ids"][()],
                     truncated=bool(group.attrs["truncated"]),
-                    num_tokens_untruncated=int(group.attrs["num_tokens_untruncated"]),
+                    num_tokens_untruncated=attr_int(group.attrs["num_tokens_untruncated"], "num_tokens_untruncated"),
                     attention=decode(read_whole(group["attention"])),
                     query_positions=group["query_positions"][()] if "query_positions" in group else None,
                     target=_target_from_h5(group) if "target" in group else None,
@@ -393,7 +393,7 @@ def _target_from_h5(group) -> TargetAttention:
         labels=tuple(sub["labels"].asstr()[()]),
         label_ids=sub["label_ids"][()],
         truncated=bool(sub.attrs["truncated"]),
-        num_tokens_untruncated=int(sub.attrs["num_tokens_untruncated"]),
+        num_tokens_untruncated=attr_int(sub.attrs["num_tokens_untruncated"], "target num_tokens_untruncated"),
         decoder_attention=decode(group["decoder_attention"][()]),
         cross_attention=decode(group["cross_attention"][()]),
         generated=sub["generated"][()].astype(bool) if "generated" in sub else None,
@@ -407,9 +407,9 @@ def _image_from_attrs(attrs) -> ImageInfo | None:
     path = attrs["image_path"]
     return ImageInfo(
         path=path.decode() if isinstance(path, bytes) else str(path),
-        size=tuple(int(x) for x in attrs["image_size"]),
-        patch_grid=tuple(int(x) for x in attrs["patch_grid"]),
-        patch_size=int(attrs["patch_size"]),
+        size=tuple(attr_int(x, "image_size") for x in attrs["image_size"]),
+        patch_grid=tuple(attr_int(x, "patch_grid") for x in attrs["patch_grid"]),
+        patch_size=attr_int(attrs["patch_size"], "patch_size"),
     )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.format import (READABLE_VERSIONS, ROW_SUM_TOL, UINT8_ROW_SLACK, Provenance,
-                                   TextAttention)
+                                   TextAttention, attr_int)
 
 
 def check_version(path: Path, version: int) -> None:
@@ -276,7 +276,7 @@ def check_strings_crc(path: Path, dataset, values, where: str) -> None:
     if expected is None:
         return  # written before checksums
     found = strings_crc32([values] if isinstance(values, str) else values)
-    if found != int(expected):
+    if found != attr_int(expected, CRC_ATTR):
         raise AttnpipeError(f"{path} is a damaged attention file: the strings of {where} do not match their "
                             "checksum (a changed byte in HDF5's string heap)")
 
@@ -288,7 +288,7 @@ def check_attrs_crc(path: Path, obj, where: str) -> None:
     attrs = obj.attrs
     if ATTRS_CRC_ATTR not in attrs:
         return
-    if strings_crc32(attrs_crc_values(attrs)) != int(attrs[ATTRS_CRC_ATTR]):
+    if strings_crc32(attrs_crc_values(attrs)) != attr_int(attrs[ATTRS_CRC_ATTR], ATTRS_CRC_ATTR):
         raise AttnpipeError(f"{path} is a damaged attention file: the string attributes of {where} do not "
                             "match their checksum (a changed byte in HDF5's string heap)")
 

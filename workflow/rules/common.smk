@@ -12,6 +12,7 @@ from snakemake.utils import validate
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import corpus as corpus_reader
+from attnpipe.workflow_config import load_config
 
 
 CONFIG_ERROR_LOG = Path(".snakemake") / "config_error.log"  # the details a one-line error leaves out
@@ -28,29 +29,21 @@ def config_error(msg, details=None):
     raise SystemExit(1)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """YAML loader that refuses a key given twice (plain YAML keeps the last one silently)."""
+def load_yaml(path):
+    """A config file read with bounded, strict YAML (attnpipe.workflow_config: depth, size, aliases,
+    duplicate keys) before the config is used: Snakemake's own parse has no such limits."""
+    try:
+        return load_config(Path(path))
+    except AttnpipeError as exc:
+        config_error(f"{exc}")
 
 
-def _no_duplicates(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            config_error(f"duplicate name {key!r} (line {key_node.start_mark.line + 1} of {node.start_mark.name})")
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 for _cf in workflow.configfiles:
-    with open(_cf, encoding="utf-8") as _fh:
-        yaml.load(_fh, Loader=_StrictLoader)
+    load_yaml(_cf)
 
 DEFAULT_CONFIG = Path(BASE) / "configs" / "demo.yaml"
 if not workflow.configfiles:  # plain `snakemake --cores 2` runs the demo; --config KEY=VALUE still overrides
-    with open(DEFAULT_CONFIG, encoding="utf-8") as _fh:
-        _default = yaml.load(_fh, Loader=_StrictLoader)
+    _default = load_yaml(DEFAULT_CONFIG)
     for _key, _value in dict(config).items():
         if isinstance(_value, dict) and isinstance(_default.get(_key), dict):
             _value = {**_default[_key], **_value}
@@ -263,6 +256,33 @@ for name, spec in config["checkpoints"].items():
         for s in steps:
             add_ckpt(f"{name}-{s}", f"{OUT}/models/{name}/checkpoint-{s}", f"{OUT}/models/{name}", name)
 ORDER = list(CKPTS)
+
+
+# ---- extraction.max_length within every checkpoint's positions (the CLI's own check, before any job)
+def position_limit(folder):
+    """max_position_embeddings (n_positions for GPT-2) of a model folder's config.json, or None."""
+    from attnpipe.extract.loading import read_model_config
+
+    found = read_model_config(Path(folder))
+    limit = found.get("max_position_embeddings") or found.get("n_positions")
+    return limit if isinstance(limit, int) else None
+
+
+def position_folders(name, spec):
+    """The config.json folders a checkpoint's positions come from (a made one's: its base's)."""
+    if spec["kind"] == "hf":
+        return [model_path(spec["path"])]
+    if spec["kind"] == "run":  # a trained run's positions are set by scripts/train_induction.py
+        return [] if "train" in spec else [CKPTS[c][0] for c in ORDER if c.startswith(f"{name}-")]
+    return [model_path(spec.get("base", "default"))]
+
+
+for name, spec in config["checkpoints"].items():
+    for folder in position_folders(name, spec):
+        limit = position_limit(folder)
+        if limit is not None and EX["max_length"] > limit:
+            config_error(f"extraction.max_length: {EX['max_length']} is more than the {limit} positions of "
+                         f"checkpoint {name} ({folder})")
 
 
 # ---- circuits: corpora whose checkpoints get the detector report ----
