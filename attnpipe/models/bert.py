@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from attnpipe.models.activations import activation
 
 from attnpipe.attention import attention_probs, head_context, merge_heads, padding_mask, split_heads
 from attnpipe.models.parts import (
@@ -91,7 +91,7 @@ def _bert_layer(layer, act) -> Layer:
 def _map_bert(model) -> Weights:
     """BERT, RoBERTa, XLM-RoBERTa and ELECTRA share module names."""
     config = model.config
-    act = ACT2FN[config.hidden_act]
+    act = activation(config.hidden_act)
     # RoBERTa-style models number positions from pad_token_id + 1 (create_position_ids_from_input_ids).
     pad_id = config.pad_token_id if config.model_type in ("roberta", "xlm-roberta") else None
     return Weights(
@@ -107,7 +107,7 @@ def _map_bert(model) -> Weights:
 
 def _map_distilbert(model) -> Weights:
     config = model.config
-    act = ACT2FN[config.activation]
+    act = activation(config.activation)
     layers = tuple(
         Layer(
             query=linear(layer.attention.q_lin),
@@ -127,7 +127,7 @@ def _map_distilbert(model) -> Weights:
 
 def _map_albert(model) -> Weights:
     config = model.config
-    act = ACT2FN[config.hidden_act]
+    act = activation(config.hidden_act)
     groups = [
         [
             Layer(
