@@ -23,3 +23,13 @@ def test_bench_smoke_prints_the_table():
                  "bytes/value", "uint8 max abs error", "read: one (text, layer, head) matrix",
                  "analysis:", "peak RSS of a whole extraction", "long input:"):
         assert line in out, f"missing {line!r} in:\n{out}"
+
+
+@pytest.mark.slow
+def test_bench_startup_smoke_prints_its_ratios():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_extract.py"), "--startup", "--smoke"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("small BERT, HF / whole process", "MiniLM default threads, HF / whole", "MiniLM 1 thread, HF / whole",
+                 "first batch, transformers / direct", "MiniLM first batch, direct loader"):
+        assert line in result.stdout, f"missing {line!r} in:\n{result.stdout}"

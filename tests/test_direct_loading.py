@@ -137,6 +137,20 @@ def test_every_broken_folder_is_refused_with_the_same_message(tiny_model_dir, tm
         assert messages[0] == messages[1], name
 
 
+def test_a_damaged_weights_file_is_refused_with_the_same_message(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir("bert"), tmp_path / "cut")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 100])  # header intact, tensors cut short
+    messages = []
+    for reference in (False, True):
+        with pytest.raises(AttnpipeError) as err:
+            load_model(folder, CPU, reference=reference)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+
+
 def test_remote_code_is_refused_on_the_direct_path(tiny_model_dir, tmp_path):
     import shutil
 

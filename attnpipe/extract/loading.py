@@ -374,7 +374,10 @@ def _load_direct(model_dir: Path, model_type: str, family: ModuleType, files: li
     extra = names - expected.keys() - set(family.IGNORED)
     if required - names or extra or any(shapes[k] != tuple(expected[k]) for k in shapes):
         return None
-    state = read_state_dict(files[0])
+    try:
+        state = read_state_dict(files[0])
+    except AttnpipeError:  # a damaged file: refused by the transformers path, in its words
+        return None
     if any(not state[k].is_floating_point() for k in shapes):
         return None
     state = {k: state[k].to(device=device, dtype=torch.float32) for k in shapes}
