@@ -523,6 +523,88 @@ def scale_run_main(args) -> int:
         seconds = time.perf_counter() - start
         print(f"  metrics (analyze_attention.py metrics' corpus_metrics) over the whole file, 1 process: "
               f"{values / seconds / 1e6:.2f} M values/s, {seconds:.1f} s (target >= 50)")
+# ----------------------------------------------------------------------------- start-up and whole process (--startup)
+# Issue 22: the whole extract_attention.py process from the shell (start-up included) against HF's
+# eager forward + crop in one process, and the time from process start to the first batch with the
+# transformers loader (ATTNPIPE_LOADER=transformers, the "before") and the direct loader (the default).
+
+
+def first_batch_with(loader: str, model_dir: Path, texts_file: Path, out: Path) -> float:
+    """Process start to the first batch's forward pass done (the run kills itself there:
+    attnpipe/faults.py, ATTNPIPE_FAULT_AT=batch:1), with the given loader."""
+    seconds, code = process_seconds("--model_dir", str(model_dir), "--texts-file", str(texts_file),
+                                    "--output_file", str(out),
+                                    env={"ATTNPIPE_FAULT_AT": "batch:1", "ATTNPIPE_LOADER": loader})
+    assert code == -9, "the run did not reach its first batch"
+    return seconds
+
+
+def startup_main(args) -> int:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    print(f"start-up and whole process: {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load "
+          f"average {os.getloadavg()[0]:.1f} at start; medians over {args.repeats} interleaved round(s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small = save_small_bert(tmp / "small-bert")
+        minilm = args.model_dir or default_model_dir()
+        texts = short_texts(args.whole_texts)
+        texts_file = write_jsonl(texts, tmp / "short.jsonl")
+        mini_texts = corpus_of(list(corpus.read_texts_file(ROOT / "data" / "demo_corpus.jsonl")), args.whole_minilm)
+        mini_file = write_jsonl(list(mini_texts), tmp / "minilm.jsonl")
+        models = {name: (transformers.AutoTokenizer.from_pretrained(folder),
+                         transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval())
+                  for name, folder in (("small", small), ("minilm", minilm))}
+        default_threads = torch.get_num_threads()
+
+        def hf(name, strings, threads):
+            def run():
+                torch.set_num_threads(threads)
+                try:
+                    hf_eager_crop(models[name][1], models[name][0], strings, 32, 128)
+                finally:
+                    torch.set_num_threads(default_threads)
+            return run
+
+        def ours(folder, file, *flags):
+            return lambda: process_seconds("--model_dir", str(folder), "--texts-file", str(file), "--output_file",
+                                           str(tmp / "ours.h5"), "--schema-version", "3", *flags)[0]
+
+        runs = {
+            "hf-small": ("small BERT: HF eager + crop, in process", hf("small", [t.text for t in texts],
+                                                                        default_threads)),
+            "small": ("small BERT: attnpipe v3, whole process", ours(small, texts_file)),
+            "hf-mini": ("MiniLM: HF eager + crop, in process", hf("minilm", [t.text for t in mini_texts],
+                                                                  default_threads)),
+            "mini": ("MiniLM: attnpipe v3, whole process", ours(minilm, mini_file)),
+            "hf-mini-1": ("MiniLM, 1 thread: HF eager + crop", hf("minilm", [t.text for t in mini_texts], 1)),
+            "mini-1": ("MiniLM, 1 thread: attnpipe v3, whole process", ours(minilm, mini_file, "--threads", "1")),
+            "first-before": ("MiniLM first batch, transformers loader", lambda: first_batch_with(
+                "transformers", minilm, mini_file, tmp / "first.h5")),
+            "first-after": ("MiniLM first batch, direct loader", lambda: first_batch_with(
+                "direct", minilm, mini_file, tmp / "first.h5")),
+        }
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for _ in range(args.repeats):
+            for key, (_, run) in runs.items():
+                start = time.perf_counter()
+                seconds = run()
+                times[key].append(seconds if isinstance(seconds, float) else time.perf_counter() - start)
+    print(f"\n{len(texts):,} short texts for the small BERT, {len(mini_texts)} demo texts for MiniLM; attnpipe: "
+          "the whole process from the shell (float32 gzip HDF5, --schema-version 3); HF: after loading")
+    for key, (label, _) in runs.items():
+        print(f"  {label:48s} median {statistics.median(times[key]):8.2f} s   "
+              f"({', '.join(f'{t:.2f}' for t in times[key])})")
+
+    def ratio(ours_key: str, other_key: str) -> float:
+        return statistics.median(h / o for o, h in zip(times[ours_key], times[other_key], strict=True))
+
+    print(f"  small BERT, HF / whole process:         {ratio('small', 'hf-small'):5.2f}  (target >= 0.9)")
+    print(f"  MiniLM default threads, HF / whole:     {ratio('mini', 'hf-mini'):5.2f}  (target >= 1.0)")
+    print(f"  MiniLM 1 thread, HF / whole:            {ratio('mini-1', 'hf-mini-1'):5.2f}  (target >= 1.14)")
+    print(f"  first batch, transformers / direct:     {ratio('first-after', 'first-before'):5.2f}  (median after "
+          f"{statistics.median(times['first-after']):.2f} s; aim <= 1.5 s)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
@@ -562,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the scale run: N short texts, small BERT, version 3; write rates, open, "
                         "one-matrix reads, metrics, peak RSS at N/10 and N")
     parser.add_argument("--scale-reads", type=int, default=2000, help="--scale-run: random one-matrix reads")
+    parser.add_argument("--startup", action="store_true",
+                        help="start-up and whole process: extract_attention.py from the shell against HF eager + "
+                        "crop in process (small BERT, MiniLM default threads and 1), first batch before/after")
+    parser.add_argument("--whole-texts", type=int, default=20_000, help="--startup: short texts for the small BERT")
+    parser.add_argument("--whole-minilm", type=int, default=512, help="--startup: demo texts for MiniLM")
     parser.add_argument("--scale-output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["rss", "long", "scale"], help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
@@ -580,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             CHILD_FLAGS.extend(["--threads", str(args.threads)])
         return scale_run_main(args)
+    if args.startup:
+        if args.smoke:
+            args.repeats, args.whole_texts, args.whole_minilm = 1, 200, 16
+        return startup_main(args)
     if args.scale:
         if args.smoke:
             args.repeats, args.scale_texts, args.minilm_texts, args.scale_counts = 1, 200, 16, [200, 400]

@@ -31,3 +31,13 @@ def test_checksum_bench_smoke_prints_both_ratios():
     assert result.returncode == 0, result.stderr[-3000:]
     for line in ("with checksums", "without", "every text whole", "random single matrices", "ratio"):
         assert line in result.stdout, f"missing {line!r} in:\n{result.stdout}"
+
+
+@pytest.mark.slow
+def test_bench_startup_smoke_prints_its_ratios():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_extract.py"), "--startup", "--smoke"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("small BERT, HF / whole process", "MiniLM default threads, HF / whole", "MiniLM 1 thread, HF / whole",
+                 "first batch, transformers / direct", "MiniLM first batch, direct loader"):
+        assert line in result.stdout, f"missing {line!r} in:\n{result.stdout}"

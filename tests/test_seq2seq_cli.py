@@ -265,7 +265,7 @@ def test_pairs_are_tokenized_per_batch_and_batching_changes_nothing(seq2seq_dir,
     with open_attention(tmp_path / "all.h5") as together, open_attention(tmp_path / "one.h5") as alone:
         assert together.ids == alone.ids == ("short", "long", "mid")
         for a, b in zip(together, alone, strict=True):  # padding changes matmul shapes: float32 rounding only
-            np.testing.assert_allclose(b.attention, a.attention, atol=1e-6)
-            np.testing.assert_allclose(b.target.decoder_attention, a.target.decoder_attention, atol=1e-6)
-            np.testing.assert_allclose(b.target.cross_attention, a.target.cross_attention, atol=1e-6)
+            np.testing.assert_allclose(b.attention, a.attention, atol=2e-6)  # float32 rounding of differently padded batches: 1.07e-6 seen on this CPU
+            np.testing.assert_allclose(b.target.decoder_attention, a.target.decoder_attention, atol=2e-6)
+            np.testing.assert_allclose(b.target.cross_attention, a.target.cross_attention, atol=2e-6)
             assert b.target.tokens == a.target.tokens and b.tokens == a.tokens

@@ -30,7 +30,7 @@ class Batch:
 
 def max_length(model, requested: int | None) -> int:
     """The token limit of a run: --max-length, checked against the model's positions, or that limit."""
-    config = model.hf_model.config
+    config = model.config
     limit = getattr(config, "max_position_embeddings", None) or 1 << 30  # --method hf: e.g. ALiBi models have none
     position_pad_id = getattr(model.weights, "position_pad_id", None)
     if position_pad_id is not None:  # RoBERTa's positions start after pad_id

@@ -14,7 +14,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 # Never reach for a hub: a local folder is all we load. Set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -229,7 +229,7 @@ class LoadedModel:
     model_dir: Path
     model_type: str
     family: ModuleType  # an attnpipe.models family (models/hf.py for --method hf)
-    hf_model: torch.nn.Module  # the transformers model on eager attention: weights and --verify
+    hf_model: torch.nn.Module | None  # the transformers model on eager attention (None: loaded directly)
     weights: object  # the family's Weights
     tokenizer: object  # None for image models
     weights_sha256: str
@@ -238,6 +238,12 @@ class LoadedModel:
     trust_remote_code: bool
     checkpoint_dtype: str | None = None  # the dtype config.json says the weights were saved in
     processor: object = None  # image models: the folder's image processor (PIL backend)
+    direct_config: object = None  # the direct loader's config.json (attribute access), when hf_model is None
+
+    @property
+    def config(self):
+        """The model's config: transformers' (hf_model.config), or config.json as read by the direct loader."""
+        return self.hf_model.config if self.hf_model is not None else self.direct_config
 
     @property
     def num_layers(self) -> int:
@@ -338,11 +344,62 @@ def check_loadable(model_dir: Path) -> None:
     from attnpipe.extract.model_files import check_loadable as check
 
     check(model_dir, read_model_config(model_dir))
+LOADER_ENV = "ATTNPIPE_LOADER"  # "transformers": never the direct path (bench/bench_extract.py's "before")
+
+
+def _load_direct(model_dir: Path, model_type: str, family: ModuleType, files: list[Path],
+                 device: torch.device) -> LoadedModel | None:
+    """The fast path: config.json, tokenizer.json and one .safetensors file read directly, mapped
+    straight into the family's Weights, without importing transformers (~2-6 s of start-up).
+
+    Only for a checkpoint that loads cleanly: every parameter expected_parameters(config) names
+    present with its shape (the pooler may be missing), nothing else but ignorable buffers, a
+    tokenizer direct_tokenizer takes. Anything else returns None and load_model's transformers
+    path loads the folder, so every refusal (weight_fit_problems, no tokenizer, ...) and its
+    message is transformers' path's, unchanged. The tensors are those transformers would load:
+    the same bytes cast to float32 (a bf16/fp16 checkpoint is computed in float32).
+    """
+    from attnpipe.extract.tokenizer import direct_tokenizer
+
+    config = read_model_config(model_dir)
+    expected = family.expected_parameters(config)
+    if expected is None or len(files) != 1 or files[0].suffix != ".safetensors":
+        return None  # sharded or .bin checkpoints: transformers' loader
+    tokenizer = direct_tokenizer(model_dir)
+    if tokenizer is None:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(files[0]), "pt") as handle:
+            names = set(handle.keys())
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names & expected.keys()}
+    except (SafetensorError, OSError):
+        return None
+    required = {k for k in expected if not k.startswith(family.POOLER)}
+    extra = names - expected.keys() - set(family.IGNORED)
+    if required - names or extra or any(shapes[k] != tuple(expected[k]) for k in shapes):
+        return None
+    try:
+        state = read_state_dict(files[0])
+    except AttnpipeError:  # a damaged file: refused by the transformers path, in its words
+        return None
+    if any(not state[k].is_floating_point() for k in shapes):
+        return None
+    state = {k: state[k].to(device=device, dtype=torch.float32) for k in shapes}
+    faults.point("loaded")
+    return LoadedModel(
+        model_dir=model_dir, model_type=model_type, family=family, hf_model=None,
+        weights=family.weights_from_state(config, state), tokenizer=tokenizer,
+        weights_sha256=hash_files(files), weight_files=tuple(p.name for p in files), device=device,
+        trust_remote_code=False, checkpoint_dtype=checkpoint_dtype(model_dir),
+        direct_config=SimpleNamespace(**config),
+    )
 
 
 def load_model(
     model_dir: Path, device: torch.device, trust_remote_code: bool = False, *,
-    method: str = "manual", input_kind: str | None = None,
+    method: str = "manual", input_kind: str | None = None, reference: bool = True,
 ) -> LoadedModel:
     """The one from_pretrained loader: a local transformers folder in float32 on eager attention,
     with its tokenizer (or, for image models, its image processor), on `device`.
@@ -350,12 +407,26 @@ def load_model(
     method "manual": a family attnpipe runs its own pass for (`input_kind` "text" or "image"
     refuses a folder of the other kind); "hf": any model type, attention from transformers'
     eager output (attnpipe/models/hf.py). The remote-code check always applies.
+
+    `reference=False` says the caller needs no transformers model (no --verify, no gradients):
+    a clean BERT-like checkpoint is then loaded directly (_load_direct), `hf_model` None. Every
+    other case, and ATTNPIPE_LOADER=transformers, loads through transformers.
     """
+    faults.point("load")
+    if not reference and method == "manual" and not trust_remote_code \
+            and os.environ.get(LOADER_ENV) != "transformers":
+        model_type, files = check_model_dir(model_dir, input_kind)
+        family = FAMILIES[model_type]
+        check_no_remote_code(model_dir)
+        check_loadable(model_dir)  # config numbers and safetensors headers: the same refusals as below
+        if model_type in getattr(family, "DIRECT_TYPES", ()):
+            direct = _load_direct(model_dir, model_type, family, files, device)
+            if direct is not None:
+                return direct
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    faults.point("load")
     if method == "hf":
         model_type = read_model_config(model_dir).get("model_type", "unknown")
         files = weight_files(model_dir)

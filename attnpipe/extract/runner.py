@@ -150,14 +150,19 @@ def parse_indices(values: tuple[str, ...], count: int, flag: str, noun: str) -> 
 
 
 def library_versions() -> dict[str, str]:
-    import h5py
-    import transformers
+    import importlib.metadata
 
+    import h5py
+
+    # A run through the direct loader never imports transformers (~2 s): its installed version
+    # is the package's metadata, which is what transformers.__version__ says.
+    loaded = sys.modules.get("transformers")
+    transformers_version = loaded.__version__ if loaded is not None else importlib.metadata.version("transformers")
     return {
         "attnpipe": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": transformers_version,
         "numpy": np.__version__,
         "h5py": h5py.__version__,
     }
@@ -318,7 +323,11 @@ def open_run(config: ExtractConfig, device: torch.device):
         model = load_model(config.model_dir, device, config.trust_remote_code, input_kind="image")
         return model, ImageInputs(list(config.images), model)
     model_dir = config.model_dir if config.model_dir is not None else default_model_dir()
-    model = load_model(model_dir, device, config.trust_remote_code, method=config.method, input_kind="text")
+    # Only --verify, --explain (gradients) and pairs / generation use the transformers model itself;
+    # any other run may load a clean BERT-like checkpoint without it (loading._load_direct).
+    reference = config.verify or config.explain is not None or kind == "pairs" or config.generation is not None
+    model = load_model(model_dir, device, config.trust_remote_code, method=config.method, input_kind="text",
+                       reference=reference)
     seq2seq = "cross" in model.family.KINDS
     if kind == "pairs":
         from attnpipe.extract.pairs import PairInputs

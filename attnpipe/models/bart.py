@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from attnpipe.models.activations import activation
 
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
@@ -142,7 +142,7 @@ def load_weights(model) -> Weights:
         embed_scale=model.encoder.embed_scale if config.model_type == "marian"
         else model.encoder.embed_tokens.embed_scale,  # BartScaledWordEmbedding multiplies inside
         position_offset=POSITION_OFFSET[config.model_type],
-        act=ACT2FN[config.activation_function],
+        act=activation(config.activation_function),
     )
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from attnpipe.models.activations import activation
 
 from attnpipe.attention import attention_probs, head_context, merge_heads, padding_mask, split_heads
 from attnpipe.models.parts import (
@@ -91,7 +91,7 @@ def _bert_layer(layer, act) -> Layer:
 def _map_bert(model) -> Weights:
     """BERT, RoBERTa, XLM-RoBERTa and ELECTRA share module names."""
     config = model.config
-    act = ACT2FN[config.hidden_act]
+    act = activation(config.hidden_act)
     # RoBERTa-style models number positions from pad_token_id + 1 (create_position_ids_from_input_ids).
     pad_id = config.pad_token_id if config.model_type in ("roberta", "xlm-roberta") else None
     return Weights(
@@ -107,7 +107,7 @@ def _map_bert(model) -> Weights:
 
 def _map_distilbert(model) -> Weights:
     config = model.config
-    act = ACT2FN[config.activation]
+    act = activation(config.activation)
     layers = tuple(
         Layer(
             query=linear(layer.attention.q_lin),
@@ -127,7 +127,7 @@ def _map_distilbert(model) -> Weights:
 
 def _map_albert(model) -> Weights:
     config = model.config
-    act = ACT2FN[config.hidden_act]
+    act = activation(config.hidden_act)
     groups = [
         [
             Layer(
@@ -171,6 +171,125 @@ _MAPS = {
 def load_weights(model) -> Weights:
     """Read the weights of a transformers encoder (base model, no task head) into `Weights`."""
     return _MAPS[model.config.model_type](model)
+
+
+# ----------------------------------------------------------------------------- straight from a state dict
+# The direct loader (attnpipe.extract.loading) reads config.json and the weights file itself and
+# never imports transformers' modeling code. What transformers' AutoModel would build for the
+# config is written out below; tests/test_direct_loading.py checks it against
+# AutoModel.from_config(config).state_dict() for every fixture config, so a drift is caught.
+
+DIRECT_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")  # ALBERT: transformers' loader
+POOLER = "pooler."  # after every attention: a checkpoint may lack it (loading.AFTER_ATTENTION)
+# Buffers old checkpoints saved and transformers drops on loading (BertEmbeddings' position_ids is
+# non-persistent since transformers 4.31): never parameters, never read.
+IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids")
+_DISTILBERT_EPS = 1e-12  # DistilBERT's LayerNorms hard-code eps=1e-12 (modeling_distilbert.py)
+
+# Config entries that change which modules transformers builds: the direct loader only takes the
+# values it describes (a missing entry: transformers' default, named here), else transformers loads.
+_PLAIN = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
+_BERT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_act")
+_DISTILBERT_FIELDS = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size", "max_position_embeddings",
+                      "activation")
+
+
+def _fields(config: Mapping, names: tuple[str, ...]) -> bool:
+    return all(isinstance(config.get(name), (int, float, str)) and not isinstance(config.get(name), bool)
+               for name in names)
+
+
+def expected_parameters(config: Mapping) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of every parameter transformers' AutoModel makes for `config` (config.json as
+    a dict), pooler included; None when the config asks for something not described here."""
+    model_type = config.get("model_type")
+    if model_type == "distilbert":
+        if not _fields(config, _DISTILBERT_FIELDS) or config.get("sinusoidal_pos_embds", False):
+            return None
+        dim, hidden = config["dim"], config["hidden_dim"]
+        shapes = {"embeddings.word_embeddings.weight": (config["vocab_size"], dim),
+                  "embeddings.position_embeddings.weight": (config["max_position_embeddings"], dim),
+                  "embeddings.LayerNorm.weight": (dim,), "embeddings.LayerNorm.bias": (dim,)}
+        for i in range(config["n_layers"]):
+            p = f"transformer.layer.{i}."
+            for name in ("q_lin", "k_lin", "v_lin", "out_lin"):
+                shapes |= {f"{p}attention.{name}.weight": (dim, dim), f"{p}attention.{name}.bias": (dim,)}
+            for name in ("sa_layer_norm", "output_layer_norm"):
+                shapes |= {f"{p}{name}.weight": (dim,), f"{p}{name}.bias": (dim,)}
+            shapes |= {f"{p}ffn.lin1.weight": (hidden, dim), f"{p}ffn.lin1.bias": (hidden,),
+                       f"{p}ffn.lin2.weight": (dim, hidden), f"{p}ffn.lin2.bias": (dim,)}
+        return shapes
+    if model_type not in ("bert", "roberta", "xlm-roberta", "electra") or not _fields(config, _BERT_FIELDS):
+        return None
+    if any(config.get(key, default) != default for key, default in _PLAIN.items()):
+        return None
+    if model_type in ("roberta", "xlm-roberta") and not isinstance(config.get("pad_token_id"), int):
+        return None
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    width = hidden
+    if model_type == "electra":
+        if not isinstance(config.get("embedding_size"), int):
+            return None
+        width = config["embedding_size"]
+    shapes = {"embeddings.word_embeddings.weight": (config["vocab_size"], width),
+              "embeddings.position_embeddings.weight": (config["max_position_embeddings"], width),
+              "embeddings.token_type_embeddings.weight": (config["type_vocab_size"], width),
+              "embeddings.LayerNorm.weight": (width,), "embeddings.LayerNorm.bias": (width,)}
+    if width != hidden:  # ELECTRA projects its smaller embeddings up to the hidden size
+        shapes |= {"embeddings_project.weight": (hidden, width), "embeddings_project.bias": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            shapes |= {f"{p}{name}.weight": (hidden, hidden), f"{p}{name}.bias": (hidden,)}
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes |= {f"{p}{name}.weight": (hidden,), f"{p}{name}.bias": (hidden,)}
+        shapes |= {f"{p}intermediate.dense.weight": (inner, hidden), f"{p}intermediate.dense.bias": (inner,),
+                   f"{p}output.dense.weight": (hidden, inner), f"{p}output.dense.bias": (hidden,)}
+    if model_type != "electra":  # ElectraModel has no pooler
+        shapes |= {"pooler.dense.weight": (hidden, hidden), "pooler.dense.bias": (hidden,)}
+    return shapes
+
+
+def weights_from_state(config: Mapping, state: Mapping[str, torch.Tensor]) -> Weights:
+    """`Weights` from a state dict that holds every parameter of expected_parameters(config)
+    (the pooler aside), already in the compute dtype and on the device; the same tensors
+    load_weights reads from the transformers model."""
+    def lin(name: str) -> Linear:
+        return Linear(state[f"{name}.weight"], state[f"{name}.bias"])
+
+    def norm(name: str, eps: float) -> LayerNorm:
+        return LayerNorm(state[f"{name}.weight"], state[f"{name}.bias"], eps)
+
+    if config["model_type"] == "distilbert":
+        act, eps = activation(config["activation"]), _DISTILBERT_EPS
+        layers = tuple(
+            Layer(query=lin(f"{p}attention.q_lin"), key=lin(f"{p}attention.k_lin"), value=lin(f"{p}attention.v_lin"),
+                  out=lin(f"{p}attention.out_lin"), attn_norm=norm(f"{p}sa_layer_norm", eps),
+                  ff_in=lin(f"{p}ffn.lin1"), ff_out=lin(f"{p}ffn.lin2"), ff_norm=norm(f"{p}output_layer_norm", eps),
+                  act=act)
+            for p in (f"transformer.layer.{i}." for i in range(config["n_layers"]))
+        )
+        return Weights(word=state["embeddings.word_embeddings.weight"],
+                       position=state["embeddings.position_embeddings.weight"], token_type=None,
+                       emb_norm=norm("embeddings.LayerNorm", eps), emb_project=None, layers=layers,
+                       num_heads=config["n_heads"], position_pad_id=None)
+    act, eps = activation(config["hidden_act"]), float(config["layer_norm_eps"])
+    layers = tuple(
+        Layer(query=lin(f"{p}attention.self.query"), key=lin(f"{p}attention.self.key"),
+              value=lin(f"{p}attention.self.value"), out=lin(f"{p}attention.output.dense"),
+              attn_norm=norm(f"{p}attention.output.LayerNorm", eps), ff_in=lin(f"{p}intermediate.dense"),
+              ff_out=lin(f"{p}output.dense"), ff_norm=norm(f"{p}output.LayerNorm", eps), act=act)
+        for p in (f"encoder.layer.{i}." for i in range(config["num_hidden_layers"]))
+    )
+    # RoBERTa-style models number positions from pad_token_id + 1 (as _map_bert).
+    pad_id = config["pad_token_id"] if config["model_type"] in ("roberta", "xlm-roberta") else None
+    return Weights(word=state["embeddings.word_embeddings.weight"],
+                   position=state["embeddings.position_embeddings.weight"],
+                   token_type=state["embeddings.token_type_embeddings.weight"],
+                   emb_norm=norm("embeddings.LayerNorm", eps),
+                   emb_project=lin("embeddings_project") if "embeddings_project.weight" in state else None,
+                   layers=layers, num_heads=config["num_attention_heads"], position_pad_id=pad_id)
 
 
 def _position_ids(weights: Weights, input_ids: torch.Tensor) -> torch.Tensor:

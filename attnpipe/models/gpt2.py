@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from attnpipe.models.activations import activation
 
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
@@ -82,7 +82,7 @@ def load_weights(model) -> Weights:
         wpe=model.wpe.weight.detach(),
         layers=tuple(blocks),
         ln_f=layer_norm(model.ln_f),
-        act=ACT2FN[config.activation_function],
+        act=activation(config.activation_function),
         num_heads=config.n_head,
     )
 

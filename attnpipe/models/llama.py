@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from attnpipe.models.activations import activation
 
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
@@ -108,7 +108,7 @@ def load_weights(model) -> Weights:
         embed=model.embed_tokens.weight.detach(),
         layers=layers,
         norm=_rms(model.norm),
-        act=ACT2FN[config.hidden_act],
+        act=activation(config.hidden_act),
         # The frequencies come from the loaded rotary module, so rope_scaling variants
         # (linear, dynamic, llama3, yarn) are whatever transformers initialised for this config.
         inv_freq=model.rotary_emb.inv_freq.detach().float(),

@@ -115,6 +115,6 @@ class Packing:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, E) -> (B, T, E), zeros at the padded positions."""
-        if self.index is not None:
-            x = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
+        if self.index is not None:  # in place (index_copy_): no second (B·T, E) buffer to allocate and fill
+            x = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy_(0, self.index, x)
         return x.view(self.batch, self.length, x.shape[-1])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from attnpipe.models.activations import activation
 
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
@@ -144,7 +144,7 @@ def load_weights(model) -> Weights:
         decoder_embed=model.decoder.embed_tokens.weight.detach(),
         encoder=_stack(model.encoder, bidirectional=True),
         decoder=_stack(model.decoder, bidirectional=False),
-        act=ACT2FN[config.dense_act_fn],  # "gated-gelu" -> gelu_new, gated (T5Config)
+        act=activation(config.dense_act_fn),  # "gated-gelu" -> gelu_new, gated (T5Config)
         num_buckets=config.relative_attention_num_buckets,
         max_distance=config.relative_attention_max_distance,
         num_heads=config.num_heads,

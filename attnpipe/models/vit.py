@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from transformers.activations import ACT2FN
+from attnpipe.models.activations import activation
 
 from attnpipe.attention import attention_probs, head_context, merge_heads, split_heads
 from attnpipe.models.parts import (
@@ -101,7 +101,7 @@ def load_weights(model) -> Weights:
         position=model.embeddings.position_embeddings.detach()[0],
         layers=layers,
         norm=layer_norm(model.layernorm),
-        act=ACT2FN[config.hidden_act],
+        act=activation(config.hidden_act),
         num_heads=config.num_attention_heads,
     )
 
