@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -372,6 +373,47 @@ def h5py_file(path: Path):
     return h5py.File(path, "r")
 
 
+def whole_process_models(tmp: Path, model_dir, short_count: int, minilm_count: int) -> SimpleNamespace:
+    """What --scale and --startup both compare: the small BERT and MiniLM, their corpora as JSONL files
+    (for our whole process) and as strings, and both models in transformers loaded once (for HF)."""
+    import transformers
+
+    small = save_small_bert(tmp / "small-bert")
+    minilm = model_dir or default_model_dir()
+    texts = short_texts(short_count)
+    mini_texts = list(corpus_of(list(corpus.read_texts_file(ROOT / "data" / "demo_corpus.jsonl")), minilm_count))
+    models = {name: (transformers.AutoTokenizer.from_pretrained(folder),
+                     transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval())
+              for name, folder in (("small", small), ("minilm", minilm))}
+    return SimpleNamespace(small=small, minilm=minilm, texts=texts, mini_texts=mini_texts, models=models,
+                           texts_file=write_jsonl(texts, tmp / "short.jsonl"), strings=[t.text for t in texts],
+                           mini_file=write_jsonl(mini_texts, tmp / "minilm.jsonl"),
+                           mini_strings=[t.text for t in mini_texts])
+
+
+def hf_run(models: dict, name: str, strings: list[str], threads: int):
+    """HF eager forward + crop to real tokens of `strings`, in this process, on `threads` torch threads."""
+    def run():
+        default = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            hf_eager_crop(models[name][1], models[name][0], strings, 32, 128)
+        finally:
+            torch.set_num_threads(default)
+    return run
+
+
+def interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of every run, round by round; a run returning a float (a child's own figure) gives that."""
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, (_, run) in runs.items():
+            start = time.perf_counter()
+            seconds = run()
+            times[key].append(seconds if isinstance(seconds, float) else time.perf_counter() - start)
+    return times
+
+
 def scale_main(args) -> int:
     import transformers
 
@@ -381,28 +423,13 @@ def scale_main(args) -> int:
           f"{load:.1f} at start; ratios are medians over {args.repeats} interleaved round(s)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        small = save_small_bert(tmp / "small-bert")
-        minilm = args.model_dir or default_model_dir()
-        texts = short_texts(args.scale_texts)
-        texts_file = write_jsonl(texts, tmp / "short.jsonl")
-        strings = [t.text for t in texts]
-        mini_texts = corpus_of(list(corpus.read_texts_file(ROOT / "data" / "demo_corpus.jsonl")), args.minilm_texts)
-        mini_file = write_jsonl(list(mini_texts), tmp / "minilm.jsonl")
-        mini_strings = [t.text for t in mini_texts]
-        models = {}
-        for name, folder in (("small", small), ("minilm", minilm)):
-            models[name] = (transformers.AutoTokenizer.from_pretrained(folder),
-                            transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval())
+        w = whole_process_models(tmp, args.model_dir, args.scale_texts, args.minilm_texts)
+        small, minilm, texts, mini_texts = w.small, w.minilm, w.texts, w.mini_texts
+        texts_file, strings, mini_file, mini_strings = w.texts_file, w.strings, w.mini_file, w.mini_strings
         default_threads = torch.get_num_threads()
 
         def hf(name, strings_, threads):
-            def run():
-                torch.set_num_threads(threads)
-                try:
-                    hf_eager_crop(models[name][1], models[name][0], strings_, 32, 128)
-                finally:
-                    torch.set_num_threads(default_threads)
-            return run
+            return hf_run(w.models, name, strings_, threads)
 
         def ours(folder, file, version, *flags):
             return lambda: process_seconds("--model_dir", str(folder), "--texts-file", str(file), "--output_file",
@@ -418,12 +445,7 @@ def scale_main(args) -> int:
             "v3-mini-1": ("MiniLM, 1 thread: attnpipe v3, whole process", ours(minilm, mini_file, 3, "--threads", "1")),
             "v2-mini-1": ("MiniLM, 1 thread: attnpipe v2, whole process", ours(minilm, mini_file, 2, "--threads", "1")),
         }
-        times: dict[str, list[float]] = {key: [] for key in runs}
-        for _ in range(args.repeats):
-            for key, (_, run) in runs.items():
-                start = time.perf_counter()
-                seconds = run()
-                times[key].append(seconds if isinstance(seconds, float) else time.perf_counter() - start)
+        times = interleaved(runs, args.repeats)
         print(f"\nend to end ({len(texts):,} short texts for the small BERT, {len(mini_texts)} demo texts for "
               "MiniLM; attnpipe: float32 gzip HDF5, the whole process; HF: after loading)")
         for key, (label, _) in runs.items():
@@ -547,25 +569,13 @@ def startup_main(args) -> int:
           f"average {os.getloadavg()[0]:.1f} at start; medians over {args.repeats} interleaved round(s)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        small = save_small_bert(tmp / "small-bert")
-        minilm = args.model_dir or default_model_dir()
-        texts = short_texts(args.whole_texts)
-        texts_file = write_jsonl(texts, tmp / "short.jsonl")
-        mini_texts = corpus_of(list(corpus.read_texts_file(ROOT / "data" / "demo_corpus.jsonl")), args.whole_minilm)
-        mini_file = write_jsonl(list(mini_texts), tmp / "minilm.jsonl")
-        models = {name: (transformers.AutoTokenizer.from_pretrained(folder),
-                         transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval())
-                  for name, folder in (("small", small), ("minilm", minilm))}
+        w = whole_process_models(tmp, args.model_dir, args.whole_texts, args.whole_minilm)
+        small, minilm, texts, mini_texts, texts_file, mini_file = (w.small, w.minilm, w.texts, w.mini_texts,
+                                                                   w.texts_file, w.mini_file)
         default_threads = torch.get_num_threads()
 
         def hf(name, strings, threads):
-            def run():
-                torch.set_num_threads(threads)
-                try:
-                    hf_eager_crop(models[name][1], models[name][0], strings, 32, 128)
-                finally:
-                    torch.set_num_threads(default_threads)
-            return run
+            return hf_run(w.models, name, strings, threads)
 
         def ours(folder, file, *flags):
             return lambda: process_seconds("--model_dir", str(folder), "--texts-file", str(file), "--output_file",
@@ -585,12 +595,7 @@ def startup_main(args) -> int:
             "first-after": ("MiniLM first batch, direct loader", lambda: first_batch_with(
                 "direct", minilm, mini_file, tmp / "first.h5")),
         }
-        times: dict[str, list[float]] = {key: [] for key in runs}
-        for _ in range(args.repeats):
-            for key, (_, run) in runs.items():
-                start = time.perf_counter()
-                seconds = run()
-                times[key].append(seconds if isinstance(seconds, float) else time.perf_counter() - start)
+        times = interleaved(runs, args.repeats)
     print(f"\n{len(texts):,} short texts for the small BERT, {len(mini_texts)} demo texts for MiniLM; attnpipe: "
           "the whole process from the shell (float32 gzip HDF5, --schema-version 3); HF: after loading")
     for key, (label, _) in runs.items():

@@ -413,20 +413,6 @@ def load_model(
     other case, and ATTNPIPE_LOADER=transformers, loads through transformers.
     """
     faults.point("load")
-    if not reference and method == "manual" and not trust_remote_code \
-            and os.environ.get(LOADER_ENV) != "transformers":
-        model_type, files = check_model_dir(model_dir, input_kind)
-        family = FAMILIES[model_type]
-        check_no_remote_code(model_dir)
-        check_loadable(model_dir)  # config numbers and safetensors headers: the same refusals as below
-        if model_type in getattr(family, "DIRECT_TYPES", ()):
-            direct = _load_direct(model_dir, model_type, family, files, device)
-            if direct is not None:
-                return direct
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     if method == "hf":
         model_type = read_model_config(model_dir).get("model_type", "unknown")
         files = weight_files(model_dir)
@@ -438,7 +424,16 @@ def load_model(
         family = FAMILIES[model_type]
     if not trust_remote_code:
         check_no_remote_code(model_dir)
-    check_loadable(model_dir)
+    check_loadable(model_dir)  # config numbers and safetensors headers, on either path
+    if not reference and method == "manual" and not trust_remote_code \
+            and os.environ.get(LOADER_ENV) != "transformers" and model_type in getattr(family, "DIRECT_TYPES", ()):
+        direct = _load_direct(model_dir, model_type, family, files, device)
+        if direct is not None:
+            return direct
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     image = family.INPUT_KIND == "image"
     if image and not (model_dir / "preprocessor_config.json").is_file():
         raise AttnpipeError(f"{model_dir} has no preprocessor_config.json: the image processor's "
