@@ -317,11 +317,13 @@ def process_seconds(*args: str, env: dict | None = None) -> tuple[float, int]:
     return seconds, proc.returncode
 
 
-def first_batch_seconds(model_dir: Path, texts_file: Path, out: Path, *flags: str) -> float:
+def first_batch_seconds(model_dir: Path, texts_file: Path, out: Path, *flags: str, loader: str | None = None) -> float:
     """Process start to the first batch's forward pass done: the run kills itself there
-    (attnpipe/faults.py, ATTNPIPE_FAULT_AT=batch:1), so the wall time is exactly that."""
+    (attnpipe/faults.py, ATTNPIPE_FAULT_AT=batch:1), so the wall time is exactly that. `loader`
+    "transformers" forces that loader (ATTNPIPE_LOADER), as before the direct one."""
+    env = {"ATTNPIPE_FAULT_AT": "batch:1"} | ({"ATTNPIPE_LOADER": loader} if loader else {})
     seconds, code = process_seconds("--model_dir", str(model_dir), "--texts-file", str(texts_file),
-                                    "--output_file", str(out), *flags, env={"ATTNPIPE_FAULT_AT": "batch:1"})
+                                    "--output_file", str(out), *flags, env=env)
     assert code == -9, "the run did not reach its first batch"
     return seconds
 
@@ -551,16 +553,6 @@ def scale_run_main(args) -> int:
 # transformers loader (ATTNPIPE_LOADER=transformers, the "before") and the direct loader (the default).
 
 
-def first_batch_with(loader: str, model_dir: Path, texts_file: Path, out: Path) -> float:
-    """Process start to the first batch's forward pass done (the run kills itself there:
-    attnpipe/faults.py, ATTNPIPE_FAULT_AT=batch:1), with the given loader."""
-    seconds, code = process_seconds("--model_dir", str(model_dir), "--texts-file", str(texts_file),
-                                    "--output_file", str(out),
-                                    env={"ATTNPIPE_FAULT_AT": "batch:1", "ATTNPIPE_LOADER": loader})
-    assert code == -9, "the run did not reach its first batch"
-    return seconds
-
-
 def startup_main(args) -> int:
     import transformers
 
@@ -590,10 +582,10 @@ def startup_main(args) -> int:
             "mini": ("MiniLM: attnpipe v3, whole process", ours(minilm, mini_file)),
             "hf-mini-1": ("MiniLM, 1 thread: HF eager + crop", hf("minilm", [t.text for t in mini_texts], 1)),
             "mini-1": ("MiniLM, 1 thread: attnpipe v3, whole process", ours(minilm, mini_file, "--threads", "1")),
-            "first-before": ("MiniLM first batch, transformers loader", lambda: first_batch_with(
-                "transformers", minilm, mini_file, tmp / "first.h5")),
-            "first-after": ("MiniLM first batch, direct loader", lambda: first_batch_with(
-                "direct", minilm, mini_file, tmp / "first.h5")),
+            "first-before": ("MiniLM first batch, transformers loader", lambda: first_batch_seconds(
+                minilm, mini_file, tmp / "first.h5", loader="transformers")),
+            "first-after": ("MiniLM first batch, direct loader", lambda: first_batch_seconds(
+                minilm, mini_file, tmp / "first.h5", loader="direct")),
         }
         times = interleaved(runs, args.repeats)
     print(f"\n{len(texts):,} short texts for the small BERT, {len(mini_texts)} demo texts for MiniLM; attnpipe: "
