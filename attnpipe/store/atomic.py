@@ -11,12 +11,15 @@ from __future__ import annotations
 import errno
 import os
 import re
+import resource
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from attnpipe.errors import AttnpipeError
+
+WRITE_MARGIN_BYTES = 1 << 16  # room asked beyond a text's own bytes (HDF5's metadata, chunk headers)
 
 
 class AtomicFile:
@@ -40,6 +43,28 @@ class AtomicFile:
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
         self._remove_created()
+
+    def check_room(self, nbytes: int, unwritten: int = 0) -> None:
+        """Refuse before HDF5 writes what the disk or the file-size limit cannot take.
+
+        HDF5 copes badly with a write failing inside its caches (errors while objects are freed,
+        sometimes a crash), so room for the next `nbytes` (a text's uncompressed bytes) plus a
+        margin is checked first: a conservative estimate, as compression only makes data smaller.
+        `unwritten`: bytes the writer holds in memory, not yet in the temp file.
+        """
+        size = self.tmp.stat().st_size + unwritten
+        stat = os.statvfs(self.tmp.parent)
+        room, what = stat.f_bavail * stat.f_frsize - unwritten, "free disk space"
+        if stat.f_blocks == 0:  # a file system that reports no sizes (some FUSE/network mounts)
+            room = 1 << 62
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and limit - size < room:
+            room, what = limit - size, "the file-size limit (ulimit -f)"
+        if nbytes + WRITE_MARGIN_BYTES > room:
+            raise AttnpipeError(
+                f"could not write {self.path}: {what} leaves {max(room, 0)} bytes, the next text needs "
+                f"up to {nbytes + WRITE_MARGIN_BYTES} (disk full or file-size limit?)"
+            )
 
     def _remove_created(self) -> None:
         for folder in self.created:  # only the folders this write made, and only while empty

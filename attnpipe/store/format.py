@@ -557,3 +557,17 @@ def storage_from_attrs(attrs) -> Storage:
 def or_none(convert, value):
     """convert(value), or None for an absent (version 1 / no --target) value."""
     return None if value is None else convert(value)
+
+
+def text_bytes_bound(item: TextAttention, num_layers: int, num_heads: int, itemsize: int, rows: str) -> int:
+    """An upper bound on the uncompressed bytes a writer stores for `item`: its attention (stored
+    `rows`), token arrays, strings and the arrays it carries besides (decoder side, gradients)."""
+    n = item.num_tokens
+    strings = len(item.text.encode()) + sum(len(t.encode()) + 16 for t in item.tokens)
+    extra = [a for a in (item.attention_grad, item.head_gate_grad, item.token_grad_input, item.head_ablation,
+                         *(getattr(item, name) for name in TEXT_ATTRIBUTIONS)) if a is not None]
+    if item.target is not None:
+        extra += [item.target.decoder_attention, item.target.cross_attention]
+        extra += [a for a in (getattr(item.target, name) for name in TARGET_GRADIENTS) if a is not None]
+    attention = num_layers * num_heads * (n if rows == "all" else 1) * n * itemsize
+    return attention + 40 * n + strings + sum(a.nbytes for a in extra)

@@ -65,6 +65,7 @@ from attnpipe.store.format import (
     TextAttention,
     provenance_attrs,
     query_positions,
+    text_bytes_bound,
 )
 from attnpipe.store.validate import check_gradient_shapes, check_no_nul, error_reason
 
@@ -316,6 +317,8 @@ class PackedWriter:
         check_no_nul(item)
         if not 0 <= index < self.num_texts or self._slot_of[index] >= 0:
             raise ValueError(f"text index {index} is out of range or written twice")
+        self._atomic.check_room(text_bytes_bound(item, num_layers, num_heads, self.dtype.itemsize, self.storage.rows),
+                                unwritten=self._pending_bytes)
         with write_errors(self.path):
             fields = self._begin(index, item)
             if not self.storage.metrics_only:

@@ -7,8 +7,6 @@ succeeds (atomic rename); the room on disk is checked before each text.
 from __future__ import annotations
 
 import contextlib
-import os
-import resource
 from pathlib import Path
 
 import h5py
@@ -16,18 +14,14 @@ import numpy as np
 
 from attnpipe import faults
 from attnpipe.errors import AttnpipeError
-from attnpipe.store.atomic import AtomicFile, check_writable, write_errors
+from attnpipe.store.atomic import WRITE_MARGIN_BYTES, AtomicFile, check_writable, write_errors  # noqa: F401 (re-exported)
 from attnpipe.store.checksum import ATTRS_CRC_ATTR, CRC_ATTR, attrs_crc_values, strings_crc32
 from attnpipe.store.codec import chunk_shape, encode_chunk, to_storage
-from attnpipe.store.format import (DIMS, FORMAT_NAME, OUTPUT_SUFFIXES, TARGET_ATTRIBUTIONS, TARGET_GRADIENTS,
-                                   TEXT_ATTRIBUTIONS, UINT8_SCALE,
+from attnpipe.store.format import (DIMS, FORMAT_NAME, OUTPUT_SUFFIXES, TARGET_ATTRIBUTIONS, TEXT_ATTRIBUTIONS, UINT8_SCALE,
                                    Provenance, Storage, StorageDtype, TargetAttention, TextAttention,
-                                   provenance_attrs, query_positions)
+                                   provenance_attrs, query_positions, text_bytes_bound)
 from attnpipe.store.json_file import JSONWriter
 from attnpipe.store.validate import check_gradient_shapes, check_no_nul
-
-# Room kept free for HDF5's own structures (B-trees, heaps, attributes) beyond a text's data.
-WRITE_MARGIN_BYTES = 1 << 16
 
 
 def check_output_path(path: Path) -> None:
@@ -58,16 +52,6 @@ def seal_attrs(obj) -> None:
     """Record the CRC-32 of an HDF5 object's string attributes (attnpipe.store.checksum): they
     live in the global heap, which no HDF5 checksum covers. Call after its last string attribute."""
     obj.attrs[ATTRS_CRC_ATTR] = np.uint32(strings_crc32(attrs_crc_values(obj.attrs)))
-
-
-def _extra_arrays(item: TextAttention) -> list[np.ndarray]:
-    """The arrays a text carries besides its attention (decoder side, gradients): for room checks."""
-    arrays = [a for a in (item.attention_grad, item.head_gate_grad, item.token_grad_input, item.head_ablation,
-                          *(getattr(item, name) for name in TEXT_ATTRIBUTIONS)) if a is not None]
-    if item.target is not None:
-        arrays += [item.target.decoder_attention, item.target.cross_attention]
-        arrays += [a for a in (getattr(item.target, name) for name in TARGET_GRADIENTS) if a is not None]
-    return arrays
 
 
 def write_metrics_group(file: h5py.File, values: np.ndarray, names, causal: np.ndarray) -> None:
@@ -135,34 +119,9 @@ class H5Writer:
         writer's `rows` when they are not all rows.
         """
         check_no_nul(item)
-        n = item.num_tokens
-        rows = n if self.storage.rows == "all" else 1
-        strings = len(item.text.encode()) + sum(len(t.encode()) + 16 for t in item.tokens)
-        extra = sum(a.nbytes for a in _extra_arrays(item))
-        self._check_room(num_layers * num_heads * rows * n * self.dtype.itemsize + 40 * n + strings + extra)
+        self._atomic.check_room(text_bytes_bound(item, num_layers, num_heads, self.dtype.itemsize, self.storage.rows))
         with write_errors(self.path):
             self._begin(index, item, num_layers, num_heads)
-
-    def _check_room(self, nbytes: int) -> None:
-        """Refuse before HDF5 writes what the disk or the file-size limit cannot take.
-
-        HDF5 copes badly with a write failing inside its caches (errors while objects are freed,
-        sometimes a crash), so room for the text's uncompressed bytes plus a margin is checked
-        first: a conservative estimate, as gzip only makes the data smaller.
-        """
-        size = self._atomic.tmp.stat().st_size
-        stat = os.statvfs(self._atomic.tmp.parent)
-        room, what = stat.f_bavail * stat.f_frsize, "free disk space"
-        if stat.f_blocks == 0:  # a file system that reports no sizes (some FUSE/network mounts)
-            room = 1 << 62
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit != resource.RLIM_INFINITY and limit - size < room:
-            room, what = limit - size, "the file-size limit (ulimit -f)"
-        if nbytes + WRITE_MARGIN_BYTES > room:
-            raise AttnpipeError(
-                f"could not write {self.path}: {what} leaves {max(room, 0)} bytes, the next text needs "
-                f"up to {nbytes + WRITE_MARGIN_BYTES} (disk full or file-size limit?)"
-            )
 
     def _begin(self, index: int, item: TextAttention, num_layers: int, num_heads: int) -> None:
         n = item.num_tokens
@@ -330,7 +289,7 @@ class H5Writer:
         missing = [i for i, text_id in enumerate(self._ids) if text_id is None]
         if missing:
             raise RuntimeError(f"texts {missing[:5]} were never written")
-        self._check_room(sum(len(i.encode()) + 16 for i in self._ids))
+        self._atomic.check_room(sum(len(i.encode()) + 16 for i in self._ids))
         with write_errors(self.path):
             checked_dataset(self._file, "ids", data=self._ids, dtype=h5py.string_dtype())
             for name, values in self._sums.items():
