@@ -21,7 +21,7 @@ import analyze_attention
 import extract_attention
 import visualize_attention
 from attnpipe.errors import AttnpipeError, run_cli
-from attnpipe.store import SCHEMA_VERSION, open_attention
+from attnpipe.store import H5_SCHEMA_VERSION, open_attention
 from conftest import run_script, write_test_images
 
 ATTN_TOL = 1e-5
@@ -71,7 +71,7 @@ def vit_run(tiny_vit_dir, tmp_path_factory):
 def test_images_to_h5_with_patch_tokens_and_parity(vit_run):
     _, images, out = vit_run
     with open_attention(out) as f:
-        assert f.meta.schema_version == SCHEMA_VERSION == 2
+        assert f.meta.schema_version == H5_SCHEMA_VERSION == 3  # the default HDF5 layout (packed)
         assert f.meta.model_type == "vit" and f.meta.method == "manual"
         assert f.meta.parity_max_abs_diff is not None and f.meta.parity_max_abs_diff <= ATTN_TOL
         assert f.ids == ("img0.png", "img1.png", "img2.png")  # folder in name order
