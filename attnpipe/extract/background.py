@@ -28,6 +28,11 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="attnpipe-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def target(self):
+        """The object the calls go to (read its interface only; its methods run in the thread)."""
+        return self._target
+
     def submit(self, method, *args, nbytes: int = 0) -> None:
         """Queue a call; blocks while the queue is over its byte budget; raises a writer error."""
         with self._cond:

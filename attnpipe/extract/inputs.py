@@ -9,6 +9,7 @@ Texts live here; pairs (pairs.py), images (images.py) and embeddings (embeddings
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,24 @@ def text_item(item_id: str, text: str, encoded: Encoded, i: int, tokenizer, **fi
     )
 
 
+# Texts tokenized together, then batched by length among themselves (TextInputs.batch_order): each
+# text is tokenized once, and a window's encodings are all a run holds, whatever the corpus size.
+WINDOW_TEXTS = 4096
+WINDOW_CHARS = 1 << 20  # or fewer texts, when they are long (an encoding costs ~100 B a token)
+
+
+def text_windows(texts: list[Text]) -> Iterator[range]:
+    """Consecutive ranges of at most WINDOW_TEXTS texts and (one long text aside) WINDOW_CHARS characters."""
+    start = chars = 0
+    for i, t in enumerate(texts):
+        if i > start and (i - start >= WINDOW_TEXTS or chars + len(t.text) > WINDOW_CHARS):
+            yield range(start, i)
+            start, chars = i, 0
+        chars += len(t.text)
+    if start < len(texts):
+        yield range(start, len(texts))
+
+
 class TextInputs:
     """Texts for a text model (encoders, causal LMs, --method hf)."""
 
@@ -143,20 +162,45 @@ class TextInputs:
         self.ids = [t.id for t in texts]
         self.tokenizer = model.tokenizer
         self.max_length = max_length(model, requested_max_length)
-        self.widths = token_lengths(self.tokenizer, [t.text for t in texts], self.max_length)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.token_types = getattr(model.weights, "token_type", None) is not None
+        self.lengths = np.zeros(len(texts), np.int64)  # each text's tokens, known once its window is encoded
+        self._widths: list[int] | None = None
+        self._window: tuple[int, Encoded] | None = None  # (first text, the window's encodings)
+
+    @property
+    def widths(self) -> list[int]:
+        """Every text's token count at once (--estimate); a run gets them window by window."""
+        if self._widths is None:
+            self._widths = token_lengths(self.tokenizer, [t.text for t in self.texts], self.max_length)
+        return self._widths
+
+    def batch_order(self, plan: Callable[[list[int]], Iterator[list[int]]]) -> Iterator[list[int]]:
+        """The run's batches: each window of texts tokenized once, then `plan`ned by length."""
+        for window in text_windows(self.texts):
+            encoded = encode(self.tokenizer, [self.texts[i].text for i in window], self.max_length)
+            widths = [len(ids) for ids in encoded.input_ids]
+            self.lengths[window.start:window.stop] = widths
+            self._window = (window.start, encoded)
+            for batch in plan(widths):
+                yield [window.start + i for i in batch]
+        self._window = None
 
     def prepare(self, indices: list[int], device: torch.device) -> Batch:
-        lengths = [self.widths[i] for i in indices]
-        # Each batch is tokenized in full on its own: a corpus's encodings are never all held at once.
-        encoded = encode(self.tokenizer, [self.texts[i].text for i in indices], self.max_length)
-        if [len(ids) for ids in encoded.input_ids] != lengths:
-            raise AttnpipeError(f"the tokenizer gave texts {[self.ids[i] for i in indices][:5]} "
-                                "different lengths on a second call; it must be deterministic")
-        tensors = {"input_ids": pad(encoded.input_ids, self.pad_id, device), "attention_mask": mask(lengths, device)}
+        if self._window is None:  # a batch outside batch_order: tokenized on its own
+            encoded, rows = encode(self.tokenizer, [self.texts[i].text for i in indices], self.max_length), None
+            self.lengths[indices] = [len(ids) for ids in encoded.input_ids]
+        else:
+            first, encoded = self._window
+            rows = [i - first for i in indices]
+            if rows[0] < 0 or max(rows) >= len(encoded.input_ids):
+                raise ValueError(f"texts {indices[:5]} are not in the window being run")
+        row_of = range(len(indices)) if rows is None else rows
+        input_ids = [encoded.input_ids[r] for r in row_of]
+        lengths = [len(ids) for ids in input_ids]
+        tensors = {"input_ids": pad(input_ids, self.pad_id, device), "attention_mask": mask(lengths, device)}
         if encoded.token_type_ids is not None and self.token_types:
-            tensors["token_type_ids"] = pad(encoded.token_type_ids, 0, device)
-        items = [text_item(self.ids[i], self.texts[i].text, encoded, row, self.tokenizer, attention=None)
-                 for row, i in enumerate(indices)]
+            tensors["token_type_ids"] = pad([encoded.token_type_ids[r] for r in row_of], 0, device)
+        items = [text_item(self.ids[i], self.texts[i].text, encoded, r, self.tokenizer, attention=None)
+                 for r, i in zip(row_of, indices, strict=True)]
         return Batch(indices, tensors, items, {"self": (lengths, lengths)})

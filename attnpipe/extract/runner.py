@@ -468,8 +468,15 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
             tqdm(total=count, unit=inputs.label, file=sys.stderr,
                  disable=None if config.progress is None else not config.progress)  # None: tty only
         )
-        order = ([[i] for i in range(count)] if explainer is not None  # one at a time: no padding in a gradient
-                 else batches(inputs.widths, config, chosen["self"].num_heads))
+        def plan(widths: list[int]):
+            return batches(widths, config, chosen["self"].num_heads)
+
+        if explainer is not None:  # one at a time: no padding in a gradient
+            order = [[i] for i in range(count)]
+        elif hasattr(inputs, "batch_order"):  # texts: tokenized once, window by window
+            order = inputs.batch_order(plan)
+        else:
+            order = plan(inputs.widths)
         for indices in order:
             batch = inputs.prepare(indices, device)
             ids = [inputs.ids[i] for i in indices]
@@ -546,7 +553,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     return ExtractResult(
         output=config.output,
         num_texts=count,
-        num_tokens=sum(getattr(inputs, "lengths", inputs.widths)),  # embeddings: real rows, not the array's width
+        num_tokens=int(sum(getattr(inputs, "lengths", inputs.widths))),  # embeddings: real rows, not the array's width
         layers=self_sel.layers,
         heads=self_sel.heads,
         truncated_ids=tuple(sorted(truncated, key=order_ids.__getitem__)),

@@ -41,6 +41,18 @@ def _store_metrics(metrics, probs: torch.Tensor, values: np.ndarray, indices: li
         values[indices, pos] = metrics.layer(probs)  # (B, H', M)
 
 
+def stored_positions(shape: torch.Size, lengths: list[int], rows: str, device: torch.device) -> torch.Tensor:
+    """Flat positions in a contiguous (B, H, T, T) layer of each text's stored values, text after
+    text in C order: heads x stored query rows (all, or one: store.query_positions) x real keys."""
+    b, h, t, _ = shape
+    parts = []
+    for row, n in enumerate(lengths):
+        queries = store.query_positions(rows, n)
+        base = (row * h + np.arange(h))[:, None, None] * t * t + queries[None, :, None] * t
+        parts.append((base + np.arange(n)[None, None, :]).reshape(-1))
+    return torch.from_numpy(np.concatenate(parts)).to(device)
+
+
 class Sink:
     def __init__(self, storage: store.Storage, selections: dict[str, Selection], writer: BackgroundWriter | None,
                  *, stream: bool, metric_values: np.ndarray | None = None):
@@ -53,6 +65,9 @@ class Sink:
         self.stream = stream
         self.metric_values = metric_values
         self.itemsize = np.dtype(storage.dtype).itemsize
+        # A writer that takes whole batches (the packed layout): one call per batch and layer
+        # instead of one per text, so the writer thread's Python stays off the forward's cores.
+        self.batched = writer is not None and hasattr(writer.target, "begin_batch")
         self.json_item: store.TextAttention | None = None  # a .json run's one item, once complete
 
     def begin(self, batch: Batch, metrics=None) -> None:
@@ -62,8 +77,12 @@ class Sink:
         self.kept: dict[str, list[list[np.ndarray | None]]] = {
             kind: [[None] * len(sel.layers) for _ in batch.indices] for kind, sel in self.selections.items()
         }
+        self.gather: dict[str, torch.Tensor] = {}  # kind -> where the batch's stored values lie in a layer
         if self.stream or metrics is not None:
             sel = self.selections["self"]
+            if self.batched:
+                self.writer.submit("begin_batch", batch.indices, batch.items, len(sel.layers), len(sel.heads))
+                return
             for i, item in zip(batch.indices, batch.items, strict=True):
                 self.writer.submit("begin", i, item, len(sel.layers), len(sel.heads))
 
@@ -71,7 +90,7 @@ class Sink:
         if self.storage.dtype == "uint8":  # the same float32 arithmetic as store.to_storage
             return (crop * float(store.UINT8_SCALE)).round_().to(torch.uint8).cpu().numpy()
         out = torch.empty(crop.shape, dtype=getattr(torch, self.storage.dtype))
-        return out.copy_(crop).numpy()  # one pass: crop, convert and make contiguous
+        return out.copy_(crop).numpy()  # one pass: crop, convert and make contiguous (to the CPU)
 
     def layer(self, kind: str, layer: int, probs: torch.Tensor) -> None:  # probs (B, H, Q, K)
         pos = self.positions[kind][layer]
@@ -91,6 +110,13 @@ class Sink:
                     first = int(store.query_positions(self.storage.rows, q)[0])
                     crop = crop[:, first:first + 1]  # (H', 1, k)
                 self.kept[kind][row][pos] = crop.float().cpu().numpy()
+            return
+        if self.batched:  # one gather: the stored values of every text, one text after the other
+            if kind not in self.gather:
+                self.gather[kind] = stored_positions(probs.shape, q_lengths, self.storage.rows, probs.device)
+            flat = probs.reshape(-1).index_select(0, self.gather[kind])
+            converted = self._convert(flat)
+            self.writer.submit("write_layer", batch.indices[0], pos, converted, nbytes=converted.nbytes)
             return
         heads = probs.shape[1]
         num_layers = len(self.selections[kind].layers)
@@ -119,6 +145,9 @@ class Sink:
         item's target)."""
         batch = self.batch
         if self.stream or self.metrics is not None:
+            if self.batched:
+                self.writer.submit("end_batch", batch.indices[0])
+                return
             for i in batch.indices:
                 self.writer.submit("end", i)
             return

@@ -562,12 +562,20 @@ def or_none(convert, value):
 def text_bytes_bound(item: TextAttention, num_layers: int, num_heads: int, itemsize: int, rows: str) -> int:
     """An upper bound on the uncompressed bytes a writer stores for `item`: its attention (stored
     `rows`), token arrays, strings and the arrays it carries besides (decoder side, gradients)."""
-    n = item.num_tokens
-    strings = len(item.text.encode()) + sum(len(t.encode()) + 16 for t in item.tokens)
+    strings = len(item.text.encode()) + sum(len(t.encode()) for t in item.tokens)
     extra = [a for a in (item.attention_grad, item.head_gate_grad, item.token_grad_input, item.head_ablation,
                          *(getattr(item, name) for name in TEXT_ATTRIBUTIONS)) if a is not None]
     if item.target is not None:
         extra += [item.target.decoder_attention, item.target.cross_attention]
         extra += [a for a in (getattr(item.target, name) for name in TARGET_GRADIENTS) if a is not None]
-    attention = num_layers * num_heads * (n if rows == "all" else 1) * n * itemsize
-    return attention + 40 * n + strings + sum(a.nbytes for a in extra)
+    return plain_texts_bytes_bound(np.array([item.num_tokens]), strings, num_layers, num_heads, itemsize,
+                                   rows) + sum(a.nbytes for a in extra)
+
+
+def plain_texts_bytes_bound(num_tokens: np.ndarray, string_bytes: int, num_layers: int, num_heads: int,
+                            itemsize: int, rows: str) -> int:
+    """text_bytes_bound of texts that carry only tokens, summed: their token counts and the UTF-8
+    bytes of their texts and tokens together."""
+    n = np.asarray(num_tokens, np.int64)
+    attention = num_layers * num_heads * (n if rows == "all" else np.minimum(n, 1)) * n * itemsize
+    return int(attention.sum() + 56 * n.sum()) + string_bytes  # 40 B of token arrays + 16 per token string

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -64,6 +65,7 @@ from attnpipe.store.format import (
     TargetAttention,
     TextAttention,
     provenance_attrs,
+    plain_texts_bytes_bound,
     query_positions,
     text_bytes_bound,
 )
@@ -186,32 +188,50 @@ class _Packed:
         self.ndim = ndim
         self.total = 0
         self.pending: list[np.ndarray] = []
-        self.pending_offsets: list[int] = []
-        self.pending_shapes: list[tuple[int, ...]] = []
+        self.pending_offsets: list[np.ndarray] = []  # (S,) int64 ends of the slots' arrays
+        self.pending_shapes: list[np.ndarray] = []  # (S, ndim) int64
 
     def add(self, array: np.ndarray) -> None:
         self._index(array.shape)
         self.pending.append(array.reshape(-1))
+
+    def add_many(self, values: np.ndarray, shapes: np.ndarray) -> None:
+        """Several slots' arrays at once: their values back to back, and each one's shape (S, ndim)."""
+        self._index_many(shapes)
+        self.pending.append(values.reshape(-1))
 
     def reserve(self, key: int, shape: tuple[int, ...]) -> int:
         start = self.values.reserve(key, math.prod(shape))
         self._index(shape)
         return start
 
+    def reserve_many(self, key: int, shapes: np.ndarray) -> np.ndarray:
+        """One reservation (released under `key`) for several slots' arrays; each one's first value."""
+        sizes = np.prod(shapes, axis=1, dtype=np.int64)
+        start = self.values.reserve(key, int(sizes.sum()))
+        self._index_many(shapes)
+        return start + np.concatenate(([0], np.cumsum(sizes)[:-1]))
+
     def _index(self, shape) -> None:
         if len(shape) != self.ndim:
             raise ValueError(f"{self.group.name}: an array of shape {shape} in a field of {self.ndim} dimensions")
-        self.total += math.prod(shape)
-        self.pending_offsets.append(self.total)
-        self.pending_shapes.append(tuple(shape))
+        self._index_many(np.array(shape, np.int64).reshape(1, self.ndim))
+
+    def _index_many(self, shapes: np.ndarray) -> None:
+        """Record the shapes (S, ndim) of the next S slots' arrays and where each one ends."""
+        ends = self.total + np.cumsum(np.prod(shapes, axis=1, dtype=np.int64))
+        if len(ends):
+            self.total = int(ends[-1])
+        self.pending_offsets.append(ends)
+        self.pending_shapes.append(shapes)
 
     def flush(self) -> None:
         if self.pending:
             self.values.append(np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0])
             self.pending = []
         if self.pending_offsets:
-            self.offsets.append(np.array(self.pending_offsets, np.int64))
-            self.shape.append(np.array(self.pending_shapes, np.int64).reshape(-1, self.ndim))
+            self.offsets.append(np.concatenate(self.pending_offsets))
+            self.shape.append(np.concatenate(self.pending_shapes).reshape(-1, self.ndim))
             self.pending_offsets, self.pending_shapes = [], []
 
     def close(self) -> None:
@@ -236,6 +256,24 @@ class _Fixed:
     def close(self) -> None:
         self.flush()
         self.appender.close()
+
+
+@dataclass
+class _Batch:
+    """Texts begun together (PackedWriter.begin_batch), whose layers come one at a time."""
+
+    indices: list[int]
+    starts: np.ndarray | None  # (B,) first attention value of each text; None: begun one by one
+    per_layer: np.ndarray  # (B,) values of one layer of each text (H x r x n)
+    num_layers: int
+    layers_written: int = 0
+
+
+def _plain(item: TextAttention) -> bool:
+    """A text that carries nothing but its tokens and attention (what begin_batch takes at once)."""
+    return (item.target is None and item.image is None and item.attention_grad is None
+            and item.generated is None and item.generated_text is None
+            and all(getattr(item, name) is None for name in TEXT_ATTRIBUTIONS))
 
 
 FLUSH_SLOTS = 512  # texts whose small fields wait before going to the appenders
@@ -273,6 +311,7 @@ class PackedWriter:
         self._next_slot = 0
         self._pending_bytes = 0
         self._streaming: dict[int, tuple[int, tuple[int, ...], int]] = {}  # text -> (first value, shape, left)
+        self._batches: dict[int, _Batch] = {}  # first text -> a batch begun by begin_batch
         self._finished = False
         self._sums: dict[str, list[np.ndarray]] = {}
         self._schema: set[str] | None = None  # the optional fields the first text had
@@ -345,6 +384,77 @@ class PackedWriter:
                     field.flush()
             if index in self._streaming and self._streaming[index][2] == 0:
                 self.end(index)
+
+    def begin_batch(self, indices: Sequence[int], items: Sequence[TextAttention], num_layers: int,
+                    num_heads: int) -> None:
+        """`begin` for a batch of texts, in order: their slots follow one another and their attention
+        is one reservation, filled by `write_layer` and released by `end_batch`. Texts that carry
+        more than their tokens (a target, an image, gradients, generated text) go one by one."""
+        if not all(map(_plain, items)) or self._next_slot == 0:  # the first text makes the fields
+            for index, item in zip(indices, items, strict=True):
+                self.begin(index, item, num_layers, num_heads)
+            if not self.storage.metrics_only:
+                self._batches[indices[0]] = _Batch(list(indices), None, np.array(
+                    [math.prod(self._streaming[i][1][1:]) for i in indices], np.int64), num_layers)
+            return
+        if any(not 0 <= i < self.num_texts or self._slot_of[i] >= 0 for i in indices) or len(set(indices)) < len(indices):
+            raise ValueError(f"text indices {list(indices)[:5]} are out of range or written twice")
+        ids, id_nbytes = _strings([item.id for item in items])
+        texts, text_nbytes = _strings([item.text for item in items])
+        tokens, token_nbytes = _strings([t for item in items for t in item.tokens])
+        if 0 in ids or 0 in texts or 0 in tokens:  # UTF-8 has a zero byte only for U+0000
+            for item in items:
+                check_no_nul(item)
+        n = np.array([item.num_tokens for item in items], np.int64)
+        rows = n if self.storage.rows == "all" else np.minimum(n, 1)
+        self._atomic.check_room(plain_texts_bytes_bound(n, len(texts) + len(tokens), num_layers, num_heads,
+                                                        self.dtype.itemsize, self.storage.rows),
+                                unwritten=self._pending_bytes)
+        with write_errors(self.path):
+            per_text = n[:, None]
+            self._put_many("id", ids, id_nbytes[:, None])
+            self._put_many("text", texts, text_nbytes[:, None])
+            for name, value in (("num_tokens", n), ("truncated", [bool(item.truncated) for item in items]),
+                                ("num_tokens_untruncated", [int(item.num_tokens_untruncated) for item in items]),
+                                ("input_kind_code", [INPUT_KINDS.index(item.input_kind) for item in items])):
+                self._fixed[name].pending.extend(value.tolist() if isinstance(value, np.ndarray) else value)
+            self._put_many("tokens", tokens, np.add.reduceat(token_nbytes, np.cumsum(n) - n)[:, None]
+                           if len(token_nbytes) else np.zeros((len(items), 1), np.int64))
+            self._put_many("token_nbytes", token_nbytes, per_text)
+            for name in ("token_ids", "special_tokens_mask", "word_ids"):
+                self._put_many(name, np.concatenate([getattr(item, name) for item in items]), per_text)
+            self._put_many("offsets", np.concatenate([np.asarray(item.offsets).reshape(-1, 2) for item in items]),
+                           np.column_stack([n, np.full_like(n, 2)]))
+            if not self.storage.metrics_only:
+                for item in items:
+                    positions = query_positions(self.storage.rows, item.num_tokens)
+                    if item.query_positions is not None and not np.array_equal(item.query_positions, positions):
+                        raise ValueError(f"query positions {item.query_positions} do not match rows={self.storage.rows}")
+                shapes = np.column_stack([np.full_like(n, num_layers), np.full_like(n, num_heads), rows, n])
+                starts = self._packed["attention"].reserve_many(indices[0], shapes)
+                self._batches[indices[0]] = _Batch(list(indices), starts, num_heads * rows * n, num_layers)
+                if self.storage.rows != "all":
+                    self._put_many("query_positions", np.concatenate(
+                        [query_positions(self.storage.rows, int(k)) for k in n]), rows[:, None])
+                for _ in items:
+                    faults.point("write")
+            fields = set() if self.storage.metrics_only else {"attention"}
+            if fields != self._schema:
+                raise AttnpipeError(f"could not write {self.path}: text {items[0].id!r} has the fields "
+                                    f"{sorted(fields ^ self._schema)} unlike the texts before it")
+            before = self._next_slot
+            self._slot_of[list(indices)] = np.arange(before, before + len(items))
+            self._next_slot += len(items)
+            self._pending_bytes += int(len(ids) + len(texts) + len(tokens) + 41 * n.sum())
+            if self._next_slot // FLUSH_SLOTS != before // FLUSH_SLOTS or self._pending_bytes > FLUSH_BYTES:
+                self._pending_bytes = 0
+                for field in (*self._packed.values(), *self._fixed.values()):
+                    field.flush()
+
+    def _put_many(self, name: str, values: np.ndarray, shapes: np.ndarray) -> None:
+        field = self._packed[name]
+        values = np.asarray(values, field.dtype)
+        field.add_many(values, shapes)
 
     def _begin(self, index: int, item: TextAttention) -> set[str]:
         """Every field of `item` except its attention, in one slot; returns the fields' names."""
@@ -445,6 +555,41 @@ class PackedWriter:
                 field.fill(start + ((layer + k) * num_heads + head) * per_head, block[k].reshape(-1))
         left -= block.size
         self._streaming[index] = (start, shape, left)
+
+    def write_layer(self, first: int, layer: int, values: np.ndarray) -> None:
+        """Layer position `layer` of every text of the batch begun at `first` (begin_batch): their
+        (H, r, n) values in the storage dtype, one text after the other."""
+        batch = self._batches[first]
+        if values.dtype != self.dtype or values.size != int(batch.per_layer.sum()):
+            raise ValueError(f"layer values {values.dtype} ({values.size}) do not fit the batch's {self.dtype} "
+                             f"texts ({int(batch.per_layer.sum())} values)")
+        at = 0
+        if batch.starts is None:  # begun one text at a time
+            for index, size in zip(batch.indices, batch.per_layer.tolist(), strict=True):
+                _, shape, _ = self._streaming[index]
+                self.write_chunk(index, layer, 0, values[at:at + size].reshape(1, *shape[1:]))
+                at += size
+            return
+        field = self._packed["attention"].values
+        for start, size in zip((batch.starts + layer * batch.per_layer).tolist(), batch.per_layer.tolist(), strict=True):
+            field.fill(start, values[at:at + size])
+            at += size
+        batch.layers_written += 1
+
+    def end_batch(self, first: int) -> None:
+        """The batch begun at `first` is complete: its attention may go to the file."""
+        if self.storage.metrics_only:  # no attention: nothing was reserved
+            return
+        batch = self._batches.pop(first)
+        if batch.starts is None:
+            for index in batch.indices:
+                self.end(index)
+            return
+        if batch.layers_written != batch.num_layers:
+            raise RuntimeError(f"texts {batch.indices[:5]} ended with {batch.layers_written} of "
+                               f"{batch.num_layers} layers written")
+        with write_errors(self.path):
+            self._packed["attention"].values.release(first)
 
     def end(self, index: int) -> None:
         """Text `index` is complete: its attention may go to the file."""
