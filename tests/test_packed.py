@@ -173,6 +173,54 @@ def test_streamed_chunks_in_any_order_give_the_whole_text_write(tmp_path):
     assert whole.read_bytes() == streamed.read_bytes()
 
 
+@pytest.mark.parametrize("storage", [store.Storage(dtype="uint8"), store.Storage(dtype="float16", rows="cls"),
+                                     store.Storage(rows="last", compression="lzf")],
+                         ids=lambda s: f"{s.dtype}-{s.compression}-{s.rows}")
+def test_batches_begun_together_give_the_whole_text_write(storage, tmp_path):
+    """The runner's batched path (begin_batch / write_layer / end_batch: one call per batch and layer)
+    writes the same bytes as whole texts one by one: two batches in flight at once, layers out of order."""
+    rng = np.random.default_rng(3)
+    storage = dataclasses.replace(storage, schema_version=3)
+    items = [synthetic(rng, n, i, rows=storage.rows) for i, n in enumerate([30, 7, 300, 11, 1, 5, 9])]
+    order, batches = [2, 0, 3, 1, 6, 5, 4], [[2, 0], [3, 1, 6], [5, 4]]  # the first batch goes text by text
+    whole = tmp_path / "whole.h5"
+    with PackedWriter(whole, len(items), storage.dtype, storage) as writer:
+        for i in order:
+            writer.write(i, items[i])
+        writer.finish(dataclasses.replace(PROV, dtype=storage.dtype))
+    batched = tmp_path / "batched.h5"
+    with PackedWriter(batched, len(items), storage.dtype, storage) as writer:
+        for batch in batches[:2]:
+            writer.begin_batch(batch, [dataclasses.replace(items[i], attention=None) for i in batch], 2, 3)
+        for layer, batch in ((1, batches[1]), (0, batches[0]), (0, batches[1]), (1, batches[0])):
+            writer.write_layer(batch[0], layer, np.concatenate(
+                [store.to_storage(items[i].attention[layer], storage.dtype).reshape(-1) for i in batch]))
+        writer.end_batch(batches[1][0])
+        writer.begin_batch(batches[2], [dataclasses.replace(items[i], attention=None) for i in batches[2]], 2, 3)
+        for layer in (0, 1):
+            writer.write_layer(batches[2][0], layer, np.concatenate(
+                [store.to_storage(items[i].attention[layer], storage.dtype).reshape(-1) for i in batches[2]]))
+        for batch in (batches[0], batches[2]):
+            writer.end_batch(batch[0])
+        writer.finish(dataclasses.replace(PROV, dtype=storage.dtype))
+    assert whole.read_bytes() == batched.read_bytes()
+
+
+def test_a_batch_missing_a_layer_or_with_values_that_do_not_fit_is_refused(tmp_path):
+    rng = np.random.default_rng(4)
+    storage = store.Storage(dtype="float16", schema_version=3)
+    items = [dataclasses.replace(synthetic(rng, n, i), attention=None) for i, n in enumerate([4, 6, 3])]
+    with PackedWriter(tmp_path / "a.h5", 3, "float16", storage) as writer:
+        writer.begin_batch([0], items[:1], 2, 3)
+        writer.begin_batch([1, 2], items[1:], 2, 3)
+        with pytest.raises(ValueError, match="do not fit"):
+            writer.write_layer(1, 0, np.zeros(3 * 36 + 3 * 9 - 1, np.float16))
+        writer.write_layer(1, 0, np.zeros(3 * 36 + 3 * 9, np.float16))
+        with pytest.raises(RuntimeError, match="1 of 2 layers"):
+            writer.end_batch(1)
+    assert not (tmp_path / "a.h5").exists()
+
+
 def test_fletcher32_is_hdf5s(tmp_path):
     """The checksum written beside each direct chunk is the one HDF5 computes (and verifies on read)."""
     rng = np.random.default_rng(3)

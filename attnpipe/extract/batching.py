@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 # Padded tokens (texts x longest length) per forward pass. bench/bench_extract.py measured
@@ -57,11 +58,16 @@ def batches(lengths: list[int], config, num_heads: int) -> Iterator[list[int]]:
 
 
 def pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
-    """Right-pad lists of ids to one (B, T) tensor."""
+    """Right-pad lists of ids to one (B, T) int64 tensor."""
     width = max(len(row) for row in rows)
-    return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
+    out = np.full((len(rows), width), value, dtype=np.int64)
+    for i, row in enumerate(rows):  # numpy copies each list at C speed (torch.tensor of nested lists did not)
+        out[i, :len(row)] = row
+    return torch.from_numpy(out).to(device)
 
 
 def mask(lengths: list[int], device: torch.device) -> torch.Tensor:
-    """(B, T) attention mask: 1 on each row's first `lengths[b]` positions."""
-    return pad([[1] * n for n in lengths], 0, device)
+    """(B, T) int64 attention mask: 1 on each row's first `lengths[b]` positions."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    real = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    return torch.from_numpy(real.astype(np.int64)).to(device)

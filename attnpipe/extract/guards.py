@@ -70,6 +70,11 @@ def check_attention(
     device = first.device
     real = torch.arange(t, device=device)[None, :] < torch.as_tensor(list(lengths), device=device)[:, None]
     real_rows = real[:, None, :]  # (B, 1, Q): the query rows that are stored
+    shortest = min(key_lengths)
+    padded_keys = None  # (B, S - shortest): keys from the shortest row's length on that are padding
+    if shortest < s:
+        padded_keys = (torch.arange(shortest, s, device=device)[None, :]
+                       >= torch.as_tensor(list(key_lengths), device=device)[:, None])
     name = KIND_NAMES[kind]
     for layer, probs in attentions.items():
         if probs.shape[0] != b or probs.shape[-2:] != (t, s) or probs.shape[1] == 0:
@@ -89,15 +94,11 @@ def check_attention(
                 f"attention rows do not sum to 1 at {_where(off, text_ids, layer, kind)}: off by up to "
                 f"{worst:.3g} (tolerance {tol:g})"
             )
-        # Padded keys of real rows: after length-sorted batching a thin slice per text.
-        for row, (n, k) in enumerate(zip(lengths, key_lengths, strict=True)):
-            padded = probs[row, :, :n, k:] != 0  # (H, n, S - k)
-            if k < s and bool(padded.any()):
-                head, query, key = (int(v) for v in padded.nonzero()[0])
-                raise AttnpipeError(
-                    f"a padded key gets non-zero attention at text {text_ids[row]!r} {name}layer {layer} "
-                    f"head {head} query {query} key {k + key}: the padding mask is broken"
-                )
+        # Padded keys of real rows: after length-sorted batching a thin slice of keys, checked for
+        # the whole batch at once; the rows are then visited only to name the first offender.
+        if padded_keys is not None and bool(
+                ((probs[..., shortest:] != 0) & padded_keys[:, None, None, :]).any(dim=-1).logical_and_(real_rows).any()):
+            _padded_key_error(probs, lengths, key_lengths, text_ids, layer, name)
         if causal:  # keys after the query, in real rows
             future = (torch.triu(probs, diagonal=1) != 0).any(dim=-1) & real_rows  # (B, H, Q)
             if bool(future.any()):
@@ -107,3 +108,17 @@ def check_attention(
                     f"a future key gets non-zero attention at text {text_ids[row]!r} {name}layer {layer} "
                     f"head {head} query {query} key {key}: the causal mask is broken"
                 )
+
+
+def _padded_key_error(probs: torch.Tensor, lengths: Sequence[int], key_lengths: Sequence[int],
+                      text_ids: Sequence[str], layer: int, name: str) -> None:
+    """Raise the error for the first real row (in batch order) that gives a padded key weight."""
+    s = probs.shape[-1]
+    for row, (n, k) in enumerate(zip(lengths, key_lengths, strict=True)):
+        padded = probs[row, :, :n, k:] != 0  # (H, n, S - k)
+        if k < s and bool(padded.any()):
+            head, query, key = (int(v) for v in padded.nonzero()[0])
+            raise AttnpipeError(
+                f"a padded key gets non-zero attention at text {text_ids[row]!r} {name}layer {layer} "
+                f"head {head} query {query} key {k + key}: the padding mask is broken"
+            )

@@ -553,7 +553,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     return ExtractResult(
         output=config.output,
         num_texts=count,
-        num_tokens=int(sum(getattr(inputs, "lengths", inputs.widths))),  # embeddings: real rows, not the array's width
+        num_tokens=int(sum(inputs.lengths if hasattr(inputs, "lengths") else inputs.widths)),  # embeddings: real rows, not the array's width
         layers=self_sel.layers,
         heads=self_sel.heads,
         truncated_ids=tuple(sorted(truncated, key=order_ids.__getitem__)),

@@ -45,12 +45,20 @@ def stored_positions(shape: torch.Size, lengths: list[int], rows: str, device: t
     """Flat positions in a contiguous (B, H, T, T) layer of each text's stored values, text after
     text in C order: heads x stored query rows (all, or one: store.query_positions) x real keys."""
     b, h, t, _ = shape
-    parts = []
-    for row, n in enumerate(lengths):
-        queries = store.query_positions(rows, n)
-        base = (row * h + np.arange(h))[:, None, None] * t * t + queries[None, :, None] * t
-        parts.append((base + np.arange(n)[None, None, :]).reshape(-1))
-    return torch.from_numpy(np.concatenate(parts)).to(device)
+    n = np.asarray(lengths, dtype=np.int64)
+    r = n if rows == "all" else np.minimum(n, 1)
+    first = np.zeros_like(n) if rows != "last" else n - 1  # the first stored query row
+    # Each text's values are H x r x n: enumerate them all at once, then place each on (b, h, q, k).
+    per_text = h * r * n
+    text = np.repeat(np.arange(len(n)), per_text)
+    within = np.arange(int(per_text.sum())) - np.repeat(np.cumsum(per_text) - per_text, per_text)
+    keys, rows_n = n[text], (r * n)[text]
+    head, rest = within // rows_n, within % rows_n
+    query, key = rest // keys + first[text], rest % keys
+    flat = ((text * h + head) * t + query) * t + key
+    if b * h * t * t < 2**31:  # int32 positions: half the memory, and index_select takes them
+        flat = flat.astype(np.int32)
+    return torch.from_numpy(flat).to(device)
 
 
 class Sink:

@@ -52,6 +52,7 @@ class DirectTokenizer:
         self._tokenizer.no_padding()
         self._tokenizer.encode_special_tokens = True
         self._specials = specials
+        self._tokens: list[str | None] | None = None
         self.model_max_length = model_max_length
         self._token_types = token_types
         pad = specials.get("pad_token")
@@ -65,7 +66,10 @@ class DirectTokenizer:
         return self._tokenizer.get_vocab(with_added_tokens=True)
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
-        return [self._tokenizer.id_to_token(int(i)) for i in ids]
+        if self._tokens is None:  # every id's token once: a list lookup per token instead of a call
+            self._tokens = [self._tokenizer.id_to_token(i) for i in range(self._tokenizer.get_vocab_size(True))]
+        tokens, known = self._tokens, len(self._tokens)
+        return [tokens[i] if 0 <= i < known else self._tokenizer.id_to_token(int(i)) for i in ids]
 
     def __call__(self, texts, *, truncation: bool = False, max_length: int | None = None,
                  return_special_tokens_mask: bool = False, return_offsets_mapping: bool = False,
