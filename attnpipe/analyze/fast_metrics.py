@@ -61,6 +61,31 @@ class BatchMetrics:
         causal: bool,
         device: torch.device | str = "cpu",
     ):
+        t = max(lengths) if lengths else 0
+        sep = torch.zeros(len(lengths), t, dtype=torch.float32, device=device)
+        punct = torch.zeros(len(lengths), t, dtype=torch.float32, device=device)
+        done: dict[tuple[int, int], int] = {}  # the same token list again (one text's layers): copy its row
+        for row, (toks, special) in enumerate(zip(tokens, special_masks, strict=True)):
+            key = (id(toks), id(special))
+            if key in done:
+                sep[row], punct[row] = sep[done[key]], punct[done[key]]
+            elif len(toks):
+                sep[row, : len(toks)] = torch.from_numpy(M.sep_eos_keys(toks, special).astype(np.float32))
+                punct[row, : len(toks)] = torch.from_numpy(M.punctuation_keys(toks, special).astype(np.float32))
+            done.setdefault(key, row)
+        self._masks(names, lengths, torch.stack((sep, punct), dim=-1), causal=causal, device=device)
+
+    @classmethod
+    def from_key_weights(cls, names: Sequence[str], lengths: Sequence[int], key_weights: torch.Tensor, *,
+                         causal: bool, device: torch.device | str = "cpu") -> BatchMetrics:
+        """As the constructor, with each row's key weights given instead of its tokens:
+        key_weights (B, T, 2) float32, [SEP]/EOS keys then punctuation keys (metric_reference's
+        sep_eos_keys and punctuation_keys as 0/1), 0 beyond each row's length."""
+        metrics = cls.__new__(cls)
+        metrics._masks(names, lengths, key_weights.to(device), causal=causal, device=device)
+        return metrics
+
+    def _masks(self, names, lengths, key_weights: torch.Tensor, *, causal: bool, device) -> None:
         self.names = M.check_metric_names(names)
         self.causal = causal
         b, t = len(lengths), max(lengths) if lengths else 0
@@ -77,19 +102,8 @@ class BatchMetrics:
         distance = (pos[:, None] - pos[None, :]).abs()  # (Q, K)
         self.distance = distance.to(torch.float32)
         self.local = (distance <= M.LOCAL_WINDOW).to(torch.float32)
-        sep = torch.zeros(b, t, dtype=torch.float32, device=device)
-        punct = torch.zeros(b, t, dtype=torch.float32, device=device)
-        done: dict[tuple[int, int], int] = {}  # the same token list again (one text's layers): copy its row
-        for row, (toks, special) in enumerate(zip(tokens, special_masks, strict=True)):
-            key = (id(toks), id(special))
-            if key in done:
-                sep[row], punct[row] = sep[done[key]], punct[done[key]]
-            elif len(toks):
-                sep[row, : len(toks)] = torch.from_numpy(M.sep_eos_keys(toks, special).astype(np.float32))
-                punct[row, : len(toks)] = torch.from_numpy(M.punctuation_keys(toks, special).astype(np.float32))
-            done.setdefault(key, row)
         # Key weights summed in one batched matmul: [SEP]/EOS keys, punctuation keys.
-        self.key_sums = torch.stack((sep, punct), dim=-1)[:, None]  # (B, 1, K, 2)
+        self.key_sums = key_weights[:, None]  # (B, 1, K, 2)
         # Rows where the neighbour metrics are defined (numpy's `neighbour`: key i + offset visible).
         prev = torch.zeros(b, t, dtype=torch.bool, device=device)
         nxt = torch.zeros(b, t, dtype=torch.bool, device=device)
@@ -196,72 +210,163 @@ def _to_float32(stored: np.ndarray) -> np.ndarray:
     return store.decode(stored)
 
 
-@dataclass
-class _Text:
-    pos: int  # position in the caller's `indices`
-    tokens: tuple[str, ...]
-    special: np.ndarray
-    probs: torch.Tensor  # (L, H, n, n) float32
-    causal: bool
+@dataclass(frozen=True)
+class _Group:
+    """A window's texts of one length and causality, as one tensor."""
 
-    @property
-    def n(self) -> int:
-        return self.probs.shape[-1]
+    n: int
+    causal: bool
+    positions: np.ndarray  # (k,) each text's position in the caller's indices
+    probs: torch.Tensor  # (k, L·H, n, n) float32: each text's layers and heads as one axis
+    key_weights: torch.Tensor  # (k, n, 2) float32: [SEP]/EOS and punctuation keys
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+@dataclass(frozen=True)
+class _BatchText:
+    position: int
+    n: int
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One metrics batch: texts start..stop of each of some groups (the longest first)."""
+
+    parts: tuple[tuple[_Group, int, int], ...]
+
+    def __len__(self) -> int:
+        return sum(stop - start for _, start, stop in self.parts)
+
+    def __iter__(self):  # its texts
+        for group, start, stop in self.parts:
+            for position in group.positions[start:stop].tolist():
+                yield _BatchText(position, group.n)
 
 
 def texts_values(attention_file, indices: Sequence[int], names: Sequence[str], causal: bool | None) -> np.ndarray:
     """(len(indices), L, H, M) metric values of the given texts.
 
-    Texts are read in windows of about WINDOW_VALUES attention values (memory stays bounded), and
-    each window's texts are computed in batches of similar length, padded to the longest: a short
-    text's metrics are a hundred small torch operations, so batching saves most of their overhead.
+    Texts are read in windows of about WINDOW_VALUES attention values (memory stays bounded; a
+    version-3 file reads a window's texts in one read per field); each window's texts are grouped
+    by length and causality into (k, L·H, n, n) tensors and computed in batches of similar length,
+    padded to the longest: a batch's metrics are a hundred small torch operations, so a batch of
+    many short texts costs little more than one.
     """
     meta = attention_file.meta
     out = np.full((len(indices), len(meta.layers), len(meta.heads), len(names)), np.nan)
-    window: list[_Text] = []
-    window_values = 0
-    # In the order the file holds them (version 3: blocks of texts per read); `pos` keeps the caller's order.
-    for pos, _, tokens, special, attention in attention_file.iter_metric_inputs(indices, _to_float32):
-        if attention.shape[-1] == 0:  # no tokens: numpy's definition gives NaN everywhere (already in `out`)
-            continue
-        is_causal = M.infer_causal(attention) if causal is None else causal
-        window.append(_Text(pos, tokens, special, torch.from_numpy(attention), is_causal))
-        window_values += attention.size
-        if window_values >= WINDOW_VALUES:
-            _window_values(window, names, out)
-            window, window_values = [], 0
-    _window_values(window, names, out)
+    for window in attention_file.metric_windows(indices, _to_float32, WINDOW_VALUES):
+        _window_values(window, names, causal, out)
     return out
 
 
-def _window_values(window: list[_Text], names: Sequence[str], out: np.ndarray) -> None:
-    """Fill out[text.pos] for a window's texts: sorted by causality and length, cut into batches
-    of at most BATCH_VALUES padded values whose shortest text has MIN_LENGTH_SHARE of the longest."""
-    batch: list[_Text] = []
-    for text in sorted(window, key=lambda t: (t.causal, -t.n, t.pos)):
-        if batch and (text.causal != batch[0].causal or text.n < MIN_LENGTH_SHARE * batch[0].n
-                      or (len(batch) + 1) * batch[0].probs.numel() > BATCH_VALUES):  # L·H·n² each, padded
-            _batch_values(batch, names, out)
-            batch = []
-        batch.append(text)
-    if batch:
-        _batch_values(batch, names, out)
+def _window_values(window, names: Sequence[str], causal: bool | None, out: np.ndarray) -> None:
+    """Fill out[position] for a window's texts: groups sorted by causality and length (longest
+    first) cut into batches of at most BATCH_VALUES padded values whose shortest text has
+    MIN_LENGTH_SHARE of the longest."""
+    num_layers, num_heads = out.shape[1:3]
+    parts: list[tuple[_Group, int, int]] = []
+    width = room = 0
+    for group in _groups(window, num_layers * num_heads, causal):
+        start = 0
+        while start < len(group):
+            if parts and (group.causal != parts[0][0].causal or group.n < MIN_LENGTH_SHARE * width or room == 0):
+                _batch_values(_Batch(tuple(parts)), names, out)
+                parts = []
+            if not parts:  # a new batch: as many texts as fit at its width (L·H·n² each, padded)
+                width = group.n
+                room = max(1, BATCH_VALUES // (num_layers * num_heads * width * width))
+            take = min(room, len(group) - start)
+            parts.append((group, start, start + take))
+            room -= take
+            start += take
+    if parts:
+        _batch_values(_Batch(tuple(parts)), names, out)
 
 
-def _batch_values(batch: list[_Text], names: Sequence[str], out: np.ndarray) -> None:
-    num_layers, num_heads, width = batch[0].probs.shape[0], batch[0].probs.shape[1], batch[0].n
-    if all(text.n == width for text in batch):
-        probs = torch.cat([text.probs for text in batch])  # (k·L, H, n, n)
+def _groups(window, num_matrices: int, causal: bool | None) -> list[_Group]:
+    """A window's texts with tokens as groups of one length and causality (causality inferred
+    per text when None), bidirectional first, longest first. Texts of one length that lie next to
+    each other (a version-3 file holds length-sorted batches) are one view of the window's values."""
+    lengths = window.lengths
+    values = torch.from_numpy(window.values)  # (V,)
+    keys = _key_weights(window)  # (T, 2)
+    value_offsets = window.value_offsets.tolist()
+    token_offsets = np.concatenate(([0], np.cumsum(lengths))).tolist()
+    edges = np.concatenate(([0], np.flatnonzero(np.diff(lengths)) + 1, [len(lengths)])).tolist()
+    runs: dict[int, list[tuple[int, int]]] = {}  # n -> runs of texts a..b-1 of n tokens
+    for a, b in zip(edges[:-1], edges[1:]):
+        if lengths[a]:  # no tokens: NaN everywhere (already in `out`)
+            runs.setdefault(int(lengths[a]), []).append((a, b))
+    groups = []
+    for n, spans in runs.items():
+        probs = _cat([values[value_offsets[a]:value_offsets[b]].view(b - a, num_matrices, n, n) for a, b in spans])
+        weights = _cat([keys[token_offsets[a]:token_offsets[b]].view(b - a, n, 2) for a, b in spans])
+        positions = np.concatenate([window.positions[a:b] for a, b in spans])
+        is_causal = _infer_causal(probs) if causal is None else np.full(len(positions), causal)
+        for kind in (False, True):
+            chosen = is_causal == kind
+            if chosen.all():
+                groups.append(_Group(n, kind, positions, probs, weights))
+            elif chosen.any():
+                rows = torch.from_numpy(np.flatnonzero(chosen))
+                groups.append(_Group(n, kind, positions[chosen], probs[rows], weights[rows]))
+    return sorted(groups, key=lambda g: (g.causal, -g.n))
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _infer_causal(probs: torch.Tensor) -> np.ndarray:
+    """metric_reference.infer_causal of each text of (k, L·H, n, n): (k,) bool."""
+    k, n = probs.shape[0], probs.shape[-1]
+    if n < 2:  # one token: bidirectional by convention
+        return np.zeros(k, bool)
+    # The first query's later keys settle most bidirectional texts at once.
+    causal = ~probs[:, :, 0, 1:].ne(0).flatten(1).any(1)  # (k,)
+    rows = causal.nonzero()[:, 0]
+    if len(rows):
+        upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+        causal[rows] = ~probs[rows][..., upper].ne(0).flatten(1).any(1)
+    return causal.numpy()
+
+
+def _key_weights(window) -> torch.Tensor:
+    """metric_reference.sep_eos_keys and punctuation_keys of every token of a window: (T, 2)
+    float32, each distinct token string tested once."""
+    by_name = np.array([token in M.SEP_EOS_TOKENS for token in window.tokens], bool)
+    punctuation = np.array([M.is_punctuation(token) for token in window.tokens], bool)
+    codes, special = window.token_codes, window.special
+    first = np.zeros(len(codes), bool)  # each text's position 0: first_token's, never a [SEP]/EOS key
+    starts = np.concatenate(([0], np.cumsum(window.lengths)[:-1]))
+    first[starts[window.lengths > 0]] = True
+    sep_eos = (by_name[codes] | special) & ~first
+    punct = punctuation[codes] & ~special
+    return torch.from_numpy(np.stack((sep_eos, punct), axis=-1).astype(np.float32))
+
+
+def _batch_values(batch: _Batch, names: Sequence[str], out: np.ndarray) -> None:
+    """out[position] of a batch's texts: one BatchMetrics over them, the heads of all layers as
+    its head axis."""
+    first, start, stop = batch.parts[0]
+    width, count = first.n, len(batch)
+    if len(batch.parts) == 1:  # one length: a slice of its group, no copy
+        probs, weights, lengths = first.probs[start:stop], first.key_weights[start:stop], [width] * count
     else:  # padded: BatchMetrics masks what lies outside each text, so it need not be zeroed
-        probs = torch.empty(len(batch) * num_layers, num_heads, width, width)
-        for k, text in enumerate(batch):
-            probs[k * num_layers:(k + 1) * num_layers, :, :text.n, :text.n] = text.probs
-    metrics = BatchMetrics(names, [text.n for text in batch for _ in range(num_layers)],
-                           [text.tokens for text in batch for _ in range(num_layers)],
-                           [text.special for text in batch for _ in range(num_layers)],
-                           causal=batch[0].causal)
-    values = metrics.layer(probs)  # (k·L, H, M)
-    out[[text.pos for text in batch]] = values.reshape(len(batch), num_layers, *values.shape[1:])
+        probs = torch.empty(count, first.probs.shape[1], width, width)
+        weights = torch.zeros(count, width, 2)  # but key weights are summed: 0 beyond each text
+        lengths, row = [], 0
+        for group, a, b in batch.parts:
+            probs[row:row + b - a, :, :group.n, :group.n] = group.probs[a:b]
+            weights[row:row + b - a, :group.n] = group.key_weights[a:b]
+            lengths += [group.n] * (b - a)
+            row += b - a
+    metrics = BatchMetrics.from_key_weights(names, lengths, weights, causal=first.causal)
+    values = metrics.layer(probs)  # (k, L·H, M)
+    positions = np.concatenate([group.positions[a:b] for group, a, b in batch.parts])
+    out[positions] = values.reshape(count, *out.shape[1:])
 
 
 def _share(path: Path, indices: Sequence[int], names: tuple[str, ...], causal: bool | None,
