@@ -557,14 +557,16 @@ def metrics_table(ids, layers, heads, names, values: np.ndarray):
 
     names = list(names)
     num_texts, num_layers, num_heads, num_metrics = values.shape
-    text_idx, layer_idx, head_idx, metric_idx = np.meshgrid(
-        np.arange(num_texts), np.arange(num_layers), np.arange(num_heads), np.arange(num_metrics),
-        indexing="ij")
+    per_text = num_layers * num_heads * num_metrics
+    # The text ids as a column of num_texts strings, then repeated: converting every row's id
+    # object to pandas' string column costs more than computing the metrics of short texts.
+    text_ids = pd.Series(np.asarray(list(ids), dtype=object)).array.take(np.repeat(np.arange(num_texts), per_text))
     return pd.DataFrame({
-        "text_id": np.asarray(list(ids), dtype=object)[text_idx.ravel()],
-        "layer": np.asarray(layers, dtype=np.int64)[layer_idx.ravel()],
-        "head": np.asarray(heads, dtype=np.int64)[head_idx.ravel()],
-        "metric": pd.Categorical.from_codes(metric_idx.ravel(), categories=names),
+        "text_id": text_ids,
+        "layer": np.tile(np.repeat(np.asarray(layers, dtype=np.int64), num_heads * num_metrics), num_texts),
+        "head": np.tile(np.repeat(np.asarray(heads, dtype=np.int64), num_metrics), num_texts * num_layers),
+        "metric": pd.Categorical.from_codes(np.tile(np.arange(num_metrics), num_texts * num_layers * num_heads),
+                                            categories=names),
         "value": values.ravel(),
     })
 
