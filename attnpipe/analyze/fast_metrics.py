@@ -100,10 +100,13 @@ class BatchMetrics:
         self.all_visible = bool(visible.all())  # equal lengths, bidirectional: nothing to mask
         self.num_visible = visible.sum(-1).to(torch.float32)[:, None]  # (B, 1, Q)
         distance = (pos[:, None] - pos[None, :]).abs()  # (Q, K)
-        self.distance = distance.to(torch.float32)
-        self.local = (distance <= M.LOCAL_WINDOW).to(torch.float32)
-        # Key weights summed in one batched matmul: [SEP]/EOS keys, punctuation keys.
-        self.key_sums = key_weights[:, None]  # (B, 1, K, 2)
+        # Weights of (query, key) summed over keys in one einsum: distance, local keys.
+        self.query_key_sums = torch.stack((distance, distance <= M.LOCAL_WINDOW), dim=-1).to(torch.float32)  # (Q, K, 2)
+        # Weights of keys summed in one batched matmul: [SEP]/EOS keys, punctuation keys.
+        self.key_sums = key_weights  # (B, K, 2)
+        # Sums over keys as a matrix-vector product: a reduction over a short last axis (tens of
+        # keys) is several times slower in torch than BLAS's dot products.
+        self.ones = torch.ones(t, dtype=torch.float32, device=device)  # (K,)
         # Rows where the neighbour metrics are defined (numpy's `neighbour`: key i + offset visible).
         prev = torch.zeros(b, t, dtype=torch.bool, device=device)
         nxt = torch.zeros(b, t, dtype=torch.bool, device=device)
@@ -118,19 +121,27 @@ class BatchMetrics:
         a = probs.float()  # (B, H, Q, K); read only below
         if not self.all_visible:
             a = torch.where(self.visible, a, 0.0)
-        rows = self.row_real[:, None].expand(a.shape[:-1])  # (B, H, Q)
-        t = a.shape[-1]
+        rows = self.row_real[:, None]  # (B, 1, Q)
+        b, t = a.shape[0], a.shape[-1]
         cache: dict[str, torch.Tensor] = {}
+
+        def over_keys(x: torch.Tensor) -> torch.Tensor:  # (B, H, Q, K) -> (B, H, Q): sum_j x_ij
+            return torch.matmul(x, self.ones)
 
         def key_sum(column: int) -> torch.Tensor:  # sum_j a_ij w_j for the two key weightings
             if "keys" not in cache:
-                cache["keys"] = torch.matmul(a, self.key_sums)  # (B, H, Q, 2)
+                cache["keys"] = torch.bmm(a.reshape(b, -1, t), self.key_sums).view(*a.shape[:-1], 2)  # (B, H, Q, 2)
             return cache["keys"][..., column]
+
+        def query_key_sum(column: int) -> torch.Tensor:  # sum_j a_ij w_ij: distance, local keys
+            if "query_keys" not in cache:
+                cache["query_keys"] = torch.einsum("bhqk,qkm->bhqm", a, self.query_key_sums)  # (B, H, Q, 2)
+            return cache["query_keys"][..., column]
 
         def entropy() -> torch.Tensor:
             if "entropy" not in cache:
                 # -sum a ln a, with 0 ln 0 = 0 (0 times a finite log); 1.4x torch.special.entr here
-                cache["entropy"] = -a.clamp_min(torch.finfo(a.dtype).tiny).log_().mul_(a).sum(-1)
+                cache["entropy"] = -over_keys(a.clamp_min(torch.finfo(a.dtype).tiny).log_().mul_(a))
             return cache["entropy"]
 
         def shifted(offset: int) -> torch.Tensor:  # a[i, i + offset] placed at row i
@@ -144,32 +155,35 @@ class BatchMetrics:
                 out = diag
             return out
 
-        def small_weights() -> torch.Tensor:  # visible keys below the sparsity threshold
-            small = a < M.SPARSITY_THRESHOLD
-            return small if self.all_visible else small.logical_and_(self.visible)
+        def small_weights() -> torch.Tensor:  # visible keys below the sparsity threshold, as 1.0
+            small = torch.lt(a, M.SPARSITY_THRESHOLD, out=torch.empty_like(a))  # 3x (a < x).float()
+            return over_keys(small if self.all_visible else small.mul_(self.visible))
 
         def normalized() -> torch.Tensor:
             return entropy() / torch.where(self.norm_rows, self.num_visible, 2.0).log()
 
         compute = {  # name -> (per-row values, rows where defined)
             "entropy": lambda: (entropy(), rows),
-            "normalized_entropy": lambda: (normalized(), self.norm_rows.expand_as(rows)),
+            "normalized_entropy": lambda: (normalized(), self.norm_rows),
             "max_attention": lambda: (a.amax(-1), rows),
             "self": lambda: (shifted(0), rows),
-            "previous_token": lambda: (shifted(-1), self.prev_rows.expand_as(rows)),
-            "next_token": lambda: (shifted(1), self.next_rows.expand_as(rows)),
+            "previous_token": lambda: (shifted(-1), self.prev_rows),
+            "next_token": lambda: (shifted(1), self.next_rows),
             "first_token": lambda: (a[..., 0], rows),
             "sep_eos": lambda: (key_sum(0), rows),
             "punctuation": lambda: (key_sum(1), rows),
-            "mean_distance": lambda: ((a * self.distance).sum(-1), rows),
-            "sparsity": lambda: (small_weights().sum(-1) / self.num_visible.clamp(min=1), rows),
-            "local_share": lambda: ((a * self.local).sum(-1), rows),
+            "mean_distance": lambda: (query_key_sum(0), rows),
+            "sparsity": lambda: (small_weights() / self.num_visible.clamp(min=1), rows),
+            "local_share": lambda: (query_key_sum(1), rows),
         }
         out = []
         for name in self.names:
-            values, defined = compute[name]()
-            count = defined.sum(-1).to(torch.float64)  # (B, H); 0 -> NaN, as numpy's nanmean
-            out.append(torch.where(defined, values, 0.0).sum(-1, dtype=torch.float64) / count)
+            values, defined = compute[name]()  # (B, H, Q), (B, 1, Q)
+            if bool(defined.all()):  # every row (equal lengths): no mask to apply
+                out.append(values.sum(-1, dtype=torch.float64) / defined.shape[-1])
+            else:
+                count = defined.sum(-1).to(torch.float64)  # (B, 1); 0 -> NaN, as numpy's nanmean
+                out.append(torch.where(defined, values, 0.0).sum(-1, dtype=torch.float64) / count)
         return torch.stack(out, dim=-1).cpu().numpy()  # (B, H, M)
 
 
