@@ -50,21 +50,21 @@ class MetricWindow:
 
 
 def windows_of_texts(inputs: Iterable[tuple], max_values: int) -> Iterator[MetricWindow]:
-    """MetricWindows of about max_values attention values (at least one text) from per-text
+    """MetricWindows of at most max_values attention values (or one text) from per-text
     (position, id, tokens, special_tokens_mask or None, float32 attention), as iter_metric_inputs
     yields them already checked: for files read one text at a time."""
     positions, attention, codes, special = [], [], [], []
     distinct: dict[str, int] = {}
     size = 0
     for pos, _, tokens, mask, matrix in inputs:
+        if positions and size + matrix.size > max_values:
+            yield _window(positions, attention, codes, special, distinct)
+            positions, attention, codes, special, distinct, size = [], [], [], [], {}, 0
         positions.append(pos)
         attention.append(np.asarray(matrix, np.float32).reshape(-1))
         codes.append(np.array([distinct.setdefault(tok, len(distinct)) for tok in tokens], np.int64))
         special.append(np.zeros(len(tokens), bool) if mask is None else np.asarray(mask, bool))
         size += matrix.size
-        if size >= max_values:
-            yield _window(positions, attention, codes, special, distinct)
-            positions, attention, codes, special, distinct, size = [], [], [], [], {}, 0
     if positions:
         yield _window(positions, attention, codes, special, distinct)
 
