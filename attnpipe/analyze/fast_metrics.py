@@ -14,9 +14,13 @@ tests/test_perf.py and tests/test_metrics.py check agreement with attnpipe.analy
     values = bm.layer(probs)        # probs (B, H, T, T) -> (B, H, M) float64 numpy
 
 `corpus_metrics` is the same for files on disk (attnpipe.analyze.metrics.corpus_metrics, so every
-subcommand): the long table, with each text's layers as the batch, in worker processes that each
-read and compute a contiguous share of the texts. `text_values` is one text's array in memory
-(attnpipe.analyze.metrics.head_metrics).
+subcommand): the long table, in worker processes that each read and compute a contiguous share of
+the texts. A share is read in windows of texts (AttentionFile.metric_windows: a version-3 file
+reads a window in one read per field); a window's texts of one length and causality are one
+(k, L·H, n, n) tensor, each text's layers and heads as BatchMetrics' head axis, so a batch of
+thousands of short texts is one set of torch operations. Sums over keys are BLAS products
+(tests/test_metric_windows.py holds this path to the per-text one). `text_values` is one text's
+array in memory (attnpipe.analyze.metrics.head_metrics).
 """
 
 from __future__ import annotations

@@ -373,6 +373,8 @@ class AttentionFile:
         try:
             slots = self._packed.all_slots()[np.asarray(indices, dtype=np.int64)]
             order = np.argsort(slots, kind="stable")  # positions in `indices`, front of the file first
+            if len(order) == 0:
+                return
             offsets, _ = self._packed.matrix_index()
             runs = np.split(np.arange(len(order)), np.flatnonzero(np.diff(slots[order]) != 1) + 1)
             for run in runs:  # consecutive slots
