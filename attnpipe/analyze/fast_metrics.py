@@ -100,8 +100,7 @@ class BatchMetrics:
         n = torch.tensor(lengths, device=device)  # (B',)
         pos = torch.arange(t, device=device)
         self.key_real = pos[None, :] < n[:, None]  # (B', K)
-        self.row_real = self.key_real  # (B', Q): the same positions as queries
-        visible = self.key_real[:, None, :] & self.row_real[:, :, None]  # (B', Q, K)
+        visible = self.key_real[:, None, :] & self.key_real[:, :, None]  # (B', Q, K): real queries and keys
         if causal:
             visible = visible & torch.ones(t, t, dtype=torch.bool, device=device).tril()
         self.visible = visible[:, None]  # (B', 1, Q, K)
@@ -122,14 +121,18 @@ class BatchMetrics:
             prev[:, 1:] = self.visible[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
             nxt[:, :-1] = self.visible[:, 0].diagonal(offset=1, dim1=-2, dim2=-1)
         self.prev_rows, self.next_rows = prev[:, None], nxt[:, None]  # (B', 1, Q)
-        self.norm_rows = (self.num_visible > 1) & self.row_real[:, None]  # (B', 1, Q)
+        self.row_real = self.key_real[:, None]  # (B', 1, Q): the same positions as queries
+        self.norm_rows = (self.num_visible > 1) & self.row_real  # (B', 1, Q)
+        # Each metric's rows where it is defined, and whether that is every row (equal lengths: no
+        # mask to apply), known once per batch.
+        self.defined = {key: (mask, bool(mask.all())) for key, mask in (
+            ("rows", self.row_real), ("norm", self.norm_rows), ("previous", self.prev_rows), ("next", self.next_rows))}
 
     def layer(self, probs: torch.Tensor) -> np.ndarray:
         """probs (B, H, T, T) of one layer -> (B, H, M) float64: each metric's mean over rows."""
         a = probs.float()  # (B, H, Q, K); read only below
         if not self.all_visible:
             a = torch.where(self.visible, a, 0.0)
-        rows = self.row_real[:, None]  # (B', 1, Q)
         b, t = a.shape[0], a.shape[-1]
         cache: dict[str, torch.Tensor] = {}
 
@@ -170,24 +173,25 @@ class BatchMetrics:
         def normalized() -> torch.Tensor:
             return entropy() / torch.where(self.norm_rows, self.num_visible, 2.0).log()
 
-        compute = {  # name -> (per-row values, rows where defined)
-            "entropy": lambda: (entropy(), rows),
-            "normalized_entropy": lambda: (normalized(), self.norm_rows),
-            "max_attention": lambda: (a.amax(-1), rows),
-            "self": lambda: (shifted(0), rows),
-            "previous_token": lambda: (shifted(-1), self.prev_rows),
-            "next_token": lambda: (shifted(1), self.next_rows),
-            "first_token": lambda: (a[..., 0], rows),
-            "sep_eos": lambda: (key_sum(0), rows),
-            "punctuation": lambda: (key_sum(1), rows),
-            "mean_distance": lambda: (query_key_sum(0), rows),
-            "sparsity": lambda: (small_weights() / self.num_visible.clamp(min=1), rows),
-            "local_share": lambda: (query_key_sum(1), rows),
+        compute = {  # name -> (per-row values, rows where defined: a key of self.defined)
+            "entropy": lambda: (entropy(), "rows"),
+            "normalized_entropy": lambda: (normalized(), "norm"),
+            "max_attention": lambda: (a.amax(-1), "rows"),
+            "self": lambda: (shifted(0), "rows"),
+            "previous_token": lambda: (shifted(-1), "previous"),
+            "next_token": lambda: (shifted(1), "next"),
+            "first_token": lambda: (a[..., 0], "rows"),
+            "sep_eos": lambda: (key_sum(0), "rows"),
+            "punctuation": lambda: (key_sum(1), "rows"),
+            "mean_distance": lambda: (query_key_sum(0), "rows"),
+            "sparsity": lambda: (small_weights() / self.num_visible.clamp(min=1), "rows"),
+            "local_share": lambda: (query_key_sum(1), "rows"),
         }
         out = []
         for name in self.names:
-            values, defined = compute[name]()  # (B, H, Q), (B', 1, Q)
-            if bool(defined.all()):  # every row (equal lengths): no mask to apply
+            values, key = compute[name]()  # (B, H, Q)
+            defined, every_row = self.defined[key]  # (B', 1, Q)
+            if every_row:
                 out.append(values.sum(-1, dtype=torch.float64) / defined.shape[-1])
             else:
                 count = defined.sum(-1).to(torch.float64)  # (B', 1); 0 -> NaN, as numpy's nanmean
