@@ -556,19 +556,22 @@ def metrics_table(ids, layers, heads, names, values: np.ndarray):
     import pandas as pd
 
     names = list(names)
-    num_texts, num_layers, num_heads, num_metrics = values.shape
-    per_text = num_layers * num_heads * num_metrics
+    shape = values.shape  # (texts, L, H, M)
+    num_texts, num_metrics = shape[0], shape[3]
+
+    def along(axis: int, labels: np.ndarray) -> np.ndarray:  # each row's label along one axis of `values`
+        return np.broadcast_to(labels.reshape((-1,) + (1,) * (3 - axis)), shape).reshape(-1)
+
     # The text ids as a column of num_texts strings, then repeated: converting every row's id
     # object to pandas' string column costs more than computing the metrics of short texts.
-    text_ids = pd.Series(np.asarray(list(ids), dtype=object)).array.take(np.repeat(np.arange(num_texts), per_text))
-    return pd.DataFrame({
+    text_ids = pd.Series(np.asarray(list(ids), dtype=object)).array.take(along(0, np.arange(num_texts)))
+    return pd.DataFrame({  # copy=False: each column is a new array already (layer and head stay apart)
         "text_id": text_ids,
-        "layer": np.tile(np.repeat(np.asarray(layers, dtype=np.int64), num_heads * num_metrics), num_texts),
-        "head": np.tile(np.repeat(np.asarray(heads, dtype=np.int64), num_metrics), num_texts * num_layers),
-        "metric": pd.Categorical.from_codes(np.tile(np.arange(num_metrics), num_texts * num_layers * num_heads),
-                                            categories=names),
-        "value": values.ravel(),
-    })
+        "layer": along(1, np.asarray(layers, dtype=np.int64)),
+        "head": along(2, np.asarray(heads, dtype=np.int64)),
+        "metric": pd.Categorical.from_codes(along(3, np.arange(num_metrics)), categories=names),
+        "value": values.reshape(-1).copy(),
+    }, copy=False)
 
 
 def open_attention(path: Path | str, *, partial_rows: bool = False) -> AttentionFile:
