@@ -32,7 +32,6 @@ TEXT_ATTRS = ("id", "truncated", "num_tokens_untruncated")
 METRIC_DATASETS = ("attention", "tokens", "special_tokens_mask")
 
 
-
 @dataclass(frozen=True)
 class MetricWindow:
     """The metric inputs of k texts back to back (AttentionFile.metric_windows), T tokens in all.
