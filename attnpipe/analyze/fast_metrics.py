@@ -14,13 +14,18 @@ tests/test_perf.py and tests/test_metrics.py check agreement with attnpipe.analy
     values = bm.layer(probs)        # probs (B, H, T, T) -> (B, H, M) float64 numpy
 
 `corpus_metrics` is the same for files on disk (attnpipe.analyze.metrics.corpus_metrics, so every
-subcommand): the long table, with each text's layers as the batch, in worker processes that each
-read and compute a contiguous share of the texts. `text_values` is one text's array in memory
-(attnpipe.analyze.metrics.head_metrics).
+subcommand): the long table, in worker processes that each read and compute a contiguous share of
+the texts. A share is read in windows of texts (AttentionFile.metric_windows: a version-3 file
+reads a window in one read per field); a window's texts of one length and causality are one
+(k, L·H, n, n) tensor, each text's layers and heads as BatchMetrics' head axis, so a batch of
+thousands of short texts is one set of torch operations. Sums over keys are BLAS products
+(tests/test_metric_windows.py holds this path to the per-text one). `text_values` is one text's
+array in memory (attnpipe.analyze.metrics.head_metrics).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Sequence
@@ -44,7 +49,7 @@ SHARES_PER_WORKER = 4
 WINDOW_VALUES = 16 << 20
 # One metrics batch: at most this many padded values, and no text shorter than this share of the
 # batch's longest (padding is computed too).
-BATCH_VALUES = 4 << 20
+BATCH_VALUES = 1 << 20  # 4 MiB as float32: ~10% faster than 16 MiB (cache), measured on 14-token texts
 MIN_LENGTH_SHARE = 0.8
 
 
@@ -61,24 +66,9 @@ class BatchMetrics:
         causal: bool,
         device: torch.device | str = "cpu",
     ):
-        self.names = M.check_metric_names(names)
-        self.causal = causal
-        b, t = len(lengths), max(lengths) if lengths else 0
-        n = torch.tensor(list(lengths), device=device)  # (B,)
-        pos = torch.arange(t, device=device)
-        self.key_real = pos[None, :] < n[:, None]  # (B, K)
-        self.row_real = self.key_real  # (B, Q): the same positions as queries
-        visible = self.key_real[:, None, :] & self.row_real[:, :, None]  # (B, Q, K)
-        if causal:
-            visible = visible & torch.ones(t, t, dtype=torch.bool, device=device).tril()
-        self.visible = visible[:, None]  # (B, 1, Q, K)
-        self.all_visible = bool(visible.all())  # equal lengths, bidirectional: nothing to mask
-        self.num_visible = visible.sum(-1).to(torch.float32)[:, None]  # (B, 1, Q)
-        distance = (pos[:, None] - pos[None, :]).abs()  # (Q, K)
-        self.distance = distance.to(torch.float32)
-        self.local = (distance <= M.LOCAL_WINDOW).to(torch.float32)
-        sep = torch.zeros(b, t, dtype=torch.float32, device=device)
-        punct = torch.zeros(b, t, dtype=torch.float32, device=device)
+        t = max(lengths) if lengths else 0
+        sep = torch.zeros(len(lengths), t, dtype=torch.float32, device=device)
+        punct = torch.zeros(len(lengths), t, dtype=torch.float32, device=device)
         done: dict[tuple[int, int], int] = {}  # the same token list again (one text's layers): copy its row
         for row, (toks, special) in enumerate(zip(tokens, special_masks, strict=True)):
             key = (id(toks), id(special))
@@ -88,35 +78,81 @@ class BatchMetrics:
                 sep[row, : len(toks)] = torch.from_numpy(M.sep_eos_keys(toks, special).astype(np.float32))
                 punct[row, : len(toks)] = torch.from_numpy(M.punctuation_keys(toks, special).astype(np.float32))
             done.setdefault(key, row)
-        # Key weights summed in one batched matmul: [SEP]/EOS keys, punctuation keys.
-        self.key_sums = torch.stack((sep, punct), dim=-1)[:, None]  # (B, 1, K, 2)
+        self._masks(names, lengths, torch.stack((sep, punct), dim=-1), causal=causal, device=device)
+
+    @classmethod
+    def from_key_weights(cls, names: Sequence[str], lengths: Sequence[int], key_weights: torch.Tensor, *,
+                         causal: bool, device: torch.device | str = "cpu") -> BatchMetrics:
+        """As the constructor, with each row's key weights given instead of its tokens:
+        key_weights (B, T, 2) float32, [SEP]/EOS keys then punctuation keys (metric_reference's
+        sep_eos_keys and punctuation_keys as 0/1), 0 beyond each row's length."""
+        metrics = cls.__new__(cls)
+        metrics._masks(names, lengths, key_weights.to(device), causal=causal, device=device)
+        return metrics
+
+    def _masks(self, names, lengths, key_weights: torch.Tensor, *, causal: bool, device) -> None:
+        self.names = M.check_metric_names(names)
+        self.causal = causal
+        t = max(lengths) if lengths else 0
+        # Texts of one length share their masks: computed once, broadcast over the batch (B' = 1).
+        lengths = list(lengths) if len(set(lengths)) > 1 else list(lengths[:1])
+        b = len(lengths)  # B' (B or 1) below
+        n = torch.tensor(lengths, device=device)  # (B',)
+        pos = torch.arange(t, device=device)
+        self.key_real = pos[None, :] < n[:, None]  # (B', K)
+        visible = self.key_real[:, None, :] & self.key_real[:, :, None]  # (B', Q, K): real queries and keys
+        if causal:
+            visible = visible & torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        self.visible = visible[:, None]  # (B', 1, Q, K)
+        self.all_visible = bool(visible.all())  # equal lengths, bidirectional: nothing to mask
+        self.num_visible = visible.sum(-1).to(torch.float32)[:, None]  # (B', 1, Q)
+        distance = (pos[:, None] - pos[None, :]).abs()  # (Q, K)
+        # Weights of (query, key) summed over keys in one einsum: distance, local keys.
+        self.query_key_sums = torch.stack((distance, distance <= M.LOCAL_WINDOW), dim=-1).to(torch.float32)  # (Q, K, 2)
+        # Weights of keys summed in one batched matmul: [SEP]/EOS keys, punctuation keys.
+        self.key_sums = key_weights  # (B, K, 2)
+        # Sums over keys as a matrix-vector product: a reduction over a short last axis (tens of
+        # keys) is several times slower in torch than BLAS's dot products.
+        self.ones = torch.ones(t, dtype=torch.float32, device=device)  # (K,)
         # Rows where the neighbour metrics are defined (numpy's `neighbour`: key i + offset visible).
         prev = torch.zeros(b, t, dtype=torch.bool, device=device)
         nxt = torch.zeros(b, t, dtype=torch.bool, device=device)
         if t > 1:
             prev[:, 1:] = self.visible[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
             nxt[:, :-1] = self.visible[:, 0].diagonal(offset=1, dim1=-2, dim2=-1)
-        self.prev_rows, self.next_rows = prev[:, None], nxt[:, None]  # (B, 1, Q)
-        self.norm_rows = (self.num_visible > 1) & self.row_real[:, None]  # (B, 1, Q)
+        self.prev_rows, self.next_rows = prev[:, None], nxt[:, None]  # (B', 1, Q)
+        self.row_real = self.key_real[:, None]  # (B', 1, Q): the same positions as queries
+        self.norm_rows = (self.num_visible > 1) & self.row_real  # (B', 1, Q)
+        # Each metric's rows where it is defined, and whether that is every row (equal lengths: no
+        # mask to apply), known once per batch.
+        self.defined = {key: (mask, bool(mask.all())) for key, mask in (
+            ("rows", self.row_real), ("norm", self.norm_rows), ("previous", self.prev_rows), ("next", self.next_rows))}
 
     def layer(self, probs: torch.Tensor) -> np.ndarray:
         """probs (B, H, T, T) of one layer -> (B, H, M) float64: each metric's mean over rows."""
         a = probs.float()  # (B, H, Q, K); read only below
         if not self.all_visible:
             a = torch.where(self.visible, a, 0.0)
-        rows = self.row_real[:, None].expand(a.shape[:-1])  # (B, H, Q)
-        t = a.shape[-1]
+        b, t = a.shape[0], a.shape[-1]
         cache: dict[str, torch.Tensor] = {}
+
+        def over_keys(x: torch.Tensor) -> torch.Tensor:  # (B, H, Q, K) -> (B, H, Q): sum_j x_ij
+            return torch.matmul(x, self.ones)
 
         def key_sum(column: int) -> torch.Tensor:  # sum_j a_ij w_j for the two key weightings
             if "keys" not in cache:
-                cache["keys"] = torch.matmul(a, self.key_sums)  # (B, H, Q, 2)
+                cache["keys"] = torch.bmm(a.reshape(b, -1, t), self.key_sums).view(*a.shape[:-1], 2)  # (B, H, Q, 2)
             return cache["keys"][..., column]
+
+        def query_key_sum(column: int) -> torch.Tensor:  # sum_j a_ij w_ij: distance, local keys
+            if "query_keys" not in cache:
+                cache["query_keys"] = torch.einsum("bhqk,qkm->bhqm", a, self.query_key_sums)  # (B, H, Q, 2)
+            return cache["query_keys"][..., column]
 
         def entropy() -> torch.Tensor:
             if "entropy" not in cache:
                 # -sum a ln a, with 0 ln 0 = 0 (0 times a finite log); 1.4x torch.special.entr here
-                cache["entropy"] = -a.clamp_min(torch.finfo(a.dtype).tiny).log_().mul_(a).sum(-1)
+                cache["entropy"] = -over_keys(a.clamp_min(torch.finfo(a.dtype).tiny).log_().mul_(a))
             return cache["entropy"]
 
         def shifted(offset: int) -> torch.Tensor:  # a[i, i + offset] placed at row i
@@ -130,32 +166,36 @@ class BatchMetrics:
                 out = diag
             return out
 
-        def small_weights() -> torch.Tensor:  # visible keys below the sparsity threshold
-            small = a < M.SPARSITY_THRESHOLD
-            return small if self.all_visible else small.logical_and_(self.visible)
+        def small_weights() -> torch.Tensor:  # visible keys below the sparsity threshold, as 1.0
+            small = torch.lt(a, M.SPARSITY_THRESHOLD, out=torch.empty_like(a))  # 3x (a < x).float()
+            return over_keys(small if self.all_visible else small.mul_(self.visible))
 
         def normalized() -> torch.Tensor:
             return entropy() / torch.where(self.norm_rows, self.num_visible, 2.0).log()
 
-        compute = {  # name -> (per-row values, rows where defined)
-            "entropy": lambda: (entropy(), rows),
-            "normalized_entropy": lambda: (normalized(), self.norm_rows.expand_as(rows)),
-            "max_attention": lambda: (a.amax(-1), rows),
-            "self": lambda: (shifted(0), rows),
-            "previous_token": lambda: (shifted(-1), self.prev_rows.expand_as(rows)),
-            "next_token": lambda: (shifted(1), self.next_rows.expand_as(rows)),
-            "first_token": lambda: (a[..., 0], rows),
-            "sep_eos": lambda: (key_sum(0), rows),
-            "punctuation": lambda: (key_sum(1), rows),
-            "mean_distance": lambda: ((a * self.distance).sum(-1), rows),
-            "sparsity": lambda: (small_weights().sum(-1) / self.num_visible.clamp(min=1), rows),
-            "local_share": lambda: ((a * self.local).sum(-1), rows),
+        compute = {  # name -> (per-row values, rows where defined: a key of self.defined)
+            "entropy": lambda: (entropy(), "rows"),
+            "normalized_entropy": lambda: (normalized(), "norm"),
+            "max_attention": lambda: (a.amax(-1), "rows"),
+            "self": lambda: (shifted(0), "rows"),
+            "previous_token": lambda: (shifted(-1), "previous"),
+            "next_token": lambda: (shifted(1), "next"),
+            "first_token": lambda: (a[..., 0], "rows"),
+            "sep_eos": lambda: (key_sum(0), "rows"),
+            "punctuation": lambda: (key_sum(1), "rows"),
+            "mean_distance": lambda: (query_key_sum(0), "rows"),
+            "sparsity": lambda: (small_weights() / self.num_visible.clamp(min=1), "rows"),
+            "local_share": lambda: (query_key_sum(1), "rows"),
         }
         out = []
         for name in self.names:
-            values, defined = compute[name]()
-            count = defined.sum(-1).to(torch.float64)  # (B, H); 0 -> NaN, as numpy's nanmean
-            out.append(torch.where(defined, values, 0.0).sum(-1, dtype=torch.float64) / count)
+            values, key = compute[name]()  # (B, H, Q)
+            defined, every_row = self.defined[key]  # (B', 1, Q)
+            if every_row:
+                out.append(values.sum(-1, dtype=torch.float64) / defined.shape[-1])
+            else:
+                count = defined.sum(-1).to(torch.float64)  # (B', 1); 0 -> NaN, as numpy's nanmean
+                out.append(torch.where(defined, values, 0.0).sum(-1, dtype=torch.float64) / count)
         return torch.stack(out, dim=-1).cpu().numpy()  # (B, H, M)
 
 
@@ -196,72 +236,163 @@ def _to_float32(stored: np.ndarray) -> np.ndarray:
     return store.decode(stored)
 
 
-@dataclass
-class _Text:
-    pos: int  # position in the caller's `indices`
-    tokens: tuple[str, ...]
-    special: np.ndarray
-    probs: torch.Tensor  # (L, H, n, n) float32
-    causal: bool
+@dataclass(frozen=True)
+class _Group:
+    """A window's texts of one length and causality, as one tensor."""
 
-    @property
-    def n(self) -> int:
-        return self.probs.shape[-1]
+    n: int
+    causal: bool
+    positions: np.ndarray  # (k,) each text's position in the caller's indices
+    probs: torch.Tensor  # (k, L·H, n, n) float32: each text's layers and heads as one axis
+    key_weights: torch.Tensor  # (k, n, 2) float32: [SEP]/EOS and punctuation keys
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+@dataclass(frozen=True)
+class _BatchText:
+    position: int
+    n: int
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One metrics batch: texts start..stop of each of some groups (the longest first)."""
+
+    parts: tuple[tuple[_Group, int, int], ...]
+
+    def __len__(self) -> int:
+        return sum(stop - start for _, start, stop in self.parts)
+
+    def __iter__(self):  # its texts
+        for group, start, stop in self.parts:
+            for position in group.positions[start:stop].tolist():
+                yield _BatchText(position, group.n)
 
 
 def texts_values(attention_file, indices: Sequence[int], names: Sequence[str], causal: bool | None) -> np.ndarray:
     """(len(indices), L, H, M) metric values of the given texts.
 
-    Texts are read in windows of about WINDOW_VALUES attention values (memory stays bounded), and
-    each window's texts are computed in batches of similar length, padded to the longest: a short
-    text's metrics are a hundred small torch operations, so batching saves most of their overhead.
+    Texts are read in windows of about WINDOW_VALUES attention values (memory stays bounded; a
+    version-3 file reads a window's texts in one read per field); each window's texts are grouped
+    by length and causality into (k, L·H, n, n) tensors and computed in batches of similar length,
+    padded to the longest: a batch's metrics are a hundred small torch operations, so a batch of
+    many short texts costs little more than one.
     """
     meta = attention_file.meta
     out = np.full((len(indices), len(meta.layers), len(meta.heads), len(names)), np.nan)
-    window: list[_Text] = []
-    window_values = 0
-    # In the order the file holds them (version 3: blocks of texts per read); `pos` keeps the caller's order.
-    for pos, _, tokens, special, attention in attention_file.iter_metric_inputs(indices, _to_float32):
-        if attention.shape[-1] == 0:  # no tokens: numpy's definition gives NaN everywhere (already in `out`)
-            continue
-        is_causal = M.infer_causal(attention) if causal is None else causal
-        window.append(_Text(pos, tokens, special, torch.from_numpy(attention), is_causal))
-        window_values += attention.size
-        if window_values >= WINDOW_VALUES:
-            _window_values(window, names, out)
-            window, window_values = [], 0
-    _window_values(window, names, out)
+    for window in attention_file.metric_windows(indices, _to_float32, WINDOW_VALUES):
+        _window_values(window, names, causal, out)
     return out
 
 
-def _window_values(window: list[_Text], names: Sequence[str], out: np.ndarray) -> None:
-    """Fill out[text.pos] for a window's texts: sorted by causality and length, cut into batches
-    of at most BATCH_VALUES padded values whose shortest text has MIN_LENGTH_SHARE of the longest."""
-    batch: list[_Text] = []
-    for text in sorted(window, key=lambda t: (t.causal, -t.n, t.pos)):
-        if batch and (text.causal != batch[0].causal or text.n < MIN_LENGTH_SHARE * batch[0].n
-                      or (len(batch) + 1) * batch[0].probs.numel() > BATCH_VALUES):  # L·H·n² each, padded
-            _batch_values(batch, names, out)
-            batch = []
-        batch.append(text)
-    if batch:
-        _batch_values(batch, names, out)
+def _window_values(window, names: Sequence[str], causal: bool | None, out: np.ndarray) -> None:
+    """Fill out[position] for a window's texts: groups sorted by causality and length (longest
+    first) cut into batches of at most BATCH_VALUES padded values whose shortest text has
+    MIN_LENGTH_SHARE of the longest."""
+    num_layers, num_heads = out.shape[1:3]
+    parts: list[tuple[_Group, int, int]] = []
+    width = room = 0
+    for group in _groups(window, num_layers * num_heads, causal):
+        start = 0
+        while start < len(group):
+            if parts and (group.causal != parts[0][0].causal or group.n < MIN_LENGTH_SHARE * width or room == 0):
+                _batch_values(_Batch(tuple(parts)), names, out)
+                parts = []
+            if not parts:  # a new batch: as many texts as fit at its width (L·H·n² each, padded)
+                width = group.n
+                room = max(1, BATCH_VALUES // (num_layers * num_heads * width * width))
+            take = min(room, len(group) - start)
+            parts.append((group, start, start + take))
+            room -= take
+            start += take
+    if parts:
+        _batch_values(_Batch(tuple(parts)), names, out)
 
 
-def _batch_values(batch: list[_Text], names: Sequence[str], out: np.ndarray) -> None:
-    num_layers, num_heads, width = batch[0].probs.shape[0], batch[0].probs.shape[1], batch[0].n
-    if all(text.n == width for text in batch):
-        probs = torch.cat([text.probs for text in batch])  # (k·L, H, n, n)
+def _groups(window, num_matrices: int, causal: bool | None) -> list[_Group]:
+    """A window's texts with tokens as groups of one length and causality (causality inferred
+    per text when None), bidirectional first, longest first. Texts of one length that lie next to
+    each other (a version-3 file holds length-sorted batches) are one view of the window's values."""
+    lengths = window.lengths
+    values = torch.from_numpy(window.values)  # (V,)
+    keys = _key_weights(window)  # (T, 2)
+    value_offsets = window.value_offsets.tolist()
+    token_offsets = np.concatenate(([0], np.cumsum(lengths))).tolist()
+    edges = np.concatenate(([0], np.flatnonzero(np.diff(lengths)) + 1, [len(lengths)])).tolist()
+    runs: dict[int, list[tuple[int, int]]] = {}  # n -> runs of texts a..b-1 of n tokens
+    for a, b in zip(edges[:-1], edges[1:]):
+        if lengths[a]:  # no tokens: NaN everywhere (already in `out`)
+            runs.setdefault(int(lengths[a]), []).append((a, b))
+    groups = []
+    for n, spans in runs.items():
+        probs = _cat([values[value_offsets[a]:value_offsets[b]].view(b - a, num_matrices, n, n) for a, b in spans])
+        weights = _cat([keys[token_offsets[a]:token_offsets[b]].view(b - a, n, 2) for a, b in spans])
+        positions = np.concatenate([window.positions[a:b] for a, b in spans])
+        is_causal = _infer_causal(probs) if causal is None else np.full(len(positions), causal)
+        for kind in (False, True):
+            chosen = is_causal == kind
+            if chosen.all():
+                groups.append(_Group(n, kind, positions, probs, weights))
+            elif chosen.any():
+                rows = torch.from_numpy(np.flatnonzero(chosen))
+                groups.append(_Group(n, kind, positions[chosen], probs[rows], weights[rows]))
+    return sorted(groups, key=lambda g: (g.causal, -g.n))
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _infer_causal(probs: torch.Tensor) -> np.ndarray:
+    """metric_reference.infer_causal of each text of (k, L·H, n, n): (k,) bool."""
+    k, n = probs.shape[0], probs.shape[-1]
+    if n < 2:  # one token: bidirectional by convention
+        return np.zeros(k, bool)
+    # The first query's later keys settle most bidirectional texts at once.
+    causal = ~probs[:, :, 0, 1:].ne(0).flatten(1).any(1)  # (k,)
+    rows = causal.nonzero()[:, 0]
+    if len(rows):
+        upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+        causal[rows] = ~probs[rows][..., upper].ne(0).flatten(1).any(1)
+    return causal.numpy()
+
+
+def _key_weights(window) -> torch.Tensor:
+    """metric_reference.sep_eos_keys and punctuation_keys of every token of a window: (T, 2)
+    float32, each distinct token string tested once."""
+    by_name = np.array([token in M.SEP_EOS_TOKENS for token in window.tokens], bool)
+    punctuation = np.array([M.is_punctuation(token) for token in window.tokens], bool)
+    codes, special = window.token_codes, window.special
+    first = np.zeros(len(codes), bool)  # each text's position 0: first_token's, never a [SEP]/EOS key
+    starts = np.concatenate(([0], np.cumsum(window.lengths)[:-1]))
+    first[starts[window.lengths > 0]] = True
+    sep_eos = (by_name[codes] | special) & ~first
+    punct = punctuation[codes] & ~special
+    return torch.from_numpy(np.stack((sep_eos, punct), axis=-1).astype(np.float32))
+
+
+def _batch_values(batch: _Batch, names: Sequence[str], out: np.ndarray) -> None:
+    """out[position] of a batch's texts: one BatchMetrics over them, the heads of all layers as
+    its head axis."""
+    first, start, stop = batch.parts[0]
+    width, count = first.n, len(batch)
+    if len(batch.parts) == 1:  # one length: a slice of its group, no copy
+        probs, weights, lengths = first.probs[start:stop], first.key_weights[start:stop], [width] * count
     else:  # padded: BatchMetrics masks what lies outside each text, so it need not be zeroed
-        probs = torch.empty(len(batch) * num_layers, num_heads, width, width)
-        for k, text in enumerate(batch):
-            probs[k * num_layers:(k + 1) * num_layers, :, :text.n, :text.n] = text.probs
-    metrics = BatchMetrics(names, [text.n for text in batch for _ in range(num_layers)],
-                           [text.tokens for text in batch for _ in range(num_layers)],
-                           [text.special for text in batch for _ in range(num_layers)],
-                           causal=batch[0].causal)
-    values = metrics.layer(probs)  # (k·L, H, M)
-    out[[text.pos for text in batch]] = values.reshape(len(batch), num_layers, *values.shape[1:])
+        probs = torch.empty(count, first.probs.shape[1], width, width)
+        weights = torch.zeros(count, width, 2)  # but key weights are summed: 0 beyond each text
+        lengths, row = [], 0
+        for group, a, b in batch.parts:
+            probs[row:row + b - a, :, :group.n, :group.n] = group.probs[a:b]
+            weights[row:row + b - a, :group.n] = group.key_weights[a:b]
+            lengths += [group.n] * (b - a)
+            row += b - a
+    metrics = BatchMetrics.from_key_weights(names, lengths, weights, causal=first.causal)
+    values = metrics.layer(probs)  # (k, L·H, M)
+    positions = np.concatenate([group.positions[a:b] for group, a, b in batch.parts])
+    out[positions] = values.reshape(count, *out.shape[1:])
 
 
 def _share(path: Path, indices: Sequence[int], names: tuple[str, ...], causal: bool | None,
@@ -275,6 +406,21 @@ def _share(path: Path, indices: Sequence[int], names: tuple[str, ...], causal: b
         if identity is not None:
             check_same_version(path, f.identity, identity)
         return texts_values(f, indices, names, causal)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread meanwhile, as in the worker processes: `workers` is the parallelism.
+
+    A batch is ~40 operations on a few MiB; splitting each over torch's threads gains little and,
+    when other work holds a core, every operation waits for a thread that is not running (on a
+    2-core machine with one core busy: 22 s instead of 1.9 s for 50,000 fourteen-token texts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def default_workers() -> int:
@@ -297,7 +443,7 @@ def corpus_metrics(attention_file, *, causal: bool | None = None, metrics: Seque
     workers = default_workers() if workers is None else workers
     workers = max(1, min(workers, count // MIN_TEXTS_PER_WORKER))
     if workers == 1 or attention_file.path.suffix == ".json" or attention_file.in_memory:
-        with torch.inference_mode():
+        with torch.inference_mode(), _one_torch_thread():
             values = texts_values(attention_file, range(count), names, causal)
     else:
         # SHARES_PER_WORKER contiguous shares per worker, handed out as workers finish: texts

@@ -170,19 +170,18 @@ class ChunkRanges:
         if not 0 <= start <= stop <= self.length:
             raise ValueError(f"values [{start}, {stop}) lie outside {self.dataset.name} of {self.length} values")
         out = np.empty(stop - start, self.dtype)
+        out_bytes = out.view(np.uint8).reshape(-1, self.itemsize)  # (values, bytes of each)
         pos, c = start, self.chunk
         while pos < stop:
             k = pos // c
             end = min(stop, (k + 1) * c)
-            piece = self._piece(k, pos - k * c, end - k * c)
-            if piece is None:
+            if not self._piece(k, pos - k * c, end - k * c, out_bytes[pos - start:end - start]):
                 return self.dataset[start:stop]
-            out[pos - start:end - start] = piece
             pos = end
         return out
 
-    def _piece(self, k: int, a: int, b: int) -> np.ndarray | None:
-        """Values a..b of chunk k, or None where h5py must read it."""
+    def _piece(self, k: int, a: int, b: int, out: np.ndarray) -> bool:
+        """Values a..b of chunk k into out (b - a, itemsize) uint8; False where h5py must read it."""
         c, size = self.chunk, self.itemsize
         need = (size - 1) * c + b if self.shuffled else b * size  # inflated bytes the values need
         entry = self._kept.get(k)
@@ -190,7 +189,7 @@ class ChunkRanges:
             if entry is None:
                 skipped, stored = self.dataset.id.read_direct_chunk((k * c,))
                 if skipped:
-                    return None
+                    return False
                 body = strip_fletcher32(stored)
                 if body is None:
                     raise ChecksumMismatch(f"the fletcher32 checksum of chunk {k * c} of {self.dataset.name} "
@@ -205,14 +204,16 @@ class ChunkRanges:
         except ChecksumMismatch:
             raise
         except (OSError, ValueError, KeyError, isal_zlib.error):
-            return None
+            return False
         if len(entry[1]) < need:  # a chunk shorter than its dataset's chunks
-            return None
+            return False
         data = np.frombuffer(entry[1], np.uint8)
         if self.shuffled:  # run p holds byte p (little-endian) of every value of the chunk
-            planes = np.stack([data[p * c + a:p * c + b] for p in range(size)], axis=1)  # (b - a, size)
-            return planes.view(self.dtype).reshape(-1)
-        return data[a * size:b * size].view(self.dtype)
+            for p in range(size):
+                out[:, p] = data[p * c + a:p * c + b]
+        else:
+            out.reshape(-1)[:] = data[a * size:b * size]
+        return True
 
 
 def _unshuffle(data: np.ndarray, itemsize: int) -> np.ndarray:

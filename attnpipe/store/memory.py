@@ -16,6 +16,7 @@ import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.format import Provenance, Storage, TextAttention
+from attnpipe.store.reader import windows_of_texts
 
 MEMORY_PATH = Path("<memory>")  # what messages name as the "file"
 
@@ -68,6 +69,10 @@ class MemoryStore:
         """(position in `indices`, id, tokens, special_tokens_mask, attention), as AttentionFile's."""
         for pos, index in enumerate(indices):
             yield (pos, *self.metric_inputs(index, to_float32))
+
+    def metric_windows(self, indices, to_float32=None, max_values: int = 1 << 24):
+        """MetricWindows of the given texts, as AttentionFile's (gathered text by text)."""
+        return windows_of_texts(self.iter_metric_inputs(indices, to_float32), max_values)
 
     def storage_order(self) -> np.ndarray:
         return np.arange(len(self))

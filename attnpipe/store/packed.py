@@ -903,6 +903,24 @@ class PackedReader:
         first = int(offsets[s]) + (layer * num_heads + head) * rows * n
         return decode(self._matrix_values.read(first, first + rows * n).reshape(rows, n))
 
+    def metric_slots(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The metrics' inputs of slots start..stop-1 as flat arrays, one read per field (what
+        AttentionFile.metric_windows checks and hands on): attention `values` (stored dtype, the
+        slots' arrays back to back) with `value_offsets` (k + 1,) from 0 and `shapes` (k, 4); the
+        tokens' UTF-8 `token_bytes`, `token_nbytes` (one per token) and `token_counts` (k,);
+        `special` (every token's special_tokens_mask) and `special_counts` (k,)."""
+        offsets, shapes = self.matrix_index()
+        out = {"values": self._matrix_values.read(int(offsets[start]), int(offsets[stop])),
+               "value_offsets": offsets[start:stop + 1] - offsets[start], "shapes": shapes[start:stop]}
+        for name, key, counts in (("tokens", "token_bytes", None), ("token_nbytes", "token_nbytes", "token_counts"),
+                                  ("special_tokens_mask", "special", "special_counts")):
+            group = self._groups[name]
+            bounds = np.asarray(group["offsets"][start:stop + 1])
+            out[key] = np.asarray(group["values"][bounds[0]:bounds[-1]])
+            if counts:  # (the tokens' bytes are cut by token_nbytes instead)
+                out[counts] = np.diff(bounds)
+        return out
+
     def metric_blocks(self, indices: Sequence[int], max_values: int) -> Iterator[list[tuple[int, str, tuple, np.ndarray,
                                                                                            np.ndarray]]]:
         """(position in `indices`, id, tokens, special_tokens_mask, stored attention) of the given

@@ -6,7 +6,8 @@ inflated by attnpipe.store.codec.read_whole. The layout read is the spec in attn
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -14,9 +15,9 @@ import numpy as np
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.store.codec import decode, read_whole
-from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, TEXT_ATTRIBUTIONS, ImageInfo, MissingAttribute, Storage,
-                                   TargetAttention, TextAttention, or_none, provenance_from_attrs,
-                                   storage_from_attrs, attr_int)
+from attnpipe.store.format import (FORMAT_NAME, TARGET_GRADIENTS, TEXT_ATTRIBUTIONS, ImageInfo, MissingAttribute,
+                                   ROW_SUM_TOL, UINT8_ROW_SLACK, Storage, TargetAttention, TextAttention, or_none,
+                                   provenance_from_attrs, storage_from_attrs, attr_int)
 from attnpipe.store.json_file import read_json, text_from_json
 from attnpipe.store.packed import PACKED_SCHEMA_VERSION, PackedReader
 from attnpipe.store.validate import (check_attrs_crc, check_bool, check_chunks_written, check_hard_links,
@@ -29,6 +30,68 @@ TEXT_DATASETS = ("text", "attention", "token_ids", "tokens", "special_tokens_mas
 TEXT_ATTRS = ("id", "truncated", "num_tokens_untruncated")
 # What AttentionFile.metric_inputs reads (and checks) for the metrics' fast path.
 METRIC_DATASETS = ("attention", "tokens", "special_tokens_mask")
+
+
+@dataclass(frozen=True)
+class MetricWindow:
+    """The metric inputs of k texts back to back (AttentionFile.metric_windows), T tokens in all.
+
+    Checked as metric_inputs checks: each text's attention is (L, H, n, n) for its n tokens and
+    its rows are probabilities."""
+
+    positions: np.ndarray  # (k,) int64: each text's position in the caller's indices
+    lengths: np.ndarray  # (k,) int64: each text's number of tokens n
+    values: np.ndarray  # (V,) float32: each text's (L, H, n, n) attention in C order, back to back
+    value_offsets: np.ndarray  # (k + 1,) int64: text i is values[value_offsets[i]:value_offsets[i + 1]]
+    tokens: tuple[str, ...]  # the distinct token strings of the window
+    token_codes: np.ndarray  # (T,) int64: every text's tokens, back to back, as indices into `tokens`
+    special: np.ndarray  # (T,) bool: every text's special_tokens_mask, back to back
+
+
+def windows_of_texts(inputs: Iterable[tuple], max_values: int) -> Iterator[MetricWindow]:
+    """MetricWindows of at most max_values attention values (or one text) from per-text
+    (position, id, tokens, special_tokens_mask or None, float32 attention), as iter_metric_inputs
+    yields them already checked: for files read one text at a time."""
+    positions, attention, codes, special = [], [], [], []
+    distinct: dict[str, int] = {}
+    size = 0
+    for pos, _, tokens, mask, matrix in inputs:
+        if positions and size + matrix.size > max_values:
+            yield _window(positions, attention, codes, special, distinct)
+            positions, attention, codes, special, distinct, size = [], [], [], [], {}, 0
+        positions.append(pos)
+        attention.append(np.asarray(matrix, np.float32).reshape(-1))
+        codes.append(np.array([distinct.setdefault(tok, len(distinct)) for tok in tokens], np.int64))
+        special.append(np.zeros(len(tokens), bool) if mask is None else np.asarray(mask, bool))
+        size += matrix.size
+    if positions:
+        yield _window(positions, attention, codes, special, distinct)
+
+
+def _window(positions, attention, codes, special, distinct) -> MetricWindow:
+    return MetricWindow(positions=np.array(positions, np.int64), lengths=np.array([len(c) for c in codes], np.int64),
+                        values=np.concatenate(attention),
+                        value_offsets=np.concatenate(([0], np.cumsum([a.size for a in attention]))).astype(np.int64),
+                        tokens=tuple(distinct), token_codes=np.concatenate(codes), special=np.concatenate(special))
+
+
+def distinct_tokens(token_bytes: np.ndarray, token_nbytes: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+    """Tokens stored as UTF-8 bytes back to back, cut by token_nbytes (T,) -> (the distinct token
+    strings, (T,) each token's index into them), decoding each distinct token once.
+
+    The tokens are laid out as a (T, longest) byte matrix, NUL-padded (a token holds no NUL: the
+    writer refuses them), and compared as fixed-width byte strings."""
+    count = len(token_nbytes)
+    if count == 0:
+        return (), np.zeros(0, np.int64)
+    width = max(1, int(token_nbytes.max()))
+    starts = np.cumsum(token_nbytes) - token_nbytes  # (T,)
+    columns = np.arange(width)
+    source = np.concatenate((token_bytes.astype(np.uint8, copy=False), np.zeros(1, np.uint8)))  # [-1]: padding
+    inside = columns[None, :] < token_nbytes[:, None]  # (T, width)
+    padded = source[np.where(inside, starts[:, None] + columns, len(token_bytes))]  # (T, width) uint8
+    unique, codes = np.unique(padded.view(f"S{width}").reshape(count), return_inverse=True)
+    return tuple(b.decode() for b in unique.tolist()), codes.reshape(count).astype(np.int64)
 
 
 class AttentionFile:
@@ -297,6 +360,76 @@ class AttentionFile:
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise AttnpipeError(f"{self.path} is damaged: {error_reason(err)}") from err
 
+    def metric_windows(self, indices, to_float32=None, max_values: int = 1 << 24) -> Iterator[MetricWindow]:
+        """The metric inputs of the given texts as MetricWindows of at most max_values attention
+        values (or one text), checked as metric_inputs checks. Version 3: runs of neighbouring slots,
+        each field read once per window and checked in bulk; other files: text by text
+        (iter_metric_inputs), gathered into windows."""
+        if self._packed is None:
+            yield from windows_of_texts(self.iter_metric_inputs(indices, to_float32), max_values)
+            return
+        self._check_matrices()
+        try:
+            slots = self._packed.all_slots()[np.asarray(indices, dtype=np.int64)]
+            order = np.argsort(slots, kind="stable")  # positions in `indices`, front of the file first
+            if len(order) == 0:
+                return
+            offsets, _ = self._packed.matrix_index()
+            runs = np.split(np.arange(len(order)), np.flatnonzero(np.diff(slots[order]) != 1) + 1)
+            for run in runs:  # consecutive slots
+                first = int(slots[order[run[0]]])
+                start, stop = first, first + len(run)
+                while start < stop:
+                    end = int(np.searchsorted(offsets, offsets[start] + max_values, side="right")) - 1
+                    end = min(stop, max(start + 1, end))  # values within max_values, at least one text
+                    yield self._packed_window(start, end, order[run[start - first:end - first]], to_float32 or decode)
+                    start = end
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise AttnpipeError(f"{self.path} is damaged: {error_reason(err)}") from err
+
+    def _packed_window(self, start: int, stop: int, positions: np.ndarray, to_float32) -> MetricWindow:
+        """Slots start..stop-1 as one MetricWindow: shapes, token counts and rows checked for all
+        of them at once (a text that fails is checked again alone, for metric_inputs' message)."""
+        raw = self._packed.metric_slots(start, stop)
+        lengths = raw["token_counts"]
+        num_layers, num_heads = len(self.meta.layers), len(self.meta.heads)
+        expected = np.stack([np.full_like(lengths, num_layers), np.full_like(lengths, num_heads), lengths, lengths], 1)
+        bad = (raw["shapes"] != expected).any(1) | (raw["special_counts"] != lengths)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise self._shape_error(self._packed.string("id", start + k), tuple(int(x) for x in raw["shapes"][k]),
+                                    int(raw["special_counts"][k]), int(lengths[k]))
+        if int(raw["token_nbytes"].sum()) != len(raw["token_bytes"]) or (raw["token_nbytes"] < 0).any():
+            raise AttnpipeError(f"{self.path} is damaged: slots {start}-{stop - 1}'s tokens do not add up to "
+                                "their token_nbytes")
+        tokens, codes = distinct_tokens(raw["token_bytes"], raw["token_nbytes"])
+        values = to_float32(raw["values"])
+        self._check_window_rows(values, raw["value_offsets"], lengths, start)
+        return MetricWindow(positions=positions, lengths=lengths, values=values, value_offsets=raw["value_offsets"],
+                            tokens=tokens, token_codes=codes, special=raw["special"].astype(bool, copy=False))
+
+    def _check_window_rows(self, values: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, first_slot: int):
+        """check_rows for every text of a window, runs of equal-length texts at a time: one row sum
+        per (text, layer, head, query) and one minimum; a text that fails goes to check_rows alone."""
+        dtype = self.meta.dtype
+        tol = ROW_SUM_TOL.get(dtype, ROW_SUM_TOL["float32"])
+        bad = np.zeros(len(lengths), bool)
+        edges = np.concatenate(([0], np.flatnonzero(np.diff(lengths)) + 1, [len(lengths)]))
+        for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):  # texts a..b-1 have n tokens each
+            n = int(lengths[a])
+            if n == 0:
+                continue
+            rows = values[offsets[a]:offsets[b]].reshape(b - a, -1, n)  # (k, L·H·n, n)
+            sums = np.einsum("kri->kr", rows)  # (k, L·H·n); NaN and Inf propagate; 5x rows.sum(-1) for short rows
+            off = np.abs(sums.astype(np.float64) - 1.0)
+            limit = tol + n * UINT8_ROW_SLACK if dtype == "uint8" else tol
+            bad[a:b] = ~(off <= limit).all(1) | (rows.min(axis=(1, 2)) < 0)
+        for k in np.flatnonzero(bad).tolist():  # check_rows raises (its sums may round otherwise at the limit)
+            matrix = values[offsets[k]:offsets[k + 1]].reshape(len(self.meta.layers), len(self.meta.heads),
+                                                              int(lengths[k]), int(lengths[k]))
+            check_rows(self.path, lambda: self._packed.string("id", first_slot + k), matrix, self.meta.layers,
+                       self.meta.heads, dtype)
+
     def storage_order(self) -> np.ndarray:
         """The user's indices in the order the file holds their texts (version 3: written order,
         length-sorted batches; otherwise 0..N-1): reading in this order reads the file front to back."""
@@ -306,12 +439,15 @@ class AttentionFile:
 
     def _checked_metric_inputs(self, text_id, tokens, special, attention):
         n = len(tokens)
-        expected = (len(self.meta.layers), len(self.meta.heads), n, n)
-        if attention.shape != expected or len(special) != n:
-            raise AttnpipeError(f"{self.path}: text {text_id!r} has attention of shape {attention.shape} and "
-                                f"{len(special)} special_tokens_mask for {n} tokens; expected {expected}")
+        if attention.shape != (len(self.meta.layers), len(self.meta.heads), n, n) or len(special) != n:
+            raise self._shape_error(text_id, attention.shape, len(special), n)
         check_rows(self.path, text_id, attention, self.meta.layers, self.meta.heads, self.meta.dtype)
         return text_id, tokens, special, attention
+
+    def _shape_error(self, text_id: str, shape: tuple[int, ...], num_special: int, n: int) -> AttnpipeError:
+        expected = (len(self.meta.layers), len(self.meta.heads), n, n)
+        return AttnpipeError(f"{self.path}: text {text_id!r} has attention of shape {shape} and {num_special} "
+                             f"special_tokens_mask for {n} tokens; expected {expected}")
 
     def corpus_array(self, name: str) -> np.ndarray | None:
         """A root dataset such as `head_importance_mean` (HDF5, version 2), or None if absent."""
@@ -419,17 +555,22 @@ def metrics_table(ids, layers, heads, names, values: np.ndarray):
     import pandas as pd
 
     names = list(names)
-    num_texts, num_layers, num_heads, num_metrics = values.shape
-    text_idx, layer_idx, head_idx, metric_idx = np.meshgrid(
-        np.arange(num_texts), np.arange(num_layers), np.arange(num_heads), np.arange(num_metrics),
-        indexing="ij")
-    return pd.DataFrame({
-        "text_id": np.asarray(list(ids), dtype=object)[text_idx.ravel()],
-        "layer": np.asarray(layers, dtype=np.int64)[layer_idx.ravel()],
-        "head": np.asarray(heads, dtype=np.int64)[head_idx.ravel()],
-        "metric": pd.Categorical.from_codes(metric_idx.ravel(), categories=names),
-        "value": values.ravel(),
-    })
+    shape = values.shape  # (texts, L, H, M)
+    num_texts, num_metrics = shape[0], shape[3]
+
+    def along(axis: int, labels: np.ndarray) -> np.ndarray:  # each row's label along one axis of `values`
+        return np.broadcast_to(labels.reshape((-1,) + (1,) * (3 - axis)), shape).reshape(-1)
+
+    # The text ids as a column of num_texts strings, then repeated: converting every row's id
+    # object to pandas' string column costs more than computing the metrics of short texts.
+    text_ids = pd.Series(np.asarray(list(ids), dtype=object)).array.take(along(0, np.arange(num_texts)))
+    return pd.DataFrame({  # copy=False: each column is a new array already (layer and head stay apart)
+        "text_id": text_ids,
+        "layer": along(1, np.asarray(layers, dtype=np.int64)),
+        "head": along(2, np.asarray(heads, dtype=np.int64)),
+        "metric": pd.Categorical.from_codes(along(3, np.arange(num_metrics)), categories=names),
+        "value": values.reshape(-1).copy(),
+    }, copy=False)
 
 
 def open_attention(path: Path | str, *, partial_rows: bool = False) -> AttentionFile:
