@@ -1,7 +1,8 @@
 """The runner's batch-wide shortcuts (issue 22) equal what they replaced, text by text.
 
-- `sinks.stored_positions`: one gather of a layer's stored values equals each text's crop
-  (heads x stored query rows x real keys) laid end to end;
+- `sinks.stored_values`: a layer's stored values of a whole batch, copied run by run of equal
+  lengths, equal each text's crop (heads x stored query rows x real keys) laid end to end, and
+  converted as `store.to_storage` converts;
 - `batching.pad` / `mask` equal the nested-list tensors they replaced;
 - texts tokenized once, window by window (`inputs.text_windows`): a corpus run in many windows
   stores every text exactly as in one window (only the slot order differs).
@@ -20,23 +21,29 @@ from attnpipe.extract import inputs
 from attnpipe.extract.batching import mask, pad
 from attnpipe.extract.corpus import Text
 from attnpipe.extract.runner import ExtractConfig, extract
-from attnpipe.extract.sinks import stored_positions
+from attnpipe.extract.sinks import equal_runs, stored_values
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
 @pytest.mark.parametrize("rows", ["all", "cls", "last"])
-def test_one_gather_equals_each_texts_crop(rows):
+def test_a_batch_copied_run_by_run_equals_each_texts_crop(rows, dtype):
     rng = np.random.default_rng(0)
     for _ in range(200):
         b, h = int(rng.integers(1, 9)), int(rng.integers(1, 5))
         lengths = rng.integers(1, 12, b).tolist()
+        if rng.random() < 0.7:  # length-sorted, as the runner's batches are (runs of equal lengths)
+            lengths.sort(reverse=True)
         t = max(lengths) + int(rng.integers(0, 3))  # padding beyond the longest text, too
-        probs = torch.rand(b, h, t, t)
-        gathered = probs.reshape(-1).index_select(0, stored_positions(probs.shape, lengths, rows, probs.device))
-        crops = []
-        for row, n in enumerate(lengths):
-            queries = torch.from_numpy(store.query_positions(rows, n))
-            crops.append(probs[row][:, queries, :n].reshape(-1))
-        assert torch.equal(gathered, torch.cat(crops))
+        probs = torch.softmax(torch.randn(b, h, t, t) * 3, dim=-1)
+        got = stored_values(probs, equal_runs(lengths), rows, dtype)
+        crops = [probs[row][:, store.query_positions(rows, n), :n].numpy() for row, n in enumerate(lengths)]
+        expected = np.concatenate([store.to_storage(crop, dtype).reshape(-1) for crop in crops])
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+def test_equal_runs():
+    assert equal_runs([5, 5, 3, 3, 3, 1, 5]) == [(0, 2, 5), (2, 5, 3), (5, 6, 1), (6, 7, 5)]
+    assert equal_runs([4]) == [(0, 1, 4)]
 
 
 def test_pad_and_mask_equal_nested_list_tensors():

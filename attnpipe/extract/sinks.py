@@ -41,24 +41,34 @@ def _store_metrics(metrics, probs: torch.Tensor, values: np.ndarray, indices: li
         values[indices, pos] = metrics.layer(probs)  # (B, H', M)
 
 
-def stored_positions(shape: torch.Size, lengths: list[int], rows: str, device: torch.device) -> torch.Tensor:
-    """Flat positions in a contiguous (B, H, T, T) layer of each text's stored values, text after
-    text in C order: heads x stored query rows (all, or one: store.query_positions) x real keys."""
-    b, h, t, _ = shape
-    n = np.asarray(lengths, dtype=np.int64)
-    r = n if rows == "all" else np.minimum(n, 1)
-    first = np.zeros_like(n) if rows != "last" else n - 1  # the first stored query row
-    # Each text's values are H x r x n: enumerate them all at once, then place each on (b, h, q, k).
-    per_text = h * r * n
-    text = np.repeat(np.arange(len(n)), per_text)
-    within = np.arange(int(per_text.sum())) - np.repeat(np.cumsum(per_text) - per_text, per_text)
-    keys, rows_n = n[text], (r * n)[text]
-    head, rest = within // rows_n, within % rows_n
-    query, key = rest // keys + first[text], rest % keys
-    flat = ((text * h + head) * t + query) * t + key
-    if b * h * t * t < 2**31:  # int32 positions: half the memory, and index_select takes them
-        flat = flat.astype(np.int32)
-    return torch.from_numpy(flat).to(device)
+def equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, end row, length) of each run of consecutive rows of one length (a length-sorted
+    batch has a few)."""
+    runs, start = [], 0
+    for row in range(1, len(lengths) + 1):
+        if row == len(lengths) or lengths[row] != lengths[start]:
+            runs.append((start, row, lengths[start]))
+            start = row
+    return runs
+
+
+def stored_values(probs: torch.Tensor, runs: list[tuple[int, int, int]], rows: str, dtype: str) -> np.ndarray:
+    """Every text's stored values of one (B, H, T, T) layer, text after text in C order (heads x
+    stored query rows x real keys), in the storage dtype: one strided copy per run of equal
+    lengths, converting as it copies (uint8: the float32 arithmetic of store.to_storage)."""
+    blocks = []
+    for start, end, n in runs:
+        first = n - 1 if rows == "last" else 0
+        blocks.append(probs[start:end, :, first:n if rows == "all" else first + 1, :n])  # (g, H, r, n) view
+    out = torch.empty(sum(block.numel() for block in blocks), device=probs.device,
+                      dtype=torch.float32 if dtype == "uint8" else getattr(torch, dtype))
+    at = 0
+    for block in blocks:
+        out[at:at + block.numel()].view(block.shape).copy_(block)
+        at += block.numel()
+    if dtype == "uint8":
+        out = out.mul_(float(store.UINT8_SCALE)).round_().to(torch.uint8)
+    return out.cpu().numpy()
 
 
 class Sink:
@@ -85,7 +95,7 @@ class Sink:
         self.kept: dict[str, list[list[np.ndarray | None]]] = {
             kind: [[None] * len(sel.layers) for _ in batch.indices] for kind, sel in self.selections.items()
         }
-        self.gather: dict[str, torch.Tensor] = {}  # kind -> where the batch's stored values lie in a layer
+        self.runs = None  # the batch's runs of equal lengths (batched writers), at its first layer
         if self.stream or metrics is not None:
             sel = self.selections["self"]
             if self.batched:
@@ -119,12 +129,11 @@ class Sink:
                     crop = crop[:, first:first + 1]  # (H', 1, k)
                 self.kept[kind][row][pos] = crop.float().cpu().numpy()
             return
-        if self.batched:  # one gather: the stored values of every text, one text after the other
-            if kind not in self.gather:
-                self.gather[kind] = stored_positions(probs.shape, q_lengths, self.storage.rows, probs.device)
-            flat = probs.reshape(-1).index_select(0, self.gather[kind])
-            converted = self._convert(flat)
-            self.writer.submit("write_layer", batch.indices[0], pos, converted, nbytes=converted.nbytes)
+        if self.batched:  # the stored values of every text at once, one text after the other
+            if self.runs is None:
+                self.runs = equal_runs(q_lengths)
+            values = stored_values(probs, self.runs, self.storage.rows, self.storage.dtype)
+            self.writer.submit("write_layer", batch.indices[0], pos, values, nbytes=values.nbytes)
             return
         heads = probs.shape[1]
         num_layers = len(self.selections[kind].layers)

@@ -37,19 +37,25 @@ def fletcher32(data: bytes | np.ndarray) -> int:
     raw = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).ravel()
     if len(raw) % 2:  # an odd last byte is the high byte of a final word
         raw = np.concatenate([raw, np.zeros(1, np.uint8)])
-    words = raw.view(">u2").astype(np.int64)  # (m,)
-    if not words.any():
-        return 0
+    words = raw.view(">u2")  # (m,)
     m = len(words)
-    if m < EXACT_WORDS:  # the exact sums fit int64: 65535 * m^2 / 2 < 2^63
-        # word i enters the second sum m - i times: once in each prefix sum from its own on
-        prefix = np.cumsum(words)
-        s1, s2 = int(prefix[-1]) % _MOD, int(prefix.sum()) % _MOD
+    s1 = int(words.sum(dtype=np.int64))
+    if s1 == 0:
+        return 0
+    if m <= _DOT_WORDS:
+        # word i enters the second sum m - i times: one int64 dot product (numpy's own loop: no
+        # BLAS threads beside torch's), exact below 2^63.
+        s2 = int(np.dot(words.astype(np.int64), _WEIGHTS[_DOT_WORDS - m:]))
+    elif m < EXACT_WORDS:  # the exact sums fit int64: 65535 * m^2 / 2 < 2^63
+        s2 = int(np.cumsum(words, dtype=np.int64).sum())
     else:
         weights = np.arange(m, 0, -1, dtype=np.int64)
-        s1 = int(words.sum() % _MOD)
-        s2 = int(((words % _MOD) * (weights % _MOD) % _MOD).sum() % _MOD)
-    return (((s2 - 1) % _MOD + 1) << 16) | ((s1 - 1) % _MOD + 1)
+        s2 = int(((words.astype(np.int64) % _MOD) * (weights % _MOD) % _MOD).sum())
+    return ((((s2 % _MOD) - 1) % _MOD + 1) << 16) | ((s1 % _MOD - 1) % _MOD + 1)
+
+
+_DOT_WORDS = 1 << 19  # chunks up to 1 MiB take the dot product of fletcher32
+_WEIGHTS = np.arange(_DOT_WORDS, 0, -1, dtype=np.int64)  # word i of m gets _WEIGHTS[_DOT_WORDS - m + i] = m - i
 
 
 def with_fletcher32(chunk: bytes) -> bytes:
