@@ -282,8 +282,11 @@ FLUSH_BYTES = 8 << 20  # or fewer, when their arrays (gradients, decoder attenti
 
 def _strings(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Strings -> (their UTF-8 bytes back to back as uint8, each one's byte count)."""
-    encoded = [t.encode() for t in texts]
-    return np.frombuffer(b"".join(encoded), np.uint8), np.array([len(e) for e in encoded], np.int64)
+    joined = "".join(texts)
+    data = joined.encode()
+    if len(data) == len(joined):  # ASCII: each string's bytes are its characters
+        return np.frombuffer(data, np.uint8), np.fromiter(map(len, texts), np.int64, len(texts))
+    return np.frombuffer(data, np.uint8), np.fromiter((len(t.encode()) for t in texts), np.int64, len(texts))
 
 
 class PackedWriter:
@@ -427,8 +430,8 @@ class PackedWriter:
                            np.column_stack([n, np.full_like(n, 2)]))
             if not self.storage.metrics_only:
                 for item in items:
-                    positions = query_positions(self.storage.rows, item.num_tokens)
-                    if item.query_positions is not None and not np.array_equal(item.query_positions, positions):
+                    if item.query_positions is not None and not np.array_equal(
+                            item.query_positions, query_positions(self.storage.rows, item.num_tokens)):
                         raise ValueError(f"query positions {item.query_positions} do not match rows={self.storage.rows}")
                 shapes = np.column_stack([np.full_like(n, num_layers), np.full_like(n, num_heads), rows, n])
                 starts = self._packed["attention"].reserve_many(indices[0], shapes)
