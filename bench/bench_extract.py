@@ -329,32 +329,50 @@ def first_batch_seconds(model_dir: Path, texts_file: Path, out: Path, *flags: st
 
 
 def child_scale(args) -> int:
-    """Extract args.count equal-length texts to a version-3 float16 file in this process, timing each
-    text's end; print the write rates of the first and last 10 % of texts, peak RSS and the file."""
+    """Extract args.count equal-length texts to a version-3 float16 file in this process, timing when
+    each text's attention is complete (a batch's texts at once: end_batch; the first batch goes
+    text by text: end); print the write rates of the first and last 10 % of texts, peak RSS and the file."""
     from attnpipe.store import packed
 
-    ends: list[float] = []
-    original = packed.PackedWriter.end
+    ends: list[float] = []  # one timestamp per completed text
     rss_tenth: list[float] = []
 
-    def timed_end(self, index):
-        original(self, index)
-        ends.append(time.perf_counter())
-        if len(ends) == max(1, args.count // 10):
+    def completed(count: int) -> None:
+        before = len(ends)
+        ends.extend([time.perf_counter()] * count)
+        if before < max(1, args.count // 10) <= len(ends):
             rss_tenth.append(peak_rss_mb())
 
-    packed.PackedWriter.end = timed_end
+    original_end, original_batch = packed.PackedWriter.end, packed.PackedWriter.end_batch
+
+    def timed_end(self, index):
+        streamed = index in self._streaming
+        original_end(self, index)
+        if streamed:
+            completed(1)
+
+    def timed_end_batch(self, first):
+        batch = self._batches.get(first)
+        original_batch(self, first)
+        if batch is not None and batch.starts is not None:
+            completed(len(batch.indices))
+
+    packed.PackedWriter.end, packed.PackedWriter.end_batch = timed_end, timed_end_batch
     texts = tuple(short_texts(args.count, words=12))
     start = time.perf_counter()
     extract(ExtractConfig(texts=texts, output=args.scale_output, model_dir=args.model_dir, dtype="float16",
                           progress=False, schema_version=3))
     seconds = time.perf_counter() - start
     tenth = max(2, len(ends) // 10)
-    first = (tenth - 1) / (ends[tenth - 1] - ends[0])  # from the first text written: loading is not writing
-    last = tenth / (ends[-1] - ends[-tenth - 1])
+
+    def rate(a: int, b: int) -> float:  # texts/s from the a-th completed text to the b-th
+        return (b - a) / (ends[b] - ends[a]) if ends[b] > ends[a] else float("nan")
+
+    first = rate(0, tenth - 1)  # from the first text written: loading is not writing
+    last = rate(len(ends) - tenth - 1, len(ends) - 1)
     # texts/s of each tenth (the first from its first text on): the trend over the run
     cuts = [0, *(len(ends) * k // 10 - 1 for k in range(1, 11))]
-    deciles = [(b - a) / (ends[b] - ends[a]) if ends[b] > ends[a] else float("nan") for a, b in zip(cuts, cuts[1:])]
+    deciles = [rate(a, b) for a, b in zip(cuts, cuts[1:])]
     print(json.dumps({"rss_mb": peak_rss_mb(), "seconds": seconds, "first_rate": first, "last_rate": last,
                       "rss_tenth_mb": rss_tenth[0] if rss_tenth else float("nan"), "decile_rates": deciles,
                       "write_seconds": ends[-1] - ends[0]}))
