@@ -396,9 +396,10 @@ class PackedWriter:
         if not all(map(_plain, items)) or self._next_slot == 0:  # the first text makes the fields
             for index, item in zip(indices, items, strict=True):
                 self.begin(index, item, num_layers, num_heads)
-            if not self.storage.metrics_only:
+            if not self.storage.metrics_only:  # one layer of a text: heads x stored rows x tokens
                 self._batches[indices[0]] = _Batch(list(indices), None, np.array(
-                    [math.prod(self._streaming[i][1][1:]) for i in indices], np.int64), num_layers)
+                    [num_heads * len(query_positions(self.storage.rows, item.num_tokens)) * item.num_tokens
+                     for item in items], np.int64), num_layers)
             return
         if any(not 0 <= i < self.num_texts or self._slot_of[i] >= 0 for i in indices) or len(set(indices)) < len(indices):
             raise ValueError(f"text indices {list(indices)[:5]} are out of range or written twice")
@@ -421,8 +422,10 @@ class PackedWriter:
                                 ("num_tokens_untruncated", [int(item.num_tokens_untruncated) for item in items]),
                                 ("input_kind_code", [INPUT_KINDS.index(item.input_kind) for item in items])):
                 self._fixed[name].pending.extend(value.tolist() if isinstance(value, np.ndarray) else value)
-            self._put_many("tokens", tokens, np.add.reduceat(token_nbytes, np.cumsum(n) - n)[:, None]
-                           if len(token_nbytes) else np.zeros((len(items), 1), np.int64))
+            # each text's token bytes: differences of the running byte count at text boundaries
+            # (np.add.reduceat would give a text without tokens the next text's first token)
+            running = np.concatenate(([0], np.cumsum(token_nbytes)))[np.concatenate(([0], np.cumsum(n)))]
+            self._put_many("tokens", tokens, np.diff(running)[:, None])
             self._put_many("token_nbytes", token_nbytes, per_text)
             for name in ("token_ids", "special_tokens_mask", "word_ids"):
                 self._put_many(name, np.concatenate([getattr(item, name) for item in items]), per_text)
@@ -569,8 +572,8 @@ class PackedWriter:
         at = 0
         if batch.starts is None:  # begun one text at a time
             for index, size in zip(batch.indices, batch.per_layer.tolist(), strict=True):
-                _, shape, _ = self._streaming[index]
-                self.write_chunk(index, layer, 0, values[at:at + size].reshape(1, *shape[1:]))
+                if size:  # a text without values was ended at its begin
+                    self.write_chunk(index, layer, 0, values[at:at + size].reshape(1, *self._streaming[index][1][1:]))
                 at += size
             return
         field = self._packed["attention"].values
