@@ -3,8 +3,11 @@
 The runner hands every kept layer of every kind to `Sink.layer(kind, layer, probs)` after the
 guards passed. Three ways to store it:
 - streaming (HDF5, one attention kind, no gradients): each text's layer is cropped to its real
-  tokens on the torch side, converted to the storage dtype, split into the file's chunks and
-  queued for the writer thread (the text's tokens were `begin`-written first);
+  tokens on the torch side, converted to the storage dtype and queued for the writer thread (the
+  text's tokens were `begin`-written first). The packed layout (version 3) takes a whole batch at
+  once: one `begin_batch`, one `write_layer` per layer (the batch's texts one after the other,
+  copied run by run of equal lengths: `stored_values`) and one `end_batch`; version 2 takes each
+  text's layer split into its chunks;
 - collecting (JSON, encoder-decoder pairs, --explain): a batch's cropped float32 layers are kept
   until the batch ends, then each item is written whole (`H5Writer.write` / one JSON document);
 - metrics (--metrics-only): per-head metrics computed per layer in the writer thread.
@@ -108,7 +111,7 @@ class Sink:
         if self.storage.dtype == "uint8":  # the same float32 arithmetic as store.to_storage
             return (crop * float(store.UINT8_SCALE)).round_().to(torch.uint8).cpu().numpy()
         out = torch.empty(crop.shape, dtype=getattr(torch, self.storage.dtype))
-        return out.copy_(crop).numpy()  # one pass: crop, convert and make contiguous (to the CPU)
+        return out.copy_(crop).numpy()  # one pass: crop, convert and make contiguous
 
     def layer(self, kind: str, layer: int, probs: torch.Tensor) -> None:  # probs (B, H, Q, K)
         pos = self.positions[kind][layer]

@@ -291,7 +291,8 @@ def _strings(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 class PackedWriter:
     """H5Writer's interface (begin / write_chunk / end, or write; write_metrics; finish) for
-    schema version 3. The file appears at `path` only when `finish` succeeds."""
+    schema version 3, and the same for whole batches (begin_batch / write_layer / end_batch: what
+    the runner's sink uses). The file appears at `path` only when `finish` succeeds."""
 
     def __init__(self, path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None):
         self.path = path
