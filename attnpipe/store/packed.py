@@ -289,6 +289,12 @@ def _strings(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(data, np.uint8), np.fromiter((len(t.encode()) for t in texts), np.int64, len(texts))
 
 
+def _text_strings(items: Sequence[TextAttention]) -> tuple:
+    """The ids, texts and tokens of texts (in order) as _strings: (bytes, each one's byte count) x 3."""
+    return (_strings([item.id for item in items]), _strings([item.text for item in items]),
+            _strings([t for item in items for t in item.tokens]))
+
+
 class PackedWriter:
     """H5Writer's interface (begin / write_chunk / end, or write; write_metrics; finish) for
     schema version 3, and the same for whole batches (begin_batch / write_layer / end_batch: what
@@ -345,15 +351,68 @@ class PackedWriter:
         self._packed_field(name, dtype, array.ndim).add(array)
         self._pending_bytes += array.nbytes
 
+    def _put_many(self, name: str, values: np.ndarray, shapes: np.ndarray, dtype) -> None:
+        """Several slots' arrays of one field: their values back to back (a new array: it waits
+        until the next flush) and each one's shape (S, ndim)."""
+        values = np.asarray(values, dtype)
+        self._packed_field(name, dtype, shapes.shape[1]).add_many(values, shapes)
+        self._pending_bytes += values.nbytes
+
     def _put_fixed(self, name: str, value, dtype) -> None:
+        self._put_fixed_many(name, [value], dtype)
+
+    def _put_fixed_many(self, name: str, values: list, dtype) -> None:
         fixed = self._fixed.get(name)
         if fixed is None:
             if self._next_slot:
                 raise AttnpipeError(f"could not write {self.path}: text {self._next_slot} has a field {name!r} "
                                     "the earlier texts lack")
-            fixed = _Fixed(self._slots_group, name, dtype, np.shape(value))
+            fixed = _Fixed(self._slots_group, name, dtype, np.shape(values[0]))
             self._fixed[name] = fixed
-        fixed.pending.append(value)
+        fixed.pending.extend(values)
+
+    def _put_texts(self, items: Sequence[TextAttention], strings: tuple) -> None:
+        """The fields every text has (id, text, token counts and flags, tokens and their arrays),
+        for texts in slot order; `strings` = _text_strings(items)."""
+        (ids, id_nbytes), (texts, text_nbytes), (tokens, token_nbytes) = strings
+        n = np.array([item.num_tokens for item in items], np.int64)
+        self._put_many("id", ids, id_nbytes[:, None], np.uint8)
+        self._put_many("text", texts, text_nbytes[:, None], np.uint8)
+        self._put_fixed_many("num_tokens", n.tolist(), np.int64)
+        self._put_fixed_many("truncated", [bool(item.truncated) for item in items], bool)
+        self._put_fixed_many("num_tokens_untruncated", [int(item.num_tokens_untruncated) for item in items], np.int64)
+        self._put_fixed_many("input_kind_code", [INPUT_KINDS.index(item.input_kind) for item in items], np.uint8)
+        # each text's token bytes: differences of the running byte count at text boundaries
+        # (np.add.reduceat would give a text without tokens the next text's first token)
+        running = np.concatenate(([0], np.cumsum(token_nbytes)))[np.concatenate(([0], np.cumsum(n)))]
+        self._put_many("tokens", tokens, np.diff(running)[:, None], np.uint8)
+        self._put_many("token_nbytes", token_nbytes, n[:, None], np.int64)
+        for name, dtype in (("token_ids", np.int64), ("special_tokens_mask", bool)):
+            self._put_many(name, np.concatenate([np.asarray(getattr(item, name), dtype) for item in items]),
+                           n[:, None], dtype)
+        self._put_many("offsets", np.concatenate([np.asarray(item.offsets, np.int64).reshape(-1, 2) for item in items]),
+                       np.column_stack([n, np.full_like(n, 2)]), np.int64)
+        self._put_many("word_ids", np.concatenate([np.asarray(item.word_ids, np.int64) for item in items]),
+                       n[:, None], np.int64)
+
+    def _check_schema(self, fields: set[str], item_id: str) -> None:
+        """The optional fields of every text are the first text's."""
+        if self._schema is None:
+            self._schema = fields
+        elif fields != self._schema:
+            raise AttnpipeError(f"could not write {self.path}: text {item_id!r} has the fields "
+                                f"{sorted(fields ^ self._schema)} unlike the texts before it")
+
+    def _take_slots(self, indices: Sequence[int]) -> None:
+        """The next slots go to these texts; small fields go to the appenders every FLUSH_SLOTS
+        slots (or FLUSH_BYTES of them)."""
+        before = self._next_slot
+        self._slot_of[list(indices)] = np.arange(before, before + len(indices))
+        self._next_slot += len(indices)
+        if self._next_slot // FLUSH_SLOTS != before // FLUSH_SLOTS or self._pending_bytes > FLUSH_BYTES:
+            self._pending_bytes = 0
+            for field in (*self._packed.values(), *self._fixed.values()):
+                field.flush()
 
     # -- H5Writer's interface
     def begin(self, index: int, item: TextAttention, num_layers: int, num_heads: int) -> None:
@@ -375,17 +434,8 @@ class PackedWriter:
                     self._put("query_positions", rows, np.int64)
                 fields.add("attention")
                 faults.point("write")
-            if self._schema is None:
-                self._schema = fields
-            elif fields != self._schema:
-                raise AttnpipeError(f"could not write {self.path}: text {item.id!r} has the fields "
-                                    f"{sorted(fields ^ self._schema)} unlike the texts before it")
-            self._slot_of[index] = self._next_slot
-            self._next_slot += 1
-            if self._next_slot % FLUSH_SLOTS == 0 or self._pending_bytes > FLUSH_BYTES:
-                self._pending_bytes = 0
-                for field in (*self._packed.values(), *self._fixed.values()):
-                    field.flush()
+            self._check_schema(fields, item.id)
+            self._take_slots([index])
             if index in self._streaming and self._streaming[index][2] == 0:
                 self.end(index)
 
@@ -394,7 +444,7 @@ class PackedWriter:
         """`begin` for a batch of texts, in order: their slots follow one another and their attention
         is one reservation, filled by `write_layer` and released by `end_batch`. Texts that carry
         more than their tokens (a target, an image, gradients, generated text) go one by one."""
-        if not all(map(_plain, items)) or self._next_slot == 0:  # the first text makes the fields
+        if not all(map(_plain, items)):
             for index, item in zip(indices, items, strict=True):
                 self.begin(index, item, num_layers, num_heads)
             if not self.storage.metrics_only:  # one layer of a text: heads x stored rows x tokens
@@ -402,83 +452,42 @@ class PackedWriter:
                     [num_heads * len(query_positions(self.storage.rows, item.num_tokens)) * item.num_tokens
                      for item in items], np.int64), num_layers)
             return
-        if any(not 0 <= i < self.num_texts or self._slot_of[i] >= 0 for i in indices) or len(set(indices)) < len(indices):
+        where = np.asarray(indices, np.int64)
+        if ((where < 0) | (where >= self.num_texts)).any() or (self._slot_of[where] >= 0).any() \
+                or len(np.unique(where)) < len(where):
             raise ValueError(f"text indices {list(indices)[:5]} are out of range or written twice")
-        ids, id_nbytes = _strings([item.id for item in items])
-        texts, text_nbytes = _strings([item.text for item in items])
-        tokens, token_nbytes = _strings([t for item in items for t in item.tokens])
-        if 0 in ids or 0 in texts or 0 in tokens:  # UTF-8 has a zero byte only for U+0000
+        strings = _text_strings(items)
+        if any(0 in data for data, _ in strings):  # UTF-8 has a zero byte only for U+0000
             for item in items:
                 check_no_nul(item)
         n = np.array([item.num_tokens for item in items], np.int64)
-        rows = n if self.storage.rows == "all" else np.minimum(n, 1)
-        self._atomic.check_room(plain_texts_bytes_bound(n, len(texts) + len(tokens), num_layers, num_heads,
-                                                        self.dtype.itemsize, self.storage.rows),
+        self._atomic.check_room(plain_texts_bytes_bound(n, len(strings[1][0]) + len(strings[2][0]), num_layers,
+                                                        num_heads, self.dtype.itemsize, self.storage.rows),
                                 unwritten=self._pending_bytes)
         with write_errors(self.path):
-            per_text = n[:, None]
-            self._put_many("id", ids, id_nbytes[:, None])
-            self._put_many("text", texts, text_nbytes[:, None])
-            for name, value in (("num_tokens", n), ("truncated", [bool(item.truncated) for item in items]),
-                                ("num_tokens_untruncated", [int(item.num_tokens_untruncated) for item in items]),
-                                ("input_kind_code", [INPUT_KINDS.index(item.input_kind) for item in items])):
-                self._fixed[name].pending.extend(value.tolist() if isinstance(value, np.ndarray) else value)
-            # each text's token bytes: differences of the running byte count at text boundaries
-            # (np.add.reduceat would give a text without tokens the next text's first token)
-            running = np.concatenate(([0], np.cumsum(token_nbytes)))[np.concatenate(([0], np.cumsum(n)))]
-            self._put_many("tokens", tokens, np.diff(running)[:, None])
-            self._put_many("token_nbytes", token_nbytes, per_text)
-            for name in ("token_ids", "special_tokens_mask", "word_ids"):
-                self._put_many(name, np.concatenate([getattr(item, name) for item in items]), per_text)
-            self._put_many("offsets", np.concatenate([np.asarray(item.offsets).reshape(-1, 2) for item in items]),
-                           np.column_stack([n, np.full_like(n, 2)]))
+            self._put_texts(items, strings)
+            fields = set()
             if not self.storage.metrics_only:
                 for item in items:
                     if item.query_positions is not None and not np.array_equal(
                             item.query_positions, query_positions(self.storage.rows, item.num_tokens)):
                         raise ValueError(f"query positions {item.query_positions} do not match rows={self.storage.rows}")
+                rows = n if self.storage.rows == "all" else np.minimum(n, 1)
                 shapes = np.column_stack([np.full_like(n, num_layers), np.full_like(n, num_heads), rows, n])
-                starts = self._packed["attention"].reserve_many(indices[0], shapes)
+                starts = self._packed_field("attention", self.dtype, 4).reserve_many(indices[0], shapes)
                 self._batches[indices[0]] = _Batch(list(indices), starts, num_heads * rows * n, num_layers)
                 if self.storage.rows != "all":
                     self._put_many("query_positions", np.concatenate(
-                        [query_positions(self.storage.rows, int(k)) for k in n]), rows[:, None])
+                        [query_positions(self.storage.rows, int(k)) for k in n]), rows[:, None], np.int64)
                 for _ in items:
                     faults.point("write")
-            fields = set() if self.storage.metrics_only else {"attention"}
-            if fields != self._schema:
-                raise AttnpipeError(f"could not write {self.path}: text {items[0].id!r} has the fields "
-                                    f"{sorted(fields ^ self._schema)} unlike the texts before it")
-            before = self._next_slot
-            self._slot_of[list(indices)] = np.arange(before, before + len(items))
-            self._next_slot += len(items)
-            self._pending_bytes += int(len(ids) + len(texts) + len(tokens) + 41 * n.sum())
-            if self._next_slot // FLUSH_SLOTS != before // FLUSH_SLOTS or self._pending_bytes > FLUSH_BYTES:
-                self._pending_bytes = 0
-                for field in (*self._packed.values(), *self._fixed.values()):
-                    field.flush()
-
-    def _put_many(self, name: str, values: np.ndarray, shapes: np.ndarray) -> None:
-        field = self._packed[name]
-        values = np.asarray(values, field.dtype)
-        field.add_many(values, shapes)
+                fields.add("attention")
+            self._check_schema(fields, items[0].id)
+            self._take_slots(indices)
 
     def _begin(self, index: int, item: TextAttention) -> set[str]:
         """Every field of `item` except its attention, in one slot; returns the fields' names."""
-        ids, text_bytes = _strings([item.id])[0], _strings([item.text])[0]
-        self._put("id", ids, np.uint8)
-        self._put("text", text_bytes, np.uint8)
-        self._put_fixed("num_tokens", item.num_tokens, np.int64)
-        self._put_fixed("truncated", bool(item.truncated), bool)
-        self._put_fixed("num_tokens_untruncated", int(item.num_tokens_untruncated), np.int64)
-        self._put_fixed("input_kind_code", INPUT_KINDS.index(item.input_kind), np.uint8)
-        data, nbytes = _strings(item.tokens)
-        self._put("tokens", data, np.uint8)
-        self._put("token_nbytes", nbytes, np.int64)
-        self._put("token_ids", item.token_ids, np.int64)
-        self._put("special_tokens_mask", item.special_tokens_mask, bool)
-        self._put("offsets", np.asarray(item.offsets).reshape(-1, 2), np.int64)
-        self._put("word_ids", item.word_ids, np.int64)
+        self._put_texts([item], _text_strings([item]))
         fields = set()
         if item.image is not None:
             self._put("image_path", _strings([item.image.path])[0], np.uint8)
