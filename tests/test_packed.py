@@ -233,8 +233,9 @@ def test_a_batch_missing_a_layer_or_with_values_that_do_not_fit_is_refused(tmp_p
 def test_fletcher32_is_hdf5s(tmp_path):
     """The checksum written beside each direct chunk is the one HDF5 computes (and verifies on read)."""
     rng = np.random.default_rng(3)
-    for data in [rng.integers(0, 256, n, dtype=np.uint8) for n in (1, 2, 719, 720, 721, 50_001)] + \
-            [np.full(70_000, 255, np.uint8)]:
+    # sizes on both sides of 2^19 words (1 MiB), where fletcher32 stops reusing its cached weights
+    for data in [rng.integers(0, 256, n, dtype=np.uint8) for n in (1, 2, 719, 720, 721, 50_001, 1 << 20, (1 << 20) + 3)] + \
+            [np.full(70_000, 255, np.uint8), np.zeros(1001, np.uint8)]:
         with h5py.File(tmp_path / "f.h5", "w") as f:
             f.create_dataset("x", data=data, chunks=(len(data),), fletcher32=True)
         with h5py.File(tmp_path / "f.h5") as f:

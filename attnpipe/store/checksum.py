@@ -42,20 +42,19 @@ def fletcher32(data: bytes | np.ndarray) -> int:
     s1 = int(words.sum(dtype=np.int64))
     if s1 == 0:
         return 0
-    if m <= _DOT_WORDS:
+    if m < EXACT_WORDS:  # the exact sums fit int64: 65535 * m^2 / 2 < 2^63
         # word i enters the second sum m - i times: one int64 dot product (numpy's own loop: no
-        # BLAS threads beside torch's), exact below 2^63.
-        s2 = int(np.dot(words.astype(np.int64), _WEIGHTS[_DOT_WORDS - m:]))
-    elif m < EXACT_WORDS:  # the exact sums fit int64: 65535 * m^2 / 2 < 2^63
-        s2 = int(np.cumsum(words, dtype=np.int64).sum())
+        # BLAS threads beside torch's)
+        weights = _WEIGHTS[_DOT_WORDS - m:] if m <= _DOT_WORDS else np.arange(m, 0, -1, dtype=np.int64)
+        s2 = int(np.dot(words.astype(np.int64), weights))
     else:
         weights = np.arange(m, 0, -1, dtype=np.int64)
         s2 = int(((words.astype(np.int64) % _MOD) * (weights % _MOD) % _MOD).sum())
     return ((((s2 % _MOD) - 1) % _MOD + 1) << 16) | ((s1 % _MOD - 1) % _MOD + 1)
 
 
-_DOT_WORDS = 1 << 19  # chunks up to 1 MiB take the dot product of fletcher32
-_WEIGHTS = np.arange(_DOT_WORDS, 0, -1, dtype=np.int64)  # word i of m gets _WEIGHTS[_DOT_WORDS - m + i] = m - i
+_DOT_WORDS = 1 << 19  # chunks up to 1 MiB reuse these weights: word i of m gets _WEIGHTS[_DOT_WORDS - m + i] = m - i
+_WEIGHTS = np.arange(_DOT_WORDS, 0, -1, dtype=np.int64)
 
 
 def with_fletcher32(chunk: bytes) -> bytes:
