@@ -57,13 +57,18 @@ def equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
 
 def stored_values(probs: torch.Tensor, runs: list[tuple[int, int, int]], rows: str, dtype: str) -> np.ndarray:
     """Every text's stored values of one (B, H, T, T) layer, text after text in C order (heads x
-    stored query rows x real keys), in the storage dtype: one strided copy per run of equal
-    lengths, converting as it copies (uint8: the float32 arithmetic of store.to_storage)."""
+    stored query rows x real keys), in the storage dtype: one strided copy per run of equal lengths."""
     blocks = []
     for start, end, n in runs:
         first = n - 1 if rows == "last" else 0
         blocks.append(probs[start:end, :, first:n if rows == "all" else first + 1, :n])  # (g, H, r, n) view
-    out = torch.empty(sum(block.numel() for block in blocks), device=probs.device,
+    return to_storage_values(blocks, dtype)
+
+
+def to_storage_values(blocks: list[torch.Tensor], dtype: str) -> np.ndarray:
+    """Float tensors (views) back to back in C order as one flat array of the storage dtype,
+    converted as they are copied (uint8: the float32 arithmetic of store.to_storage)."""
+    out = torch.empty(sum(block.numel() for block in blocks), device=blocks[0].device,
                       dtype=torch.float32 if dtype == "uint8" else getattr(torch, dtype))
     at = 0
     for block in blocks:
@@ -107,11 +112,8 @@ class Sink:
             for i, item in zip(batch.indices, batch.items, strict=True):
                 self.writer.submit("begin", i, item, len(sel.layers), len(sel.heads))
 
-    def _convert(self, crop: torch.Tensor) -> np.ndarray:
-        if self.storage.dtype == "uint8":  # the same float32 arithmetic as store.to_storage
-            return (crop * float(store.UINT8_SCALE)).round_().to(torch.uint8).cpu().numpy()
-        out = torch.empty(crop.shape, dtype=getattr(torch, self.storage.dtype))
-        return out.copy_(crop).numpy()  # one pass: crop, convert and make contiguous
+    def _convert(self, crop: torch.Tensor) -> np.ndarray:  # one pass: crop, convert and make contiguous
+        return to_storage_values([crop], self.storage.dtype).reshape(crop.shape)
 
     def layer(self, kind: str, layer: int, probs: torch.Tensor) -> None:  # probs (B, H, Q, K)
         pos = self.positions[kind][layer]
