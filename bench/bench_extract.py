@@ -330,8 +330,8 @@ def first_batch_seconds(model_dir: Path, texts_file: Path, out: Path, *flags: st
 
 def child_scale(args) -> int:
     """Extract args.count equal-length texts to a version-3 float16 file in this process, timing when
-    each text's attention is complete (a batch's texts at once: end_batch; the first batch goes
-    text by text: end); print the write rates of the first and last 10 % of texts, peak RSS and the file."""
+    each text's attention is complete (a batch's texts at once: end_batch; texts begun one by one:
+    end); print the write rates of the first and last 10 % of texts, peak RSS and the file."""
     from attnpipe.store import packed
 
     ends: list[float] = []  # one timestamp per completed text

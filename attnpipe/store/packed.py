@@ -551,9 +551,6 @@ class PackedWriter:
             self._put_fixed(f"{prefix}head_ablation", ablation, np.float32)
             self._sums.setdefault(f"{prefix}head_ablation_mean", []).append(ablation.astype(np.float64))
 
-    def chunk_layout(self, index: int) -> tuple[int, ...]:
-        return self._streaming[index][1]
-
     def write_chunk(self, index: int, layer: int, head: int, values: np.ndarray) -> None:
         """Values (l, h, r, n) of text `index` in the storage dtype, at (layer, head): whole heads of
         whole layers, as the streaming sink sends them (attnpipe.store.chunk_shape)."""
