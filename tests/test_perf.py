@@ -211,7 +211,8 @@ def test_writer_thread_error_leaves_no_file(tiny_model_dir, tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(store.H5Writer, "write_chunk", broken)
-    monkeypatch.setattr(PackedWriter, "write_chunk", broken)
+    monkeypatch.setattr(PackedWriter, "write_chunk", broken)  # texts begun one by one
+    monkeypatch.setattr(PackedWriter, "write_layer", broken)  # whole batches: what the runner uses for texts
     target = tmp_path / "out.h5"
     with pytest.raises(OSError, match="disk full"):
         run(tiny_model_dir("bert"), target)
