@@ -141,3 +141,33 @@ def test_verify_stops_a_run_whose_pass_drifts(tiny_model_dir, tmp_path, monkeypa
     with pytest.raises(AttnpipeError, match=r"--verify failed: text '[ab]' layer \d head \d differs"):
         extraction.extract(config)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("model_type", [t for t in supported_model_types() if not is_seq2seq(t)])
+def test_attention_only_pass_is_the_full_pass_to_the_bit(tiny_model_dir, model_type, monkeypatch):
+    """forward(hidden=False), what a plain extraction runs, stops after the last kept layer's
+    attention; every kept layer is bit-identical to the full pass's, and no later layer runs."""
+    model = load_model(tiny_model_dir(model_type), torch.device("cpu"))
+    batch = dict(model.tokenizer(TINY_TEXTS, padding=True, return_tensors="pt"))
+    if getattr(model.weights, "token_type", 1) is None:
+        batch.pop("token_type_ids", None)
+    last = model.num_layers - 1
+    with torch.inference_mode():
+        full = model.family.forward(model.weights, batch)
+        for keep in ({0}, set(range(model.num_layers)), {last}):
+            layers = frozenset(keep)
+            short = model.family.forward(model.weights, batch, keep_layers={"self": layers}, hidden=False)
+            assert short.hidden is None
+            assert sorted(short.attentions["self"]) == sorted(layers)
+            for index in layers:
+                assert torch.equal(short.attentions["self"][index], full.attentions["self"][index])
+    # Stopping at layer 0 runs its query and key projections only: fewer linear layers than in full.
+    calls = []
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.inference_mode():
+        model.family.forward(model.weights, batch, keep_layers={"self": frozenset({0})}, hidden=False)
+        stopped = len(calls)
+        calls.clear()
+        model.family.forward(model.weights, batch, keep_layers={"self": frozenset({0})})
+    assert 0 < stopped < len(calls)

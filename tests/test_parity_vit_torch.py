@@ -187,3 +187,24 @@ def test_bias_free_layers_and_an_activation_module():
         expected = encoder(x)
     assert (ours.attentions["self"][0] - ref).abs().max().item() <= ATTN_TOL
     assert (ours.hidden - expected).abs().max().item() <= HIDDEN_TOL
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_attention_only_passes_are_the_full_passes_to_the_bit(tiny_vit_dir, tmp_path, norm_first):
+    """forward(hidden=False) (a plain extraction) stops after the last kept layer: the same bits."""
+    from PIL import Image
+
+    model = load_model(tiny_vit_dir, torch.device("cpu"), input_kind="image")
+    images = [Image.open(p).convert("RGB") for p in write_test_images(tmp_path)]
+    vit_batch = {"pixel_values": model.processor(images=images, return_tensors="pt")["pixel_values"]}
+    weights = torch_encoder.load_weights(make_encoder(norm_first, True, "gelu", final_norm=norm_first))
+    torch.manual_seed(1)
+    torch_batch = {"inputs_embeds": torch.randn(len(LENGTHS), max(LENGTHS), 32),
+                   "attention_mask": torch.tensor([[1] * n + [0] * (max(LENGTHS) - n) for n in LENGTHS])}
+    for family, family_weights, batch in ((vit, model.weights, vit_batch), (torch_encoder, weights, torch_batch)):
+        with torch.inference_mode():
+            full = family.forward(family_weights, batch).attentions["self"]
+            for keep in ({0}, set(full)):
+                short = family.forward(family_weights, batch, keep_layers={"self": frozenset(keep)}, hidden=False)
+                assert short.hidden is None and sorted(short.attentions["self"]) == sorted(keep)
+                assert all(torch.equal(short.attentions["self"][i], full[i]) for i in keep)

@@ -417,9 +417,9 @@ def _verify_failure(inputs, batch: Batch, check, multi_kind: bool, tol: float) -
     )
 
 
-def _forward(model, batch: Batch, keep: dict[str, frozenset[int]], on_layer):
+def _forward(model, batch: Batch, keep: dict[str, frozenset[int]], on_layer, hidden: bool):
     try:
-        return model.family.forward(model.weights, batch.tensors, keep_layers=keep, on_layer=on_layer)
+        return model.family.forward(model.weights, batch.tensors, keep_layers=keep, on_layer=on_layer, hidden=hidden)
     except ValueError as err:  # inputs that do not fit the model (image size, channels, ...)
         name = getattr(model, "factory", None) or getattr(model, "model_dir", "")
         raise AttnpipeError(f"{name}: {err}") from err
@@ -502,7 +502,9 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
             else:
                 streaming = config.stream_layers and not config.verify  # verify compares whole batches
                 with torch.inference_mode():
-                    out = _forward(model, batch, keep, checked if streaming else None)
+                    # Only --verify compares the hidden state: otherwise the pass may stop at the
+                    # last stored layer's attention (models/__init__.py: hidden=False).
+                    out = _forward(model, batch, keep, checked if streaming else None, hidden=config.verify)
             missing = [(kind, layer) for kind in kinds for layer in chosen[kind].layers
                        if (kind, layer) not in seen and layer not in out.attentions.get(kind, {})]
             if missing:  # a pass that skipped layers must not be compared or stored as if complete

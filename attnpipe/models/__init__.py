@@ -15,7 +15,8 @@ Every family module (bert, gpt2, llama, t5, bart, vit, torch_encoder, and hf, th
 
     load_weights(model) -> Weights          with num_layers, num_heads (encoder-decoders also
                                             decoder_num_layers, decoder_num_heads)
-    forward(weights, batch, *, keep_layers=None, head_gates=None, on_layer=None) -> parts.Output
+    forward(weights, batch, *, keep_layers=None, head_gates=None, on_layer=None, hidden=True)
+                                            -> parts.Output
 
 `batch` holds tensors named as transformers names them, so the same dict can be given to the
 transformers model for --verify (`hf_model(**batch, output_attentions=True)`):
@@ -30,7 +31,11 @@ None: every layer). `head_gates` maps a kind to (L, H), or per text (L, B, H), m
 head's context before the heads are merged (Michel et al. 2019; attention.head_context).
 `on_layer(kind, layer, probs)` receives each kept layer's (B, H, Q, K) probabilities as soon as
 they are computed, instead of keeping them in `Output.attentions[kind][layer]`, so long inputs
-never hold all layers at once. Kinds: "self" (encoder, or decoder-only self-attention),
+never hold all layers at once. `hidden=False` says the caller wants the attention only (a plain
+extraction: no --verify, no gradients): single-stack families then stop after the last kept
+layer's attention, skipping its value projection, output projection and feed-forward and every
+later layer (`parts.last_layer`), and return `Output.hidden` None; the attention is the same to
+the bit (the same operations up to it). Encoder-decoders accept it and run whole. Kinds: "self" (encoder, or decoder-only self-attention),
 "decoder" (decoder self-attention), "cross" (decoder -> encoder).
 
 `FAMILIES` maps `model_type` to the family of every transformers-folder family (text, pairs and

@@ -180,6 +180,7 @@ def forward(
     keep_layers: Mapping[str, frozenset[int]] | None = None,  # per kind: "self" (encoder), "decoder", "cross"
     head_gates: Mapping[str, torch.Tensor] | None = None,  # per kind: (L, H) or (L, B, H) multipliers
     on_layer: OnLayer | None = None,
+    hidden: bool = True,  # accepted; the whole pass runs (the decoder reads every encoder layer's output)
 ) -> Output:
     """Encoder over the source, then the decoder (teacher forcing) over decoder_input_ids
     (start token + target shifted right); both right-padded."""

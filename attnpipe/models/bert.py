@@ -21,7 +21,8 @@ from attnpipe.models.activations import activation
 
 from attnpipe.attention import attention_probs, head_context, merge_heads, padding_mask, split_heads
 from attnpipe.models.parts import (
-    LayerNorm, Linear, OnLayer, Output, Packing, empty_attentions, hand_over, layer_gates, layer_norm, linear,
+    LayerNorm, Linear, OnLayer, Output, Packing, empty_attentions, hand_over, last_layer, layer_gates,
+    layer_norm, linear,
 )
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert")
@@ -327,6 +328,7 @@ def forward(
     keep_layers: Mapping[str, frozenset[int]] | None = None,
     head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
     on_layer: OnLayer | None = None,
+    hidden: bool = True,  # False: the attention only (the pass may stop after the last kept layer)
 ) -> Output:
     """Run the encoder; return the final hidden state and the attention of the kept layers.
 
@@ -337,12 +339,15 @@ def forward(
     x = packing.pack(embed(weights, batch["input_ids"], batch.get("token_type_ids")))  # (N, hidden), real tokens
     mask = padding_mask(attention_mask, x.dtype)  # (B, 1, 1, K)
     attentions = empty_attentions(KINDS)
-    for index, layer in enumerate(weights.layers):
+    last = last_layer(keep_layers, "self", weights.num_layers, hidden)
+    for index, layer in enumerate(weights.layers[: last + 1]):
         q = split_heads(packing.unpack(layer.query(x)), weights.num_heads)  # (B, H, Q, D)
         k = split_heads(packing.unpack(layer.key(x)), weights.num_heads)  # (B, H, K, D)
-        v = split_heads(packing.unpack(layer.value(x)), weights.num_heads)  # (B, H, K, D)
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]), mask)  # (B, H, Q, K)
         hand_over("self", index, probs, keep_layers, attentions, on_layer)
+        if index == last and not hidden:  # the rest of the pass feeds only the hidden state
+            return Output(hidden=None, attentions=attentions)
+        v = split_heads(packing.unpack(layer.value(x)), weights.num_heads)  # (B, H, K, D)
         context = head_context(probs, v, layer_gates(head_gates, "self", index))  # (B, H, Q, D)
         context = packing.pack(merge_heads(context))  # (N, H·D)
         del probs  # free this layer's (B, H, T, T) before the next one is computed

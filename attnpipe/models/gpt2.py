@@ -19,7 +19,8 @@ from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
 )
 from attnpipe.models.parts import (
-    LayerNorm, Linear, OnLayer, Output, Packing, empty_attentions, hand_over, layer_gates, layer_norm,
+    LayerNorm, Linear, OnLayer, Output, Packing, empty_attentions, hand_over, last_layer, layer_gates,
+    layer_norm,
 )
 
 MODEL_TYPES = ("gpt2",)
@@ -94,6 +95,7 @@ def forward(
     keep_layers: Mapping[str, frozenset[int]] | None = None,
     head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
     on_layer: OnLayer | None = None,
+    hidden: bool = True,  # False: the attention only (the pass may stop after the last kept layer)
 ) -> Output:
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     b, t = input_ids.shape
@@ -103,11 +105,14 @@ def forward(
     mask = causal_mask(t, x.dtype, x.device) + padding_mask(attention_mask, x.dtype)  # (B, 1, Q, K)
     mask = mask.clamp(min=torch.finfo(x.dtype).min)  # two blocked terms must not overflow to -inf
     attentions = empty_attentions(KINDS)
-    for index, block in enumerate(weights.layers):
+    last = last_layer(keep_layers, "self", len(weights.layers), hidden)
+    for index, block in enumerate(weights.layers[: last + 1]):
         q, k, v = packing.unpack(block.qkv(block.ln_1(x))).split(x.shape[-1], dim=-1)  # 3 x (B, T, hidden)
         q, k, v = (split_heads(z, weights.num_heads) for z in (q, k, v))  # (B, H, T, D)
         probs = attention_probs(q, k, block.scale, mask)  # (B, H, Q, K)
         hand_over("self", index, probs, keep_layers, attentions, on_layer)
+        if index == last and not hidden:  # the rest of the pass feeds only the hidden state
+            return Output(hidden=None, attentions=attentions)
         context = head_context(probs, v, layer_gates(head_gates, "self", index))  # (B, H, Q, D)
         x = x + block.proj(packing.pack(merge_heads(context)))
         del probs  # free this layer's (B, H, T, T) before the next one is computed

@@ -96,6 +96,7 @@ def forward(
     keep_layers: Mapping[str, frozenset[int]] | None = None,
     head_gates: Mapping[str, torch.Tensor] | None = None,
     on_layer: OnLayer | None = None,
+    hidden: bool = True,  # False: the attention only (the pass may stop after the last kept layer)
 ) -> Output:
     """The family interface over transformers' eager output_attentions."""
     if head_gates is not None:

@@ -21,7 +21,9 @@ from attnpipe.models.activations import activation
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
 )
-from attnpipe.models.parts import Linear, OnLayer, Output, Packing, empty_attentions, hand_over, layer_gates, linear
+from attnpipe.models.parts import (
+    Linear, OnLayer, Output, Packing, empty_attentions, hand_over, last_layer, layer_gates, linear,
+)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 INPUT_KIND = "text"
@@ -140,6 +142,7 @@ def forward(
     keep_layers: Mapping[str, frozenset[int]] | None = None,
     head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
     on_layer: OnLayer | None = None,
+    hidden: bool = True,  # False: the attention only (the pass may stop after the last kept layer)
 ) -> Output:
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     t = input_ids.shape[1]
@@ -154,18 +157,21 @@ def forward(
     }
     group = weights.num_heads // weights.num_kv_heads
     attentions = empty_attentions(KINDS)
-    for index, layer in enumerate(weights.layers):
+    last = last_layer(keep_layers, "self", len(weights.layers), hidden)
+    for index, layer in enumerate(weights.layers[: last + 1]):
         h = layer.norm_in(x)
         q = split_heads(packing.unpack(layer.q(h)), weights.num_heads)  # (B, H, T, D)
         k = split_heads(packing.unpack(layer.k(h)), weights.num_kv_heads)  # (B, H_kv, T, D)
-        v = split_heads(packing.unpack(layer.v(h)), weights.num_kv_heads)  # (B, H_kv, T, D)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         # GQA: query head i uses key/value head i // group, so repeat each K/V head `group` times.
         k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
-        v = v.repeat_interleave(group, dim=1)
         probs = attention_probs(q, k, weights.head_dim**-0.5, masks[layer.window])  # (B, H, Q, K)
         hand_over("self", index, probs, keep_layers, attentions, on_layer)
+        if index == last and not hidden:  # the rest of the pass feeds only the hidden state
+            return Output(hidden=None, attentions=attentions)
+        v = split_heads(packing.unpack(layer.v(h)), weights.num_kv_heads)  # (B, H_kv, T, D)
+        v = v.repeat_interleave(group, dim=1)
         context = head_context(probs, v, layer_gates(head_gates, "self", index))  # (B, H, Q, D)
         x = x + layer.o(packing.pack(merge_heads(context)))
         del probs  # free this layer's (B, H, T, T) before the next one is computed

@@ -47,7 +47,9 @@ OnLayer = Callable[[str, int, torch.Tensor], None]  # on_layer(kind, layer, (B, 
 class Output:
     """What every family's `forward` returns."""
 
-    hidden: torch.Tensor  # (B, T, E) after the last stack (the decoder's for encoder-decoders), final norm included
+    # (B, T, E) after the last stack (the decoder's for encoder-decoders), final norm included; None when
+    # the caller asked for the attention only (forward(hidden=False)) and the pass stopped early
+    hidden: torch.Tensor | None
     attentions: dict[str, dict[int, torch.Tensor]]  # kind -> layer -> (B, H, Q, K): kept layers not handed to on_layer
     encoder_hidden: torch.Tensor | None = None  # (B, S, E) after the encoder (encoder-decoders only)
 
@@ -75,6 +77,15 @@ def hand_over(
         on_layer(kind, index, probs)
     else:
         attentions[kind][index] = probs
+
+
+def last_layer(keep_layers: Mapping[str, frozenset[int]] | None, kind: str, num_layers: int, hidden: bool) -> int:
+    """The last layer of `kind` a forward pass must run: every layer when the hidden state is
+    wanted, else the last kept one (what follows it feeds only the hidden state). -1: none kept."""
+    keep = None if keep_layers is None else keep_layers.get(kind)
+    if hidden or keep is None:
+        return num_layers - 1
+    return max((index for index in keep if index < num_layers), default=-1)
 
 
 def layer_gates(

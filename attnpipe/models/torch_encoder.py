@@ -28,7 +28,9 @@ from torch import nn
 from attnpipe.attention import (
     attention_probs, causal_mask, head_context, merge_heads, padding_mask, split_heads,
 )
-from attnpipe.models.parts import LayerNorm, Linear, OnLayer, Output, empty_attentions, hand_over, layer_gates, linear
+from attnpipe.models.parts import (
+    LayerNorm, Linear, OnLayer, Output, empty_attentions, hand_over, last_layer, layer_gates, linear,
+)
 
 MODEL_TYPES = ("torch",)
 INPUT_KIND = "embeddings"
@@ -136,6 +138,7 @@ def forward(
     keep_layers: Mapping[str, frozenset[int]] | None = None,
     head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
     on_layer: OnLayer | None = None,
+    hidden: bool = True,  # False: the attention only (the pass may stop after the last kept layer)
 ) -> Output:
     """The encoder on given embeddings; causal when `weights.causal` (a run's --causal, as the
     `is_causal` / square causal `mask` a user passes to nn.TransformerEncoder)."""
@@ -149,8 +152,12 @@ def forward(
         mask = blocked if mask is None else (mask + blocked).clamp(min=torch.finfo(x.dtype).min)
     attentions = empty_attentions(KINDS)
     kept = dict(keep_layers=keep_layers, attentions=attentions, on_layer=on_layer)
-    for index, layer in enumerate(weights.layers):
+    last = last_layer(keep_layers, "self", len(weights.layers), hidden)
+    for index, layer in enumerate(weights.layers[: last + 1]):
         gates = layer_gates(head_gates, "self", index)
+        if index == last and not hidden:  # the attention only: what follows it feeds only the hidden state
+            _attend(layer, layer.norm1(x) if layer.norm_first else x, weights.num_heads, mask, gates, index, **kept)
+            return Output(hidden=None, attentions=attentions)
         if layer.norm_first:
             x = x + _attend(layer, layer.norm1(x), weights.num_heads, mask, gates, index, **kept)
             x = x + layer.ff_out(layer.act(layer.ff_in(layer.norm2(x))))

@@ -21,7 +21,8 @@ from attnpipe.models.activations import activation
 
 from attnpipe.attention import attention_probs, head_context, merge_heads, split_heads
 from attnpipe.models.parts import (
-    LayerNorm, Linear, OnLayer, Output, empty_attentions, hand_over, layer_gates, layer_norm, linear,
+    LayerNorm, Linear, OnLayer, Output, empty_attentions, hand_over, last_layer, layer_gates, layer_norm,
+    linear,
 )
 
 MODEL_TYPES = ("vit",)
@@ -137,6 +138,7 @@ def forward(
     keep_layers: Mapping[str, frozenset[int]] | None = None,
     head_gates: Mapping[str, torch.Tensor] | None = None,  # "self": (L, H) or (L, B, H) multipliers
     on_layer: OnLayer | None = None,
+    hidden: bool = True,  # False: the attention only (the pass may stop after the last kept layer)
 ) -> Output:
     """Run the encoder; return the final (normed) hidden state and the kept layers' attention.
 
@@ -145,13 +147,16 @@ def forward(
     """
     x = batch["inputs_embeds"] if "inputs_embeds" in batch else embed(weights, batch["pixel_values"])  # (B, T, hidden)
     attentions = empty_attentions(KINDS)
-    for index, layer in enumerate(weights.layers):
+    last = last_layer(keep_layers, "self", len(weights.layers), hidden)
+    for index, layer in enumerate(weights.layers[: last + 1]):
         h = layer.norm_before(x)  # pre-norm: attention reads the normalised stream
         q = split_heads(layer.query(h), weights.num_heads)  # (B, H, T, D)
         k = split_heads(layer.key(h), weights.num_heads)  # (B, H, T, D)
-        v = split_heads(layer.value(h), weights.num_heads)  # (B, H, T, D)
         probs = attention_probs(q, k, 1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T); no padding
         hand_over("self", index, probs, keep_layers, attentions, on_layer)
+        if index == last and not hidden:  # the rest of the pass feeds only the hidden state
+            return Output(hidden=None, attentions=attentions)
+        v = split_heads(layer.value(h), weights.num_heads)  # (B, H, T, D)
         x = x + layer.out(merge_heads(head_context(probs, v, layer_gates(head_gates, "self", index))))
         del probs
         x = x + layer.fc2(weights.act(layer.fc1(layer.norm_after(x))))
