@@ -10,6 +10,7 @@ Texts live here; pairs (pairs.py), images (images.py) and embeddings (embeddings
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,15 +81,19 @@ def encode(tokenizer, texts: list[str], max_length: int) -> Encoded:
                          split_special_tokens=SPLIT_SPECIAL_TOKENS)["input_ids"]
         for i, ids in zip(at_limit, full, strict=True):
             untruncated[i] = len(ids)
-    offsets, word_ids = [], []
-    for i in range(len(texts)):
-        n = len(enc["input_ids"][i])
-        if fast:
-            offsets.append(np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(n, 2))
-            word_ids.append(np.array([-1 if w is None else w for w in enc.word_ids(i)], dtype=np.int64))
-        else:  # slow tokenizers know no character spans: documented as -1
-            offsets.append(np.full((n, 2), -1, dtype=np.int64))
-            word_ids.append(np.full(n, -1, dtype=np.int64))
+    # Every text's spans and words as one array each, then cut per text (views): converting a
+    # text's list of pairs with np.asarray cost more than tokenizing it.
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    total = sum(lengths)
+    if fast:
+        spans = np.fromiter(chain.from_iterable(chain.from_iterable(enc["offset_mapping"])), np.int64, 2 * total)
+        words = np.fromiter((-1 if w is None else w for i in range(len(texts)) for w in enc.word_ids(i)),
+                            np.int64, total)
+    else:  # slow tokenizers know no character spans: documented as -1
+        spans, words = np.full(2 * total, -1, dtype=np.int64), np.full(total, -1, dtype=np.int64)
+    cuts = np.cumsum(lengths)[:-1]
+    offsets = np.split(spans.reshape(total, 2), cuts) if lengths else []  # (n, 2) each
+    word_ids = np.split(words, cuts) if lengths else []
     return Encoded(
         input_ids=enc["input_ids"],
         token_type_ids=enc.get("token_type_ids"),
