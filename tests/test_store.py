@@ -219,3 +219,20 @@ def test_a_gradient_that_does_not_fit_its_attention_is_never_written(tmp_path):
     with pytest.raises(AttnpipeError, match="attention_grad of shape"):
         store.write_json(tmp_path / "bad.json", bad, PROVENANCE)
     assert not list(tmp_path.iterdir())
+
+
+def test_metrics_table_columns_are_those_of_the_plain_construction():
+    """metrics_table builds its columns directly (ids repeated as Arrow bytes, labels tiled): the
+    same rows and dtypes as converting every row's labels, for ids of any length and script."""
+    import pandas as pd
+
+    ids = ["a", "", "ünïcødé", "東京", "x" * 300, "🎉", "a"]
+    layers, heads, names = (3, 7), (0, 2, 5), ["entropy", "self"]
+    values = np.random.default_rng(0).random((len(ids), 2, 3, 2))
+    table = store.metrics_table(ids, layers, heads, names, values.copy())
+    rows = [(t, layer, head, name, values[i, a, b, c]) for i, t in enumerate(ids) for a, layer in enumerate(layers)
+            for b, head in enumerate(heads) for c, name in enumerate(names)]
+    plain = pd.DataFrame(rows, columns=["text_id", "layer", "head", "metric", "value"])
+    plain["metric"] = pd.Categorical(plain["metric"], categories=names)
+    assert list(table.dtypes) == list(plain.dtypes)
+    pd.testing.assert_frame_equal(table, plain)

@@ -551,7 +551,10 @@ def _image_from_attrs(attrs) -> ImageInfo | None:
 
 def metrics_table(ids, layers, heads, names, values: np.ndarray):
     """(texts, L, H, M) per-head metric values as corpus_metrics' long table: text_id, layer,
-    head (model indices), metric (categorical, in `names` order), value."""
+    head (model indices), metric (categorical, in `names` order), value.
+
+    `values` is the caller's new array: the value column takes it over (a view, not a copy of
+    what may be 10^8 values); every caller builds it for the table alone."""
     import pandas as pd
 
     num_texts, num_layers, num_heads, num_metrics = values.shape
@@ -561,32 +564,46 @@ def metrics_table(ids, layers, heads, names, values: np.ndarray):
     def each_text(labels: np.ndarray) -> np.ndarray:  # one text's row labels, for every text
         return np.broadcast_to(labels, (num_texts, per_text)).reshape(-1)
 
-    return pd.DataFrame({  # copy=False: each column is a new array already
+    return pd.DataFrame({  # copy=False: each column is a new array already (or the caller's values)
         "text_id": _repeated(list(ids), per_text),
         "layer": each_text(np.asarray(layers, dtype=np.int64)[layer]),
         "head": each_text(np.asarray(heads, dtype=np.int64)[head]),
         "metric": pd.Categorical.from_codes(each_text(metric.astype(np.int8 if num_metrics < 128 else np.int64)),
                                             categories=list(names)),
-        "value": values.reshape(-1).copy(),
+        "value": np.ascontiguousarray(values, dtype=np.float64).reshape(-1),
     }, copy=False)
 
 
 def _repeated(ids: list[str], times: int):
     """The text ids as a string column, each id `times` times in a row. Converting every row's
-    id object would cost more than computing the metrics of short texts, so the ids are made a
-    column once and then repeated: with pandas' Arrow strings by decoding a dictionary array
-    (~6x Arrow's take at 10^8 rows), else by take."""
+    id object, or taking rows from a column of the ids, costs more than computing the metrics of
+    short texts (Arrow's take: ~4 s for 10^8 rows); with pandas' Arrow strings the column's bytes
+    and offsets are built directly instead (each id's UTF-8 bytes repeated, offsets by
+    arithmetic), else by take."""
     import pandas as pd
 
     column = pd.Series(np.asarray(ids, dtype=object)).array
-    rows = np.repeat(np.arange(len(ids), dtype=np.int32 if len(ids) < 2**31 else np.int64), times)
     arrow = getattr(column, "_pa_array", None)  # an ArrowStringArray (pandas' str dtype with pyarrow)
-    if arrow is None or len(ids) >= 2**31:
-        return column.take(rows)
+    if arrow is None or not pa_large_string(arrow.type):
+        return column.take(np.repeat(np.arange(len(ids)), times))
     import pyarrow as pa
 
-    decoded = pa.DictionaryArray.from_arrays(pa.array(rows), arrow.combine_chunks()).dictionary_decode()
-    return pd.array(decoded, dtype=column.dtype)
+    encoded = [text_id.encode() for text_id in ids]  # valid UTF-8: Arrow took them as strings above
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    offsets = np.empty(len(ids) * times + 1, np.int64)  # row r of text i starts at times·start_i + r·len_i
+    rows = offsets[:-1].reshape(len(ids), times)
+    np.multiply(lengths[:, None], np.arange(times), out=rows)  # in place: no (texts, times) temporaries
+    np.add(rows, times * (np.cumsum(lengths) - lengths)[:, None], out=rows)
+    offsets[-1] = times * int(lengths.sum())
+    data = b"".join(value * times for value in encoded)
+    rows = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+    return pd.array(rows, dtype=column.dtype)
+
+
+def pa_large_string(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return arrow_type == pa.large_string()
 
 
 def open_attention(path: Path | str, *, partial_rows: bool = False) -> AttentionFile:
