@@ -81,11 +81,12 @@ def hand_over(
 
 def last_layer(keep_layers: Mapping[str, frozenset[int]] | None, kind: str, num_layers: int, hidden: bool) -> int:
     """The last layer of `kind` a forward pass must run: every layer when the hidden state is
-    wanted, else the last kept one (what follows it feeds only the hidden state). -1: none kept."""
+    wanted (or no layer is kept: the pass then runs whole and returns its hidden state), else the
+    last kept one (what follows it feeds only the hidden state)."""
     keep = None if keep_layers is None else keep_layers.get(kind)
     if hidden or keep is None:
         return num_layers - 1
-    return max((index for index in keep if index < num_layers), default=-1)
+    return max((index for index in keep if index < num_layers), default=num_layers - 1)
 
 
 def layer_gates(
