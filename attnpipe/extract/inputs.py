@@ -10,8 +10,8 @@ Texts live here; pairs (pairs.py), images (images.py) and embeddings (embeddings
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch

@@ -584,10 +584,13 @@ def _repeated(ids: list[str], times: int):
 
     column = pd.Series(np.asarray(ids, dtype=object)).array
     arrow = getattr(column, "_pa_array", None)  # an ArrowStringArray (pandas' str dtype with pyarrow)
-    if arrow is None or not pa_large_string(arrow.type):
-        return column.take(np.repeat(np.arange(len(ids)), times))
-    import pyarrow as pa
+    if arrow is not None:
+        import pyarrow as pa
 
+        if arrow.type != pa.large_string():
+            arrow = None
+    if arrow is None:
+        return column.take(np.repeat(np.arange(len(ids)), times))
     encoded = [text_id.encode() for text_id in ids]  # valid UTF-8: Arrow took them as strings above
     lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
     offsets = np.empty(len(ids) * times + 1, np.int64)  # row r of text i starts at times·start_i + r·len_i
@@ -596,14 +599,8 @@ def _repeated(ids: list[str], times: int):
     np.add(rows, times * (np.cumsum(lengths) - lengths)[:, None], out=rows)
     offsets[-1] = times * int(lengths.sum())
     data = b"".join(value * times for value in encoded)
-    rows = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
-    return pd.array(rows, dtype=column.dtype)
-
-
-def pa_large_string(arrow_type) -> bool:
-    import pyarrow as pa
-
-    return arrow_type == pa.large_string()
+    repeated = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+    return pd.array(repeated, dtype=column.dtype)
 
 
 def open_attention(path: Path | str, *, partial_rows: bool = False) -> AttentionFile:
