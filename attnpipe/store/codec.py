@@ -219,27 +219,25 @@ class ChunkRanges:
             return False
         data = np.frombuffer(entry[1], np.uint8)
         if self.shuffled:  # run p holds byte p (little-endian) of every value of the chunk
-            # Shifts and ors on the runs' slices (as _unshuffle), not one strided byte copy per run.
-            values = out.view(f"<u{size}").reshape(-1)
-            values[:] = data[(size - 1) * c + a:(size - 1) * c + b]
-            for p in range(size - 2, -1, -1):
-                values <<= 8
-                values |= data[p * c + a:p * c + b]
+            _join_runs([data[p * c + a:p * c + b] for p in range(size)], out.view(f"<u{size}").reshape(-1))
         else:
             out.reshape(-1)[:] = data[a * size:b * size]
         return True
 
 
 def _unshuffle(data: np.ndarray, itemsize: int) -> np.ndarray:
-    """HDF5's shuffle undone: run k of `data` holds byte k (little-endian) of every value.
-
-    Shifts and ors on whole runs: 10x numpy's transposing copy.
-    """
+    """HDF5's shuffle undone: run k of `data` holds byte k (little-endian) of every value."""
     runs = data.reshape(itemsize, -1)
-    values = runs[itemsize - 1].astype(f"<u{itemsize}")
-    for k in range(itemsize - 2, -1, -1):
+    return _join_runs(list(runs), np.empty(runs.shape[1], f"<u{itemsize}"))
+
+
+def _join_runs(runs: list[np.ndarray], values: np.ndarray) -> np.ndarray:
+    """values[i] = the little-endian integer of bytes runs[0][i], runs[1][i], ...: shifts and ors
+    on whole runs, 10x numpy's transposing copy (or one strided byte copy per run)."""
+    values[:] = runs[-1]
+    for run in reversed(runs[:-1]):
         values <<= 8
-        values |= runs[k]
+        values |= run
     return values
 
 
