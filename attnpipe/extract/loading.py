@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import re
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -61,29 +61,14 @@ def hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-class FileDigest:
-    """hash_files computed in a background thread (hashlib releases the GIL on large blocks),
-    so reading a checkpoint's bytes a second time overlaps loading and the first batches
-    instead of preceding them; `value` waits for it and re-raises its error."""
-
-    def __init__(self, paths: list[Path]):
-        self._value: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(list(paths),), name="attnpipe-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self, paths: list[Path]) -> None:
-        try:
-            self._value = hash_files(paths)
-        except BaseException as err:  # handed to the caller of value
-            self._error = err
-
-    @property
-    def value(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
+def hash_in_background(paths: list[Path]) -> Future:
+    """hash_files in a thread of its own (hashlib releases the GIL on large blocks), so reading a
+    checkpoint's bytes a second time overlaps loading and the first batches instead of preceding
+    them; the Future's result() waits for it and re-raises its error."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="attnpipe-hash")
+    digest = executor.submit(hash_files, list(paths))
+    executor.shutdown(wait=False)  # the thread ends when the hash is done
+    return digest
 
 
 def read_model_config(model_dir: Path) -> dict:
@@ -258,7 +243,7 @@ class LoadedModel:
     hf_model: torch.nn.Module | None  # the transformers model on eager attention (None: loaded directly)
     weights: object  # the family's Weights
     tokenizer: object  # None for image models
-    weights_digest: FileDigest  # sha256 of the weight files (weights_sha256)
+    weights_digest: Future  # of the weight files' sha256 (weights_sha256)
     weight_files: tuple[str, ...]
     device: torch.device
     trust_remote_code: bool
@@ -268,7 +253,7 @@ class LoadedModel:
 
     @property
     def weights_sha256(self) -> str:
-        return self.weights_digest.value
+        return self.weights_digest.result()
 
     @property
     def config(self):
@@ -421,7 +406,7 @@ def _load_direct(model_dir: Path, model_type: str, family: ModuleType, files: li
     return LoadedModel(
         model_dir=model_dir, model_type=model_type, family=family, hf_model=None,
         weights=family.weights_from_state(config, state), tokenizer=tokenizer,
-        weights_digest=FileDigest(files), weight_files=tuple(p.name for p in files), device=device,
+        weights_digest=hash_in_background(files), weight_files=tuple(p.name for p in files), device=device,
         trust_remote_code=False, checkpoint_dtype=checkpoint_dtype(model_dir),
         direct_config=SimpleNamespace(**config),
     )
@@ -507,7 +492,7 @@ def load_model(
         hf_model=hf_model,
         weights=family.load_weights(hf_model),
         tokenizer=tokenizer,
-        weights_digest=FileDigest(files),
+        weights_digest=hash_in_background(files),
         weight_files=tuple(p.name for p in files),
         device=device,
         trust_remote_code=trust_remote_code,
