@@ -35,8 +35,9 @@ never hold all layers at once. `hidden=False` says the caller wants the attentio
 extraction: no --verify, no gradients): single-stack families then stop after the last kept
 layer's attention, skipping its value projection, output projection and feed-forward and every
 later layer (`parts.last_layer`), and return `Output.hidden` None; the attention is the same to
-the bit (the same operations up to it). Encoder-decoders accept it and run whole. Kinds: "self" (encoder, or decoder-only self-attention),
-"decoder" (decoder self-attention), "cross" (decoder -> encoder).
+the bit (the same operations up to it). Encoder-decoders accept it and run whole. Kinds: "self"
+(encoder, or decoder-only self-attention), "decoder" (decoder self-attention), "cross" (decoder ->
+encoder).
 
 `FAMILIES` maps `model_type` to the family of every transformers-folder family (text, pairs and
 image); torch_encoder and hf are imported by name. `CAUSAL_MODEL_TYPES` is the one list of causal
