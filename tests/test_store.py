@@ -221,18 +221,32 @@ def test_a_gradient_that_does_not_fit_its_attention_is_never_written(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_metrics_table_columns_are_those_of_the_plain_construction():
-    """metrics_table builds its columns directly (ids repeated as Arrow bytes, labels tiled): the
-    same rows and dtypes as converting every row's labels, for ids of any length and script."""
+@pytest.mark.parametrize("ids", [
+    ["a", "", "ünïcødé", "東京", "x" * 300, "🎉", "a"],  # lengths that change at every id: one join
+    # runs of one byte length (ids of most corpora): one broadcast copy per run
+    [f"doc-{i:03d}" for i in range(40)] + [""] * 20 + ["東京"] * 10 + ["ab東"] * 10 + ["🎉"] * 30,
+    [],
+], ids=["mixed", "runs", "none"])
+@pytest.mark.parametrize("beforehand", [False, True])
+def test_metrics_table_columns_are_those_of_the_plain_construction(ids, beforehand):
+    """metrics_table builds its columns directly (ids repeated as Arrow bytes, labels tiled), or
+    takes them from metrics_labels built beforehand: the same rows and dtypes as converting every
+    row's labels, for ids of any length and script."""
     import pandas as pd
 
-    ids = ["a", "", "ünïcødé", "東京", "x" * 300, "🎉", "a"]
     layers, heads, names = (3, 7), (0, 2, 5), ["entropy", "self"]
     values = np.random.default_rng(0).random((len(ids), 2, 3, 2))
-    table = store.metrics_table(ids, layers, heads, names, values.copy())
+    labels = store.metrics_labels(ids, layers, heads, names) if beforehand else None
+    table = store.metrics_table(ids, layers, heads, names, values.copy(), labels=labels)
     rows = [(t, layer, head, name, values[i, a, b, c]) for i, t in enumerate(ids) for a, layer in enumerate(layers)
             for b, head in enumerate(heads) for c, name in enumerate(names)]
     plain = pd.DataFrame(rows, columns=["text_id", "layer", "head", "metric", "value"])
     plain["metric"] = pd.Categorical(plain["metric"], categories=names)
+    if not ids:  # no rows: the plain construction cannot know the columns' dtypes
+        plain = plain.astype({"text_id": table.dtypes["text_id"], "layer": np.int64, "head": np.int64,
+                              "value": np.float64})
     assert list(table.dtypes) == list(plain.dtypes)
     pd.testing.assert_frame_equal(table, plain)
+    with pytest.raises(ValueError, match="labelled rows"):  # labels of other texts
+        store.metrics_table(ids + ["extra"], layers, heads, names, np.zeros((len(ids) + 1, 2, 3, 2)),
+                            labels=store.metrics_labels(ids, layers, heads, names))

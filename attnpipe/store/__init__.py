@@ -43,6 +43,7 @@ from attnpipe.store.reader import (
     TEXT_ATTRS,
     TEXT_DATASETS,
     AttentionFile,
+    metrics_labels,
     metrics_table,
     open_attention,
 )
@@ -65,6 +66,6 @@ __all__ = [
     "AttentionFile", "Compression", "H5Writer", "ImageInfo", "InputKind", "JSONWriter", "MemoryStore", "Provenance",
     "RowSelection", "Storage", "StorageDtype", "TargetAttention", "TextAttention",
     "check_output_path", "check_rows", "h5_writer", "check_text", "chunk_shape", "decode", "deflate_bytes",
-    "encode_chunk", "metrics_table", "open_attention", "open_writer", "query_positions", "read_whole",
+    "encode_chunk", "metrics_labels", "metrics_table", "open_attention", "open_writer", "query_positions", "read_whole",
     "to_storage", "write_json", "write_metrics_group",
 ]

@@ -549,29 +549,45 @@ def _image_from_attrs(attrs) -> ImageInfo | None:
     )
 
 
-def metrics_table(ids, layers, heads, names, values: np.ndarray):
+def metrics_table(ids, layers, heads, names, values: np.ndarray, labels: dict | None = None):
     """(texts, L, H, M) per-head metric values as corpus_metrics' long table: text_id, layer,
     head (model indices), metric (categorical, in `names` order), value.
 
     `values` is the caller's new array: the value column takes it over (a view, not a copy of
-    what may be 10^8 values); every caller builds it for the table alone."""
+    what may be 10^8 values); every caller builds it for the table alone. `labels`: the other
+    columns, from metrics_labels with the same arguments (built beforehand, e.g. while the
+    values are computed), or None to build them here."""
     import pandas as pd
 
-    num_texts, num_layers, num_heads, num_metrics = values.shape
+    if labels is None:
+        labels = metrics_labels(ids, layers, heads, names)
+    if values.shape != (len(ids), len(layers), len(heads), len(names)) or len(labels["layer"]) != values.size:
+        raise ValueError(f"metric values of shape {values.shape} for {len(labels['layer'])} labelled rows")
+    # copy=False: each column is a new array already (or the caller's values)
+    return pd.DataFrame({**labels, "value": np.ascontiguousarray(values, dtype=np.float64).reshape(-1)},
+                        copy=False)
+
+
+def metrics_labels(ids, layers, heads, names) -> dict:
+    """Every column of metrics_table but the value, for len(ids) texts x layers x heads x names
+    rows (text-major, metric last). At 10^6 texts these are gigabytes of fresh memory, which do
+    not depend on the values: corpus_metrics builds them on another core while it computes."""
+    import pandas as pd
+
+    num_texts, num_layers, num_heads, num_metrics = len(ids), len(layers), len(heads), len(names)
     per_text = num_layers * num_heads * num_metrics  # rows of one text: layer-major, metric last
     layer, head, metric = np.indices((num_layers, num_heads, num_metrics)).reshape(3, per_text)
 
     def each_text(labels: np.ndarray) -> np.ndarray:  # one text's row labels, for every text
         return np.broadcast_to(labels, (num_texts, per_text)).reshape(-1)
 
-    return pd.DataFrame({  # copy=False: each column is a new array already (or the caller's values)
+    return {
         "text_id": _repeated(list(ids), per_text),
         "layer": each_text(np.asarray(layers, dtype=np.int64)[layer]),
         "head": each_text(np.asarray(heads, dtype=np.int64)[head]),
         "metric": pd.Categorical.from_codes(each_text(metric.astype(np.int8 if num_metrics < 128 else np.int64)),
                                             categories=list(names)),
-        "value": np.ascontiguousarray(values, dtype=np.float64).reshape(-1),
-    }, copy=False)
+    }
 
 
 def _repeated(ids: list[str], times: int):
@@ -598,9 +614,26 @@ def _repeated(ids: list[str], times: int):
     np.multiply(lengths[:, None], np.arange(times), out=rows)  # in place: no (texts, times) temporaries
     np.add(rows, times * (np.cumsum(lengths) - lengths)[:, None], out=rows)
     offsets[-1] = times * int(lengths.sum())
-    data = b"".join(value * times for value in encoded)
-    repeated = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+    repeated = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets),
+                                                pa.py_buffer(_repeated_bytes(encoded, lengths, times)))
     return pd.array(repeated, dtype=column.dtype)
+
+
+def _repeated_bytes(encoded: list[bytes], lengths: np.ndarray, times: int):
+    """Each string's bytes `times` times in a row, string after string. Strings of one length in a
+    row (most corpora's ids: a few runs) are one broadcast copy each, which, unlike joining
+    bytes, lets go of the GIL: corpus_metrics builds this in a thread while it computes."""
+    runs = np.flatnonzero(np.diff(lengths)) + 1
+    if not encoded or len(runs) > len(encoded) // 16:  # lengths that change often: one join
+        return b"".join(value * times for value in encoded)
+    joined = np.frombuffer(b"".join(encoded), np.uint8)
+    data = np.empty(times * len(joined), np.uint8)
+    starts = np.cumsum(lengths) - lengths  # each string's first byte in `joined`
+    for a, b in zip([0, *runs], [*runs, len(encoded)], strict=True):
+        size, first = int(lengths[a]), int(starts[a])
+        block = joined[first:first + (b - a) * size].reshape(b - a, 1, size)
+        data[times * first:times * (first + (b - a) * size)].reshape(b - a, times, size)[...] = block
+    return data
 
 
 def open_attention(path: Path | str, *, partial_rows: bool = False) -> AttentionFile:
