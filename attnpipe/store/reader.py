@@ -619,7 +619,7 @@ def _repeated(ids: list[str], times: int):
     return pd.array(repeated, dtype=column.dtype)
 
 
-def _repeated_bytes(encoded: list[bytes], lengths: np.ndarray, times: int):
+def _repeated_bytes(encoded: list[bytes], lengths: np.ndarray, times: int) -> bytes | np.ndarray:
     """Each string's bytes `times` times in a row, string after string. Strings of one length in a
     row (most corpora's ids: a few runs) are one broadcast copy each, which, unlike joining
     bytes, lets go of the GIL: corpus_metrics builds this in a thread while it computes."""
