@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="FILE", help=".json (one text: tokens, text, attention_matrices) or .h5 (any number of "
                      "texts); its folder is created if missing; default: attention_data.json")
     run = parser.add_argument_group("running")
-    run.add_argument("--batch-size", "--batch_size", type=int, default=32,
-                     help="texts per forward pass; texts are grouped by length (default: 32)")
+    run.add_argument("--batch-size", "--batch_size", type=int, default=None,
+                     help="most texts per forward pass; texts are grouped by length, and a pass holds at most "
+                     "--max-tokens-per-batch padded tokens (default: 128)")
     run.add_argument("--max-tokens-per-batch", type=int, default=None, metavar="N",
                      help="padded tokens (texts x longest length) per forward pass (default: 4096)")
     run.add_argument("--batch-attention-mb", type=float, default=None, metavar="MB",

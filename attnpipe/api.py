@@ -195,13 +195,14 @@ def open(path: Path | str, *, partial_rows: bool = False) -> Attention:
 
 def extract(texts: str | Sequence[str] | Path, model: Path | str | None = None, *,
             layers: str | Sequence[int] = "all", heads: str | Sequence[int] = "all",
-            max_length: int | None = None, batch_size: int = 32, device: str = "cpu",
+            max_length: int | None = None, batch_size: int | None = None, device: str = "cpu",
             verify: bool = False, threads: int | None = None, trust_remote_code: bool = False) -> Attention:
     """Run the extraction in memory, writing no file: the same runner, guards and ids as
     extract_attention.py (texts: ids text-0, text-1, ...; a Path: a corpus file's own ids).
 
     model: a transformers model folder; None = the packaged all-MiniLM-L6-v2."""
     from attnpipe.extract import corpus
+    from attnpipe.extract.batching import DEFAULT_BATCH_SIZE
     from attnpipe.extract.runner import ExtractConfig
     from attnpipe.extract.runner import extract as run_extraction
 
@@ -218,7 +219,8 @@ def extract(texts: str | Sequence[str] | Path, model: Path | str | None = None, 
         return (str(int(value)),) if isinstance(value, (int, np.integer)) else tuple(str(int(v)) for v in value)
 
     config = ExtractConfig(texts=tuple(items), output=None, model_dir=None if model is None else Path(model),
-                           layers=indices(layers), heads=indices(heads), device=device, batch_size=batch_size,
+                           layers=indices(layers), heads=indices(heads), device=device,
+                           batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
                            max_length=max_length, verify=verify, threads=threads, progress=False,
                            trust_remote_code=trust_remote_code)
     return Attention(run_extraction(config).memory)

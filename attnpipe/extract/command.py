@@ -11,7 +11,7 @@ import sys
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import corpus
-from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH
+from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS_PER_BATCH
 from attnpipe.extract.generate import GenerationSettings
 from attnpipe.extract.runner import DEFAULT_VERIFY_TOL, ExtractConfig, ExtractResult, extract
 
@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         layers=tuple(args.layer),
         heads=tuple(args.heads),
         device=args.device,
-        batch_size=args.batch_size,
+        batch_size=DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
         max_length=args.max_length,
         dtype=args.dtype,
         verify=args.verify,

@@ -35,7 +35,8 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.extract import guards
 from attnpipe.extract.attribution import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS
 from attnpipe.extract.background import BackgroundWriter
-from attnpipe.extract.batching import DEFAULT_BATCH_ATTENTION_MB, DEFAULT_MAX_TOKENS_PER_BATCH, batches
+from attnpipe.extract.batching import (DEFAULT_BATCH_ATTENTION_MB, DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS_PER_BATCH,
+                                       batches)
 from attnpipe.extract.corpus import Text
 from attnpipe.extract.generate import GenerationSettings
 from attnpipe.extract.inputs import Batch, TextInputs
@@ -64,7 +65,7 @@ class ExtractConfig:
     layers: tuple[str, ...] = ("all",)
     heads: tuple[str, ...] = ("all",)
     device: str = "cpu"
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_length: int | None = None  # None: what the model can take
     dtype: store.StorageDtype = "float32"
     verify: bool = False
