@@ -24,14 +24,16 @@ POINTS = ("load", "loaded", "batch", "write", "finish", "close", "json")
 _arrivals: dict[str, int] = {}
 
 
-def point(name: str) -> None:
-    """Mark that the run reached `name`; SIGKILL this process if ATTNPIPE_FAULT_AT says so."""
+def point(name: str, times: int = 1) -> None:
+    """Mark that the run reached `name` (`times` times in a row: a batch of texts at once); SIGKILL
+    this process if ATTNPIPE_FAULT_AT says so."""
     spec = os.environ.get(ENV)
     if not spec:
         return
     target, _, nth = spec.partition(":")
     if target != name:
         return
-    _arrivals[name] = _arrivals.get(name, 0) + 1
-    if _arrivals[name] == int(nth or 1):
+    before = _arrivals.get(name, 0)
+    _arrivals[name] = before + times
+    if before < int(nth or 1) <= before + times:
         os.kill(os.getpid(), signal.SIGKILL)

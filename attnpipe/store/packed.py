@@ -284,9 +284,11 @@ def _strings(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Strings -> (their UTF-8 bytes back to back as uint8, each one's byte count)."""
     joined = "".join(texts)
     data = joined.encode()
-    if len(data) == len(joined):  # ASCII: each string's bytes are its characters
-        return np.frombuffer(data, np.uint8), np.fromiter(map(len, texts), np.int64, len(texts))
-    return np.frombuffer(data, np.uint8), np.fromiter((len(t.encode()) for t in texts), np.int64, len(texts))
+    counts = np.fromiter(map(len, texts), np.int64, len(texts))  # an ASCII string's bytes are its characters
+    if len(data) != len(joined):  # only the others are encoded again (str.isascii reads a flag)
+        wide = np.flatnonzero(~np.fromiter(map(str.isascii, texts), bool, len(texts)))
+        counts[wide] = [len(texts[i].encode()) for i in wide.tolist()]
+    return np.frombuffer(data, np.uint8), counts
 
 
 def _text_strings(items: Sequence[TextAttention]) -> tuple:
@@ -479,8 +481,7 @@ class PackedWriter:
                 if self.storage.rows != "all":
                     self._put_many("query_positions", np.concatenate(
                         [query_positions(self.storage.rows, int(k)) for k in n]), rows[:, None], np.int64)
-                for _ in items:
-                    faults.point("write")
+                faults.point("write", len(items))  # one arrival per text
                 fields.add("attention")
             self._check_schema(fields, items[0].id)
             self._take_slots(indices)
