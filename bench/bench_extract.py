@@ -307,10 +307,15 @@ def hf_eager_crop(model, tokenizer, texts: list[str], batch_size: int, max_lengt
 
 
 def process_seconds(*args: str, env: dict | None = None) -> tuple[float, int]:
-    """Wall time of a whole extract_attention.py process (start-up included) and its exit status."""
+    """Wall time of a whole extract_attention.py process (start-up included) and its exit status.
+
+    The process may write and then read attnpipe's compiled bytecode (__pycache__), as on a user's
+    machine, even where the environment sets PYTHONDONTWRITEBYTECODE (this project's machines do:
+    every process then compiled attnpipe's modules again, ~0.11 s of its start-up)."""
     start = time.perf_counter()
+    base = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     proc = subprocess.run([sys.executable, str(ROOT / "extract_attention.py"), *args, "-q"], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, check=False)
+                          text=True, env={**base, **(env or {})}, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode not in (0, -9):
         raise RuntimeError(f"extract_attention.py {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
@@ -625,7 +630,8 @@ def startup_main(args) -> int:
         }
         times = interleaved(runs, args.repeats)
     print(f"\n{len(texts):,} short texts for the small BERT, {len(mini_texts)} demo texts for MiniLM; attnpipe: "
-          "the whole process from the shell (float32 gzip HDF5, --schema-version 3); HF: after loading")
+          "the whole process from the shell (float32 gzip HDF5, --schema-version 3, its bytecode cached as "
+          "on a user's machine); HF: after loading")
     for key, (label, _) in runs.items():
         print(f"  {label:48s} median {statistics.median(times[key]):8.2f} s   "
               f"({', '.join(f'{t:.2f}' for t in times[key])})")
