@@ -232,7 +232,8 @@ def cli() -> int:
     - torch's OpenMP threads sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE, unless the
       environment sets it) instead of spinning on the core the writer needs. Small BERT, 20k short
       texts, 2 cores: the process used 13.5 CPU-s at the default against 9.0, and HF eager / ours
-      went from 0.78 to 0.95 (bench_extract.py --startup); MiniLM's whole process: unchanged.
+      was 0.78 against 0.95 (3 rounds, interleaved with HF); MiniLM's whole process: unchanged.
+      OMP_WAIT_POLICY=ACTIVE gives the spinning back.
     - torch is imported with the garbage collector off, and what the imports made (~170k objects)
       is then frozen: every full collection had scanned them all, ~0.1 s each, 5 in that run.
     Only the process does this: a caller of main() keeps its own threads and collector."""

@@ -17,10 +17,10 @@ import torch
 DEFAULT_MAX_TOKENS_PER_BATCH = 4096
 # Texts per forward pass at most (--batch-size): the token budget above is what binds for texts of
 # under 32 tokens. With a cap of 32, short texts ran in batches of ~1,000 tokens, and a small model
-# then paid torch's per-operation cost once per 32 texts: bench_extract.py --startup, small BERT,
-# 20k texts of ~30 tokens, whole process 8.7 s at 32 against 6.9 s at 128 (and MiniLM, 512 demo
-# texts, 7.7 s against 7.4 s). HF eager gets faster with bigger batches too: the bench also runs
-# it at this size.
+# then paid torch's per-operation cost once per 32 texts. Whole processes, one after the other: the
+# bench's small BERT on 20k texts of ~30 tokens took 8.7 s at 32 against 6.9 s at 128, MiniLM on
+# 512 demo texts 7.7-7.9 s against 7.4 s. HF eager gets faster with bigger batches too:
+# bench_extract.py --startup also runs it at this size.
 DEFAULT_BATCH_SIZE = 128
 # One layer's float32 attention for a batch (texts x heads x T x T x 4 bytes) stays under this many
 # MiB; a text over it goes alone (and is streamed layer by layer). Attention grows with the square
