@@ -215,6 +215,47 @@ def test_batches_begun_together_give_the_whole_text_write(storage, lengths, tmp_
         assert {k: str(v) for k, v in a.attrs.items()} == {k: str(v) for k, v in b.attrs.items()}
 
 
+# Characters of 1 to 4 UTF-8 bytes (and one that NFC would compose): mixed within a batch, a string
+# of one kind beside strings of another, and empty strings.
+STRING_PARTS = ("a", "Z9 ", "", "é", "e\u0301", "中文", "€", "🙂", "\u00a0", "ß")
+
+
+def test_generated_strings_of_any_utf8_mix_read_back_from_batches(tmp_path):
+    """300 texts in batches of up to 40, whose ids, texts and tokens mix ASCII and 2-, 3- and 4-byte
+    characters at random (all-ASCII batches too): every string reads back as written."""
+    rng = np.random.default_rng(11)
+
+    def word(ascii_only: bool) -> str:
+        parts = STRING_PARTS[:3] if ascii_only else STRING_PARTS
+        return "".join(parts[k] for k in rng.integers(0, len(parts), rng.integers(0, 5)))
+
+    items = []
+    for i in range(300):
+        ascii_only = (i // 40) % 3 == 0  # every third batch is all ASCII
+        n = int(rng.integers(0, 6))
+        items.append(store.TextAttention(
+            id=f"{i}:{word(ascii_only)}", text=word(ascii_only), tokens=tuple(word(ascii_only) for _ in range(n)),
+            token_ids=np.arange(n), special_tokens_mask=np.zeros(n, bool), offsets=np.zeros((n, 2), np.int64),
+            word_ids=np.zeros(n, np.int64), truncated=False, num_tokens_untruncated=n, attention=None))
+    storage = store.Storage(schema_version=3)
+    path = tmp_path / "strings.h5"
+    with PackedWriter(path, len(items), storage.dtype, storage) as writer:
+        for start in range(0, len(items), 40):
+            batch = list(range(start, min(start + 40, len(items))))
+            writer.begin_batch(batch, [items[i] for i in batch], 2, 3)
+            uniform = [np.full(3 * len(items[i].tokens) ** 2, 1 / max(len(items[i].tokens), 1), np.float32)
+                       for i in batch]  # (H, n, n) rows of 1/n: what the reader's row check accepts
+            for layer in (0, 1):
+                writer.write_layer(batch[0], layer, np.concatenate(uniform))
+            writer.end_batch(batch[0])
+        writer.finish(PROV)
+    with store.open_attention(path) as f:
+        assert list(f.ids) == [item.id for item in items]
+        for i in (0, 1, 45, 120, 299, *rng.integers(0, 300, 20).tolist()):
+            back = f[i]
+            assert (back.text, back.tokens) == (items[i].text, items[i].tokens), i
+
+
 def test_a_batch_missing_a_layer_or_with_values_that_do_not_fit_is_refused(tmp_path):
     rng = np.random.default_rng(4)
     storage = store.Storage(dtype="float16", schema_version=3)
