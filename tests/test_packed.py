@@ -251,9 +251,9 @@ def test_generated_strings_of_any_utf8_mix_read_back_from_batches(tmp_path):
         writer.finish(PROV)
     with store.open_attention(path) as f:
         assert list(f.ids) == [item.id for item in items]
-        for i in (0, 1, 45, 120, 299, *rng.integers(0, 300, 20).tolist()):
+        for i, item in enumerate(items):
             back = f[i]
-            assert (back.text, back.tokens) == (items[i].text, items[i].tokens), i
+            assert (back.text, back.tokens) == (item.text, item.tokens), i
 
 
 def test_a_batch_missing_a_layer_or_with_values_that_do_not_fit_is_refused(tmp_path):
