@@ -232,11 +232,25 @@ def text_values(
         return metrics.layer(probs)  # (L, H, M)
 
 
-def _to_float32(stored: np.ndarray) -> np.ndarray:
-    """store.decode, with float16 converted by torch (vectorised; numpy's float16 cast is not)."""
-    if stored.dtype == np.float16:
-        return torch.from_numpy(stored).float().numpy()
-    return store.decode(stored)
+class _Float32Values:
+    """store.decode into one float32 buffer reused from call to call: converting a window into
+    fresh memory costs 4-11 ms per 4 M values against 0.9 ms into memory already mapped (measured
+    on float16). The array returned is valid until the next call: texts_values consumes each
+    window before metric_windows converts the next."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.float32)
+
+    def __call__(self, stored: np.ndarray) -> np.ndarray:
+        if stored.dtype not in (np.float16, np.uint8) or stored.ndim != 1:
+            return store.decode(stored)
+        if self._buffer.numel() < stored.size:
+            self._buffer = torch.empty(stored.size, dtype=torch.float32)
+        out = self._buffer[: stored.size]
+        out.copy_(torch.from_numpy(stored))  # exact for both dtypes
+        if stored.dtype == np.uint8:
+            out.div_(store.UINT8_SCALE)  # one IEEE division per value: store.decode's numbers
+        return out.numpy()
 
 
 @dataclass(frozen=True)
@@ -285,7 +299,7 @@ def texts_values(attention_file, indices: Sequence[int], names: Sequence[str], c
     """
     meta = attention_file.meta
     out = np.full((len(indices), len(meta.layers), len(meta.heads), len(names)), np.nan)
-    for window in attention_file.metric_windows(indices, _to_float32, WINDOW_VALUES):
+    for window in attention_file.metric_windows(indices, _Float32Values(), WINDOW_VALUES):
         _window_values(window, names, causal, out)
     return out
 
