@@ -17,6 +17,7 @@ from attnpipe import store
 from attnpipe.analyze import fast_metrics
 from attnpipe.analyze import metric_reference as R
 from attnpipe.errors import AttnpipeError
+from attnpipe.store import reader
 from attnpipe.store.reader import distinct_tokens
 
 PROV = store.Provenance(model="m", model_type="bert", weights_sha256="0" * 64, weight_files=("w",), num_layers=3,
@@ -171,6 +172,30 @@ def test_distinct_tokens_decode_each_token_once():
     assert distinct_tokens(np.zeros(0, np.uint8), np.zeros(0, np.int64))[0] == ()
 
 
+def test_distinct_tokens_map_back_to_every_token_of_300_generated_lists():
+    rng = np.random.default_rng(0)
+    alphabet = ["a", "b", "\u00fc", "\u00ab", "\u5b57", "\U0001f600", "#", "[SEP]", " "]
+    for _ in range(300):  # tokens of 0 to ~60 bytes: one word, several words, shared prefixes
+        pool = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 14)))) for _ in range(int(rng.integers(1, 20)))]
+        tokens = [pool[i] for i in rng.integers(0, len(pool), size=int(rng.integers(1, 80)))]
+        data = np.frombuffer("".join(tokens).encode(), np.uint8)
+        nbytes = np.array([len(t.encode()) for t in tokens], np.int64)
+        distinct, codes = distinct_tokens(data, nbytes)
+        assert len(distinct) == len(set(tokens))
+        assert [distinct[c] for c in codes] == tokens
+
+
+def test_distinct_tokens_sort_when_two_tokens_share_a_hash():
+    tokens = ["ymckkulcbierpiir", "ycekehoub;4eN'La", "ymckkulcbierpiir"]  # 16 bytes each, one hash
+    data = np.frombuffer("".join(tokens).encode(), np.uint8)
+    nbytes = np.array([16, 16, 16], np.int64)
+    words = reader._token_words(data, np.array([0, 16, 32]), nbytes)
+    keys = words[:, 0] * np.uint64(0x9E3779B97F4A7C15) ^ words[:, 1]
+    assert len(set(keys.tolist())) == 1  # the hash collides
+    distinct, codes = distinct_tokens(data, nbytes)
+    assert sorted(distinct) == sorted(set(tokens)) and [distinct[c] for c in codes] == tokens
+
+
 def test_a_damaged_row_in_a_window_names_its_text(tmp_path, items):
     path = write(tmp_path / "c.h5", items, "float16", order=ORDER)
     with store.open_attention(path) as f:
@@ -188,3 +213,14 @@ def test_files_of_one_query_row_are_refused_as_before(tmp_path, items):
     with store.open_attention(write(tmp_path / "cls.h5", items, rows="cls")) as f, \
             pytest.raises(AttnpipeError, match="--rows cls"):
         fast_metrics.corpus_metrics(f, workers=1)
+
+
+def test_the_reused_float32_buffer_decodes_as_store_decode_bit_for_bit_but_nan_payloads():
+    convert = fast_metrics._Float32Values()
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # NaN, Inf and subnormals too
+    for stored in (every_half, np.arange(256, dtype=np.uint8), every_half[:10], np.arange(7, dtype=np.uint8)):
+        got, want = convert(stored), store.decode(stored)
+        assert got.dtype == np.float32 and (np.isnan(got) == np.isnan(want)).all()  # (torch quiets signalling NaNs)
+        assert got[~np.isnan(got)].view(np.uint32).tolist() == want[~np.isnan(want)].view(np.uint32).tolist()
+    first = convert(np.arange(5, dtype=np.uint8)).copy()
+    assert convert(np.arange(5, dtype=np.uint8)[::-1].copy()).tolist() == first[::-1].tolist()  # the buffer is reused
