@@ -18,6 +18,7 @@ here; the parity tests cover them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -67,28 +68,24 @@ def check_attention(
     if key_lengths is lengths and s != t:
         raise AttnpipeError(f"layer {next(iter(attentions))} attention has shape {tuple(first.shape)}: "
                             f"expected ({b}, H, {t}, {t})")
-    device = first.device
-    real = torch.arange(t, device=device)[None, :] < torch.as_tensor(list(lengths), device=device)[:, None]
-    real_rows = real[:, None, :]  # (B, 1, Q): the query rows that are stored
-    shortest = min(key_lengths)
-    padded_keys = None  # (B, S - shortest): keys from the shortest row's length on that are padding
-    if shortest < s:
-        padded_keys = (torch.arange(shortest, s, device=device)[None, :]
-                       >= torch.as_tensor(list(key_lengths), device=device)[:, None])
+    real_rows, shortest, padded_keys = _batch_masks(tuple(lengths), tuple(key_lengths), t, s, first.device,
+                                                    torch.is_inference_mode_enabled())
     name = KIND_NAMES[kind]
     for layer, probs in attentions.items():
         if probs.shape[0] != b or probs.shape[-2:] != (t, s) or probs.shape[1] == 0:
             raise AttnpipeError(f"{name}layer {layer} attention has shape {tuple(probs.shape)}: "
                                 f"expected ({b}, H, {t}, {s})")
-        # One pass: a row sum is finite only if every weight in the row is (NaN/Inf propagate).
-        sums = probs.sum(dim=-1, dtype=torch.float32)  # (B, H, Q)
-        broken = ~torch.isfinite(sums) & real_rows
-        if bool(broken.any()):
-            raise AttnpipeError(
-                f"attention is NaN or infinite at {_where(broken, text_ids, layer, kind)}: the forward pass is broken"
-            )
-        off = ((sums - 1).abs() > tol) & real_rows
+        # One pass: a row sum is finite only if every weight in the row is (NaN/Inf propagate),
+        # and a NaN or infinite sum fails the comparison too; the kind of failure is told apart
+        # only when there is one.
+        sums = _row_sums(probs.detach())  # (B, H, Q)
+        off = ~((sums - 1).abs() <= tol) & real_rows
         if bool(off.any()):
+            broken = ~torch.isfinite(sums) & real_rows
+            if bool(broken.any()):
+                raise AttnpipeError(
+                    f"attention is NaN or infinite at {_where(broken, text_ids, layer, kind)}: the forward pass is broken"
+                )
             worst = float((sums - 1).abs()[off].max())
             raise AttnpipeError(
                 f"attention rows do not sum to 1 at {_where(off, text_ids, layer, kind)}: off by up to "
@@ -108,6 +105,30 @@ def check_attention(
                     f"a future key gets non-zero attention at text {text_ids[row]!r} {name}layer {layer} "
                     f"head {head} query {query} key {key}: the causal mask is broken"
                 )
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_masks(lengths: tuple[int, ...], key_lengths: tuple[int, ...], t: int, s: int, device: torch.device,
+                 inference: bool) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """A batch's masks, made once for all its layers (the runner checks a layer at a time): the
+    (B, 1, Q) query rows that are stored, the shortest row's key count, and (B, S - shortest)
+    which keys from there on are padding (None when no row has padded keys). `inference` keeps
+    tensors made in inference mode apart from the others (a gradient run's)."""
+    real = torch.arange(t, device=device)[None, :] < torch.as_tensor(lengths, device=device)[:, None]
+    shortest = min(key_lengths)
+    padded_keys = None
+    if shortest < s:
+        padded_keys = (torch.arange(shortest, s, device=device)[None, :]
+                       >= torch.as_tensor(key_lengths, device=device)[:, None])
+    return real[:, None, :], shortest, padded_keys
+
+
+def _row_sums(probs: torch.Tensor) -> torch.Tensor:
+    """(B, H, Q, K) -> (B, H, Q) float32 sums over keys. Float32 on the CPU: a product with ones
+    (BLAS's dot products; a reduction over a short last axis is several times slower in torch)."""
+    if probs.dtype == torch.float32 and probs.device.type == "cpu":
+        return torch.matmul(probs, torch.ones(probs.shape[-1], dtype=torch.float32))
+    return probs.sum(dim=-1, dtype=torch.float32)
 
 
 def _padded_key_error(probs: torch.Tensor, lengths: Sequence[int], key_lengths: Sequence[int],
