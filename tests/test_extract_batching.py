@@ -71,6 +71,31 @@ def test_windows_cover_every_text_once_within_their_limits(monkeypatch):
     assert list(inputs.text_windows([])) == []
 
 
+def test_one_ahead_makes_each_window_once_in_order_and_raises_where_it_failed():
+    import threading
+
+    made = []
+
+    def make(k):
+        made.append((k, threading.current_thread().name))
+        if k == 3:
+            raise ValueError("window 3")
+        return k * 10
+
+    got = []
+    with pytest.raises(ValueError, match="window 3"):
+        for value in inputs.one_ahead(make, 5):
+            got.append(value)
+    assert got == [0, 10, 20]  # windows before the failing one are all handed out first
+    assert [k for k, _ in made] == [0, 1, 2, 3] and all(name.startswith("attnpipe-tokenize") for _, name in made)
+    made.clear()
+    stream = inputs.one_ahead(make, 3)
+    assert next(stream) == 0
+    stream.close()  # a run that stops early: at most the window being made is made
+    assert [k for k, _ in made] in ([0], [0, 1])
+    assert list(inputs.one_ahead(make, 3)) == [0, 10, 20]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_many_windows_store_every_text_as_one_window(tiny_model_dir, tmp_path, monkeypatch, dtype):
     texts = tuple(Text(f"t{i}", " ".join(["the big cat sat on the mat"] * (1 + i % 5))[: 5 + 7 * i])

@@ -10,6 +10,7 @@ Texts live here; pairs (pairs.py), images (images.py) and embeddings (embeddings
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 
@@ -154,6 +155,23 @@ def text_windows(texts: list[Text]) -> Iterator[range]:
         yield range(start, len(texts))
 
 
+def one_ahead(make: Callable[[int], Encoded], count: int) -> Iterator[Encoded]:
+    """make(0) .. make(count - 1) in order, each made in a worker thread while the caller works on
+    the one before. Only that thread calls `make` (so only it encodes: the caller's thread reads
+    the tokenizer's vocabulary meanwhile, no setting); a caller that stops early waits at most
+    for the one being made."""
+    with ThreadPoolExecutor(1, thread_name_prefix="attnpipe-tokenize") as pool:
+        upcoming = pool.submit(make, 0)
+        try:
+            for k in range(1, count + 1):
+                current = upcoming.result()
+                if k < count:
+                    upcoming = pool.submit(make, k)
+                yield current
+        finally:
+            upcoming.cancel()
+
+
 class TextInputs:
     """Texts for a text model (encoders, causal LMs, --method hf)."""
 
@@ -181,12 +199,22 @@ class TextInputs:
         return self._widths
 
     def batch_order(self, plan: Callable[[list[int]], Iterator[list[int]]]) -> Iterator[list[int]]:
-        """The run's batches: each window of texts tokenized once, then `plan`ned by length."""
-        for window in text_windows(self.texts):
-            encoded = encode(self.tokenizer, [self.texts[i].text for i in window], self.max_length)
-            widths = [len(ids) for ids in encoded.input_ids]
+        """The run's batches: each window of texts tokenized once, then `plan`ned by length.
+
+        A fast tokenizer encodes the next window in a thread while this one's batches run
+        (one_ahead): its Rust side works without the GIL, on a core the forward pass of a small
+        model leaves idle. A window's encoding is the same whichever thread makes it, and an
+        error in it is raised when the run reaches that window, as before."""
+        windows = list(text_windows(self.texts))
+
+        def encoded(k: int) -> Encoded:
+            return encode(self.tokenizer, [self.texts[i].text for i in windows[k]], self.max_length)
+
+        ahead = getattr(self.tokenizer, "is_fast", False) and len(windows) > 1
+        for window, enc in zip(windows, one_ahead(encoded, len(windows)) if ahead else map(encoded, range(len(windows)))):
+            widths = [len(ids) for ids in enc.input_ids]
             self.lengths[window.start:window.stop] = widths
-            self._window = (window.start, encoded)
+            self._window = (window.start, enc)
             for batch in plan(widths):
                 yield [window.start + i for i in batch]
         self._window = None
