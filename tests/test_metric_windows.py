@@ -222,5 +222,7 @@ def test_the_reused_float32_buffer_decodes_as_store_decode_bit_for_bit_but_nan_p
         got, want = convert(stored), store.decode(stored)
         assert got.dtype == np.float32 and (np.isnan(got) == np.isnan(want)).all()  # (torch quiets signalling NaNs)
         assert got[~np.isnan(got)].view(np.uint32).tolist() == want[~np.isnan(want)].view(np.uint32).tolist()
+    texts = [convert(np.full((1, 1, 2, 2), v, np.float16)) for v in (0.25, 0.5)]  # (L, H, n, n): never reused
+    assert texts[0].ravel().tolist() == [0.25] * 4 and texts[1].ravel().tolist() == [0.5] * 4
     first = convert(np.arange(5, dtype=np.uint8)).copy()
     assert convert(np.arange(5, dtype=np.uint8)[::-1].copy()).tolist() == first[::-1].tolist()  # the buffer is reused
