@@ -211,7 +211,8 @@ class TextInputs:
             return encode(self.tokenizer, [self.texts[i].text for i in windows[k]], self.max_length)
 
         ahead = getattr(self.tokenizer, "is_fast", False) and len(windows) > 1
-        for window, enc in zip(windows, one_ahead(encoded, len(windows)) if ahead else map(encoded, range(len(windows)))):
+        encodings = one_ahead(encoded, len(windows)) if ahead else map(encoded, range(len(windows)))
+        for window, enc in zip(windows, encodings):
             widths = [len(ids) for ids in enc.input_ids]
             self.lengths[window.start:window.stop] = widths
             self._window = (window.start, enc)

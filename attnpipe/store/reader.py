@@ -91,16 +91,12 @@ def distinct_tokens(token_bytes: np.ndarray, token_nbytes: np.ndarray) -> tuple[
     nbytes = np.asarray(token_nbytes, np.int64)
     starts = np.cumsum(nbytes) - nbytes  # (T,)
     words = _token_words(token_bytes, starts, nbytes)  # (T, W) uint64
-    key = words[:, 0].copy()
-    for column in range(1, words.shape[1]):
-        key *= np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing (wraps modulo 2^64)
-        key ^= words[:, column]
     import pandas as pd  # lazy: only metric windows need it
-    codes = pd.factorize(key, sort=False)[0].astype(np.int64)
+    codes = pd.factorize(_word_hashes(words), sort=False)[0].astype(np.int64)
     first = _first_occurrences(codes)  # (D,) each distinct key's first token
     if words.shape[1] > 1 and not (words[first][codes] == words).all():
         return _distinct_by_sort(token_bytes, starts, nbytes)
-    data = token_bytes.tobytes() if isinstance(token_bytes, np.ndarray) else bytes(token_bytes)
+    data = np.asarray(token_bytes, np.uint8).tobytes()
     ends = starts + nbytes
     tokens = tuple(data[s:e].decode() for s, e in zip(starts[first].tolist(), ends[first].tolist()))
     return tokens, codes
@@ -117,6 +113,15 @@ def _token_words(token_bytes: np.ndarray, starts: np.ndarray, nbytes: np.ndarray
     for column in range(num_words):
         words[:, column] = at[starts + 8 * column] & masks[np.clip(nbytes - 8 * column, 0, 8)]
     return words
+
+
+def _word_hashes(words: np.ndarray) -> np.ndarray:
+    """(T, W) uint64 words -> (T,) keys: the one word itself, or the words hashed together."""
+    key = words[:, 0].copy()
+    for column in range(1, words.shape[1]):
+        key *= np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing (wraps modulo 2^64)
+        key ^= words[:, column]
+    return key
 
 
 def _first_occurrences(codes: np.ndarray) -> np.ndarray:
