@@ -18,6 +18,7 @@ import extract_attention
 from attnpipe.errors import run_cli
 from attnpipe.extract import runner as extraction
 from attnpipe.extract import guards
+from attnpipe.extract.background import WriterPlan
 from attnpipe.extract.corpus import Text
 from attnpipe.errors import AttnpipeError
 from attnpipe.models import bert, gpt2
@@ -25,6 +26,15 @@ from conftest import write_test_images
 
 # Different lengths, so the batch is padded and padded keys exist.
 TEXTS = (Text("long-one", "the cat sat on the mat and it was red"), Text("short", "a dog"))
+
+
+@pytest.fixture(params=["deferred", "overlapped"])
+def writer_mode(request, monkeypatch):
+    """Both ways the runner shares the machine with its writer (background.writer_plan): the
+    guards run in the main thread (deferred) or, for each batch layer, in the writer thread."""
+    plan = WriterPlan(deferred=request.param == "deferred", encode_threads=2)
+    monkeypatch.setattr(extraction, "writer_plan", lambda *args: plan)
+    return request.param
 
 
 def run(model_dir, tmp_path) -> None:
@@ -45,7 +55,7 @@ def test_intact_passes_run_clean(tiny_model_dir, tmp_path):
         assert (tmp_path / "out.h5").is_file()
 
 
-def test_nan_stops_the_run(tiny_model_dir, tmp_path, monkeypatch):
+def test_nan_stops_the_run(tiny_model_dir, tmp_path, monkeypatch, writer_mode):
     real = bert.attention_probs
 
     def nan_in_head_2(q, k, scale, mask=None):
@@ -58,7 +68,7 @@ def test_nan_stops_the_run(tiny_model_dir, tmp_path, monkeypatch):
                 r"NaN or infinite at text '(long-one|short)' layer 0 head 2 query 1")
 
 
-def test_infinity_stops_the_run(tiny_model_dir, tmp_path, monkeypatch):
+def test_infinity_stops_the_run(tiny_model_dir, tmp_path, monkeypatch, writer_mode):
     real = bert.attention_probs
 
     def inf_in_head_3(q, k, scale, mask=None):
@@ -70,21 +80,21 @@ def test_infinity_stops_the_run(tiny_model_dir, tmp_path, monkeypatch):
     expect_stop(tiny_model_dir("bert"), tmp_path, r"NaN or infinite at text 'short' layer 0 head 3 query 0")
 
 
-def test_rows_not_summing_to_one_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
+def test_rows_not_summing_to_one_stop_the_run(tiny_model_dir, tmp_path, monkeypatch, writer_mode):
     real = bert.attention_probs
     monkeypatch.setattr(bert, "attention_probs", lambda q, k, scale, mask=None: real(q, k, scale, mask) * 1.001)
     expect_stop(tiny_model_dir("bert"), tmp_path,
                 r"rows do not sum to 1 at text 'long-one' layer 0 head 0 query 0: off by up to 0\.001")
 
 
-def test_padded_keys_seen_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
+def test_padded_keys_seen_stop_the_run(tiny_model_dir, tmp_path, monkeypatch, writer_mode):
     # No padding mask: the short text's queries spread weight onto padded keys.
     monkeypatch.setattr(bert, "padding_mask", lambda mask, dtype: torch.zeros(mask.shape[0], 1, 1, mask.shape[1]))
     expect_stop(tiny_model_dir("bert"), tmp_path,
                 r"a padded key gets non-zero attention at text 'short' layer 0 head 0 query 0 key 4")
 
 
-def test_future_keys_seen_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
+def test_future_keys_seen_stop_the_run(tiny_model_dir, tmp_path, monkeypatch, writer_mode):
     # GPT-2 without its causal mask: every query sees later keys.
     monkeypatch.setattr(gpt2, "causal_mask", lambda t, dtype, device, window=None: torch.zeros(1, 1, t, t))
     expect_stop(tiny_model_dir("gpt2"), tmp_path,
@@ -148,7 +158,7 @@ def guard_stops(capsys, out_dir, pattern: str, *argv) -> None:
 NAN = r"^error: attention is NaN or infinite at text '{text}' {kind}layer 0 head 0 query 0: the forward pass is broken$"
 
 
-def test_texts_with_a_poisoned_weight_stop(tiny_model_dir, tmp_path, capsys):
+def test_texts_with_a_poisoned_weight_stop(tiny_model_dir, tmp_path, capsys, writer_mode):
     model = poisoned(tiny_model_dir("bert"), tmp_path, "layer.0.attention.self.query")
     out = tmp_path / "out"
     guard_stops(capsys, out, NAN.format(text="text-0", kind=""), "--model_dir", model, "--text", "the cat sat",

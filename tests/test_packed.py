@@ -215,6 +215,27 @@ def test_batches_begun_together_give_the_whole_text_write(storage, lengths, tmp_
         assert {k: str(v) for k, v in a.attrs.items()} == {k: str(v) for k, v in b.attrs.items()}
 
 
+@pytest.mark.parametrize("storage", [store.Storage(), store.Storage(dtype="float16"), store.Storage(dtype="uint8")],
+                         ids=lambda s: s.dtype)
+def test_chunks_compressed_by_several_threads_are_the_same_bytes(storage, tmp_path):
+    """encode_threads > 1 (a pool compressing a flush's chunks side by side): the same file as one
+    thread, with texts large enough for many chunks per flush."""
+    rng = np.random.default_rng(5)
+    storage = dataclasses.replace(storage, schema_version=3)
+    items = [synthetic(rng, n, i) for i, n in enumerate([300, 7, 420, 33])]
+    files = []
+    for threads in (1, 3):
+        path = tmp_path / f"{threads}.h5"
+        with PackedWriter(path, len(items), storage.dtype, storage, encode_threads=threads) as writer:
+            for i, item in enumerate(items):
+                writer.write(i, item)
+            writer.finish(dataclasses.replace(PROV, dtype=storage.dtype))
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+    with h5py.File(tmp_path / "3.h5", "r") as f:
+        assert f["attention/values"].id.get_num_chunks() > 4
+
+
 # Characters of 1 to 4 UTF-8 bytes (and one that NFC would compose): mixed within a batch, a string
 # of one kind beside strings of another, and empty strings.
 STRING_PARTS = ("a", "Z9 ", "", "é", "e\u0301", "中文", "€", "🙂", "\u00a0", "ß")

@@ -20,6 +20,7 @@ one provenance (`run_provenance`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from attnpipe import store
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import guards
 from attnpipe.extract.attribution import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS
-from attnpipe.extract.background import BackgroundWriter
+from attnpipe.extract.background import BackgroundWriter, usable_cpus, writer_plan
 from attnpipe.extract.batching import (DEFAULT_BATCH_ATTENTION_MB, DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS_PER_BATCH,
                                        batches)
 from attnpipe.extract.corpus import Text
@@ -44,6 +45,7 @@ from attnpipe.extract.loading import default_model_dir, load_model, resolve_devi
 from attnpipe.extract.sinks import Selection, Sink
 from attnpipe.extract.verify import reference_diffs
 from attnpipe.models import FAMILIES
+from attnpipe.models.parts import layer_matrix_values
 from attnpipe.version import __version__
 
 # Probabilities are float32 sums of n terms: 1e-5 bounds the float32 rounding we have measured
@@ -454,15 +456,18 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     # Streaming writes a text's tokens before its layers: one attention kind, no per-item extras.
     stream = not is_json and memory is None and kinds == ("self",) and explainer is None
     truncated: list[str] = []
+    plan = writer_plan(device.type == "cpu", torch.get_num_threads(), usable_cpus(),
+                       layer_matrix_values(model.weights))
     with contextlib.ExitStack() as stack:
         h5 = writer = None
         if memory is not None:  # the same writer thread, handing complete texts to memory
             h5 = memory
-            writer = BackgroundWriter(h5, config.writer_queue_bytes)
+            writer = BackgroundWriter(h5, config.writer_queue_bytes, deferred=plan.deferred)
             stack.callback(writer.abort)
         elif not is_json:
-            h5 = stack.enter_context(store.h5_writer(config.output, count, config.dtype, storage))
-            writer = BackgroundWriter(h5, config.writer_queue_bytes)
+            h5 = stack.enter_context(store.h5_writer(config.output, count, config.dtype, storage,
+                                                     encode_threads=plan.encode_threads))
+            writer = BackgroundWriter(h5, config.writer_queue_bytes, deferred=plan.deferred)
             stack.callback(writer.abort)  # on an error: stop the thread before the file is dropped
         sink = Sink(storage, chosen, writer, stream=stream, metric_values=metric_values)
         bar = stack.enter_context(
@@ -493,9 +498,8 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
             seen: set[tuple[str, int]] = set()
 
             def checked(kind: str, layer: int, probs: torch.Tensor) -> None:  # stops a broken pass, then stores
-                _guarded(kind, layer, probs, batch, ids, causal)
                 seen.add((kind, layer))
-                sink.layer(kind, layer, probs)
+                sink.layer(kind, layer, probs, functools.partial(_guarded, kind, layer, probs, batch, ids, causal))
 
             extras = None
             if explainer is not None:
@@ -525,6 +529,8 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
                             checked(kind, layer, out.attentions[kind][layer].detach())
             del out
             sink.end(extras)
+            if writer is not None and writer.deferred:  # the batch's writing, with the cores to itself
+                writer.run_queued()
             bar.update(len(indices))
         self_sel = chosen["self"]
         fields = dict(num_layers=model.num_layers, num_heads=model.num_heads, layers=self_sel.layers,

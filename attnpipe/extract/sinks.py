@@ -1,7 +1,7 @@
 """Where each checked layer goes: the matrices (all rows or a row subset) or per-head metrics.
 
-The runner hands every kept layer of every kind to `Sink.layer(kind, layer, probs)` after the
-guards passed. Three ways to store it:
+The runner hands every kept layer of every kind to `Sink.layer(kind, layer, probs, check)`, with
+`check` its guards (runner._guarded): nothing is stored before they pass. Three ways to store it:
 - streaming (HDF5, one attention kind, no gradients): each text's layer is cropped to its real
   tokens on the torch side, converted to the storage dtype and queued for the writer thread (the
   text's tokens were `begin`-written first). The packed layout (version 3) takes a whole batch at
@@ -11,6 +11,13 @@ guards passed. Three ways to store it:
 - collecting (JSON, encoder-decoder pairs, --explain): a batch's cropped float32 layers are kept
   until the batch ends, then each item is written whole (`H5Writer.write` / one JSON document);
 - metrics (--metrics-only): per-head metrics computed per layer in the writer thread.
+
+Where the guards and the conversion run: in this (the main) thread, before the layer is queued;
+but when the writer thread overlaps the forward pass on a CPU core of its own (fewer torch
+threads than cores, background.writer_plan), a batch layer's guards, conversion and write all
+run there (`_check_and_write`), off the forward's critical path. A layer is handed over like
+that only if twice its probabilities fit the writer's queue: a long text's layers stay here, so
+its peak memory stays one layer of probabilities and not two.
 """
 
 from __future__ import annotations
@@ -36,6 +43,16 @@ class Selection:
     @property
     def positions(self) -> dict[int, int]:
         return {layer: pos for pos, layer in enumerate(self.layers)}
+
+
+def _check_and_write(check, probs: torch.Tensor, runs: list[tuple[int, int, int]], rows: str, dtype: str,
+                     target, first: int, pos: int) -> None:
+    """Guards, conversion and write of one batch layer (writer thread): a failed check raises
+    here, is handed to the main thread by the writer, and nothing of the layer is stored."""
+    with torch.inference_mode():
+        check()
+        values = stored_values(probs, runs, rows, dtype)
+    target.write_layer(first, pos, values)
 
 
 def _store_metrics(metrics, probs: torch.Tensor, values: np.ndarray, indices: list[int], pos: int) -> None:
@@ -115,7 +132,22 @@ class Sink:
     def _convert(self, crop: torch.Tensor) -> np.ndarray:  # one pass: crop, convert and make contiguous
         return to_storage_values([crop], self.storage.dtype).reshape(crop.shape)
 
-    def layer(self, kind: str, layer: int, probs: torch.Tensor) -> None:  # probs (B, H, Q, K)
+    def _checks_in_writer(self, kind: str, probs: torch.Tensor) -> bool:
+        """Whether a batch layer's guards and conversion run in the writer thread (module docstring)."""
+        return (self.batched and self.stream and self.metrics is None and self.head_index[kind] is None
+                and not self.writer.deferred and probs.device.type == "cpu"
+                and 2 * probs.nbytes <= self.writer.max_bytes)
+
+    def layer(self, kind: str, layer: int, probs: torch.Tensor, check) -> None:  # probs (B, H, Q, K)
+        """Store one layer once `check()` (its guards; raises on a violation) has passed."""
+        if self._checks_in_writer(kind, probs):
+            if self.runs is None:
+                self.runs = equal_runs(self.batch.lengths[kind][0])
+            self.writer.submit(_check_and_write, check, probs, self.runs, self.storage.rows, self.storage.dtype,
+                               self.writer.target, self.batch.indices[0], self.positions[kind][layer],
+                               nbytes=probs.nbytes)
+            return
+        check()
         pos = self.positions[kind][layer]
         index = self.head_index[kind]
         if index is not None:

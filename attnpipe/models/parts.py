@@ -3,6 +3,7 @@ hand-over of each layer's attention (streaming, kept layers, head gates). No for
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -130,3 +131,23 @@ class Packing:
         if self.index is not None:  # in place (index_copy_): no second (B·T, E) buffer to allocate and fill
             x = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy_(0, self.index, x)
         return x.view(self.batch, self.length, x.shape[-1])
+
+
+def layer_matrix_values(weights) -> int:
+    """The values of one (the first) layer's weight matrices, every 2-D tensor in it: what each
+    token costs in matrix products per layer. 0 when the weights have no `layers` (or
+    `encoder.layers`) to look at."""
+    layers = getattr(getattr(weights, "encoder", weights), "layers", None)
+    return _matrix_values(layers[0]) if layers else 0
+
+
+def _matrix_values(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() if obj.dim() == 2 else 0
+    if isinstance(obj, torch.nn.Module):
+        return sum(p.numel() for p in obj.parameters() if p.dim() == 2)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_matrix_values(getattr(obj, field.name)) for field in dataclasses.fields(obj))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_matrix_values, obj))
+    return 0

@@ -40,7 +40,9 @@ Merging version 3 shards concatenates each field's values, offsets (shifted) and
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,17 +93,18 @@ class _Appender:
     Regions are reserved in order and may be filled in any order (the streaming path fills a
     text's attention layer by layer, several texts at once); a chunk goes to the file once every
     reservation it overlaps is complete. Chunks are compressed here (codec.encode_chunk, GIL
-    released) and written (with their fletcher32 checksum, codec.encode_chunk) by write_direct_chunk; lzf chunks go
-    through HDF5's own filters.
+    released; by the threads of `encode_map` when given, several chunks at once) and written, with
+    their fletcher32 checksum, by write_direct_chunk in order; lzf chunks go through HDF5's own filters.
     """
 
     def __init__(self, group: h5py.Group, name: str, dtype, row_shape: tuple[int, ...], chunk_bytes: int,
-                 storage: Storage):
+                 storage: Storage, encode_map=map):
         self.dtype = np.dtype(dtype)
         self.row_shape = row_shape
         row_bytes = max(1, self.dtype.itemsize * math.prod(row_shape))
         self.chunk = max(1, chunk_bytes // row_bytes)  # rows per chunk
         self.storage = storage
+        self.encode_map = encode_map  # map(function, chunks): a thread pool's, or the builtin
         filters = storage.h5_filters(self.dtype.itemsize)
         self.dataset = group.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=self.dtype,
                                             chunks=(self.chunk, *row_shape), **filters)
@@ -150,17 +153,25 @@ class _Appender:
         """Write buffer[:rows] (whole chunks, the last one possibly partial at close) and shift."""
         end = self.flushed + rows
         self.dataset.resize(end, axis=0)
-        for start in range(0, rows, self.chunk):
-            block = self.buffer[start:start + self.chunk]
-            if self.storage.compression == "lzf":  # HDF5 compresses (and checksums) lzf itself
+        if self.storage.compression == "lzf":  # HDF5 compresses (and checksums) lzf itself
+            for start in range(0, rows, self.chunk):
                 stop = min(start + self.chunk, rows)
-                self.dataset[self.flushed + start:self.flushed + stop] = block[:stop - start]
-            else:
-                if len(block) < self.chunk or start + self.chunk > rows:  # the edge chunk, stored full size
+                self.dataset[self.flushed + start:self.flushed + stop] = self.buffer[start:stop]
+        else:
+            blocks = []
+            for start in range(0, rows, self.chunk):
+                block = self.buffer[start:start + self.chunk]
+                if start + self.chunk > rows:  # the edge chunk, stored full size
                     block = np.zeros((self.chunk, *self.row_shape), self.dtype)
                     block[:rows - start] = self.buffer[start:rows]
+                blocks.append(block)
+            encode = functools.partial(encode_chunk, storage=self.storage)
+            # several chunks at once in encode_map's threads; the buffer shifts only once all are written
+            for start, encoded in zip(range(0, rows, self.chunk),
+                                      self.encode_map(encode, blocks) if len(blocks) > 1 else map(encode, blocks),
+                                      strict=True):
                 offset = (self.flushed + start,) + (0,) * len(self.row_shape)
-                self.dataset.id.write_direct_chunk(offset, encode_chunk(block, self.storage))  # checksum included
+                self.dataset.id.write_direct_chunk(offset, encoded)  # checksum included
         kept = self.cursor - end
         self.buffer[:kept] = self.buffer[rows:rows + kept]
         self.flushed = end
@@ -177,11 +188,12 @@ class _Packed:
     Small arrays wait in a list and go to the appenders a few hundred slots at a time (one
     concatenation instead of three appends per text); reserved values (attention) go at once."""
 
-    def __init__(self, file: h5py.File, name: str, dtype, ndim: int, storage: Storage, chunk_bytes: int):
+    def __init__(self, file: h5py.File, name: str, dtype, ndim: int, storage: Storage, chunk_bytes: int,
+                 encode_map=map):
         group = file.create_group(name)
         self.group = group
         self.dtype = np.dtype(dtype)
-        self.values = _Appender(group, "values", dtype, (), chunk_bytes, storage)
+        self.values = _Appender(group, "values", dtype, (), chunk_bytes, storage, encode_map)
         self.offsets = _Appender(group, "offsets", np.int64, (), SMALL_CHUNK_BYTES, _META_STORAGE)
         self.offsets.append(np.zeros(1, np.int64))
         self.shape = _Appender(group, "shape", np.int64, (ndim,), SMALL_CHUNK_BYTES, _META_STORAGE)
@@ -302,7 +314,8 @@ class PackedWriter:
     schema version 3, and the same for whole batches (begin_batch / write_layer / end_batch: what
     the runner's sink uses). The file appears at `path` only when `finish` succeeds."""
 
-    def __init__(self, path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None):
+    def __init__(self, path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None,
+                 *, encode_threads: int = 1):
         self.path = path
         self.storage = Storage(dtype=dtype) if storage is None else storage
         if self.storage.dtype != dtype:
@@ -327,6 +340,10 @@ class PackedWriter:
         self._finished = False
         self._sums: dict[str, list[np.ndarray]] = {}
         self._schema: set[str] | None = None  # the optional fields the first text had
+        # Threads that compress attention chunks side by side (the runner asks for them when the
+        # writer has the machine to itself: background.py); 1: in the writer's own thread.
+        self._pool = (ThreadPoolExecutor(encode_threads, thread_name_prefix="attnpipe-encode")
+                      if encode_threads > 1 else None)
 
     # -- fields
     def _packed_field(self, name: str, dtype, ndim: int) -> _Packed:
@@ -340,7 +357,8 @@ class PackedWriter:
             if name in GRADIENT_MATRIX_FIELDS:  # gradients: always float32, gzip (as in version 2)
                 storage = Storage(dtype="float32", compression="gzip", compression_level=1)
             field = _Packed(self._file, name, dtype, ndim, storage,
-                            CHUNK_BYTES if matrix or name in GRADIENT_MATRIX_FIELDS else SMALL_CHUNK_BYTES)
+                            CHUNK_BYTES if matrix or name in GRADIENT_MATRIX_FIELDS else SMALL_CHUNK_BYTES,
+                            self._pool.map if matrix and self._pool is not None else map)
             if matrix:
                 field.group.attrs["dims"] = ",".join(DIMS)
                 if np.dtype(dtype) == np.uint8:
@@ -646,6 +664,7 @@ class PackedWriter:
                 raise RuntimeError("no attention was written")
             for field in self._packed.values():
                 field.close()
+            self._stop_pool()
             for fixed in self._fixed.values():
                 fixed.close()
             texts = self._file.create_group("texts")
@@ -684,10 +703,16 @@ class PackedWriter:
         self._atomic.commit()
         self._finished = True
 
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def __enter__(self) -> PackedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop_pool()
         if not self._finished:
             try:
                 if self._file.id.valid:

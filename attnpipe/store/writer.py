@@ -342,13 +342,14 @@ class H5Writer:
             self._atomic.discard()
 
 
-def h5_writer(path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None):
+def h5_writer(path: Path, num_texts: int, dtype: StorageDtype, storage: Storage | None = None,
+              *, encode_threads: int = 1):
     """The HDF5 writer of `storage.schema_version`: store.packed.PackedWriter (3, also without a
-    storage) or H5Writer (2)."""
+    storage; `encode_threads` compress its attention chunks) or H5Writer (2)."""
     if storage is None or storage.schema_version == 3:
         from attnpipe.store.packed import PackedWriter
 
-        return PackedWriter(path, num_texts, dtype, storage)
+        return PackedWriter(path, num_texts, dtype, storage, encode_threads=encode_threads)
     return H5Writer(path, num_texts, dtype, storage)
 
 
