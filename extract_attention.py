@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="most MiB of one layer's float32 attention per forward pass (texts x heads x "
                      "length^2 x 4 bytes): longer texts go in smaller batches (default: 16; raise it on a GPU)")
     run.add_argument("--threads", type=int, default=None, metavar="N",
-                     help="CPU threads for torch (default: torch's choice, all cores)")
+                     help="CPU threads for torch (default: torch's choice, all cores; 1 for a light model, whose layers "
+                     "cost a token under 256 k multiply-adds: the other cores then write)")
     run.add_argument("--estimate", action="store_true",
                      help="print the expected output size and run time (after a short calibration "
                      "on a few texts), write nothing, and exit")

@@ -13,7 +13,7 @@ import torch
 
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import runner
-from attnpipe.extract.background import HEAVY_LAYER_VALUES, BackgroundWriter, WriterPlan, writer_plan
+from attnpipe.extract.background import HEAVY_LAYER_VALUES, BackgroundWriter, WriterPlan, is_heavy, writer_plan
 from attnpipe.extract.loading import default_model_dir, load_model
 from attnpipe.models.parts import layer_matrix_values
 from attnpipe.extract.corpus import Text
@@ -110,14 +110,43 @@ def test_abort_drops_a_deferred_queue():
 
 
 def test_the_plan_defers_only_when_torch_fills_the_cores_with_a_heavy_model():
-    heavy, light = HEAVY_LAYER_VALUES, HEAVY_LAYER_VALUES - 1
-    assert writer_plan(True, 2, 2, heavy) == WriterPlan(deferred=True, encode_threads=2)
-    assert writer_plan(True, 8, 4, heavy) == WriterPlan(deferred=True, encode_threads=4)
-    assert writer_plan(True, 2, 2, light) == WriterPlan(deferred=False, encode_threads=1)
-    assert writer_plan(True, 1, 2, heavy) == WriterPlan(deferred=False, encode_threads=1)
-    assert writer_plan(True, 4, 16, heavy) == WriterPlan(deferred=False, encode_threads=12)
-    assert writer_plan(False, 16, 16, heavy) == WriterPlan(deferred=False, encode_threads=15)  # a GPU run
-    assert writer_plan(False, 1, 1, heavy) == WriterPlan(deferred=False, encode_threads=1)
+    assert writer_plan(True, 2, 2, True) == WriterPlan(deferred=True, encode_threads=2)
+    assert writer_plan(True, 8, 4, True) == WriterPlan(deferred=True, encode_threads=4)
+    assert writer_plan(True, 2, 2, False) == WriterPlan(deferred=False, encode_threads=1)
+    assert writer_plan(True, 1, 2, True) == WriterPlan(deferred=False, encode_threads=1)
+    assert writer_plan(True, 4, 16, True) == WriterPlan(deferred=False, encode_threads=12)
+    assert writer_plan(False, 16, 16, True) == WriterPlan(deferred=False, encode_threads=15)  # a GPU run
+    assert writer_plan(False, 1, 1, True) == WriterPlan(deferred=False, encode_threads=1)
+
+
+def test_heavy_counts_weight_matrices_and_attention_at_the_longest_input():
+    minilm, small = 4 * 384 * 384 + 2 * 384 * 1536, 12 * 64 * 64  # the bench's small BERT: 64 wide
+    assert is_heavy(minilm, 16) and is_heavy(minilm, 512)
+    assert not is_heavy(small, 512)  # 49 k + 2 x 512 x 64
+    assert is_heavy(small, 4096)  # long inputs: attention is the work
+    assert not is_heavy(HEAVY_LAYER_VALUES - 1, 0) and is_heavy(HEAVY_LAYER_VALUES, 0)
+
+
+def test_a_light_model_runs_on_one_torch_thread_unless_told(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny test BERT is light: its run takes one torch thread (given back afterwards);
+    --threads still decides; a heavy model keeps torch's default."""
+    seen = []
+    real = runner.run
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run", spy)
+    before = torch.get_num_threads()
+    texts = (Text("a", "the cat sat"),)
+    for threads in (None, 2):
+        runner.extract(runner.ExtractConfig(texts=texts, output=tmp_path / "a.h5", model_dir=tiny_model_dir("bert"),
+                                            progress=False, threads=threads))
+    monkeypatch.setattr(runner, "run_is_heavy", lambda model, inputs: True)
+    runner.extract(runner.ExtractConfig(texts=texts, output=tmp_path / "a.h5", model_dir=tiny_model_dir("bert"),
+                                        progress=False))
+    assert seen == [1, 2, before] and torch.get_num_threads() == before
 
 
 def test_layer_matrix_values_counts_one_layers_weight_matrices(tiny_model_dir):

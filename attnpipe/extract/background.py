@@ -6,7 +6,7 @@ which is why --metrics-only computes its per-head metrics here too (a callable i
 method name). The queue holds at most `max_bytes` of pending arrays (one item larger than that is
 let in alone), so memory stays bounded however long the corpus.
 
-Two ways to share the machine with the forward pass (the runner picks one, runner.writer_mode):
+Two ways to share the machine with the forward pass (the runner picks one: writer_plan):
 - overlapped: calls run as they come, while the next layers and batches are computed. Right
   when the forward leaves cores free (a GPU, or fewer torch threads than cores).
 - deferred: calls wait in the queue until the main thread asks for them (`run_queued`, after each
@@ -19,6 +19,7 @@ Two ways to share the machine with the forward pass (the runner picks one, runne
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import deque
@@ -39,20 +40,28 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-# A layer's weight matrices from which on a batch's matrix products, not Python, set the pace of
-# the forward pass (values; MiniLM has 1.77 M, a 12 x 64 x 64 head layer of 768 wide 7.1 M).
-# bench/bench_extract.py, 2 cores, default threads: deferring the writer made MiniLM (512 demo texts,
-# in process) 3 % faster and the small BERT of 2 layers and 64 wide (49 k values; 20,000 short
-# texts, whole process) 15 % slower, its main thread's Python then no longer beside the writer's work.
+# The matrix-product work per token and layer (values) from which torch's threads, not Python, set
+# the pace of the forward pass: MiniLM has 1.77 M weight-matrix values a layer; the bench's small
+# BERT of 2 layers and 64 wide 49 k (bench/bench_extract.py, 2 cores, default threads). Deferring
+# the writer made MiniLM (512 demo texts, in process) 3 % faster and the small BERT (20,000 short
+# texts, whole process) 15 % slower, its Python then no longer beside the writer's work; and the
+# small BERT's forward alone takes 1.10 s on one torch thread against 1.25 s on two.
 HEAVY_LAYER_VALUES = 1 << 18
 
 
-def writer_plan(on_cpu: bool, torch_threads: int, cpus: int, layer_values: int) -> WriterPlan:
-    """Deferred, with every core compressing, when torch's threads fill the cores with a model
-    whose layers' matrix products are heavy (`layer_values`, models.parts.layer_matrix_values);
-    otherwise overlapped, compressing on the cores the forward leaves free (a GPU run keeps one
-    for the thread that drives it)."""
-    if on_cpu and torch_threads >= cpus and layer_values >= HEAVY_LAYER_VALUES:
+def is_heavy(layer_values: int, max_length: int) -> bool:
+    """Whether a token costs a layer at least HEAVY_LAYER_VALUES multiply-adds: its weight matrices
+    (`layer_values`, models.parts.layer_matrix_values) and, at `max_length` tokens, its attention
+    (q·kᵀ and probs·v: 2 x length x width, the width taken as a standard layer's, 12 width² values)."""
+    width = math.sqrt(layer_values / 12)
+    return layer_values + 2 * max_length * width >= HEAVY_LAYER_VALUES
+
+
+def writer_plan(on_cpu: bool, torch_threads: int, cpus: int, heavy: bool) -> WriterPlan:
+    """Deferred, with every core compressing, when torch's threads fill the cores with a heavy
+    model (is_heavy); otherwise overlapped, compressing on the cores the forward leaves free (a
+    GPU run keeps one for the thread that drives it)."""
+    if on_cpu and torch_threads >= cpus and heavy:
         return WriterPlan(deferred=True, encode_threads=cpus)
     return WriterPlan(deferred=False, encode_threads=max(1, cpus - (torch_threads if on_cpu else 1)))
 

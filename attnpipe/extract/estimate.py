@@ -22,7 +22,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.extract.batching import batches
 from attnpipe.extract.inputs import TextInputs
 from attnpipe.extract.loading import default_model_dir, load_model, resolve_device
-from attnpipe.extract.runner import ExtractConfig, check_config, run, selections, torch_threads
+from attnpipe.extract.runner import ExtractConfig, check_config, run_model, selections, torch_threads
 
 CALIBRATION_TEXTS = 16  # texts run for the calibration, spread evenly over the sorted lengths
 
@@ -91,7 +91,7 @@ def _estimate(config: ExtractConfig) -> Estimate:
         sample_config = dataclasses.replace(config, texts=sample, output=Path(tmp) / f"sample{config.output.suffix}",
                                             progress=False, verify=False)
         start = time.perf_counter()
-        run(sample_config, storage, model, TextInputs(list(sample), model, config.max_length), device)
+        run_model(sample_config, storage, model, TextInputs(list(sample), model, config.max_length), device)
         sample_seconds = time.perf_counter() - start
         sample_bytes = (Path(tmp) / f"sample{config.output.suffix}").stat().st_size
     sample_values = int(per_text[picks].sum())

@@ -35,7 +35,7 @@ from attnpipe import store
 from attnpipe.errors import AttnpipeError
 from attnpipe.extract import guards
 from attnpipe.extract.attribution import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS
-from attnpipe.extract.background import BackgroundWriter, usable_cpus, writer_plan
+from attnpipe.extract.background import BackgroundWriter, is_heavy, usable_cpus, writer_plan
 from attnpipe.extract.batching import (DEFAULT_BATCH_ATTENTION_MB, DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS_PER_BATCH,
                                        batches)
 from attnpipe.extract.corpus import Text
@@ -402,7 +402,22 @@ def extract(config: ExtractConfig) -> ExtractResult:
     device = resolve_device(config.device)
     with torch_threads(config.threads):
         model, inputs = open_run(config, device)
-        return run(config, storage, model, inputs, device)
+        return run_model(config, storage, model, inputs, device)
+
+
+def run_is_heavy(model, inputs) -> bool:
+    """background.is_heavy for this model at the run's longest input."""
+    return is_heavy(layer_matrix_values(model.weights), getattr(inputs, "max_length", None) or 512)
+
+
+def run_model(config: ExtractConfig, storage: store.Storage, model, inputs, device: torch.device) -> ExtractResult:
+    """`run` as the model's weight asks: a light model's small products gain nothing from a second
+    torch thread, so it runs on one (unless --threads says otherwise) and the other cores go to
+    the writer (background.py)."""
+    heavy = run_is_heavy(model, inputs)
+    light_threads = 1 if config.threads is None and device.type == "cpu" and not heavy else None
+    with torch_threads(light_threads):
+        return run(config, storage, model, inputs, device, heavy)
 
 
 def _guarded(kind: str, layer: int, probs: torch.Tensor, batch: Batch, ids: list[str], causal: bool) -> None:
@@ -428,7 +443,8 @@ def _forward(model, batch: Batch, keep: dict[str, frozenset[int]], on_layer, hid
         raise AttnpipeError(f"{name}: {err}") from err
 
 
-def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: torch.device) -> ExtractResult:
+def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: torch.device,
+        heavy: bool) -> ExtractResult:
     """The one loop: batches -> family forward -> guards -> verify -> sink -> writer -> provenance."""
     chosen = selections(config, model)
     kinds = tuple(chosen)
@@ -456,8 +472,7 @@ def run(config: ExtractConfig, storage: store.Storage, model, inputs, device: to
     # Streaming writes a text's tokens before its layers: one attention kind, no per-item extras.
     stream = not is_json and memory is None and kinds == ("self",) and explainer is None
     truncated: list[str] = []
-    plan = writer_plan(device.type == "cpu", torch.get_num_threads(), usable_cpus(),
-                       layer_matrix_values(model.weights))
+    plan = writer_plan(device.type == "cpu", torch.get_num_threads(), usable_cpus(), heavy)
     with contextlib.ExitStack() as stack:
         h5 = writer = None
         if memory is not None:  # the same writer thread, handing complete texts to memory
