@@ -129,7 +129,8 @@ def test_heavy_counts_weight_matrices_and_attention_at_the_longest_input():
 
 def test_a_light_model_runs_on_one_torch_thread_unless_told(tiny_model_dir, tmp_path, monkeypatch):
     """The tiny test BERT is light: its run takes one torch thread (given back afterwards);
-    --threads still decides; a heavy model keeps torch's default."""
+    --threads still decides; --method hf (whose layers are not measured) and a heavy model keep
+    torch's default."""
     seen = []
     real = runner.run
 
@@ -140,13 +141,13 @@ def test_a_light_model_runs_on_one_torch_thread_unless_told(tiny_model_dir, tmp_
     monkeypatch.setattr(runner, "run", spy)
     before = torch.get_num_threads()
     texts = (Text("a", "the cat sat"),)
-    for threads in (None, 2):
+    for threads, method in ((None, "manual"), (2, "manual"), (None, "hf")):  # --method hf: layers not measured
         runner.extract(runner.ExtractConfig(texts=texts, output=tmp_path / "a.h5", model_dir=tiny_model_dir("bert"),
-                                            progress=False, threads=threads))
+                                            progress=False, threads=threads, method=method))
     monkeypatch.setattr(runner, "run_is_heavy", lambda model, inputs: True)
     runner.extract(runner.ExtractConfig(texts=texts, output=tmp_path / "a.h5", model_dir=tiny_model_dir("bert"),
                                         progress=False))
-    assert seen == [1, 2, before] and torch.get_num_threads() == before
+    assert seen == [1, 2, before, before] and torch.get_num_threads() == before
 
 
 def test_layer_matrix_values_counts_one_layers_weight_matrices(tiny_model_dir):
@@ -158,7 +159,7 @@ def test_layer_matrix_values_counts_one_layers_weight_matrices(tiny_model_dir):
         width = config.get("hidden_size", config.get("n_embd"))
         inner = config.get("intermediate_size") or config.get("n_inner") or 4 * width
         assert layer_matrix_values(model.weights) == (expected or 4 * width * width + 2 * width * inner), folder
-    assert layer_matrix_values(object()) == 0
+    assert layer_matrix_values(object()) is None  # --method hf: counted as heavy
 
 
 TEXTS = tuple(Text(f"t{i}", " ".join(["the cat sat on the mat"] * (1 + i % 5))) for i in range(23))

@@ -406,12 +406,14 @@ def extract(config: ExtractConfig) -> ExtractResult:
 
 
 def run_is_heavy(model, inputs) -> bool:
-    """background.is_heavy for this model at the run's longest input."""
-    return is_heavy(layer_matrix_values(model.weights), getattr(inputs, "max_length", None) or 512)
+    """background.is_heavy for this model at the run's longest input; heavy when its layers
+    cannot be measured (--method hf), which keeps torch's default threads."""
+    values = layer_matrix_values(model.weights)
+    return values is None or is_heavy(values, getattr(inputs, "max_length", None) or 512)
 
 
 def run_model(config: ExtractConfig, storage: store.Storage, model, inputs, device: torch.device) -> ExtractResult:
-    """`run` as the model's weight asks: a light model's small products gain nothing from a second
+    """`run` under the thread policy: a light model's small products gain nothing from a second
     torch thread, so it runs on one (unless --threads says otherwise) and the other cores go to
     the writer (background.py)."""
     heavy = run_is_heavy(model, inputs)

@@ -13,8 +13,8 @@ The runner hands every kept layer of every kind to `Sink.layer(kind, layer, prob
 - metrics (--metrics-only): per-head metrics computed per layer in the writer thread.
 
 Where the guards and the conversion run: in this (the main) thread, before the layer is queued;
-but when the writer thread overlaps the forward pass on a CPU core of its own (fewer torch
-threads than cores, background.writer_plan), a batch layer's guards, conversion and write all
+but when the writer thread overlaps a forward pass on the CPU (a light model, or fewer torch
+threads than cores: background.writer_plan), a batch layer's guards, conversion and write all
 run there (`_check_and_write`), off the forward's critical path. A layer is handed over like
 that only if twice its probabilities fit the writer's queue: a long text's layers stay here, so
 its peak memory stays one layer of probabilities and not two.

@@ -133,12 +133,12 @@ class Packing:
         return x.view(self.batch, self.length, x.shape[-1])
 
 
-def layer_matrix_values(weights) -> int:
+def layer_matrix_values(weights) -> int | None:
     """The values of one (the first) layer's weight matrices, every 2-D tensor in it: what each
-    token costs in matrix products per layer. 0 when the weights have no `layers` (or
-    `encoder.layers`) to look at."""
+    token costs in matrix products per layer. None when the weights have no `layers` (or
+    `encoder.layers`) to look at (--method hf's HFWeights)."""
     layers = getattr(getattr(weights, "encoder", weights), "layers", None)
-    return _matrix_values(layers[0]) if layers else 0
+    return _matrix_values(layers[0]) if layers else None
 
 
 def _matrix_values(obj) -> int:
