@@ -33,12 +33,22 @@ def settle() -> None:
     time.sleep(0.05)  # long enough for a free writer thread to have run what it was given
 
 
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    """Poll until condition() holds (a loaded machine may schedule the writer late)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_an_overlapped_writer_runs_calls_as_they_come_in_order():
     log = Log()
     writer = BackgroundWriter(log, 1 << 20)
     for i in range(5):
         writer.submit("put", i)
-    settle()
+    assert wait_for(lambda: len(log.calls) == 5), "an overlapped writer did not run its calls"
     assert log.calls == [0, 1, 2, 3, 4] and log.thread == {"attnpipe-writer"}
     writer.close()
 
@@ -93,7 +103,7 @@ def test_an_error_in_the_writer_reaches_the_main_thread_once_and_drops_the_queue
             with pytest.raises(AttnpipeError, match="broken layer"):
                 writer.run_queued()
         else:
-            settle()
+            assert wait_for(lambda writer=writer: writer._error is not None)
             with pytest.raises(AttnpipeError, match="broken layer"):
                 writer.submit("put", 8)
         with pytest.raises(AttnpipeError, match="broken layer"):

@@ -140,14 +140,9 @@ class Sink:
 
     def layer(self, kind: str, layer: int, probs: torch.Tensor, check) -> None:  # probs (B, H, Q, K)
         """Store one layer once `check()` (its guards; raises on a violation) has passed."""
-        if self._checks_in_writer(kind, probs):
-            if self.runs is None:
-                self.runs = equal_runs(self.batch.lengths[kind][0])
-            self.writer.submit(_check_and_write, check, probs, self.runs, self.storage.rows, self.storage.dtype,
-                               self.writer.target, self.batch.indices[0], self.positions[kind][layer],
-                               nbytes=probs.nbytes)
-            return
-        check()
+        in_writer = self._checks_in_writer(kind, probs)
+        if not in_writer:
+            check()
         pos = self.positions[kind][layer]
         index = self.head_index[kind]
         if index is not None:
@@ -169,6 +164,10 @@ class Sink:
         if self.batched:  # the stored values of every text at once, one text after the other
             if self.runs is None:
                 self.runs = equal_runs(q_lengths)
+            if in_writer:
+                self.writer.submit(_check_and_write, check, probs, self.runs, self.storage.rows, self.storage.dtype,
+                                   self.writer.target, batch.indices[0], pos, nbytes=probs.nbytes)
+                return
             values = stored_values(probs, self.runs, self.storage.rows, self.storage.dtype)
             self.writer.submit("write_layer", batch.indices[0], pos, values, nbytes=values.nbytes)
             return
